@@ -1,0 +1,95 @@
+"""Random inputs for the tests: fresh every run, never zeros, in the layouts of spec sec 3."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+NAN_POISON = float("nan")
+
+
+def randn(*shape, dtype, device, scale: float = 1.0) -> torch.Tensor:
+    """Normal values already representable in dtype (fp8 goes through bf16 like the official tests)."""
+    base = torch.bfloat16 if dtype == FP8 else dtype
+    return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(base).to(dtype)
+
+
+def descales(batch: int, num_heads_kv: int, device):
+    """q/k/v descales for fp8, (B, Hk) fp32 in (0, 2) as the official tests draw them."""
+    return [torch.rand(batch, num_heads_kv, device=device, dtype=torch.float32) * 2 + 0.05 for _ in range(3)]
+
+
+def random_lengths(batch: int, max_len: int, *, min_len: int = 0) -> list[int]:
+    lengths = torch.randint(min_len, max_len + 1, (batch,)).tolist()
+    return lengths
+
+
+def cu_seqlens(lengths: Sequence[int], device) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + int(n))
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def pack(dense: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """(B, S, ...) -> (sum(lengths), ...): the first lengths[b] tokens of each row."""
+    return torch.cat([dense[b, :n] for b, n in enumerate(lengths)], dim=0)
+
+
+def paged_copy(rows: torch.Tensor, page_size: int, *, extra_pages: int = 3):
+    """Spread dense cache rows (B, S, H, D) over shuffled pages.
+
+    Returns (paged (num_pages, page_size, H, D), page_table (B, ceil(S / page_size)) int32).
+    Spare pages hold random values so a wrong page index reads garbage, not zeros.
+    """
+    batch, seqlen = rows.shape[:2]
+    pages_per_row = math.ceil(seqlen / page_size)
+    num_pages = batch * pages_per_row + extra_pages
+    paged = torch.randn(num_pages, page_size, *rows.shape[2:], device=rows.device).to(rows.dtype)
+    order = torch.randperm(num_pages, device=rows.device)[: batch * pages_per_row]
+    page_table = order.reshape(batch, pages_per_row).to(torch.int32)
+    for b in range(batch):
+        for p in range(pages_per_row):
+            chunk = rows[b, p * page_size:(p + 1) * page_size]
+            paged[page_table[b, p], : chunk.shape[0]] = chunk
+    return paged, page_table
+
+
+def rotary_tables(seqlen: int, rotary_dim: int, dtype, device):
+    """cos/sin (seqlen, rotary_dim / 2) of random angles, rounded to the input dtype."""
+    angle = torch.rand(seqlen, rotary_dim // 2, device=device) * 2 * math.pi
+    base = torch.bfloat16 if dtype == FP8 else dtype
+    return torch.cos(angle).to(base), torch.sin(angle).to(base)
+
+
+def poisoned_like(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, NAN_POISON, dtype=dtype, device=device)
+
+
+def cp_total(local_len: int, world_size: int, rank: int) -> int:
+    """A global key count whose share for this rank is exactly local_len keys."""
+    low = rank + (local_len - 1) * world_size + 1 if local_len > 0 else 0
+    high = rank + local_len * world_size
+    return int(torch.randint(max(low, 0), high + 1, (1,)).item())
+
+
+def maybe(cond: bool, value):
+    return value if cond else None
+
+
+def window_for(seqlen_k: int, local: bool) -> tuple[int, int]:
+    if not local:
+        return (-1, -1)
+    left, right = torch.randint(0, max(seqlen_k, 1), (2,)).tolist()
+    return (left, right)
+
+
+def as_int_tensor(values: Sequence[int], device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.int32, device=device)
+
+
+def opt_cpu(t: Optional[torch.Tensor]):
+    return None if t is None else t.cpu()
