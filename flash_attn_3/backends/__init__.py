@@ -1,0 +1,1 @@
+"""Backends: reference (PyTorch), triton (CUDA kernels), mate (Moore Threads). See dispatch.py."""

@@ -1,0 +1,33 @@
+"""Triton backend: routes each op to the kernel file that computes it.
+
+Kernel modules are imported on first use so that importing the package never compiles or even
+imports triton on machines that will not use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def _kernel(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def forward(a):
+    return _kernel("fwd").forward(a)
+
+
+def backward(dout, q, k, v, out, lse, a, deterministic):
+    return _kernel("bwd").backward(dout, q, k, v, out, lse, a, deterministic)
+
+
+def append_kv(*args):
+    return _kernel("append_kv").append_kv(*args)
+
+
+def combine(out_partial, lse_partial, out_dtype):
+    return _kernel("combine").combine(out_partial, lse_partial, out_dtype)
+
+
+def scheduler_metadata(*args):
+    return _kernel("scheduler").scheduler_metadata(*args)
