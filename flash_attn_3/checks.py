@@ -183,9 +183,13 @@ def check_attention_inputs(
     q, k, v, *, qv, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
     max_seqlen_k, page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale, sinks,
     cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata, attention_chunk, softcap,
-    num_splits, sm_margin, k_name: str = "k", v_name: str = "v",
+    num_splits, sm_margin, k_name: str = "k", v_name: str = "v", public_names=None,
 ) -> None:
-    """Everything the attention itself reads; shared by func, varlen and kvcache entries."""
+    """Everything the attention itself reads; shared by func, varlen and kvcache entries.
+
+    public_names maps internal argument names to the caller's (kvcache: leftpad_k -> cache_leftpad).
+    """
+    public = {"k": k_name, "v": v_name, **(public_names or {})}
     varlen_q = cu_seqlens_q is not None
     check_qkv(q, k, v, varlen_q=varlen_q)
     device = q.device
@@ -227,7 +231,7 @@ def check_attention_inputs(
             raise ValueError(f"{k_name} must have batch size {batch_size} (that of q); got {k.shape[0]}")
 
     for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k), ("leftpad_k", leftpad_k), ("kv_batch_idx", kv_batch_idx)):
-        check_index(name, t, device=device, shape=(batch_size,), meaning="(batch_size,)")
+        check_index(public.get(name, name), t, device=device, shape=(batch_size,), meaning="(batch_size,)")
     if qv is not None:
         check_tensor("qv", qv, device=device)
         if qv.dtype != q.dtype:

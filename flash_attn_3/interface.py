@@ -30,7 +30,7 @@ def _attention(
     max_seqlen_k, page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale, sinks,
     softmax_scale, causal, window_size, attention_chunk, softcap, num_splits, pack_gqa,
     deterministic, sm_margin, cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata,
-    k_name="k", v_name="v",
+    k_name="k", v_name="v", public_names=None,
 ):
     """Validate, normalize and run the forward op; returns (out, lse)."""
     left, right = checks.check_window(window_size)
@@ -41,7 +41,7 @@ def _attention(
         k_descale=k_descale, v_descale=v_descale, sinks=sinks, cp_world_size=cp_world_size,
         cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
         attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin,
-        k_name=k_name, v_name=v_name,
+        k_name=k_name, v_name=v_name, public_names=public_names,
     )
     if max_seqlen_q is None:
         max_seqlen_q = q.shape[1]
@@ -250,6 +250,9 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
     return result, lse
 
 
+_KVCACHE_NAMES = {"kv_batch_idx": "cache_batch_idx", "leftpad_k": "cache_leftpad", "seqused_k": "cache_seqlens"}
+
+
 def flash_attn_with_kvcache(
     q,
     k_cache,
@@ -333,6 +336,7 @@ def flash_attn_with_kvcache(
             cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k,
             scheduler_metadata=scheduler_metadata, attention_chunk=attention_chunk, softcap=softcap,
             num_splits=num_splits, sm_margin=sm_margin, k_name="k_cache", v_name="v_cache",
+            public_names=_KVCACHE_NAMES,
         )
         checks.check_attention_inputs(**attention_args)
         left, right = checks.check_window(window_size)
@@ -357,7 +361,7 @@ def flash_attn_with_kvcache(
         attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
         deterministic=False, sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank,
         cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
-        k_name="k_cache", v_name="v_cache",
+        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES,
     )
     if not return_softmax_lse:
         return out
