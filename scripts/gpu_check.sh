@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The one command the lead runs on the H100 (one device call, about 9 minutes at most):
+#
+#   scripts/gpu_check.sh [all | env tests fwd bwd decode suite ...]      (default: all)
+#
+#   env     nvidia-smi, versions, `python -m flash_attn_3 check`
+#   tests   pytest -m gpu (the big-shape GPU variants), then `suite`
+#   suite   the whole test suite with FLASH_ATTN_3_BACKEND=triton (not -m gpu: already run)
+#   fwd bwd decode   benchmarks/bench_*.py --quick (tables + JSON + PNG)
+#
+# Every part runs under its own cap and a global deadline (GPU_CHECK_SECONDS, default 520), and a
+# part that fails or hits its cap does not stop the next. A single bench part gets the whole
+# deadline. Environment knobs: PYTHON (default python3), BENCH_ARGS (added to every bench, e.g.
+# "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS).
+#
+# What comes back in $OUT (the device tool returns at most 8 files): gpu_check.log (everything),
+# summary.md (versions, part results, failing tests, bench tables), bench_{fwd,bwd,decode}.json
+# (input of scripts/update_benchmarks.py) and extras.tar.gz (plots, full pytest logs, junit XML).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-out/gpu_check}
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-520}))
+QUICK_FLAG=$([[ ${QUICK:-1} == 0 ]] && echo "" || echo "--quick")
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+SUMMARY=$WORK/summary.md
+
+parts=("$@")
+(( ${#parts[@]} )) || parts=(all)
+for p in "${parts[@]}"; do
+  case $p in all|env|tests|suite|fwd|bwd|decode) ;;
+    *) echo "unknown part '$p': expected all, env, tests, suite, fwd, bwd or decode"; exit 2 ;;
+  esac
+done
+want() {
+  local p
+  for p in "${parts[@]}"; do
+    [[ $p == all || $p == "$1" || ($p == tests && $1 == suite) ]] && return 0
+  done
+  return 1
+}
+benches=0
+for b in fwd bwd decode; do want $b && benches=$((benches + 1)); done
+
+# run_capped CAP NAME LOGFILE CMD...: CMD's output goes to LOGFILE (its tail to the log); it gets
+# SIGINT at the smaller of CAP and the time left (the benches then write what they have) and
+# SIGKILL 20 s later. One line per part goes to the summary.
+run_capped() {
+  local cap=$1 name=$2 logfile=$3 left rc t0
+  shift 3
+  left=$((DEADLINE - SECONDS - 10))
+  (( cap > left )) && cap=$left
+  if (( cap < 20 )); then
+    echo "== $name: skipped, the deadline is near"
+    echo "- $name: skipped (deadline)" >> "$SUMMARY"
+    return
+  fi
+  echo "== $name (cap ${cap}s): $*"
+  t0=$SECONDS
+  timeout -s INT -k 20 "$cap" "$@" > "$logfile" 2>&1
+  rc=$?
+  tail -n 25 "$logfile"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  echo "- $name: exit $rc after $((SECONDS - t0)) s$( ((rc == 124)) && echo ' (hit its cap)')" \
+    >> "$SUMMARY"
+}
+
+pytest_part() {  # NAME CAP PYTEST-ARGS...: records the result line and failing tests
+  local name=$1 cap=$2
+  shift 2
+  run_capped "$cap" "$name" "$WORK/$name.log" \
+    "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=15 \
+    --junitxml="$WORK/$name.xml" "$@"
+  {
+    echo "  - result: $(grep -E '(passed|failed|error|no tests ran)' "$WORK/$name.log" | tail -n 1)"
+    grep -E '^(FAILED|ERROR) ' "$WORK/$name.log" | head -n 30 | sed 's/^/  - /'
+  } >> "$SUMMARY"
+}
+
+bench_part() {  # NAME CAP
+  local name=$1 cap=$2 left
+  left=$((DEADLINE - SECONDS - 10))
+  (( benches == 1 || cap > left )) && cap=$left
+  # the bench stops starting measurements 35 s before its cap, to print and save its tables
+  run_capped "$cap" "bench_$name" "$WORK/bench_$name.log" \
+    "$PY" -m "benchmarks.bench_$name" $QUICK_FLAG --out "$WORK" \
+    --time-budget $((cap > 60 ? cap - 35 : 25)) "${BENCH_EXTRA[@]}"
+  [[ -f $WORK/bench_$name.json ]] && cp "$WORK/bench_$name.json" "$OUT/"
+  [[ -f $WORK/bench_$name.md ]] && printf '\n## bench_%s\n\n%s\n' "$name" \
+    "$(cat "$WORK/bench_$name.md")" >> "$WORK/tables.md"
+}
+
+main() {
+  {
+    echo "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC'), parts: ${parts[*]}"
+    echo
+    "$PY" - <<'EOF'
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as e:
+    tv = f"not importable ({e})"
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE"
+print(f"{gpu}; python {platform.python_version()}; torch {torch.__version__}; triton {tv}; "
+      f"CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}")
+EOF
+    echo
+  } >> "$SUMMARY"
+  cat "$SUMMARY"
+
+  if want env; then
+    nvidia-smi || echo "nvidia-smi failed"
+    run_capped 60 "flash_attn_3 check" "$WORK/check.log" "$PY" -m flash_attn_3 check
+  fi
+  want tests && pytest_part pytest_gpu 120 -m gpu tests
+  want fwd && bench_part fwd 110
+  want bwd && bench_part bwd 90
+  want decode && bench_part decode 50
+  export FLASH_ATTN_3_BACKEND=triton
+  want suite && pytest_part pytest_suite_triton 200 -m "not gpu" tests
+
+  [[ -f $WORK/tables.md ]] && cat "$WORK/tables.md" >> "$SUMMARY"
+  cp "$SUMMARY" "$OUT/summary.md"
+  (cd "$WORK" && tar -czf extras.tar.gz -- *.md *.log $(ls -- *.png *.xml 2>/dev/null))
+  cp "$WORK/extras.tar.gz" "$OUT/"
+  echo
+  echo "================ summary after $SECONDS s; in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  cat "$SUMMARY"
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"

@@ -1,0 +1,75 @@
+"""Write the tables of BENCHMARKS.md from the JSON that scripts/gpu_check.sh brings back.
+
+    python scripts/update_benchmarks.py out/gpu_check            # every bench_*.json in it
+    python scripts/update_benchmarks.py bench_fwd.json --doc BENCHMARKS.md
+
+Each bench's tables replace what sits between `<!-- <bench>:begin -->` and `<!-- <bench>:end -->`,
+headed by the run's date, GPU, torch/triton/CUDA/cuDNN versions and the ceilings measured in the
+same run; every ratio divides by a peer timed in that same process. Dry-run (fake) files and runs
+without a GPU are refused: BENCHMARKS.md only ever holds measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # a script run by path: make benchmarks/ importable
+
+from benchmarks.harness import render_markdown  # noqa: E402
+
+
+def json_files(paths: list[Path]) -> list[Path]:
+    found = []
+    for p in paths:
+        found += sorted(p.glob("bench_*.json")) if p.is_dir() else [p]
+    return found
+
+
+def load_measured(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    if doc.get("fake") or doc["meta"].get("fake"):
+        raise SystemExit(f"{path}: fake timings from --dry-run; BENCHMARKS.md takes measurements "
+                         "only")
+    if doc["meta"].get("gpu") in (None, "none"):
+        raise SystemExit(f"{path}: measured without a GPU")
+    if not any(r["ms"] for r in doc["results"]):
+        raise SystemExit(f"{path}: no successful measurement in it")
+    return doc
+
+
+def replace_block(text: str, bench: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {bench}:begin -->\n).*?(<!-- {bench}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"no '<!-- {bench}:begin -->' ... '<!-- {bench}:end -->' block to fill")
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", type=Path, help="bench_*.json files or folders")
+    parser.add_argument("--doc", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--stdout", action="store_true", help="print the result, write nothing")
+    args = parser.parse_args(argv)
+    files = json_files(args.inputs)
+    if not files:
+        raise SystemExit("no bench_*.json found")
+    text = args.doc.read_text()
+    for path in files:
+        doc = load_measured(path)
+        text = replace_block(text, doc["bench"], render_markdown(doc))
+        print(f"{path}: {doc['bench']} from {doc['meta']['date']} on {doc['meta']['gpu']}",
+              file=sys.stderr)
+    if args.stdout:
+        print(text)
+    else:
+        args.doc.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

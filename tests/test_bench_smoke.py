@@ -1,0 +1,169 @@
+"""The benchmark plumbing on CPU: grids, FLOP counts, failure recording, tables, BENCHMARKS.md.
+
+No timing is checked here (CPU numbers mean nothing); the GPU run is scripts/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_bwd, bench_decode, bench_fwd, harness
+
+    return SimpleNamespace(fwd=bench_fwd, bwd=bench_bwd, decode=bench_decode, harness=harness)
+
+
+def test_attention_flops_follow_the_published_convention():
+    from flash_attn_3.bench import attention_flops
+
+    b, h, n, d = random.randint(1, 8), random.randint(1, 32), random.randint(1, 4096), 64
+    dense = 4 * b * h * n * n * d
+    assert attention_flops([n] * b, h, d, causal=False) == dense
+    assert attention_flops([n] * b, h, d, causal=True) == dense / 2
+    assert attention_flops([n] * b, h, d, causal=False, mode="bwd") == 2.5 * dense
+    assert attention_flops([n] * b, h, d, causal=False, mode="fwd_bwd") == 3.5 * dense
+    lens = [random.randint(1, 999) for _ in range(5)]
+    assert attention_flops(lens, h, d, False, head_dim_v=2 * d) == sum(
+        2 * x * x * 3 * d for x in lens) * h
+
+
+def test_grids_match_the_brief(bench):
+    fwd = list(bench.fwd.cases(quick=False))
+    assert len(fwd) == 3 * 5 * 2 * 3 * 2
+    for c in fwd:
+        assert c["H"] * c["D"] == 2048 and c["B"] * c["N"] == 32 * 1024
+        lens = bench.fwd.seqlens(c)
+        assert sum(lens) == 32 * 1024 and len(lens) == c["B"] and min(lens) > 0
+        if c["layout"] == "varlen_ragged":
+            assert len(set(lens)) > 1
+    quick = list(bench.fwd.cases(quick=True))
+    assert {c["D"] for c in quick} == {64, 128, 256} and {c["causal"] for c in quick} == {0, 1}
+    assert {(c["layout"], c["dtype"]) for c in quick} >= {("varlen_ragged", "bf16"),
+                                                          ("dense", "fp8")}
+    assert all(c["dtype"] == "bf16" for c in bench.bwd.cases(quick=False))
+    decode = list(bench.decode.bandwidth_cases(quick=False))
+    assert {c["page"] for c in decode} == {0, 16, 64}
+    assert {(c["Hq"], c["Hk"]) for c in decode} == {(32, 8), (8, 1)}
+    assert all(bench.decode.kv_bytes(c) <= bench.decode.MAX_KV_BYTES for c in decode)
+
+
+def test_dry_runs_write_fake_json_and_tables(bench, tmp_path, capsys):
+    for module, name in ((bench.fwd, "bench_fwd"), (bench.bwd, "bench_bwd"),
+                         (bench.decode, "bench_decode")):
+        module.main(["--dry-run", "--quick", "--out", str(tmp_path), "--only", "impl=ours,cudnn"])
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        assert doc["fake"] and doc["results"] and doc["stop_reason"] is None
+        assert {r["impl"] for r in doc["results"]} == {"ours", "cudnn"}
+        assert all(r["ms"] and not r["error"] for r in doc["results"])
+        table = (tmp_path / f"{name}.md").read_text()
+        assert table.startswith(bench.harness.FAKE_NOTE) and "ours/cudnn" in table
+    assert "FAKE TIMINGS" in capsys.readouterr().out
+
+
+def test_only_rejects_unknown_keys(bench, tmp_path):
+    with pytest.raises(SystemExit, match="expected KEY"):
+        bench.fwd.main(["--dry-run", "--out", str(tmp_path), "--only", "headdim=128"])
+
+
+def _measuring_runner(bench, tmp_path, monkeypatch, **args):
+    """A non-dry Runner on CPU: device probing replaced, timings given by the test."""
+    h = bench.harness
+    meta = dict(h.run_meta(False), gpu="test")
+    monkeypatch.setattr(h, "run_meta", lambda fake: meta)
+    monkeypatch.setattr(h.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(h, "measure_ceilings", lambda: {"copy_tbps": 3.0})
+    ns = SimpleNamespace(dry_run=False, only=[], out=tmp_path, time_budget=None, quick=True)
+    vars(ns).update(args)
+    sections = {"s": h.Section("test", "tflops", ratios=[("ours", "cudnn")])}
+    return h.Runner("bench_t", ns, sections, ["N"])
+
+
+def test_failing_variant_is_recorded_and_the_run_goes_on(bench, tmp_path, monkeypatch):
+    flops = random.uniform(1e9, 1e12)
+    ms = random.uniform(0.1, 10)
+
+    def broken():
+        raise RuntimeError("kernel not written yet\nsecond line")
+
+    with _measuring_runner(bench, tmp_path, monkeypatch) as run:
+        run.measure("s", {"N": 1}, "ours", broken, flops=flops)
+        run.measure("s", {"N": 1}, "cudnn", lambda: None, flops=flops, timer=lambda fn: ms)
+        run.measure("s", {"N": 2}, "ours", lambda: None, flops=flops, timer=lambda fn: ms / 2)
+        run.measure("s", {"N": 2}, "cudnn", lambda: None, flops=flops, timer=lambda fn: ms)
+    doc = json.loads((tmp_path / "bench_t.json").read_text())
+    first, second, third, _ = doc["results"]
+    assert first["error"] == "RuntimeError: kernel not written yet" and first["ms"] is None
+    assert second["tflops"] == pytest.approx(flops / ms / 1e9)
+    assert third["tflops"] == pytest.approx(2 * second["tflops"])
+    table = (tmp_path / "bench_t.md").read_text()
+    assert "| 1 | err |" in table and "| 2.00 |" in table
+    assert "kernel not written yet" in table
+
+
+def test_lost_cuda_context_and_interrupt_stop_the_run_but_keep_the_files(bench, tmp_path,
+                                                                          monkeypatch):
+    def dead():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with _measuring_runner(bench, tmp_path, monkeypatch) as run:
+        run.measure("s", {"N": 1}, "ours", dead, flops=1.0)
+        run.measure("s", {"N": 1}, "cudnn", lambda: None, flops=1.0, timer=lambda fn: 1.0)
+        assert run.stopped() and len(run.results) == 1
+    with _measuring_runner(bench, tmp_path, monkeypatch) as run:
+        run.measure("s", {"N": 1}, "ours", lambda: None, flops=1.0, timer=lambda fn: 1.0)
+        raise KeyboardInterrupt
+    doc = json.loads((tmp_path / "bench_t.json").read_text())
+    assert doc["stop_reason"].startswith("interrupted") and len(doc["results"]) == 1
+
+
+def test_update_benchmarks_takes_measurements_only(bench, tmp_path):
+    from scripts import update_benchmarks  # the repository root is on sys.path (fixture)
+
+    bench.decode.main(["--dry-run", "--quick", "--out", str(tmp_path)])
+    fake = tmp_path / "bench_decode.json"
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text((REPO / "BENCHMARKS.md").read_text())
+    with pytest.raises(SystemExit, match="fake"):
+        update_benchmarks.main([str(fake), "--doc", str(target)])
+    # the same rows presented as a GPU run: only the rendering is under test here
+    doc = json.loads(fake.read_text())
+    doc["fake"] = doc["meta"]["fake"] = False
+    doc["meta"]["gpu"] = "Test GPU"
+    doc["ceilings"] = {"copy_tbps": 3.0}
+    measured = tmp_path / "measured" / "bench_decode.json"
+    measured.parent.mkdir()
+    measured.write_text(json.dumps(doc))
+    update_benchmarks.main([str(measured.parent), "--doc", str(target)])
+    text = target.read_text()
+    block = text.split("<!-- bench_decode:begin -->")[1].split("<!-- bench_decode:end -->")[0]
+    assert "Test GPU" in block and "copy_tbps 3" in block and "ours/copy_tbps" in block
+    assert "FAKE" not in block and "_Not measured yet._" in text  # fwd and bwd untouched
+
+
+def test_gpu_check_script_parses_and_refuses_unknown_parts(tmp_path):
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    res = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True,
+                         env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 2 and "unknown part" in res.stdout
+
+
+def test_package_bench_table_formats_ratios():
+    from flash_attn_3.bench import format_rows
+
+    ours, peer = random.uniform(1, 500), random.uniform(1, 500)
+    rows = [dict(case="c1", unit="TFLOP/s", ours=ours, peer=peer, error=None),
+            dict(case="c2", unit="TB/s", ours=None, peer=peer, error="ValueError: no")]
+    text = format_rows(rows, "cuDNN")
+    assert f"{ours / peer:.2f}" in text and "error: ValueError: no" in text
