@@ -1,0 +1,113 @@
+"""Merge split-KV partial results: lse = logsumexp over splits, out = sum_s exp(lse_s - lse) out_s.
+
+One program owns BLOCK_M (batch, position, head) rows and one BLOCK_D slice of the head dim. It
+reads the split LSEs twice (max, then sum) and each partial output once; partial outputs of splits
+whose LSE is -inf are never read, so an empty split may leave its partial output unwritten.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine_kernel(
+    out_partial, lse_partial, out, lse, sinks,
+    num_rows, num_splits, seqlen, num_heads, head_dim,
+    stride_ops, stride_opb, stride_opl, stride_oph,
+    stride_lps, stride_lpb, stride_lpl, stride_lph,
+    stride_ob, stride_ol, stride_oh,
+    stride_lb, stride_ll, stride_lh,
+    EMPTY_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    # int64 offsets: partials of long varlen batches exceed 2**31 elements.
+    head = (rows % num_heads).to(tl.int64)
+    pos = ((rows // num_heads) % seqlen).to(tl.int64)
+    batch = (rows // num_heads // seqlen).to(tl.int64)
+    lse_in = lse_partial + batch * stride_lpb + pos * stride_lpl + head * stride_lph
+
+    lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        lse_max = tl.maximum(lse_max, tl.load(lse_in + s * stride_lps, mask=row_ok, other=float("-inf")))
+    empty = lse_max == float("-inf")
+    if HAS_SINKS:
+        # The sink logit joins the denominator only of rows that saw a key (spec: empty rows stay empty).
+        sink = tl.load(sinks + head, mask=row_ok & ~empty, other=float("-inf")).to(tl.float32)
+        lse_max = tl.maximum(lse_max, sink)
+    # An all-empty row would give exp(-inf - -inf) = NaN; any finite pivot works since every term is 0.
+    pivot = tl.where(empty, 0.0, lse_max)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(num_splits):
+        total += tl.exp(tl.load(lse_in + s * stride_lps, mask=row_ok, other=float("-inf")) - pivot)
+    if HAS_SINKS:
+        total += tl.exp(sink - pivot)
+    inv_total = tl.where(empty, 0.0, 1.0 / total)
+
+    col_ok = cols < head_dim
+    out_in = (out_partial + batch[:, None] * stride_opb + pos[:, None] * stride_opl
+              + head[:, None] * stride_oph + cols[None, :])
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(lse_in + s * stride_lps, mask=row_ok, other=float("-inf"))
+        weight = tl.exp(lse_s - pivot) * inv_total
+        part_ok = row_ok & (lse_s != float("-inf"))
+        part = tl.load(out_in + s * stride_ops, mask=part_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += weight[:, None] * part
+
+    out_ptrs = out + batch[:, None] * stride_ob + pos[:, None] * stride_ol + head[:, None] * stride_oh + cols[None, :]
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if tl.program_id(1) == 0:
+        final_lse = tl.where(empty, EMPTY_LSE, tl.log(total) + pivot)
+        tl.store(lse + batch * stride_lb + pos * stride_ll + head * stride_lh, final_lse, mask=row_ok)
+
+
+def combine_into(
+    out_partial: torch.Tensor,
+    lse_partial: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    empty_lse: float = float("-inf"),
+    sinks: Optional[torch.Tensor] = None,
+) -> None:
+    """Combine (S, B, L, H, D) fp32 partials into `out` (B, L, H, D) and `lse` (B, L, H) fp32 views.
+
+    Any strides are accepted except a non-unit last-dim stride. Rows where every split is empty
+    get out = 0 and lse = `empty_lse` (-inf for flash_attn_combine, +inf for the attention
+    forward's no-key convention). `sinks` (H,) fp32 adds one sink logit per head to every row
+    that saw at least one key.
+    """
+    num_splits, batch, seqlen, num_heads, head_dim = out_partial.shape
+    num_rows = batch * seqlen * num_heads
+    if num_rows == 0 or head_dim == 0:
+        return
+    block_d = min(triton.next_power_of_2(head_dim), 128)
+    # ~4K fp32 accumulator elements per program keeps registers low at 4 warps.
+    block_m = max(16, min(128, 4096 // block_d, triton.next_power_of_2(num_rows)))
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(head_dim, block_d))
+    _combine_kernel[grid](
+        out_partial, lse_partial, out, lse, sinks if sinks is not None else lse_partial,
+        num_rows, num_splits, seqlen, num_heads, head_dim,
+        *out_partial.stride()[:4], *lse_partial.stride(), *out.stride()[:3], *lse.stride(),
+        EMPTY_LSE=empty_lse, HAS_SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torch.dtype):
+    """flash_attn_combine: (S, B, L, H, D) fp32 + (S, B, L, H) fp32 -> out (B, L, H, D), lse (B, L, H).
+
+    Splits with lse = -inf contribute nothing; a row whose splits are all -inf gets out = 0 and
+    lse = -inf.
+    """
+    _, batch, seqlen, num_heads, head_dim = out_partial.shape
+    out = torch.empty((batch, seqlen, num_heads, head_dim), dtype=out_dtype, device=out_partial.device)
+    lse = torch.empty((batch, seqlen, num_heads), dtype=torch.float32, device=out_partial.device)
+    combine_into(out_partial, lse_partial, out, lse)
+    return out, lse

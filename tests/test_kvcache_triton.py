@@ -1,0 +1,250 @@
+"""Triton KV-cache pieces against float64 references: combine, append_kv (+ rotary), scheduler
+metadata, and the split-KV decode kernel.
+
+On CPU the kernels run under TRITON_INTERPRET=1 with tiny shapes; the `gpu` variants repeat the
+checks at realistic sizes when CUDA is present.
+"""
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from flash_attn_3.backends.params import AttnArgs  # noqa: E402
+
+# importlib: the package's routing functions (append_kv, combine) shadow the submodule names.
+append_mod = importlib.import_module("flash_attn_3.backends.triton.append_kv")
+combine_mod = importlib.import_module("flash_attn_3.backends.triton.combine")
+decode_mod = importlib.import_module("flash_attn_3.backends.triton.decode")
+scheduler = importlib.import_module("flash_attn_3.backends.triton.scheduler")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _int32(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# combine
+
+
+def combine_reference(out_partial, lse_partial):
+    lse = torch.logsumexp(lse_partial.double(), dim=0)
+    weight = torch.exp(lse_partial.double() - lse).nan_to_num(0.0)
+    out = (weight[..., None] * out_partial.double().nan_to_num(0.0)).sum(0)
+    return out, lse
+
+
+@pytest.mark.parametrize("splits,batch,seqlen,heads,head_dim,out_dtype", [
+    (1, 2, 3, 2, 64, torch.float32),
+    (4, 2, 1, 3, 40, torch.bfloat16),
+    (7, 1, 5, 2, 256, torch.float16),
+])
+def test_combine(splits, batch, seqlen, heads, head_dim, out_dtype):
+    out_partial = torch.randn(splits, batch, seqlen, heads, head_dim, device=DEVICE)
+    lse_partial = torch.randn(splits, batch, seqlen, heads, device=DEVICE) * 3
+    # Empty splits: -inf LSE and garbage (NaN) partials that must not leak into the result.
+    empty = torch.rand(splits, batch, seqlen, heads, device=DEVICE) < 0.3
+    empty[:, 0, 0, 0] = True  # one row with every split empty
+    lse_partial[empty] = float("-inf")
+    out_partial[empty] = float("nan")
+    out, lse = combine_mod.combine(out_partial, lse_partial, out_dtype)
+    ref_out, ref_lse = combine_reference(out_partial, lse_partial)
+    assert out.dtype == out_dtype and out.shape == (batch, seqlen, heads, head_dim)
+    assert lse.dtype == torch.float32 and lse.shape == (batch, seqlen, heads)
+    assert lse[0, 0, 0] == float("-inf") and (out[0, 0, 0] == 0).all()
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-5, rtol=1e-5)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[out_dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+
+
+def test_combine_into_strided_views_and_sinks():
+    """The forward's use: write into a (B, H, L) lse and a strided out, +inf for empty rows."""
+    splits, batch, seqlen, heads, head_dim = 3, 2, 2, 4, 32
+    out_partial = torch.randn(splits, batch, seqlen, heads, head_dim, device=DEVICE)
+    lse_partial = torch.randn(splits, batch, seqlen, heads, device=DEVICE)
+    lse_partial[:, 1, 1, 2] = float("-inf")
+    sinks = torch.randn(heads, device=DEVICE)
+    out = torch.full((batch, seqlen, heads, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    lse_bhl = torch.full((batch, heads, seqlen), float("nan"), device=DEVICE)
+    combine_mod.combine_into(out_partial, lse_partial, out, lse_bhl.transpose(1, 2), float("inf"), sinks)
+    with_sink = torch.cat([lse_partial, sinks.expand(1, batch, seqlen, heads)], 0)
+    ref_out, ref_lse = combine_reference(torch.cat([out_partial, torch.zeros_like(out_partial[:1])]), with_sink)
+    ref_lse[1, 1, 2] = float("inf")
+    ref_out[1, 1, 2] = 0
+    torch.testing.assert_close(lse_bhl.transpose(1, 2).double(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# append_kv
+
+
+def rotate_reference(x, cos, sin, interleaved):
+    """x (..., D) float64 rotated with cos/sin (..., rotary_dim / 2) float64."""
+    rotary_dim = 2 * cos.shape[-1]
+    xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+def append_reference(k_cache, v_cache, k_new, v_new, q, cos, sin, cache_seqlens, cache_batch_idx,
+                     page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens, interleaved, per_token):
+    """Token-by-token loop: caches after the append (k in float64) and q rotated (float64)."""
+    k_ref, v_ref = k_cache.double().clone(), v_cache.clone()
+    q_ref = q.double().clone()
+    batch = cache_seqlens.shape[0]
+    for b in range(batch):
+        row = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+        start_r = int(rotary_seqlens[b]) if rotary_seqlens is not None else int(cache_seqlens[b])
+        if cu_seqlens_k_new is not None:
+            lo, hi = int(cu_seqlens_k_new[b]), int(cu_seqlens_k_new[b + 1])
+            kb, vb = k_new[lo:hi], v_new[lo:hi]
+        else:
+            kb, vb = k_new[b], v_new[b]
+        for t in range(kb.shape[0]):
+            pos = int(cache_seqlens[b]) + t
+            kt = kb[t].double()
+            if cos is not None:
+                kt = rotate_reference(kt, cos[start_r + t].double(), sin[start_r + t].double(), interleaved)
+            if page_table is not None:
+                page, slot = int(page_table[row, pos // k_cache.shape[1]]), pos % k_cache.shape[1]
+            else:
+                page, slot = row, pos
+            k_ref[page, slot] = kt
+            v_ref[page, slot] = vb[t]
+        if cos is None:
+            continue
+        if cu_seqlens_q is not None:
+            lo, hi = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        else:
+            lo, hi = 0, q.shape[1]
+        for i in range(hi - lo):
+            r = start_r + (i if per_token else 0)
+            idx = (lo + i,) if cu_seqlens_q is not None else (b, i)
+            q_ref[idx] = rotate_reference(q[idx].double(), cos[r].double(), sin[r].double(), interleaved)
+    return k_ref, v_ref, q_ref
+
+
+def assert_rotated_close(actual, expected_f64):
+    # Spec sec 8: rotated k to 1e-3; the kernel rounds once from fp32, so allow one output ulp.
+    ulp = torch.finfo(actual.dtype).eps
+    err = (actual.double() - expected_f64).abs()
+    bound = 1e-3 + ulp * expected_f64.abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+
+
+APPEND_CASES = [
+    # page_size, packed, rotary ("none"|"interleaved"|"half"), rotary_dim, batch_idx, rotary_seqlens, varlen_q, causal, dv
+    dict(page_size=None, packed=False, rotary="none", rotary_dim=0, batch_idx=False, rot_seqlens=False, varlen_q=False, causal=False, dv=32),
+    dict(page_size=None, packed=False, rotary="interleaved", rotary_dim=32, batch_idx=True, rot_seqlens=False, varlen_q=False, causal=True, dv=32),
+    dict(page_size=None, packed=True, rotary="half", rotary_dim=16, batch_idx=False, rot_seqlens=True, varlen_q=True, causal=False, dv=64),
+    dict(page_size=1, packed=False, rotary="half", rotary_dim=32, batch_idx=False, rot_seqlens=False, varlen_q=False, causal=True, dv=32),
+    dict(page_size=3, packed=True, rotary="interleaved", rotary_dim=16, batch_idx=True, rot_seqlens=True, varlen_q=True, causal=True, dv=16),
+    dict(page_size=16, packed=False, rotary="half", rotary_dim=32, batch_idx=True, rot_seqlens=False, varlen_q=False, causal=False, dv=32),
+]
+
+
+def _append_inputs(case, dtype, batch, num_heads_q, num_heads_kv, head_dim, seqlen_new_max, capacity, device):
+    dv = case["dv"]
+    cache_rows = batch + 2
+    cache_seqlens = torch.randint(0, capacity - seqlen_new_max + 1, (batch,), dtype=torch.int32, device=device)
+    cache_batch_idx = torch.randperm(cache_rows, device=device)[:batch].to(torch.int32) if case["batch_idx"] else None
+    page_size = case["page_size"]
+    if page_size is not None:
+        pages_per_row = math.ceil(capacity / page_size)
+        num_pages = cache_rows * pages_per_row + 3
+        page_table = torch.randperm(num_pages, device=device)[: cache_rows * pages_per_row]
+        page_table = page_table.view(cache_rows if case["batch_idx"] else batch, -1).to(torch.int32) \
+            if case["batch_idx"] else page_table[: batch * pages_per_row].view(batch, -1).to(torch.int32)
+        k_cache = torch.randn(num_pages, page_size, num_heads_kv, head_dim, device=device).to(dtype)
+        v_cache = torch.randn(num_pages, page_size, num_heads_kv, dv, device=device).to(dtype)
+    else:
+        page_table = None
+        k_cache = torch.randn(cache_rows, capacity, num_heads_kv, head_dim, device=device).to(dtype)
+        v_cache = torch.randn(cache_rows, capacity, num_heads_kv, dv, device=device).to(dtype)
+    if case["packed"]:
+        lens = torch.randint(0, seqlen_new_max + 1, (batch,))
+        cu_seqlens_k_new = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).to(device)
+        total = int(lens.sum())
+        k_new = torch.randn(total, num_heads_kv, head_dim, device=device).to(dtype)
+        v_new = torch.randn(total, num_heads_kv, dv, device=device).to(dtype)
+    else:
+        cu_seqlens_k_new = None
+        k_new = torch.randn(batch, seqlen_new_max, num_heads_kv, head_dim, device=device).to(dtype)
+        v_new = torch.randn(batch, seqlen_new_max, num_heads_kv, dv, device=device).to(dtype)
+    if case["varlen_q"]:
+        lens_q = torch.randint(1, 4, (batch,))
+        cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.int64), lens_q.cumsum(0)]).to(torch.int32).to(device)
+        q = torch.randn(int(lens_q.sum()), num_heads_q, head_dim, device=device).to(dtype)
+        max_seqlen_q = int(lens_q.max())
+    else:
+        cu_seqlens_q = None
+        q = torch.randn(batch, 3, num_heads_q, head_dim, device=device).to(dtype)
+        max_seqlen_q = 3
+    cos = sin = rotary_seqlens = None
+    if case["rotary"] != "none":
+        seqlen_ro = capacity + 8
+        angle = torch.rand(seqlen_ro, case["rotary_dim"] // 2, device=device) * 2 * math.pi
+        cos, sin = torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+        if case["rot_seqlens"]:
+            rotary_seqlens = torch.randint(0, seqlen_ro - seqlen_new_max - 3, (batch,), dtype=torch.int32, device=device)
+    return dict(k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, q=q, rotary_cos=cos, rotary_sin=sin,
+                cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=None,
+                page_table=page_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k_new=cu_seqlens_k_new,
+                rotary_seqlens=rotary_seqlens, rotary_interleaved=case["rotary"] == "interleaved",
+                rotate_q_per_token=case["causal"], max_seqlen_q=max_seqlen_q)
+
+
+def _check_append(case, dtype, batch, num_heads_q, num_heads_kv, head_dim, seqlen_new_max, capacity):
+    inputs = _append_inputs(case, dtype, batch, num_heads_q, num_heads_kv, head_dim, seqlen_new_max, capacity, DEVICE)
+    k_ref, v_ref, q_ref = append_reference(
+        inputs["k_cache"], inputs["v_cache"], inputs["k_new"], inputs["v_new"], inputs["q"],
+        inputs["rotary_cos"], inputs["rotary_sin"], inputs["cache_seqlens"].cpu(),
+        None if inputs["cache_batch_idx"] is None else inputs["cache_batch_idx"].cpu(),
+        None if inputs["page_table"] is None else inputs["page_table"].cpu(),
+        None if inputs["cu_seqlens_q"] is None else inputs["cu_seqlens_q"].cpu(),
+        None if inputs["cu_seqlens_k_new"] is None else inputs["cu_seqlens_k_new"].cpu(),
+        None if inputs["rotary_seqlens"] is None else inputs["rotary_seqlens"].cpu(),
+        inputs["rotary_interleaved"], inputs["rotate_q_per_token"],
+    )
+    seqlens_before = inputs["cache_seqlens"].clone()
+    q_out = append_mod.append_kv(**inputs)
+    assert torch.equal(inputs["cache_seqlens"], seqlens_before)
+    assert torch.equal(inputs["v_cache"], v_ref)
+    assert_rotated_close(inputs["k_cache"], k_ref)
+    if inputs["rotary_cos"] is None:
+        assert q_out is inputs["q"]
+    else:
+        assert q_out.shape == inputs["q"].shape and q_out.dtype == inputs["q"].dtype
+        assert_rotated_close(q_out, q_ref)
+
+
+@pytest.mark.parametrize("case", APPEND_CASES, ids=lambda c: f"ps{c['page_size']}-{c['rotary']}{c['rotary_dim']}-packed{int(c['packed'])}")
+def test_append_kv(case):
+    _check_append(case, torch.bfloat16, batch=3, num_heads_q=4, num_heads_kv=2, head_dim=32,
+                  seqlen_new_max=3, capacity=20)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", APPEND_CASES, ids=lambda c: f"ps{c['page_size']}-{c['rotary']}-packed{int(c['packed'])}")
+def test_append_kv_gpu(case, dtype):
+    case = dict(case, dv=128 if case["dv"] >= 32 else 64, rotary_dim=case["rotary_dim"] * 2)
+    _check_append(case, dtype, batch=5, num_heads_q=16, num_heads_kv=4, head_dim=128,
+                  seqlen_new_max=17, capacity=300)
