@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [all | env tests fwd bwd decode suite ...]      (default: all)
 #
-#   env     nvidia-smi, versions, `python -m flash_attn_3 check`
+#   env     nvidia-smi, versions, `python -m flash_attn_3 check` and `... bench`
 #   tests   pytest -m gpu (the big-shape GPU variants), then `suite`
 #   suite   the whole test suite with FLASH_ATTN_3_BACKEND=triton (not -m gpu: already run)
 #   fwd bwd decode   benchmarks/bench_*.py --quick (tables + JSON + PNG)
@@ -64,7 +64,7 @@ run_capped() {
   rc=$?
   tail -n 25 "$logfile"
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
-  echo "- $name: exit $rc after $((SECONDS - t0)) s$( ((rc == 124)) && echo ' (hit its cap)')" \
+  echo "- $name: exit $rc after $((SECONDS - t0)) s$( ((rc == 124 || rc == 137)) && echo ' (hit its cap)')" \
     >> "$SUMMARY"
 }
 
@@ -114,6 +114,7 @@ EOF
   if want env; then
     nvidia-smi || echo "nvidia-smi failed"
     run_capped 60 "flash_attn_3 check" "$WORK/check.log" "$PY" -m flash_attn_3 check
+    run_capped 60 "flash_attn_3 bench" "$WORK/cli_bench.log" "$PY" -m flash_attn_3 bench
   fi
   want tests && pytest_part pytest_gpu 120 -m gpu tests
   want fwd && bench_part fwd 110

@@ -6,6 +6,7 @@ No timing is checked here (CPU numbers mean nothing); the GPU run is scripts/gpu
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -59,6 +60,7 @@ def test_grids_match_the_brief(bench):
 
 
 def test_dry_runs_write_fake_json_and_tables(bench, tmp_path, capsys):
+    backend_before = os.environ.get("FLASH_ATTN_3_BACKEND")
     for module, name in ((bench.fwd, "bench_fwd"), (bench.bwd, "bench_bwd"),
                          (bench.decode, "bench_decode")):
         module.main(["--dry-run", "--quick", "--out", str(tmp_path), "--only", "impl=ours,cudnn"])
@@ -69,6 +71,7 @@ def test_dry_runs_write_fake_json_and_tables(bench, tmp_path, capsys):
         table = (tmp_path / f"{name}.md").read_text()
         assert table.startswith(bench.harness.FAKE_NOTE) and "ours/cudnn" in table
     assert "FAKE TIMINGS" in capsys.readouterr().out
+    assert os.environ.get("FLASH_ATTN_3_BACKEND") == backend_before
 
 
 def test_only_rejects_unknown_keys(bench, tmp_path):
@@ -82,6 +85,7 @@ def _measuring_runner(bench, tmp_path, monkeypatch, **args):
     meta = dict(h.run_meta(False), gpu="test")
     monkeypatch.setattr(h, "run_meta", lambda fake: meta)
     monkeypatch.setattr(h.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "triton")  # restored after the test
     monkeypatch.setattr(h, "measure_ceilings", lambda: {"copy_tbps": 3.0})
     ns = SimpleNamespace(dry_run=False, only=[], out=tmp_path, time_budget=None, quick=True)
     vars(ns).update(args)
