@@ -1,0 +1,478 @@
+"""Triton attention forward: one kernel for every AttnArgs feature (spec section 4).
+
+Grid: (query-row blocks, heads, batch * splits). A program owns BLOCK_M query rows of one head, or
+with pack-GQA, BLOCK_M (query, head) rows of one KV head's query group so K/V are read once per
+group. Its key range comes from the masks (masks.key_block_range): blocks every row fully sees run
+without a mask, only the edge blocks (window edges, causal diagonal, sequence end) pay for one.
+With num_splits > 1 each split writes fp32 partials over a slice of those blocks and the partials
+are merged by log-sum-exp (combine).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..params import AttnArgs
+from . import masks
+from .combine import combine_into
+from .scheduler import choose_num_splits
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_2d(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    # Unmasked loads where the shape allows it keep the fast path free of predicates.
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif MASK_COLS:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
+             K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb,
+             stride_vn, rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size,
+             cp_rank, qk_scale, cap_scale, offs_d, offs_dv,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr, PAGED: tl.constexpr, HAS_QV: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+             HAS_CHUNK: tl.constexpr, IS_CP: tl.constexpr, P_SHIFT: tl.constexpr,
+             UPCAST_DOT: tl.constexpr):
+    """Online softmax over `count` key blocks from block `first`, jumping `skip_count` blocks at
+    `skip_from` (so one masked loop covers both edges around the unmasked middle).
+    Scores live in the log2 domain: s2 = log2(e) * score; p = 2**(s2 - m + P_SHIFT)."""
+    PAD_D: tl.constexpr = HEAD_DIM != offs_d.shape[0]
+    PAD_DV: tl.constexpr = HEAD_DIM_V != offs_dv.shape[0]
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    offs_n = tl.arange(0, BLOCK_N)
+    for t in tl.range(0, count):
+        blk = first + t
+        if MASKED:
+            blk = tl.where(blk >= skip_from, blk + skip_count, blk)
+        cols = blk * BLOCK_N + offs_n
+        in_seq = cols < seqlen_k
+        if PAGED:
+            # Gather rows through the page table: works for any page size, 1 and 3 included.
+            krow = leftpad + cols
+            if MASKED:
+                page = tl.load(PageRow + krow // page_size, mask=in_seq, other=0)
+            else:
+                page = tl.load(PageRow + krow // page_size)
+            page = page.to(tl.int64)
+            in_page = krow % page_size
+            k_off = page * stride_kb + in_page * stride_kn
+            v_off = page * stride_vb + in_page * stride_vn
+            k_ptrs = K_row + k_off[:, None] + offs_d[None, :]
+            v_ptrs = V_row + v_off[:, None] + offs_dv[None, :]
+        else:
+            start = (blk * BLOCK_N).to(tl.int64)
+            k_ptrs = K_row + start * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = V_row + start * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :]
+        k = _load_2d(k_ptrs, in_seq, d_ok, MASKED, PAD_D)
+        v = _load_2d(v_ptrs, in_seq, dv_ok, MASKED, PAD_DV)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k))
+        if HAS_QV:
+            s = tl.dot(qv, tl.trans(v), s)
+        if HAS_SOFTCAP:
+            s = masks.tanh(s * qk_scale) * cap_scale
+        else:
+            s = s * qk_scale
+        if MASKED:
+            ok = masks.allowed(rows, cols, seqlen_k, total_k, diag, window_left, window_right, chunk,
+                               cp_world_size, cp_rank, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row with nothing allowed so far keeps m = -inf; subtract 0 instead of -inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        if P_SHIFT != 0:
+            m_use = m_use - P_SHIFT
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, QV, Out, Lse,
+    CuSeqlensQ, CuSeqlensK, SequsedQ, SequsedK, PageTable, KvBatchIdx, LeftpadK, CpTotSequsedK,
+    QDescale, KDescale, VDescale, Sinks,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+    stride_vh, stride_qvb, stride_qvm, stride_qvh, stride_os, stride_ob, stride_om, stride_oh,
+    stride_ls, stride_lb, stride_lm, stride_lh, stride_pt, stride_qd_b, stride_qd_h,
+    stride_kd_b, stride_kd_h, stride_vd_b, stride_vd_h,
+    seqlen_q_static, seqlen_k_static, group_size, page_size, softmax_scale, softcap,
+    window_left, window_right, chunk, cp_world_size, cp_rank, num_splits,
+    q_bucket, k_bucket,  # autotune keys only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, PAGED: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, IS_CP: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_QV: tl.constexpr, IS_FP8: tl.constexpr,
+    PACK_GQA: tl.constexpr, SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # Highest row blocks first: under causal masks they carry the most keys.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    zero = batch * 0
+
+    q_start = zero
+    q_rows = zero + seqlen_q_static
+    if IS_VARLEN_Q:
+        q_start = tl.load(CuSeqlensQ + batch)
+        q_rows = tl.load(CuSeqlensQ + batch + 1) - q_start
+    seqlen_q = q_rows
+    if HAS_SEQUSED_Q:
+        seqlen_q = tl.load(SequsedQ + batch)
+    if PACK_GQA:
+        packed_rows = q_rows * group_size
+    else:
+        packed_rows = q_rows
+    if pid_m * BLOCK_M >= packed_rows:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        rows = offs_m // group_size
+        heads_q = head * group_size + offs_m % group_size
+        head_kv = head
+        i_lo = (pid_m * BLOCK_M) // group_size
+        i_hi = (pid_m * BLOCK_M + BLOCK_M - 1) // group_size
+    else:
+        rows = offs_m
+        heads_q = head
+        head_kv = head // group_size
+        i_lo = pid_m * BLOCK_M
+        i_hi = pid_m * BLOCK_M + BLOCK_M - 1
+    i_hi = tl.minimum(i_hi, seqlen_q - 1)
+    q_row = q_start + rows
+
+    kv_batch = batch
+    if HAS_KV_BATCH_IDX:
+        kv_batch = tl.load(KvBatchIdx + batch)
+    k_start = zero
+    seq_end = zero + seqlen_k_static
+    if IS_VARLEN_K:
+        k_start = tl.load(CuSeqlensK + batch)
+        seq_end = tl.load(CuSeqlensK + batch + 1) - k_start
+    if HAS_SEQUSED_K:
+        seq_end = tl.load(SequsedK + batch)
+    leftpad = zero
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LeftpadK + batch)
+    seqlen_k = seq_end - leftpad
+    total_k = seqlen_k
+    if IS_CP:
+        total_k = tl.load(CpTotSequsedK + batch)
+    diag = total_k - seqlen_q
+
+    if PAGED:
+        K_row = K + head_kv * stride_kh
+        V_row = V + head_kv * stride_vh
+        PageRow = PageTable + kv_batch.to(tl.int64) * stride_pt
+    else:
+        k_first = (k_start + leftpad).to(tl.int64)
+        K_row = K + kv_batch.to(tl.int64) * stride_kb + k_first * stride_kn + head_kv * stride_kh
+        V_row = V + kv_batch.to(tl.int64) * stride_vb + k_first * stride_vn + head_kv * stride_vh
+        PageRow = PageTable
+
+    scale = softmax_scale
+    if IS_FP8:
+        # Descales are per (batch, KV head); q's is indexed by the KV head of its query head.
+        scale *= tl.load(QDescale + batch * stride_qd_b + head_kv * stride_qd_h)
+        scale *= tl.load(KDescale + batch * stride_kd_b + head_kv * stride_kd_h)
+    if HAS_SOFTCAP:
+        qk_scale = scale / softcap
+        cap_scale = softcap * 1.4426950408889634
+    else:
+        qk_scale = scale * 1.4426950408889634
+        cap_scale = 1.0
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    q_off = q_row.to(tl.int64) * stride_qm + heads_q * stride_qh
+    q = _load_2d(Q + batch.to(tl.int64) * stride_qb + q_off[:, None] + offs_d[None, :],
+                 row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    qv = q
+    if HAS_QV:
+        qv_off = q_row.to(tl.int64) * stride_qvm + heads_q * stride_qvh
+        qv = _load_2d(QV + batch.to(tl.int64) * stride_qvb + qv_off[:, None] + offs_dv[None, :],
+                      row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+        if UPCAST_DOT:
+            qv = qv.to(tl.float32)
+
+    blk_lo, full_lo, full_hi, blk_hi = masks.key_block_range(
+        i_lo, i_hi, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP)
+    # No valid row in this block (rows past seqused_q): nothing to visit.
+    blk_hi = tl.where(i_hi < i_lo, blk_lo, blk_hi)
+    full_lo = tl.minimum(full_lo, blk_hi)
+    full_hi = tl.minimum(full_hi, blk_hi)
+    if SPLIT:
+        per_split = (blk_hi - blk_lo + num_splits - 1) // num_splits
+        s_lo = blk_lo + split * per_split
+        s_hi = tl.maximum(tl.minimum(s_lo + per_split, blk_hi), s_lo)
+        blk_lo = s_lo
+        full_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, s_lo), s_hi)
+        blk_hi = s_hi
+
+    # fp8 P is stored as e4m3: shifting p from [0, 1] to [0, 256] keeps small probabilities out
+    # of the subnormal range (FA3 does the same); l carries the same factor, lse removes it.
+    P_SHIFT: tl.constexpr = 8.0 if IS_FP8 else 0.0
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, m_i, l_i = _kv_loop(
+        acc, m_i, l_i, q, qv, full_lo, full_hi - full_lo, 0, 0,
+        K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb, stride_vn,
+        rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, PAGED,
+        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, UPCAST_DOT)
+    acc, m_i, l_i = _kv_loop(
+        acc, m_i, l_i, q, qv, blk_lo, (full_lo - blk_lo) + (blk_hi - full_hi), full_lo,
+        full_hi - full_lo,
+        K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb, stride_vn,
+        rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED,
+        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, UPCAST_DOT)
+
+    # Rows without an allowed key: out 0 and lse +inf (official non-split convention), sink or
+    # not; split partials use -inf so they drop out of the merge.
+    has_keys = (l_i > 0.0) & row_ok
+    if HAS_SINKS and not SPLIT:
+        # The sink is one more logit in the denominator with no value. Split partials leave it
+        # to the merge, which adds it once.
+        sink = tl.load(Sinks + heads_q) * 1.4426950408889634
+        m_tot = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_tot)
+        l_i = l_i * alpha + tl.exp2(sink - m_tot + P_SHIFT)
+        acc = acc * alpha[:, None]
+        m_i = m_tot
+    lse = (m_i - P_SHIFT + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453
+    if SPLIT:
+        lse = tl.where(has_keys, lse, float("-inf"))
+    else:
+        lse = tl.where(has_keys, lse, float("inf"))
+    out = acc * tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)[:, None]
+    if IS_FP8:
+        out = out * tl.load(VDescale + batch * stride_vd_b + head_kv * stride_vd_h)
+
+    store_ok = rows < q_rows
+    o_off = q_row.to(tl.int64) * stride_om + heads_q * stride_oh
+    o_ptrs = (Out + split.to(tl.int64) * stride_os + batch.to(tl.int64) * stride_ob
+              + o_off[:, None] + offs_dv[None, :])
+    if BLOCK_DV != HEAD_DIM_V:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                 mask=store_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=store_ok[:, None])
+    l_off = q_row.to(tl.int64) * stride_lm + heads_q * stride_lh
+    tl.store(Lse + split.to(tl.int64) * stride_ls + batch.to(tl.int64) * stride_lb + l_off, lse,
+             mask=store_ok)
+
+
+# Autotuned prefill configs per head-dim class: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# BLOCK_M 128 with 8 warps gives two warpgroups for D >= 128 (perf_guide.md); the lists stay short
+# because every entry is one more compile on first use.
+_TUNE_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+    512: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+}
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "q_bucket", "k_bucket", "HAS_LEFT", "HAS_RIGHT",
+             "HAS_CHUNK", "PACK_GQA", "IS_VARLEN_Q", "PAGED", "HAS_QV"]
+_tuned_kernels = {}
+
+
+def _interpreting() -> bool:
+    """Under TRITON_INTERPRET=1 (CPU tests) the kernel takes its dots in fp32 for bf16 and fp8
+    (UPCAST_DOT): triton 3.6's interpreter multiplies bf16 bit patterns as integers and rounds
+    fp32 -> fp8 casts wrongly (no carry into the exponent), so the native path is GPU-tested."""
+    return not isinstance(_attn_fwd, triton.runtime.JITFunction)
+
+
+def _tuned_kernel(head_class: int):
+    kernel = _tuned_kernels.get(head_class)
+    if kernel is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in _TUNE_CONFIGS[head_class]]
+        kernel = triton.autotune(configs=configs, key=_TUNE_KEY)(_attn_fwd)
+        _tuned_kernels[head_class] = kernel
+    return kernel
+
+
+def _fixed_config(rows: int, block_d: int, block_dv: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for few query rows (decode), split-KV and the
+    interpreter; longer queries autotune over _TUNE_CONFIGS."""
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if _interpreting():
+        return min(block_m, 32), 16, 4, 1
+    block_n = 128 if max(block_d, block_dv) <= 64 else (64 if max(block_d, block_dv) <= 128 else 32)
+    return block_m, block_n, 4, 3 if max(block_d, block_dv) <= 128 else 2
+
+
+def _pack_gqa(a: AttnArgs, group: int, max_seqlen_q: int) -> bool:
+    if group == 1:
+        return False
+    if a.pack_gqa is not None:
+        return a.pack_gqa
+    if a.is_varlen_q:
+        return True
+    # Pack when it wastes fewer padded rows of a 128-row block (FA3's own criterion).
+    block = 128
+    unpacked = max_seqlen_q / (triton.cdiv(max_seqlen_q, block) * block)
+    packed = max_seqlen_q * group / (triton.cdiv(max_seqlen_q * group, block) * block)
+    return unpacked < 0.9 * packed
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(a: AttnArgs, num_heads_grid: int, rows: int, block_m: int, block_n: int) -> int:
+    """Split count of the grid, from Python ints only (no host sync: CUDA-graph safe)."""
+    splits = a.num_splits
+    if splits == 0:
+        splits = choose_num_splits(a.batch_size, num_heads_grid, rows, a.max_seqlen_k,
+                                   _num_sms(a.q.device), block_m=block_m, block_n=block_n)
+    # More splits than key blocks only adds empty partials.
+    return max(1, min(splits, triton.cdiv(max(a.max_seqlen_k, 1), block_n), 256))
+
+
+def _kv_strides(t: torch.Tensor, packed: bool):
+    """(batch or page, row, head) strides of K or V; packed varlen has no batch stride."""
+    return (0, t.stride(0), t.stride(1)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = a.q, a.k, a.v
+    varlen_q = a.is_varlen_q
+    batch, num_heads_q = a.batch_size, a.num_heads_q
+    group = num_heads_q // a.num_heads_kv
+    head_dim, head_dim_v = a.head_dim, a.head_dim_v
+    paged = a.page_table is not None
+    varlen_k = a.cu_seqlens_k is not None and not paged
+
+    out = torch.empty((*q.shape[:-1], head_dim_v), dtype=a.out_dtype, device=q.device)
+    if varlen_q:
+        lse = torch.empty((num_heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty((q.shape[0], num_heads_q, q.shape[1]), dtype=torch.float32,
+                          device=q.device)
+    if out.numel() == 0 or batch == 0:
+        return out, lse
+
+    max_seqlen_q = a.max_seqlen_q if varlen_q else q.shape[1]
+    if paged:
+        seqlen_k_static = a.page_table.shape[1] * k.shape[1]
+    else:
+        seqlen_k_static = 0 if varlen_k else k.shape[1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    pack = _pack_gqa(a, group, max_seqlen_q)
+    rows = max_seqlen_q * (group if pack else 1)
+
+    num_heads_grid = a.num_heads_kv if pack else num_heads_q
+    block_m, block_n, warps, stages = _fixed_config(rows, block_d, block_dv)
+    num_splits = _num_splits(a, num_heads_grid, rows, block_m, block_n)
+    split = num_splits > 1
+    if rows > 64 and not split and not _interpreting():
+        kernel = _tuned_kernel(min(c for c in _TUNE_CONFIGS if c >= max(block_d, block_dv)))
+        launch = {}
+    else:
+        kernel = _attn_fwd
+        launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+    if split:
+        # Varlen partials use one batch row of total_q positions, the layout combine expects.
+        part_rows = (1, q.shape[0]) if varlen_q else (batch, q.shape[1])
+        out_dst = torch.empty((num_splits, *part_rows, num_heads_q, head_dim_v),
+                              dtype=torch.float32, device=q.device)
+        lse_dst = torch.empty((num_splits, *part_rows, num_heads_q), dtype=torch.float32,
+                              device=q.device)
+        o_strides = (out_dst.stride(0), 0 if varlen_q else out_dst.stride(1), out_dst.stride(2),
+                     out_dst.stride(3))
+        l_strides = (lse_dst.stride(0), 0 if varlen_q else lse_dst.stride(1), lse_dst.stride(2),
+                     lse_dst.stride(3))
+    else:
+        out_dst, lse_dst = out, lse
+        if varlen_q:
+            o_strides = (0, 0, out.stride(0), out.stride(1))
+            l_strides = (0, 0, lse.stride(1), lse.stride(0))
+        else:
+            o_strides = (0, out.stride(0), out.stride(1), out.stride(2))
+            l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
+
+    q_strides = (0, q.stride(0), q.stride(1)) if varlen_q else q.stride()[:3]
+    qv = a.qv
+    qv_strides = (0, 0, 0) if qv is None else (
+        (0, qv.stride(0), qv.stride(1)) if varlen_q else qv.stride()[:3])
+    fp8 = a.is_fp8 and a.q_descale is not None
+    descale_strides = []
+    for t in (a.q_descale, a.k_descale, a.v_descale):
+        descale_strides += [0, 0] if t is None or not fp8 else [t.stride(0), t.stride(1)]
+    sinks = None if a.sinks is None else a.sinks.float().contiguous()
+
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_heads_grid, batch * num_splits)
+    kernel[grid](
+        q, k, v, qv, out_dst, lse_dst,
+        a.cu_seqlens_q, a.cu_seqlens_k if varlen_k else None, a.seqused_q, a.seqused_k,
+        a.page_table, a.kv_batch_idx, a.leftpad_k,
+        a.cp_tot_seqused_k if a.cp_world_size > 1 else None,
+        a.q_descale if fp8 else None, a.k_descale if fp8 else None,
+        a.v_descale if fp8 else None, sinks,
+        *q_strides, *_kv_strides(k, varlen_k), *_kv_strides(v, varlen_k), *qv_strides,
+        *o_strides, *l_strides, 0 if a.page_table is None else a.page_table.stride(0),
+        *descale_strides,
+        0 if varlen_q else q.shape[1], seqlen_k_static, group, k.shape[1] if paged else 1,
+        a.softmax_scale, a.softcap, a.window_left, a.window_right, a.attention_chunk,
+        a.cp_world_size, a.cp_rank, num_splits,
+        triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max(a.max_seqlen_k, 1)),
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k, HAS_SEQUSED_Q=a.seqused_q is not None,
+        HAS_SEQUSED_K=a.seqused_k is not None, PAGED=paged,
+        HAS_KV_BATCH_IDX=a.kv_batch_idx is not None, HAS_LEFTPAD=a.leftpad_k is not None,
+        IS_CP=a.cp_world_size > 1, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
+        HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=a.softcap > 0, HAS_SINKS=sinks is not None,
+        HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split,
+        UPCAST_DOT=_interpreting() and q.dtype in (torch.bfloat16, torch.float8_e4m3fn),
+        **launch,
+    )
+    if split:
+        out_view = out.unsqueeze(0) if varlen_q else out
+        lse_view = lse.t().unsqueeze(0) if varlen_q else lse.transpose(1, 2)
+        combine_into(out_dst, lse_dst, out_view, lse_view, empty_lse=math.inf, sinks=sinks)
+    return out, lse
