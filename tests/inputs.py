@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -22,11 +22,6 @@ def descales(batch: int, num_heads_kv: int, device):
     return [torch.rand(batch, num_heads_kv, device=device, dtype=torch.float32) * 2 + 0.05 for _ in range(3)]
 
 
-def random_lengths(batch: int, max_len: int, *, min_len: int = 0) -> list[int]:
-    lengths = torch.randint(min_len, max_len + 1, (batch,)).tolist()
-    return lengths
-
-
 def cu_seqlens(lengths: Sequence[int], device) -> torch.Tensor:
     cu = [0]
     for n in lengths:
@@ -39,23 +34,27 @@ def pack(dense: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     return torch.cat([dense[b, :n] for b, n in enumerate(lengths)], dim=0)
 
 
-def paged_copy(rows: torch.Tensor, page_size: int, *, extra_pages: int = 3):
-    """Spread dense cache rows (B, S, H, D) over shuffled pages.
+def paged_copy(*rows: torch.Tensor, page_size: int, extra_pages: int = 3):
+    """Spread dense cache rows (B, S, H, D) over shuffled pages, one shared page table for all.
 
-    Returns (paged (num_pages, page_size, H, D), page_table (B, ceil(S / page_size)) int32).
-    Spare pages hold random values so a wrong page index reads garbage, not zeros.
+    Returns ([paged (num_pages, page_size, H, D) per input], page_table (B, ceil(S / page_size))
+    int32). Spare pages and page tails hold random values, so a wrong index reads garbage, not zeros.
     """
-    batch, seqlen = rows.shape[:2]
+    batch, seqlen = rows[0].shape[:2]
     pages_per_row = math.ceil(seqlen / page_size)
     num_pages = batch * pages_per_row + extra_pages
-    paged = torch.randn(num_pages, page_size, *rows.shape[2:], device=rows.device).to(rows.dtype)
-    order = torch.randperm(num_pages, device=rows.device)[: batch * pages_per_row]
+    device = rows[0].device
+    order = torch.randperm(num_pages, device=device)[: batch * pages_per_row]
     page_table = order.reshape(batch, pages_per_row).to(torch.int32)
-    for b in range(batch):
-        for p in range(pages_per_row):
-            chunk = rows[b, p * page_size:(p + 1) * page_size]
-            paged[page_table[b, p], : chunk.shape[0]] = chunk
-    return paged, page_table
+    pageds = []
+    for r in rows:
+        paged = randn(num_pages, page_size, *r.shape[2:], dtype=r.dtype, device=device)
+        for b in range(batch):
+            for p in range(pages_per_row):
+                chunk = r[b, p * page_size:(p + 1) * page_size]
+                paged[page_table[b, p], : chunk.shape[0]] = chunk
+        pageds.append(paged)
+    return pageds, page_table
 
 
 def rotary_tables(seqlen: int, rotary_dim: int, dtype, device):
@@ -74,22 +73,3 @@ def cp_total(local_len: int, world_size: int, rank: int) -> int:
     low = rank + (local_len - 1) * world_size + 1 if local_len > 0 else 0
     high = rank + local_len * world_size
     return int(torch.randint(max(low, 0), high + 1, (1,)).item())
-
-
-def maybe(cond: bool, value):
-    return value if cond else None
-
-
-def window_for(seqlen_k: int, local: bool) -> tuple[int, int]:
-    if not local:
-        return (-1, -1)
-    left, right = torch.randint(0, max(seqlen_k, 1), (2,)).tolist()
-    return (left, right)
-
-
-def as_int_tensor(values: Sequence[int], device) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.int32, device=device)
-
-
-def opt_cpu(t: Optional[torch.Tensor]):
-    return None if t is None else t.cpu()

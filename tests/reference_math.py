@@ -256,8 +256,9 @@ def apply_rotary(x, cos, sin, positions, interleaved: bool):
     a kernel does, so the cache check can hold rotated keys to 1e-3.
     """
     rotary_dim = 2 * cos.shape[1]
-    c = cos[positions.long()].float().unsqueeze(1)
-    s = sin[positions.long()].float().unsqueeze(1)
+    positions = positions.to(cos.device, torch.long)
+    c = cos[positions].float().unsqueeze(1)
+    s = sin[positions].float().unsqueeze(1)
     xr = x[..., :rotary_dim].float()
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]

@@ -505,12 +505,7 @@ def test_varlen_paged_kv_with_out_buffer(fa, case, device):
     q = randn(sum(lens_q), heads, d, dtype=torch.bfloat16, device=device)
     k_rows = randn(batch, max_k, heads_kv, d, dtype=torch.bfloat16, device=device)
     v_rows = randn(batch, max_k, heads_kv, d, dtype=torch.bfloat16, device=device)
-    k_paged, page_table = paged_copy(k_rows, case["page_size"])
-    v_paged = torch.empty_like(k_paged).normal_()
-    for b in range(batch):
-        for p in range(page_table.shape[1]):
-            chunk = v_rows[b, p * case["page_size"]:(p + 1) * case["page_size"]]
-            v_paged[page_table[b, p], :chunk.shape[0]] = chunk
+    (k_paged, v_paged), page_table = paged_copy(k_rows, v_rows, page_size=case["page_size"])
     cu_q = cu_seqlens(lens_q, device)
     seqused_k = torch.tensor(lens_k, dtype=torch.int32, device=device)
     out_buf = poisoned_like((q.shape[0], heads, d), torch.bfloat16, device)

@@ -200,11 +200,7 @@ def test_varlen_and_paged_match_dense():
     q_packed = torch.cat([q[b, :n] for b, n in enumerate(lengths_q)])
     vout, vlse = rm.attention_varlen(q_packed, k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k,
                                      seqused_k=seqused_k, causal=True)
-    k_paged, page_table = paged_copy(k, 4)
-    v_paged = torch.randn_like(k_paged)
-    for b in range(3):
-        for p in range(page_table.shape[1]):
-            v_paged[page_table[b, p], : v[b, 4 * p:4 * p + 4].shape[0]] = v[b, 4 * p:4 * p + 4]
+    (k_paged, v_paged), page_table = paged_copy(k, v, page_size=4)
     pout, plse = rm.attention_varlen(q_packed, k_paged, v_paged, cu_q, page_table=page_table,
                                      seqused_k=seqused_k, causal=True)
     for b, n in enumerate(lengths_q):
@@ -243,11 +239,7 @@ def test_kvcache_append_writes_in_place_and_attends_over_prefix(page_size):
     if page_size is None:
         k_cache, v_cache, page_table = k_rows, v_rows, None
     else:
-        k_cache, page_table = paged_copy(k_rows, page_size)
-        v_cache = torch.randn_like(k_cache)
-        for b in range(batch):
-            for p in range(page_table.shape[1]):
-                v_cache[page_table[b, p]] = v_rows[b, p * page_size:(p + 1) * page_size]
+        (k_cache, v_cache), page_table = paged_copy(k_rows, v_rows, page_size=page_size)
     out, lse, k_after, v_after = rm.attention_kvcache(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, cache_leftpad=leftpad,
         page_table=page_table, causal=True)
