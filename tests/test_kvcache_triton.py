@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 
 from flash_attn_3.backends.params import AttnArgs  # noqa: E402
 
+import reference_math as rm  # noqa: E402
+import tolerance as tol  # noqa: E402
+
 # importlib: the package's routing functions (append_kv, combine) shadow the submodule names.
 append_mod = importlib.import_module("flash_attn_3.backends.triton.append_kv")
 combine_mod = importlib.import_module("flash_attn_3.backends.triton.combine")
@@ -24,6 +27,42 @@ decode_mod = importlib.import_module("flash_attn_3.backends.triton.decode")
 scheduler = importlib.import_module("flash_attn_3.backends.triton.scheduler")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
+
+
+def _fix_interpreter_bf16():
+    """Triton 3.6's interpreter multiplies bf16 dot operands as raw uint16 bits and truncates
+    fp32 -> bf16 casts; the GPU computes in bf16 and rounds to nearest even. (Same fix as
+    test_triton_bwd.py; belongs in conftest.py.)"""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "bf16_fixed", False):
+        return
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, *args):
+        return create_dot(self, widen(a), widen(b), d, *args)
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl, builder.bf16_fixed = dot, cast, True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_bf16()
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -248,3 +287,183 @@ def test_append_kv_gpu(case, dtype):
     case = dict(case, dv=128 if case["dv"] >= 32 else 64, rotary_dim=case["rotary_dim"] * 2)
     _check_append(case, dtype, batch=5, num_heads_q=16, num_heads_kv=4, head_dim=128,
                   seqlen_new_max=17, capacity=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheduler
+
+
+def test_choose_num_splits_fills_the_gpu_without_tiny_splits():
+    # One KV head of a 128k sequence cannot fill 132 SMs: split it; a full batch is not split.
+    assert scheduler.choose_num_splits(1, 8, 4, 131072, 132, block_m=16, block_n=64) >= 16
+    assert scheduler.choose_num_splits(128, 8, 4, 2048, 132, block_m=16, block_n=64) == 1
+    # Never more splits than the sequence has groups of MIN_BLOCKS_PER_SPLIT blocks.
+    assert scheduler.choose_num_splits(1, 1, 1, 64 * 8, 132, block_n=64) <= 8 // scheduler.MIN_BLOCKS_PER_SPLIT
+    assert scheduler.choose_num_splits(1, 1, 1, 10, 132) == 1
+
+
+def test_scheduler_metadata_layout():
+    batch, block_n = 5, scheduler.decode_block_n(64, 64)
+    cache_seqlens = torch.randint(0, 3000, (batch,), dtype=torch.int32, device=DEVICE)
+    cache_seqlens[0] = 0
+    cu_new = torch.tensor([0, 0, 1, 3, 3, 4], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    meta = scheduler.scheduler_metadata(batch, 1, 4096, 8, 2, 64, 64, cache_seqlens, None, cu_new, leftpad,
+                                        None, 2, False, -1, -1, 0, False, 0, None, 0)
+    assert meta.dtype == torch.int32 and meta.shape == (batch + 1,) and meta.device == cache_seqlens.device
+    splits = int(meta[0])
+    assert splits == scheduler.decode_num_splits(batch, 8, 2, 1, 4098, 64, 64, cache_seqlens.device)
+    for b in range(batch):
+        n_blocks = -(-(int(cache_seqlens[b]) + int(cu_new[b + 1] - cu_new[b])) // block_n)
+        per = -(-n_blocks // splits)
+        filled = sum(1 for s in range(splits) if s * per < n_blocks)
+        assert int(meta[1 + b]) == filled
+    forced = scheduler.scheduler_metadata(batch, 1, 4096, 8, 2, 64, 64, cache_seqlens, None, None, None,
+                                          None, 0, False, -1, -1, 0, False, 3, None, 0)
+    assert int(forced[0]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# decode kernel
+
+
+def _attn_args(q, k, v, **kw):
+    fields = dict(qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+                  max_seqlen_q=q.shape[1] if q.dim() == 4 else 0, max_seqlen_k=0, page_table=None,
+                  kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
+                  sinks=None, softmax_scale=1.0 / math.sqrt(q.shape[-1]), window_left=-1, window_right=-1,
+                  attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None, cp_world_size=1, cp_rank=0,
+                  cp_tot_seqused_k=None, scheduler_metadata=None)
+    fields.update(kw)
+    return AttnArgs(q=q, k=k, v=v, **fields)
+
+
+def decode_reference(a: AttnArgs, lowp: bool):
+    """Per batch row: gather the row's keys (leftpad .. seqused_k) and run the spec math."""
+    batch = a.batch_size
+    outs, lses = [], []
+    for b in range(batch):
+        if a.cu_seqlens_q is not None:
+            lo, hi = int(a.cu_seqlens_q[b]), int(a.cu_seqlens_q[b + 1])
+            qb = a.q[lo:hi]
+        else:
+            qb = a.q[b]
+        row = int(a.kv_batch_idx[b]) if a.kv_batch_idx is not None else b
+        end = int(a.seqused_k[b])
+        start = int(a.leftpad_k[b]) if a.leftpad_k is not None else 0
+        if a.page_table is not None:
+            kb = rm.gather_pages(a.k, a.page_table[row], end)[start:]
+            vb = rm.gather_pages(a.v, a.page_table[row], end)[start:]
+        else:
+            kb, vb = a.k[row, start:end], a.v[row, start:end]
+        causal = a.window_left < 0 and a.window_right == 0
+        if kb.shape[0] == 0:  # rm.attention needs at least one key; the contract says out 0, lse +inf
+            dtype = torch.float64 if not lowp else a.q.dtype
+            outs.append(torch.zeros(qb.shape[0], qb.shape[1], a.v.shape[-1], dtype=dtype, device=qb.device))
+            lses.append(torch.full((qb.shape[1], qb.shape[0]), float("inf"), dtype=torch.float64, device=qb.device))
+            continue
+        o, lse = rm.attention(qb, kb, vb, softmax_scale=a.softmax_scale, causal=causal,
+                              window_size=(-1, -1) if causal else (a.window_left, a.window_right),
+                              attention_chunk=a.attention_chunk, softcap=a.softcap, sinks=a.sinks, lowp=lowp)
+        outs.append(o)
+        lses.append(lse)
+    if a.cu_seqlens_q is not None:
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+    return torch.stack(outs), torch.stack(lses)
+
+
+DECODE_CASES = [
+    # dense cache with cache_batch_idx, GQA 4, forced splits
+    dict(page_size=None, seqlen_q=1, hq=8, hk=2, d=32, dv=32, splits=3, batch_idx=True),
+    dict(page_size=None, seqlen_q=1, hq=8, hk=2, d=32, dv=32, splits=1, softcap=5.0),
+    # paged, odd page size, causal spec-decode rows, softcap, leftpad
+    dict(page_size=3, seqlen_q=2, hq=4, hk=4, d=32, dv=32, splits=2, causal=True, softcap=2.0, leftpad=True),
+    # varlen q, sliding window, sinks, heuristic splits
+    dict(page_size=16, seqlen_q=None, hq=6, hk=2, d=32, dv=32, splits=0, window=(5, 0), sinks=True),
+    # several KV blocks per split (online-softmax rescaling), sinks merged by the combine
+    dict(page_size=64, seqlen_q=1, hq=4, hk=2, d=32, dv=32, splits=2, sinks=True, capacity=600, q_scale=4.0),
+    dict(page_size=None, seqlen_q=1, hq=2, hk=2, d=32, dv=32, splits=1, capacity=400, q_scale=4.0),
+    dict(page_size=16, seqlen_q=3, hq=6, hk=2, d=32, dv=32, splits=1, window=(4, 1), sinks=True),
+    # attention chunk and dv != d (d <= 64 allows a wider v)
+    dict(page_size=None, seqlen_q=2, hq=2, hk=1, d=32, dv=64, splits=4, chunk=8, causal=True),
+]
+
+
+def _decode_inputs(case, dtype, batch, capacity, device):
+    hq, hk, d, dv = case["hq"], case["hk"], case["d"], case["dv"]
+    rows = batch + 1
+    if case["page_size"] is not None:
+        pages_per_row = -(-capacity // case["page_size"])
+        num_pages = rows * pages_per_row + 2
+        page_table = torch.randperm(num_pages, device=device)[: rows * pages_per_row].view(rows, -1).to(torch.int32)
+        k = torch.randn(num_pages, case["page_size"], hk, d, device=device).to(dtype)
+        v = torch.randn(num_pages, case["page_size"], hk, dv, device=device).to(dtype)
+        max_seqlen_k = pages_per_row * case["page_size"]
+    else:
+        page_table = None
+        k = torch.randn(rows, capacity, hk, d, device=device).to(dtype)
+        v = torch.randn(rows, capacity, hk, dv, device=device).to(dtype)
+        max_seqlen_k = capacity
+    seqused_k = torch.randint(1, capacity + 1, (batch,), dtype=torch.int32, device=device)
+    seqused_k[0] = 0  # a row with an empty cache: out 0, lse +inf
+    leftpad = None
+    if case.get("leftpad"):
+        leftpad = torch.minimum(torch.randint(0, 5, (batch,), device=device), seqused_k.long()).to(torch.int32)
+    kv_batch_idx = None
+    if case.get("batch_idx") or case["page_size"] is not None:
+        kv_batch_idx = torch.randperm(rows, device=device)[:batch].to(torch.int32)
+    if case["seqlen_q"] is None:
+        lens = torch.randint(1, 4, (batch,))
+        cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).to(device)
+        q = torch.randn(int(lens.sum()), hq, d, device=device).to(dtype)
+        max_seqlen_q = int(lens.max())
+    else:
+        cu_seqlens_q = None
+        q = torch.randn(batch, case["seqlen_q"], hq, d, device=device).to(dtype)
+        max_seqlen_q = case["seqlen_q"]
+    # Sharp logits make the running max jump between KV blocks, exercising the rescaling.
+    q = q * case.get("q_scale", 1.0)
+    window = case.get("window", (-1, 0 if case.get("causal") else -1))
+    sinks = torch.randn(hq, device=device) if case.get("sinks") else None
+    return _attn_args(q, k, v, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+                      max_seqlen_k=max_seqlen_k, page_table=page_table, kv_batch_idx=kv_batch_idx,
+                      leftpad_k=leftpad, sinks=sinks, window_left=window[0], window_right=window[1],
+                      attention_chunk=case.get("chunk", 0), softcap=case.get("softcap", 0.0),
+                      num_splits=case["splits"])
+
+
+def _check_decode(a: AttnArgs, softcap: bool):
+    assert decode_mod.supports(a) is None
+    out, lse = decode_mod.forward(a)
+    ref, ref_lse = decode_reference(a, lowp=False)
+    ref_lowp, _ = decode_reference(a, lowp=True)
+    assert out.dtype == a.q.dtype and out.shape == ref.shape
+    tol.assert_matches_reference("decode out", out, ref, ref_lowp, softcap=softcap)
+    tol.assert_lse_matches("decode lse", lse, ref_lse)
+    return out, lse
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k not in ("hq", "hk", "d")))
+def test_decode(case):
+    a = _decode_inputs(case, torch.bfloat16, batch=3, capacity=case.get("capacity", 40), device=DEVICE)
+    _check_decode(a, softcap=case.get("softcap", 0.0) > 0)
+
+
+def test_decode_split_count_and_metadata_do_not_change_results():
+    case = dict(page_size=None, seqlen_q=1, hq=4, hk=2, d=32, dv=32, splits=1)
+    a = _decode_inputs(case, torch.float16, batch=2, capacity=70, device=DEVICE)
+    out1, lse1 = _check_decode(a, softcap=False)
+    meta = scheduler.scheduler_metadata(2, 1, 70, 4, 2, 32, 32, a.seqused_k, None, None, None, None, 0,
+                                        False, -1, -1, 0, False, 4, None, 0)
+    a4 = AttnArgs(**{**a.__dict__, "num_splits": 4})
+    out4, lse4 = decode_mod.forward(a4)
+    out4m, lse4m = decode_mod.forward(AttnArgs(**{**a4.__dict__, "scheduler_metadata": meta}))
+    assert torch.equal(out4, out4m) and torch.equal(lse4, lse4m)
+    torch.testing.assert_close(out4, out1, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse4, lse1, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_refuses_long_queries():
+    q = torch.randn(1, 40, 8, 32, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(1, 16, 2, 32, device=DEVICE, dtype=torch.bfloat16)
+    assert "packed query rows" in decode_mod.supports(_attn_args(q, k, k))

@@ -1,0 +1,292 @@
+"""Split-KV decode attention: few query rows against a long (paged or contiguous) KV cache.
+
+Memory-bound by design: the query heads that share a KV head are packed into the M dimension
+(pack GQA), so each K/V row is read from HBM once per KV head, and when batch * KV heads cannot
+fill the GPU the KV sequence is split across programs whose fp32 partials combine.py merges by
+log-sum-exp. Paged caches are read through the page table row by row, so any page size works.
+
+Grid: (batch * num_heads_kv * m_blocks, num_splits). A program owns BLOCK_M packed rows
+(row m = query token m // G, query head hk * G + m % G) and one split's slice of the KV blocks
+those rows may see. Split s of a tile covers blocks [lo + s * per, lo + (s + 1) * per) with
+per = cdiv(blocks the tile sees, num_splits): lengths are read on the device, the grid depends
+on Python ints only (CUDA-graph safe, no host sync).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..params import AttnArgs
+from .combine import combine_into
+from .scheduler import decode_block_m, decode_block_n, decode_num_splits
+
+# Beyond this many packed query rows per KV head the tiled forward kernel is the better tool.
+MAX_PACKED_ROWS = 64
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow for large |x|.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _floor_chunk_start(d, chunk):
+    rem = d % chunk
+    return d - tl.where(rem < 0, rem + chunk, rem)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, Out, Lse, Sinks,
+    CuSeqlensQ, CuSeqlensK, SequsedK, LeftpadK, KvBatchIdx, PageTable,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, chunk,
+    num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_o_split, stride_ob, stride_os, stride_oh,
+    stride_l_split, stride_lb, stride_ls, stride_lh,
+    stride_pt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    m_block = tile % num_m_blocks
+    head_kv = (tile // num_m_blocks) % num_heads_kv
+    batch = tile // (num_m_blocks * num_heads_kv)
+
+    if VARLEN_Q:
+        tok0 = tl.load(CuSeqlensQ + batch)
+        seqlen_q = tl.load(CuSeqlensQ + batch + 1) - tok0
+    else:
+        tok0 = 0
+        seqlen_q = seqlen_q_static
+    if m_block * BLOCK_M >= seqlen_q * GROUP:
+        return
+    if VARLEN_K:
+        k_tok0 = tl.load(CuSeqlensK + batch)
+        end_k = tl.load(CuSeqlensK + batch + 1) - k_tok0
+    else:
+        k_tok0 = 0
+        end_k = seqlen_k_static
+    if HAS_SEQUSED_K:
+        end_k = tl.load(SequsedK + batch)
+    leftpad = 0
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LeftpadK + batch)
+    seqlen_k = end_k - leftpad
+    kv_row = batch
+    if HAS_KV_BATCH_IDX:
+        kv_row = tl.load(KvBatchIdx + batch)
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_idx = rows // GROUP
+    head_q = head_kv * GROUP + rows % GROUP
+    row_ok = q_idx < seqlen_q
+    diag = q_idx + seqlen_k - seqlen_q  # bottom-right aligned diagonal per row
+
+    # KV range the tile's rows may see, then this split's share of its blocks.
+    first_q = m_block * BLOCK_M // GROUP
+    last_q = tl.minimum(((m_block + 1) * BLOCK_M - 1) // GROUP, seqlen_q - 1)
+    lo = 0
+    hi = seqlen_k
+    if HAS_WINDOW:  # -1 means unbounded on that side
+        lo = tl.where(window_left >= 0, tl.maximum(lo, first_q + seqlen_k - seqlen_q - window_left), lo)
+        hi = tl.where(window_right >= 0, tl.minimum(hi, last_q + seqlen_k - seqlen_q + window_right + 1), hi)
+    if HAS_CHUNK:
+        lo = tl.maximum(lo, _floor_chunk_start(first_q + seqlen_k - seqlen_q, chunk))
+        hi = tl.minimum(hi, _floor_chunk_start(last_q + seqlen_k - seqlen_q, chunk) + chunk)
+    blk_lo = lo // BLOCK_N
+    n_blocks = tl.maximum(tl.cdiv(hi, BLOCK_N) - blk_lo, 0)
+    per_split = tl.cdiv(n_blocks, num_splits)
+    blk_start = blk_lo + split * per_split
+    blk_end = tl.minimum(blk_start + per_split, blk_lo + n_blocks)
+
+    cols = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + (tok0 + q_idx).to(tl.int64)[:, None] * stride_qs
+              + head_q[:, None] * stride_qh + cols[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    k_head = K + head_kv.to(tl.int64) * stride_kh
+    v_head = V + head_kv.to(tl.int64) * stride_vh
+    for blk in range(blk_start, blk_end):
+        keys = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = keys < seqlen_k
+        pos = leftpad + keys
+        if PAGED:
+            page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + pos // PAGE_SIZE, mask=key_ok, other=0)
+            k_off = page.to(tl.int64) * stride_kb + (pos % PAGE_SIZE).to(tl.int64) * stride_ks
+            v_off = page.to(tl.int64) * stride_vb + (pos % PAGE_SIZE).to(tl.int64) * stride_vs
+        elif VARLEN_K:
+            k_off = (k_tok0 + pos).to(tl.int64) * stride_ks
+            v_off = (k_tok0 + pos).to(tl.int64) * stride_vs
+        else:
+            k_off = kv_row.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_ks
+            v_off = kv_row.to(tl.int64) * stride_vb + pos.to(tl.int64) * stride_vs
+        k = tl.load(k_head + k_off[:, None] + cols[None, :], mask=key_ok[:, None] & (cols < HEAD_DIM)[None, :],
+                    other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * qk_scale
+        allowed = key_ok[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & ((window_left < 0) | (keys[None, :] >= diag[:, None] - window_left))
+            allowed = allowed & ((window_right < 0) | (keys[None, :] <= diag[:, None] + window_right))
+        if HAS_CHUNK:
+            start = _floor_chunk_start(diag, chunk)
+            allowed = allowed & (keys[None, :] >= start[:, None]) & (keys[None, :] < start[:, None] + chunk)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing allowed yet keep m = -inf; pivot on 0 so exp2 sees -inf, not NaN.
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - pivot[:, None])
+        alpha = tl.exp2(m_i - pivot)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_off[:, None] + cols_v[None, :],
+                    mask=key_ok[:, None] & (cols_v < HEAD_DIM_V)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    if HAS_SINKS:
+        if not SPLIT:
+            # The sink logit joins the denominator (no value) of rows that saw a key; split
+            # partials leave it to the combine so it is counted once.
+            sink = tl.load(Sinks + head_q, mask=row_ok & ~empty, other=float("-inf")).to(tl.float32)
+            sink = sink * 1.4426950408889634
+            m_fin = tl.maximum(m_i, sink)
+            pivot = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+            alpha = tl.exp2(m_i - pivot)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + tl.exp2(sink - pivot)
+            m_i = m_fin
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    if SPLIT:
+        lse = tl.where(empty, float("-inf"), lse)
+    else:
+        lse = tl.where(empty, float("inf"), lse)
+
+    tok = (tok0 + q_idx).to(tl.int64)
+    o_ptrs = (Out + split.to(tl.int64) * stride_o_split + batch.to(tl.int64) * stride_ob + tok[:, None] * stride_os
+              + head_q[:, None] * stride_oh + cols_v[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (cols_v < HEAD_DIM_V)[None, :])
+    l_ptrs = Lse + split.to(tl.int64) * stride_l_split + batch.to(tl.int64) * stride_lb + tok * stride_ls + head_q * stride_lh
+    tl.store(l_ptrs, lse, mask=row_ok)
+
+
+def supports(a: AttnArgs) -> Optional[str]:
+    """None when the decode kernel computes this call, else the reason it does not."""
+    if a.qv is not None:
+        return "qv (absorbed MLA) is not implemented in the decode kernel"
+    if a.is_fp8:
+        return "fp8 is not implemented in the decode kernel"
+    if a.cp_world_size > 1:
+        return "context parallel is not implemented in the decode kernel"
+    if a.seqused_q is not None:
+        return "seqused_q is not implemented in the decode kernel"
+    max_seqlen_q = a.max_seqlen_q if a.is_varlen_q else a.q.shape[1]
+    rows = max_seqlen_q * (a.num_heads_q // a.num_heads_kv)
+    if rows > MAX_PACKED_ROWS:
+        return f"{rows} packed query rows per KV head (> {MAX_PACKED_ROWS}): the tiled forward is faster"
+    return None
+
+
+def forward(a: AttnArgs):
+    """(out, lse) for a call `supports` accepts; conventions in backends/params.py."""
+    q, k, v = a.q, a.k, a.v
+    device = q.device
+    batch, num_heads_q, num_heads_kv = a.batch_size, a.num_heads_q, a.num_heads_kv
+    group = num_heads_q // num_heads_kv
+    head_dim, head_dim_v = a.head_dim, a.head_dim_v
+    varlen_q = a.is_varlen_q
+    seqlen_q = 0 if varlen_q else q.shape[1]
+    max_seqlen_q = a.max_seqlen_q if varlen_q else seqlen_q
+    num_tokens = q.shape[0] if varlen_q else batch * seqlen_q
+
+    out = torch.empty((*q.shape[:-1], head_dim_v), dtype=a.out_dtype, device=device)
+    lse = torch.empty((num_heads_q, num_tokens) if varlen_q else (batch, num_heads_q, seqlen_q),
+                      dtype=torch.float32, device=device)
+    if num_tokens == 0 or batch == 0:
+        return out, lse
+
+    block_m = decode_block_m(max_seqlen_q * group)
+    block_n = decode_block_n(head_dim, head_dim_v)
+    num_splits = decode_num_splits(batch, num_heads_q, num_heads_kv, max_seqlen_q, a.max_seqlen_k,
+                                   head_dim, head_dim_v, device, a.num_splits)
+    num_m_blocks = triton.cdiv(max_seqlen_q * group, block_m)
+
+    # Per-token views (batch stride, token stride) of q, out and lse; varlen tokens are global.
+    if varlen_q:
+        q_strides = (0, q.stride(0), q.stride(1))
+    else:
+        q_strides = (q.stride(0), q.stride(1), q.stride(2))
+    if num_splits == 1:
+        dst_out, dst_lse = out, lse
+        if varlen_q:
+            o_strides = (0, 0, out.stride(0), out.stride(1))
+            l_strides = (0, 0, lse.stride(1), lse.stride(0))
+        else:
+            o_strides = (0, out.stride(0), out.stride(1), out.stride(2))
+            l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
+    else:
+        dst_out = torch.empty((num_splits, num_tokens, num_heads_q, head_dim_v), dtype=torch.float32, device=device)
+        dst_lse = torch.empty((num_splits, num_tokens, num_heads_q), dtype=torch.float32, device=device)
+        per_batch = 0 if varlen_q else seqlen_q
+        o_strides = (dst_out.stride(0), per_batch * dst_out.stride(1), dst_out.stride(1), dst_out.stride(2))
+        l_strides = (dst_lse.stride(0), per_batch * dst_lse.stride(1), dst_lse.stride(1), dst_lse.stride(2))
+
+    paged = a.page_table is not None
+    varlen_k = a.cu_seqlens_k is not None
+    if paged or not varlen_k:
+        k_strides, v_strides = k.stride()[:3], v.stride()[:3]
+    else:
+        k_strides, v_strides = (0, *k.stride()[:2]), (0, *v.stride()[:2])
+    has_window = a.window_left >= 0 or a.window_right >= 0
+    softcap = a.softcap
+    dummy = lse
+    grid = (batch * num_heads_kv * num_m_blocks, num_splits)
+    _decode_kernel[grid](
+        q, k, v, dst_out, dst_lse, a.sinks if a.sinks is not None else dummy,
+        a.cu_seqlens_q if varlen_q else dummy, a.cu_seqlens_k if varlen_k else dummy,
+        a.seqused_k if a.seqused_k is not None else dummy, a.leftpad_k if a.leftpad_k is not None else dummy,
+        a.kv_batch_idx if a.kv_batch_idx is not None else dummy, a.page_table if paged else dummy,
+        a.softmax_scale * LOG2E, a.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+        a.window_left, a.window_right, a.attention_chunk,
+        num_heads_kv, seqlen_q, 0 if paged or varlen_k else k.shape[1], num_m_blocks, num_splits,
+        *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
+        a.page_table.stride(0) if paged else 0,
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
+        VARLEN_Q=varlen_q, VARLEN_K=varlen_k and not paged, HAS_SEQUSED_K=a.seqused_k is not None,
+        HAS_LEFTPAD=a.leftpad_k is not None, HAS_KV_BATCH_IDX=a.kv_batch_idx is not None,
+        PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1, HAS_WINDOW=has_window,
+        HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=softcap > 0, HAS_SINKS=a.sinks is not None,
+        SPLIT=num_splits > 1, num_warps=4, num_stages=3,
+    )
+    if num_splits > 1:
+        rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)
+        out_view = out.unsqueeze(0) if varlen_q else out
+        lse_view = lse.t().unsqueeze(0) if varlen_q else lse.transpose(1, 2)
+        combine_into(dst_out.view(num_splits, *rows, num_heads_q, head_dim_v),
+                     dst_lse.view(num_splits, *rows, num_heads_q), out_view, lse_view,
+                     empty_lse=float("inf"), sinks=a.sinks)
+    return out, lse
