@@ -467,3 +467,34 @@ def test_decode_refuses_long_queries():
     q = torch.randn(1, 40, 8, 32, device=DEVICE, dtype=torch.bfloat16)
     k = torch.randn(1, 16, 2, 32, device=DEVICE, dtype=torch.bfloat16)
     assert "packed query rows" in decode_mod.supports(_attn_args(q, k, k))
+
+
+GPU_DECODE_CASES = [
+    dict(page_size=None, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=0, batch_idx=True),
+    dict(page_size=16, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=0),
+    dict(page_size=256, seqlen_q=4, hq=32, hk=8, d=128, dv=128, splits=7, causal=True, sinks=True),
+    dict(page_size=3, seqlen_q=None, hq=16, hk=2, d=64, dv=64, splits=0, window=(300, 0), softcap=30.0),
+    dict(page_size=None, seqlen_q=2, hq=8, hk=1, d=256, dv=256, splits=0, leftpad=True, causal=True),
+    dict(page_size=64, seqlen_q=1, hq=16, hk=16, d=192, dv=128, splits=3, chunk=512),
+    dict(page_size=None, seqlen_q=1, hq=16, hk=2, d=64, dv=512, splits=0),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k not in ("hq", "hk")))
+def test_decode_gpu(case, dtype):
+    a = _decode_inputs(case, dtype, batch=4, capacity=3000, device=DEVICE)
+    _check_decode(a, softcap=case.get("softcap", 0.0) > 0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_long_single_sequence():
+    """Batch 1 over 128k keys: the split-KV shape the heuristic must split."""
+    case = dict(page_size=64, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=0)
+    a = _decode_inputs(case, torch.bfloat16, batch=1, capacity=131072, device=DEVICE)
+    a = AttnArgs(**{**a.__dict__, "seqused_k": torch.tensor([131072 - 5], dtype=torch.int32, device=DEVICE)})
+    assert scheduler.decode_num_splits(1, 32, 8, 1, a.max_seqlen_k, 128, 128, a.q.device) > 8
+    _check_decode(a, softcap=False)
