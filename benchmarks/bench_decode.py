@@ -6,6 +6,8 @@ contiguous cache (page=0) or paged (page 16, 64; pages scattered by a random pag
 (contiguous only: SDPA has no page table): cuDNN and FA2 through SDPA with enable_gqa.
 Section latency: batch 1, context 1k, µs per step, eager (host overhead included: a wall clock
 over back-to-back calls) and CUDA-graph replay of 32 captured steps (as a 32-layer decode step).
+Besides `ours` (the public API, routed by the dispatcher), `decode_kernel` and `fwd_kernel` call
+the two Triton kernels that can serve decode on the same AttnArgs, to route by measurement.
 Caches under 50 MB are rotated (one set per step), so L2 holds none of them.
 
 The kvcache engineer extends this file: add cases to `bandwidth_cases` / `latency_cases` or a new
@@ -88,6 +90,31 @@ def ours(case: dict) -> Callable:
                                                page_table=t["page_table"], causal=True)
 
 
+def kernel(module: str) -> Callable[[dict], Callable]:
+    """Our Triton kernel `module` (decode: the split-KV decode kernel, fwd: the tiled forward)
+    called on its AttnArgs directly: the kernel's bandwidth without the interface's host work,
+    so the two can be compared and routed by measurement."""
+    import importlib
+
+    from flash_attn_3.backends.params import AttnArgs
+
+    def make(case: dict) -> Callable:
+        t = make_inputs(case)
+        q, k, page_table = t["q"], t["k"], t["page_table"]
+        capacity = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
+        a = AttnArgs(q=q, k=k, v=t["v"], qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                     seqused_q=None, seqused_k=t["cache_seqlens"], max_seqlen_q=1,
+                     max_seqlen_k=capacity, page_table=page_table, kv_batch_idx=None,
+                     leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
+                     softmax_scale=q.shape[-1] ** -0.5, window_left=-1, window_right=0,
+                     attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None,
+                     cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
+        forward = importlib.import_module(f"flash_attn_3.backends.triton.{module}").forward
+        return lambda: forward(a)
+
+    return make
+
+
 def peer_sdpa(case: dict) -> Callable:
     t = make_inputs(case)
     return sdpa(t["q"], t["k"], t["v"], causal=False)
@@ -125,7 +152,7 @@ def graph_ms(fn: Callable, steps: int = GRAPH_STEPS) -> float:
 
 
 def measure_case(run: Runner, section: str, case: dict, timer=None) -> None:
-    impls = {"ours": ours}
+    impls = {"ours": ours, "decode_kernel": kernel("decode"), "fwd_kernel": kernel("fwd")}
     if case["page"] == 0:
         impls.update(cudnn=peer_sdpa, fa2=peer_sdpa)
     set_bytes = kv_bytes(case)
@@ -141,11 +168,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
     sections = {
         "bandwidth": Section("Decode TB/s of K+V read (q length 1, bf16)", "tbps",
-                             ratios=[("ours", "cudnn"), ("ours", "ceiling:copy_tbps")],
+                             ratios=[("ours", "cudnn"), ("ours", "ceiling:copy_tbps"),
+                                     ("decode_kernel", "ceiling:copy_tbps"),
+                                     ("fwd_kernel", "ceiling:copy_tbps")],
                              plot_x="ctx", plot_panel="page", plot_series=["B"],
                              plot_where={"Hq": 32, "Hk": 8, "D": 128}),
         "latency": Section("Decode step latency µs, B=1 ctx=1k GQA 32/8 D=128 "
-                           "(ratio: cuDNN time / ours)", "us", ratios=[("ours", "cudnn")]),
+                           "(ratio: cuDNN time / ours)", "us",
+                           ratios=[("ours", "cudnn"), ("decode_kernel", "cudnn")]),
     }
     with Runner("bench_decode", args, sections, CASE_KEYS) as run:
         for case in bandwidth_cases(args.quick):
