@@ -81,6 +81,7 @@ DENSE = [
     _case(sinks=True, pack=True, heads=(6, 2)),
     _case(qv=True, d=64, dv=256, seqlens=(7, 20), causal=True),
     _case(fp8=True, causal=True), _case(fp8=True, splits=3, seqlens=(3, 50), pack=True),
+    _case(fp8=True, seqlens=(70, 40), heads=(2, 2), window=(9, 9)),
     _case(dtype=torch.bfloat16, causal=True, softcap=3.0),
     # Context parallel: local key j is global key j * W + rank.
     _case(cp=(2, 1), causal=True, seqlens=(9, 20)), _case(cp=(3, 0), window=(7, 0), seqlens=(9, 20)),

@@ -42,16 +42,17 @@ def _load_2d(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.conste
 @triton.jit
 def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
              K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb,
-             stride_vn, rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size,
-             cp_rank, qk_scale, cap_scale, offs_d, offs_dv,
+             stride_vn, stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk,
+             cp_world_size, cp_rank, qk_scale, cap_scale, offs_d, offs_dv,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
              MASKED: tl.constexpr, PAGED: tl.constexpr, HAS_QV: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              HAS_CHUNK: tl.constexpr, IS_CP: tl.constexpr, P_SHIFT: tl.constexpr,
-             UPCAST_DOT: tl.constexpr):
+             PV_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Online softmax over `count` key blocks from block `first`, jumping `skip_count` blocks at
     `skip_from` (so one masked loop covers both edges around the unmasked middle).
-    Scores live in the log2 domain: s2 = log2(e) * score; p = 2**(s2 - m + P_SHIFT)."""
+    Scores live in the log2 domain: m and the exponent are log2(e) * score; without softcap the
+    raw q.k is kept and the scale rides in the exp2's FMA. p = 2**(s2 - m + P_SHIFT)."""
     PAD_D: tl.constexpr = HEAD_DIM != offs_d.shape[0]
     PAD_DV: tl.constexpr = HEAD_DIM_V != offs_dv.shape[0]
     d_ok = offs_d < HEAD_DIM
@@ -75,28 +76,32 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
             k_off = page * stride_kb + in_page * stride_kn
             v_off = page * stride_vb + in_page * stride_vn
             k_ptrs = K_row + k_off[:, None] + offs_d[None, :]
-            v_ptrs = V_row + v_off[:, None] + offs_dv[None, :]
+            v_ptrs = V_row + v_off[:, None] + offs_dv[None, :] * stride_vd
         else:
             start = (blk * BLOCK_N).to(tl.int64)
             k_ptrs = K_row + start * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = V_row + start * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :]
+            v_ptrs = (V_row + start * stride_vn + offs_n[:, None] * stride_vn
+                      + offs_dv[None, :] * stride_vd)
         k = _load_2d(k_ptrs, in_seq, d_ok, MASKED, PAD_D)
         v = _load_2d(v_ptrs, in_seq, dv_ok, MASKED, PAD_DV)
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif PV_BF16:
+            v = v.to(tl.bfloat16)
         s = tl.dot(q, tl.trans(k))
         if HAS_QV:
             s = tl.dot(qv, tl.trans(v), s)
         if HAS_SOFTCAP:
             s = masks.tanh(s * qk_scale) * cap_scale
-        else:
-            s = s * qk_scale
         if MASKED:
             ok = masks.allowed(rows, cols, seqlen_k, total_k, diag, window_left, window_right, chunk,
                                cp_world_size, cp_rank, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_SOFTCAP:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if MASKED:
             # A row with nothing allowed so far keeps m = -inf; subtract 0 instead of -inf.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -105,7 +110,10 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
         alpha = tl.exp2(m_i - m_use)
         if P_SHIFT != 0:
             m_use = m_use - P_SHIFT
-        p = tl.exp2(s - m_use[:, None])
+        if HAS_SOFTCAP:
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -119,7 +127,7 @@ def _attn_fwd(
     CuSeqlensQ, CuSeqlensK, SequsedQ, SequsedK, PageTable, KvBatchIdx, LeftpadK, CpTotSequsedK,
     QDescale, KDescale, VDescale, Sinks,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-    stride_vh, stride_qvb, stride_qvm, stride_qvh, stride_os, stride_ob, stride_om, stride_oh,
+    stride_vh, stride_vd, stride_qvb, stride_qvm, stride_qvh, stride_os, stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lm, stride_lh, stride_pt, stride_qd_b, stride_qd_h,
     stride_kd_b, stride_kd_h, stride_vd_b, stride_vd_h,
     seqlen_q_static, seqlen_k_static, group_size, page_size, softmax_scale, softcap,
@@ -132,7 +140,8 @@ def _attn_fwd(
     HAS_LEFTPAD: tl.constexpr, IS_CP: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_QV: tl.constexpr, IS_FP8: tl.constexpr,
-    PACK_GQA: tl.constexpr, SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PACK_GQA: tl.constexpr, SPLIT: tl.constexpr, PV_BF16: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     # Highest row blocks first: under causal masks they carry the most keys.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -254,16 +263,16 @@ def _attn_fwd(
     acc, m_i, l_i = _kv_loop(
         acc, m_i, l_i, q, qv, full_lo, full_hi - full_lo, 0, 0,
         K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb, stride_vn,
-        rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
         qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, PAGED,
-        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, UPCAST_DOT)
+        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16, UPCAST_DOT)
     acc, m_i, l_i = _kv_loop(
         acc, m_i, l_i, q, qv, blk_lo, (full_lo - blk_lo) + (blk_hi - full_hi), full_lo,
         full_hi - full_lo,
         K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb, stride_vn,
-        rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
         qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED,
-        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, UPCAST_DOT)
+        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16, UPCAST_DOT)
 
     # Rows without an allowed key: out 0 and lse +inf (official non-split convention), sink or
     # not; split partials use -inf so they drop out of the merge.
@@ -372,6 +381,12 @@ def _num_splits(a: AttnArgs, num_heads_grid: int, rows: int, block_m: int, block
     return max(1, min(splits, triton.cdiv(max(a.max_seqlen_k, 1), block_n), 256))
 
 
+@functools.lru_cache(maxsize=None)
+def _ones(device: torch.device) -> torch.Tensor:
+    """Stand-in for an absent fp8 descale, read with zero strides."""
+    return torch.ones((1, 1), dtype=torch.float32, device=device)
+
+
 def _kv_strides(t: torch.Tensor, packed: bool):
     """(batch or page, row, head) strides of K or V; packed varlen has no batch stride."""
     return (0, t.stride(0), t.stride(1)) if packed else (t.stride(0), t.stride(1), t.stride(2))
@@ -400,8 +415,10 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
         seqlen_k_static = a.page_table.shape[1] * k.shape[1]
     else:
         seqlen_k_static = 0 if varlen_k else k.shape[1]
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    # tl.dot needs K >= 16, and >= 32 for fp8 operands.
+    min_block = 32 if a.is_fp8 else 16
+    block_d = max(min_block, triton.next_power_of_2(head_dim))
+    block_dv = max(min_block, triton.next_power_of_2(head_dim_v))
     pack = _pack_gqa(a, group, max_seqlen_q)
     rows = max_seqlen_q * (group if pack else 1)
 
@@ -409,12 +426,20 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
     block_m, block_n, warps, stages = _fixed_config(rows, block_d, block_dv)
     num_splits = _num_splits(a, num_heads_grid, rows, block_m, block_n)
     split = num_splits > 1
-    if rows > 64 and not split and not _interpreting():
+    prefill = rows > 64 and not split
+    if prefill and not _interpreting():
         kernel = _tuned_kernel(min(c for c in _TUNE_CONFIGS if c >= max(block_d, block_dv)))
         launch = {}
     else:
         kernel = _attn_fwd
         launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    fp8 = a.is_fp8
+    if fp8 and prefill and not paged:
+        # Hopper's fp8 wgmma reads its B operand only K-major: P @ V wants V with the keys
+        # contiguous. One copy of V is cheap next to a compute-bound prefill.
+        v = v.movedim(-3, -1).contiguous().movedim(-1, -3)
+    # Where V keeps its layout (decode, paged), P @ V runs in bf16: memory-bound anyway.
+    pv_bf16 = a.is_fp8 and v.stride(-1) == 1
 
     if split:
         # Varlen partials use one batch row of total_q positions, the layout combine expects.
@@ -440,10 +465,12 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
     qv = a.qv
     qv_strides = (0, 0, 0) if qv is None else (
         (0, qv.stride(0), qv.stride(1)) if varlen_q else qv.stride()[:3])
-    fp8 = a.is_fp8 and a.q_descale is not None
-    descale_strides = []
+    descale_args, descale_strides = [], []
     for t in (a.q_descale, a.k_descale, a.v_descale):
-        descale_strides += [0, 0] if t is None or not fp8 else [t.stride(0), t.stride(1)]
+        if fp8 and t is None:
+            t = _ones(q.device)
+        descale_args.append(t if fp8 else None)
+        descale_strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
     sinks = None if a.sinks is None else a.sinks.float().contiguous()
 
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_heads_grid, batch * num_splits)
@@ -452,9 +479,9 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
         a.cu_seqlens_q, a.cu_seqlens_k if varlen_k else None, a.seqused_q, a.seqused_k,
         a.page_table, a.kv_batch_idx, a.leftpad_k,
         a.cp_tot_seqused_k if a.cp_world_size > 1 else None,
-        a.q_descale if fp8 else None, a.k_descale if fp8 else None,
-        a.v_descale if fp8 else None, sinks,
-        *q_strides, *_kv_strides(k, varlen_k), *_kv_strides(v, varlen_k), *qv_strides,
+        *descale_args, sinks,
+        *q_strides, *_kv_strides(k, varlen_k), *_kv_strides(v, varlen_k), v.stride(-1),
+        *qv_strides,
         *o_strides, *l_strides, 0 if a.page_table is None else a.page_table.stride(0),
         *descale_strides,
         0 if varlen_q else q.shape[1], seqlen_k_static, group, k.shape[1] if paged else 1,
@@ -467,7 +494,7 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
         HAS_KV_BATCH_IDX=a.kv_batch_idx is not None, HAS_LEFTPAD=a.leftpad_k is not None,
         IS_CP=a.cp_world_size > 1, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
         HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=a.softcap > 0, HAS_SINKS=sinks is not None,
-        HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split,
+        HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split, PV_BF16=pv_bf16,
         UPCAST_DOT=_interpreting() and q.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         **launch,
     )
