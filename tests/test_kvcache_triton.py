@@ -85,6 +85,7 @@ def combine_reference(out_partial, lse_partial):
     (1, 2, 3, 2, 64, torch.float32),
     (4, 2, 1, 3, 40, torch.bfloat16),
     (7, 1, 5, 2, 256, torch.float16),
+    (37, 1, 2, 3, 32, torch.bfloat16),  # more splits than one load tile holds
 ])
 def test_combine(splits, batch, seqlen, heads, head_dim, out_dtype):
     out_partial = torch.randn(splits, batch, seqlen, heads, head_dim, device=DEVICE)

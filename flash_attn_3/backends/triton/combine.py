@@ -1,8 +1,9 @@
 """Merge split-KV partial results: lse = logsumexp over splits, out = sum_s exp(lse_s - lse) out_s.
 
 One program owns BLOCK_M (batch, position, head) rows and one BLOCK_D slice of the head dim. It
-reads the split LSEs twice (max, then sum) and each partial output once; partial outputs of splits
-whose LSE is -inf are never read, so an empty split may leave its partial output unwritten.
+reads the split LSEs three times (max, sum, weights; they are tiny) and each partial output once;
+partial outputs of splits whose LSE is -inf are never read, so an empty split may leave its
+partial output unwritten.
 """
 
 from __future__ import annotations
@@ -22,20 +23,27 @@ def _combine_kernel(
     stride_lps, stride_lpb, stride_lpl, stride_lph,
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_ll, stride_lh,
-    EMPTY_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    EMPTY_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    splits = tl.arange(0, BLOCK_S)
     row_ok = rows < num_rows
     # int64 offsets: partials of long varlen batches exceed 2**31 elements.
     head = (rows % num_heads).to(tl.int64)
     pos = ((rows // num_heads) % seqlen).to(tl.int64)
     batch = (rows // num_heads // seqlen).to(tl.int64)
-    lse_in = lse_partial + batch * stride_lpb + pos * stride_lpl + head * stride_lph
+    # (BLOCK_S, BLOCK_M) LSE tiles: BLOCK_S splits per load, so a decode row's few dozen splits
+    # cost a few memory round trips instead of one per split.
+    lse_in = (lse_partial + (batch * stride_lpb + pos * stride_lpl + head * stride_lph)[None, :]
+              + splits.to(tl.int64)[:, None] * stride_lps)
 
     lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(num_splits):
-        lse_max = tl.maximum(lse_max, tl.load(lse_in + s * stride_lps, mask=row_ok, other=float("-inf")))
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
+        tile = tl.load(lse_in + s0 * stride_lps, mask=ok, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, tl.max(tile, 0))
     empty = lse_max == float("-inf")
     if HAS_SINKS:
         # The sink logit joins the denominator only of rows that saw a key (spec: empty rows stay empty).
@@ -44,24 +52,28 @@ def _combine_kernel(
     # An all-empty row would give exp(-inf - -inf) = NaN; any finite pivot works since every term is 0.
     pivot = tl.where(empty, 0.0, lse_max)
     total = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(num_splits):
-        total += tl.exp(tl.load(lse_in + s * stride_lps, mask=row_ok, other=float("-inf")) - pivot)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
+        tile = tl.load(lse_in + s0 * stride_lps, mask=ok, other=float("-inf"))
+        total += tl.sum(tl.exp(tile - pivot[None, :]), 0)
     if HAS_SINKS:
         total += tl.exp(sink - pivot)
     inv_total = tl.where(empty, 0.0, 1.0 / total)
 
     col_ok = cols < head_dim
-    out_in = (out_partial + batch[:, None] * stride_opb + pos[:, None] * stride_opl
-              + head[:, None] * stride_oph + cols[None, :])
+    out_in = (out_partial + (batch * stride_opb + pos * stride_opl + head * stride_oph)[None, :, None]
+              + splits.to(tl.int64)[:, None, None] * stride_ops + cols[None, None, :])
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        lse_s = tl.load(lse_in + s * stride_lps, mask=row_ok, other=float("-inf"))
-        weight = tl.exp(lse_s - pivot) * inv_total
-        part_ok = row_ok & (lse_s != float("-inf"))
-        part = tl.load(out_in + s * stride_ops, mask=part_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += weight[:, None] * part
+    for s0 in range(0, num_splits, BLOCK_S):
+        ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
+        lse_s = tl.load(lse_in + s0 * stride_lps, mask=ok, other=float("-inf"))
+        weight = tl.exp(lse_s - pivot[None, :]) * inv_total[None, :]
+        # Empty splits (lse -inf) may have left their partial unwritten: never read it.
+        part_ok = (ok & (lse_s != float("-inf")))[:, :, None] & col_ok[None, None, :]
+        part = tl.load(out_in + s0 * stride_ops, mask=part_ok, other=0.0)
+        acc += tl.sum(weight[:, :, None] * part, 0)
 
-    out_ptrs = out + batch[:, None] * stride_ob + pos[:, None] * stride_ol + head[:, None] * stride_oh + cols[None, :]
+    out_ptrs = out + (batch * stride_ob + pos * stride_ol + head * stride_oh)[:, None] + cols[None, :]
     tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     if tl.program_id(1) == 0:
         final_lse = tl.where(empty, EMPTY_LSE, tl.log(total) + pivot)
@@ -87,15 +99,16 @@ def combine_into(
     num_rows = batch * seqlen * num_heads
     if num_rows == 0 or head_dim == 0:
         return
-    block_d = min(triton.next_power_of_2(head_dim), 128)
-    # ~4K fp32 accumulator elements per program keeps registers low at 4 warps.
-    block_m = max(16, min(128, 4096 // block_d, triton.next_power_of_2(num_rows)))
+    # An 8K-element (split, row, column) tile per load: 64 fp32 registers a thread at 4 warps.
+    block_s = min(16, triton.next_power_of_2(num_splits))
+    block_d = min(32, triton.next_power_of_2(head_dim))
+    block_m = 8192 // (block_s * block_d)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(head_dim, block_d))
     _combine_kernel[grid](
         out_partial, lse_partial, out, lse, sinks if sinks is not None else lse_partial,
         num_rows, num_splits, seqlen, num_heads, head_dim,
         *out_partial.stride()[:4], *lse_partial.stride(), *out.stride()[:3], *lse.stride(),
-        EMPTY_LSE=empty_lse, HAS_SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+        EMPTY_LSE=empty_lse, HAS_SINKS=sinks is not None, BLOCK_S=block_s, BLOCK_M=block_m, BLOCK_D=block_d,
         num_warps=4,
     )
 

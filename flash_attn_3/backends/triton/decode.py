@@ -28,6 +28,12 @@ from .scheduler import decode_block_m, decode_block_n, decode_num_splits
 # Beyond this many packed query rows per KV head the tiled forward kernel is the better tool.
 MAX_PACKED_ROWS = 64
 LOG2E = 1.4426950408889634
+# Software-pipeline depth. Read from the sm_90 TTGIR (compiled offline): contiguous K/V get two
+# async-copy buffers in flight at 3 stages; the paged gather spends one stage on the page-table
+# load, so it needs 5 for the same two buffers (about 72 KB of shared memory either way, three
+# programs per SM).
+_CONTIGUOUS_STAGES = 3
+_PAGED_STAGES = 5
 
 
 @triton.jit
@@ -280,7 +286,7 @@ def forward(a: AttnArgs):
         HAS_LEFTPAD=a.leftpad_k is not None, HAS_KV_BATCH_IDX=a.kv_batch_idx is not None,
         PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1, HAS_WINDOW=has_window,
         HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=softcap > 0, HAS_SINKS=a.sinks is not None,
-        SPLIT=num_splits > 1, num_warps=4, num_stages=3,
+        SPLIT=num_splits > 1, num_warps=4, num_stages=_PAGED_STAGES if paged else _CONTIGUOUS_STAGES,
     )
     if num_splits > 1:
         rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)
