@@ -13,8 +13,20 @@ def _kernel(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def forward_kernel(a):
+    """The kernel module that computes this forward call.
+
+    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; everything else to
+    the tiled forward kernel.
+    """
+    decode = _kernel("decode")
+    if decode.supports(a) is None:
+        return decode
+    return _kernel("fwd")
+
+
 def forward(a):
-    return _kernel("fwd").forward(a)
+    return forward_kernel(a).forward(a)
 
 
 def backward(dout, q, k, v, out, lse, a, deterministic):
