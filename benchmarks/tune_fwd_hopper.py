@@ -1,0 +1,116 @@
+"""Gluon Hopper forward against cuDNN (SDPA) and the portable Triton kernel, in one process.
+
+Grid (perf_guide.md anchors): D = 64/128/256 with H·D = 2048, N = 1k..16k with B·N = 32k tokens,
+causal or not, bf16, layout (B, N, H, D). TFLOP/s = 4·B·H·N²·D, halved when causal. Columns:
+`gluon` (CONFIGS), `gluon <BLOCK_N,STAGES,PINGPONG>` (the alternative configs, at N = 4k only
+with --quick), `tl` (fwd.py, the portable kernel) and `cudnn`. Before it is timed, every gluon
+variant's output is compared with cuDNN's on the same inputs: a mismatch is an error row, so a
+fast wrong kernel never shows up as a figure.
+
+    python -m benchmarks.tune_fwd_hopper [--quick] [--out DIR (default $OUT or out/)]
+                                         [--only D=128 --only causal=1 --only impl=gluon,cudnn]
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops,
+                                parse_args, sdpa, sdpa_context)
+from flash_attn_3.backends.params import AttnArgs
+
+HEAD_DIMS = (64, 128, 256)
+SEQLENS = (1024, 2048, 4096, 8192, 16384)
+QUICK_SEQLENS = (1024, 4096, 16384)
+CASE_KEYS = ("D", "H", "N", "B", "causal")
+# Alternatives to fwd_hopper.CONFIGS worth a measurement (BLOCK_N, STAGES, PINGPONG).
+VARIANTS = {
+    64: [(128, 3, False), (128, 2, True), (64, 4, True)],
+    128: [(128, 2, False), (128, 3, True), (64, 3, True)],
+    256: [(64, 2, True), (32, 4, False)],
+}
+
+
+def attn_args(q, k, v, causal: bool) -> AttnArgs:
+    return AttnArgs(
+        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+        seqused_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
+        kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
+        sinks=None, softmax_scale=q.shape[-1] ** -0.5, window_left=-1,
+        window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
+        pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
+        scheduler_metadata=None)
+
+
+def make_inputs(case: dict) -> dict:
+    shape = (case["B"], case["N"], case["H"], case["D"])
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_context("cudnn"):
+        expected = sdpa(q, k, v, case["causal"])().transpose(1, 2)
+    return dict(q=q, k=k, v=v, expected=expected)
+
+
+def gluon_call(case: dict, t: dict, config: Optional[tuple]):
+    from flash_attn_3.backends.triton import fwd_hopper
+
+    a = attn_args(t["q"], t["k"], t["v"], case["causal"])
+    if not fwd_hopper.supports(a):
+        raise RuntimeError("fwd_hopper.supports() refused the case")
+    out, _ = fwd_hopper.forward(a, config)
+    # two correct bf16 kernels differ by a unit or two in the last place (2^-8 relative)
+    expected = t["expected"].float()
+    excess = ((out.float() - expected).abs() - 2e-2 * expected.abs()).max().item()
+    if not excess < 2e-2:
+        raise RuntimeError(f"output differs from cuDNN's (excess over tolerance {excess:.3g})")
+    return lambda: fwd_hopper.forward(a, config)
+
+
+def tl_call(case: dict, t: dict):
+    from flash_attn_3.backends.triton import fwd
+
+    a = attn_args(t["q"], t["k"], t["v"], case["causal"])
+    return lambda: fwd.forward(a)
+
+
+def cudnn_call(case: dict, t: dict):
+    return sdpa(t["q"], t["k"], t["v"], case["causal"])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    if os.environ.get("OUT") and "--out" not in (sys.argv[1:] if argv is None else argv):
+        args.out = Path(os.environ["OUT"])
+    sections = {"fwd": Section(
+        "Gluon Hopper forward TFLOP/s (B·N = 32k, H·D = 2048, bf16)", "tflops",
+        ratios=[("gluon", "cudnn"), ("gluon", "tl")], plot_x="N", plot_panel="D",
+        plot_series=["causal"])}
+    seqlens = QUICK_SEQLENS if args.quick else SEQLENS
+    with Runner("tune_fwd_hopper", args, sections, CASE_KEYS) as run:
+        for d, n, causal in itertools.product(HEAD_DIMS, seqlens, (False, True)):
+            case = dict(D=d, H=MODEL_WIDTH // d, N=n, B=TOKENS // n, causal=causal)
+            if not run.keep(case):
+                continue
+            inputs = functools.cache(lambda case=case: make_inputs(case))
+            flops = attention_flops([n] * case["B"], case["H"], d, causal)
+            run.measure("fwd", case, "cudnn", lambda: cudnn_call(case, inputs()), flops=flops,
+                        context=functools.partial(sdpa_context, "cudnn"))
+            run.measure("fwd", case, "gluon", lambda: gluon_call(case, inputs(), None),
+                        flops=flops)
+            run.measure("fwd", case, "tl", lambda: tl_call(case, inputs()), flops=flops)
+            if args.quick and n != 4096:
+                continue
+            for config in VARIANTS[d]:
+                name = "gluon " + ",".join(str(int(x)) for x in config)
+                run.measure("fwd", case, name, lambda c=config: gluon_call(case, inputs(), c),
+                            flops=flops)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Hopper (sm_90) forward in Gluon: the hot dense case, warp-specialized like FlashAttention-3.
+
+Written for triton 3.6.0's `triton.experimental.gluon` (experimental: the API moves between
+releases, so `supports()` refuses any other version and the portable `fwd.py` kernel runs instead).
+
+One program owns BLOCK_M = 128 query rows of one (batch, head) and splits the CTA into partitions:
+- two consumer warpgroups (the default partition and one 4-warp worker), 64 query rows each. Each
+  runs its own online softmax with FA3's intra-warpgroup overlap: S_j = Q K_j^T is issued, then
+  O += P_{j-1} V_{j-1} behind it, and the softmax of S_j runs while that PV wgmma executes.
+  They share every K/V tile, so K/V are read once per 128 rows.
+- one producer warp issuing TMA loads of Q and of the K/V tiles into a STAGES-deep ring; ready
+  barriers complete on the TMA byte count, empty barriers take one arrive from each consumer.
+Scores stay in the log2 domain (softmax scale and log2(e) folded into one multiply, exp2), m and l
+in fp32. Blocks fully below the causal diagonal and inside seqlen_k skip the mask; the edge blocks
+(diagonal, sequence end: TMA zero-fills past it) take it. Tensors are addressed through rank-4
+descriptors over (B, S, H, D), so a tile never crosses a batch boundary and the O store clips at
+seqlen_q by itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..params import AttnArgs
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _GLUON_OK = triton.__version__.startswith("3.6.")
+except ImportError:  # no triton, or a triton without Gluon's Hopper ops
+    _GLUON_OK = False
+
+LOG2E = 1.4426950408889634
+ROWS_PER_WARPGROUP = 64  # the M of one wgmma; two consumer warpgroups make BLOCK_M = 128
+
+# head dim -> (BLOCK_N, STAGES, PINGPONG). Shared memory: Q 128*D*2 bytes (reused for O) plus
+# STAGES * 2 * BLOCK_N*D*2 for K and V, under the 227 KB an H100 CTA may use. Ping-pong follows
+# FA3, which orders the warpgroups' GEMMs for head dims up to 128.
+CONFIGS = {64: (128, 3, True), 128: (128, 2, True), 256: (64, 2, False)}
+# 4 + 4 consumer warps and the producer warp (rounded up to a warpgroup): 384 threads. maxnreg
+# 168 keeps 384 * 168 under the 64K register file; the producer gives back all but 24 registers
+# and each consumer warpgroup gets 240 (S, P and O of 64 rows live in registers at once).
+_MAXNREG = 168
+_CONSUMER_REGS = 240
+_PRODUCER_REGS = 24
+
+
+if _GLUON_OK:
+    LN2 = gl.constexpr(0.6931471805599453)
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, m0, num_blocks,
+                  STAGES: gl.constexpr):
+        q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+        BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        for w in gl.static_range(2):
+            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0], q_ready.index(w),
+                                            q_smem.index(w))
+        for j in range(num_blocks):
+            stage = j % STAGES
+            # Empty barriers start in phase 0, so waiting on parity 1 passes for the first lap.
+            phase = ((j // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(stage), phase)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(stage),
+                                            k_smem.index(stage))
+            mbarrier.wait(v_empty.index(stage), phase)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(stage),
+                                            v_smem.index(stage))
+
+    @gluon.jit
+    def _masked(s, j, diag, seqlen_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                col_layout: gl.constexpr):
+        cols = gl.expand_dims(j * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout), 0)
+        if CAUSAL:
+            ok = (cols < seqlen_k) & (cols <= gl.expand_dims(diag, 1))
+        else:
+            ok = cols < seqlen_k
+        return gl.where(ok, s, float("-inf"))
+
+    @gluon.jit
+    def _online_softmax(s, m_i, l_i, qk_scale):
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        # A row that has seen no allowed key keeps m = -inf; subtracting 0 instead keeps its
+        # probabilities at exp2(-inf) = 0 rather than NaN.
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_sub)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_sub, 1))
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_new
+
+    @gluon.jit
+    def _take_turn(turn, issue, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        # Ping-pong: the warpgroups take turns issuing their wgmmas, so one's softmax runs while
+        # the other's GEMMs occupy the tensor cores. Warpgroup 0 goes first (a fresh barrier
+        # passes a wait on parity 1).
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), (issue & 1) ^ (1 - WG))
+
+    @gluon.jit
+    def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG))
+
+    @gluon.jit
+    def _consumer(q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, b, h, num_heads_q, m0,
+                  seqlen_q, seqlen_k, num_blocks, num_unmasked, CAUSAL: gl.constexpr,
+                  STAGES: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+        q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+        BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
+        HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
+        BLOCK_N: gl.constexpr = k_smem.type.shape[2]
+        dtype: gl.constexpr = o_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        # P feeds the PV wgmma from registers: S's accumulator fragment is already that operand's
+        # fragment, so these conversions (and the row-vector ones) move no data.
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        row0 = m0 + WG * BLOCK_MW
+        q = q_smem.index(WG).reshape([BLOCK_MW, HEAD_DIM])
+        diag = row0 + gl.arange(0, BLOCK_MW, layout=row_layout) + (seqlen_k - seqlen_q)
+        m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
+        acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
+        mbarrier.wait(q_ready.index(WG), 0)
+
+        if num_blocks > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            _take_turn(turn, 0, WG, PINGPONG)
+            s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                  gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
+                                  use_acc=False, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(0))
+            if num_unmasked == 0:
+                s = _masked(s, 0, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+            p = gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
+
+            for j in range(1, num_blocks):
+                stage = j % STAGES
+                prev = (j - 1) % STAGES
+                mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+                _take_turn(turn, j, WG, PINGPONG)
+                # The dead S registers serve as the accumulator: use_acc=False ignores them.
+                s_tok = warpgroup_mma(
+                    q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
+                    use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                      is_async=True)
+                _pass_turn(turn, WG, PINGPONG)
+                # Softmax of block j overlaps the PV wgmma of block j - 1.
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                mbarrier.arrive(k_empty.index(stage))
+                if j >= num_unmasked:
+                    s = _masked(s, j, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
+                p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+                mbarrier.arrive(v_empty.index(prev))
+                acc = acc * gl.expand_dims(
+                    gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
+                p = gl.convert_layout(p_next.to(dtype), p_layout, assert_trivial=True)
+
+            last = (num_blocks - 1) % STAGES
+            mbarrier.wait(v_ready.index(last), ((num_blocks - 1) // STAGES) & 1)
+            _take_turn(turn, num_blocks, WG, PINGPONG)
+            o_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                  is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+            acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+            mbarrier.arrive(v_empty.index(last))
+
+        # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
+        out = acc * gl.expand_dims(inv_l, 1)
+        lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+        rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
+        gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
+                 mask=rows < seqlen_q)
+
+        # Q's buffer is free once the last QK wgmma retired; O leaves through it by TMA, which
+        # clips the rows past seqlen_q.
+        o_smem = q_smem.index(WG)
+        o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seqlen_q, seqlen_k,
+                    group_size, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                    PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
+        BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_desc.dtype
+
+        pid_m = gl.program_id(0)
+        if CAUSAL:
+            # Longest rows first: the last query blocks see the most keys.
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        num_heads_q = gl.num_programs(1)
+        hk = h // group_size
+        m0 = pid_m * (2 * BLOCK_MW)
+
+        if CAUSAL:
+            # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
+            m_end = gl.minimum(m0 + 2 * BLOCK_MW, seqlen_q)
+            n_end = gl.maximum(gl.minimum(seqlen_k, m_end + seqlen_k - seqlen_q), 0)
+            # Blocks whose last key is on or below the diagonal of the tile's first row.
+            num_unmasked = gl.maximum(m0 + seqlen_k - seqlen_q + 1, 0) // BLOCK_N
+            num_unmasked = gl.minimum(num_unmasked, seqlen_k // BLOCK_N)
+        else:
+            n_end = seqlen_k
+            num_unmasked = seqlen_k // BLOCK_N
+        num_blocks = gl.cdiv(n_end, BLOCK_N)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(2):
+            mbarrier.init(q_ready.index(w), count=1)
+            mbarrier.init(turn.index(w), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            # Both consumer warpgroups must release a stage before it is refilled.
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        bars = (q_ready, k_ready, k_empty, v_ready, v_empty, turn)
+
+        # The argument tuples stay inline: a tuple bound to a name turns its constexprs into tensors.
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, b, h, num_heads_q,
+                         m0, seqlen_q, seqlen_k, num_blocks, num_unmasked, CAUSAL, STAGES, PINGPONG,
+                         0)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, b, h, num_heads_q,
+                         m0, seqlen_q, seqlen_k, num_blocks, num_unmasked, CAUSAL, STAGES, PINGPONG,
+                         1)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, m0,
+                         num_blocks, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _descriptor(x: torch.Tensor, rows: int):
+    """Rank-4 TMA descriptor over (B, S, H, D) reading one (rows x D) tile of one head."""
+    block = [1, rows, 1, x.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if x.dtype == torch.float16
+                                                  else gl.bfloat16)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    # TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit inner stride.
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1]))
+
+
+def supports(a: AttnArgs) -> bool:
+    """True when the Gluon kernel computes this call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
+    (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA; nothing else."""
+    q, k, v = a.q, a.k, a.v
+    if not (_GLUON_OK and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+        return False
+    extras = (a.qv, a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, a.page_table,
+              a.kv_batch_idx, a.leftpad_k, a.q_descale, a.k_descale, a.v_descale, a.sinks)
+    if any(x is not None for x in extras):
+        return False
+    if a.softcap != 0.0 or a.attention_chunk != 0 or a.cp_world_size != 1 or a.num_splits > 1:
+        return False
+    if a.window_left != -1 or a.window_right not in (-1, 0) or not a.softmax_scale > 0:
+        return False
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    if k.shape[0] != batch or head_dim not in CONFIGS or k.shape[-1] != head_dim:
+        return False
+    if seqlen_q == 0 or k.shape[1] == 0 or heads_q % k.shape[2] != 0:
+        return False
+    return all(_tma_ok(x) for x in (q, k, v))
+
+
+def forward(a: AttnArgs, config=None):
+    """(out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) fp32); config overrides CONFIGS[D]
+    (the tuning bench uses it)."""
+    q, k, v = a.q, a.k, a.v
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_k = k.shape[1], k.shape[2]
+    block_n, stages, pingpong = config or CONFIGS[head_dim]
+    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    # Query blocks vary fastest so the programs running together share one head's K/V in L2.
+    grid = (triton.cdiv(seqlen_q, 2 * ROWS_PER_WARPGROUP), heads_q, batch)
+    _fwd_kernel[grid](
+        _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), _descriptor(v, block_n),
+        _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, seqlen_q, seqlen_k,
+        heads_q // heads_k, a.window_right == 0, stages, pingpong, _CONSUMER_REGS,
+        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+    return out, lse

@@ -1,0 +1,97 @@
+"""Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
+
+    python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
+                                     [--config BLOCK_N,STAGES,PINGPONG] [--keep DIR]
+
+Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX, and
+ptxas' register and spill figures. --keep DIR writes the .ptx, .ttgir and .sass there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# The compiler path must not see the interpreter switch the CPU test suite sets.
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
+
+from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
+
+
+def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
+    """The kernel as forward() launches it (same descriptors, constants and options)."""
+    block_n, stages, pingpong = config or fwd_hopper.CONFIGS[head_dim]
+    x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
+    rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
+    keys = fwd_hopper._descriptor(x, block_n)
+    runtime = [rows, keys, keys, rows, torch.empty(1), 0.125, 256, 256, 1]
+    kernel = fwd_hopper._fwd_kernel
+    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
+    constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
+                     CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
+                     PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
+    signature.update({name: "constexpr" for name in constants})
+    return triton.compile(GluonASTSource(kernel, signature, constants),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG))
+
+
+def report(kernel, keep: Path) -> dict:
+    ptx = kernel.asm["ptx"]
+    (keep / "kernel.ptx").write_text(ptx)
+    (keep / "kernel.ttgir").write_text(kernel.asm["ttgir"])
+    ptxas = subprocess.run([knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", str(keep / "kernel.ptx"),
+                            "-o", str(keep / "kernel.cubin")], capture_output=True, text=True)
+    if ptxas.returncode != 0:
+        raise SystemExit(ptxas.stderr)
+    sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(keep / "kernel.cubin")],
+                          capture_output=True, text=True).stdout
+    (keep / "kernel.sass").write_text(sass)
+    registers = re.search(r"Used (\d+) registers", ptxas.stderr)
+    return dict(
+        shared_bytes=kernel.metadata.shared,
+        num_warps=kernel.metadata.num_warps,
+        wgmma_ptx=ptx.count("wgmma.mma_async"),
+        hgmma_sass=sass.count("HGMMA"),
+        tma_loads_ptx=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),
+        setmaxnreg=sorted(set(int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                         ptx))),
+        ptxas_registers=int(registers.group(1)) if registers else None,
+        spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", ptxas.stderr)),
+        ptxas_warnings=[line for line in ptxas.stderr.splitlines() if "arning" in line],
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG (default: CONFIGS[head_dim])")
+    p.add_argument("--keep", type=Path)
+    args = p.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        keep = args.keep or Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(report(kernel, keep)))
+
+
+if __name__ == "__main__":
+    main()

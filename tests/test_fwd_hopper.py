@@ -1,0 +1,185 @@
+"""Gluon Hopper forward (flash_attn_3/backends/triton/fwd_hopper.py) against the float64 reference.
+
+Anywhere: the kernel compiles ahead of time for sm_90 (the triton wheel ships ptxas) into wgmma with
+register reallocation between the partitions and no spills, so a drift in triton's experimental
+Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): out and LSE over the kernel's
+scope (head dims 64/128/256, causal or not, GQA/MQA, seqlen_q != seqlen_k, ragged tails, rows that
+see no key, strided q/k/v) judged by the spec's rule (sec 8), with every buffer the kernel allocates
+starting as NaN and fresh random inputs each run. The first GPU test runs one call in a subprocess
+under a time limit, so a pipeline deadlock fails this module instead of hanging the GPU run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_math import attention_dense
+from tolerance import assert_lse_matches, assert_matches_reference
+
+from flash_attn_3.backends.params import AttnArgs
+from flash_attn_3.backends.triton import fwd_hopper
+
+TESTS = Path(__file__).resolve().parent
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+needs_gluon = pytest.mark.skipif(not fwd_hopper._GLUON_OK, reason="needs triton 3.6 with Gluon")
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_k)
+SHAPES = [
+    (2, 1000, 1023, 4, 2),  # ragged tails on both sides, GQA
+    (1, 1023, 1000, 6, 1),  # seqlen_q > seqlen_k: causal rows above the diagonal see no key; MQA
+    (3, 128, 384, 2, 2),  # whole blocks only
+    (1, 1, 700, 8, 2),  # a single query row
+    (2, 77, 5, 4, 4),  # fewer keys than one block
+]
+
+
+def make_args(q, k, v, *, causal: bool, softmax_scale=None) -> AttnArgs:
+    return AttnArgs(
+        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+        seqused_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
+        kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
+        sinks=None, softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]), window_left=-1,
+        window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
+        pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
+        scheduler_metadata=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90 (no GPU needed)
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (256, False)])
+def test_compiles_for_sm90(head_dim, causal):
+    # A subprocess: the compiler must not run under the interpreter switch conftest sets.
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"),
+           "--head-dim", str(head_dim)] + (["--causal"] if causal else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["wgmma_ptx"] > 0 and got["hgmma_sass"] == got["wgmma_ptx"], got
+    assert got["tma_loads_ptx"] > 0 and got["num_warps"] == 12, got
+    # the producer partition hands its registers to the consumer warpgroups
+    assert fwd_hopper._PRODUCER_REGS in got["setmaxnreg"], got
+    assert fwd_hopper._CONSUMER_REGS in got["setmaxnreg"], got
+    assert got["spill_bytes"] == 0 and got["shared_bytes"] <= 227 * 1024, got
+
+
+def test_refuses_without_hopper():
+    q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
+    assert not fwd_hopper.supports(make_args(q, q, q, causal=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU
+
+
+_SMOKE = textwrap.dedent("""
+    import torch
+    from test_fwd_hopper import make_args
+    from flash_attn_3.backends.triton import fwd_hopper
+    for causal in (False, True):
+        q = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 500, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        fwd_hopper.forward(make_args(q, k, v, causal=causal))
+    torch.cuda.synchronize()
+""")
+
+
+@pytest.fixture(scope="module")
+def kernel_terminates():
+    try:
+        done = subprocess.run([sys.executable, "-c", _SMOKE], cwd=TESTS, capture_output=True,
+                              text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fwd_hopper did not finish one small call in 240 s: pipeline deadlock?")
+    if done.returncode != 0:
+        pytest.fail(f"fwd_hopper smoke call failed:\n{done.stderr[-3000:]}")
+
+
+def _poison_new_buffers(monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None):
+    a = make_args(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    assert fwd_hopper.supports(a)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    kw = dict(causal=causal, softmax_scale=a.softmax_scale)
+    ref, ref_lse = attention_dense(q, k, v, **kw)
+    ref_lowp, _ = attention_dense(q, k, v, lowp=True, **kw)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_matches_reference("out", out, ref, ref_lowp)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, device="cuda", dtype=dtype)
+            for _ in "kv")
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_matches_reference(monkeypatch, shape, causal, head_dim, dtype):
+    run_and_check(monkeypatch, *_qkv(*shape, head_dim, dtype), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_fp16(monkeypatch, causal):
+    run_and_check(monkeypatch, *_qkv(2, 513, 257, 6, 3, 128, torch.float16), causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_strided_qkv_and_scale(monkeypatch):
+    """q/k/v as views of one packed (B, S, 3, H, D) tensor, and a softmax_scale of the caller's."""
+    qkv = torch.randn(2, 600, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_scope():
+    q, k, v = _qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
+    assert fwd_hopper.supports(make_args(q, k, v, causal=True))
+    base = make_args(q, k, v, causal=False)
+    out_of_scope = [
+        dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
+        dict(sinks=torch.zeros(4, device="cuda")), dict(num_splits=2),
+        dict(seqused_k=torch.full((1,), 100, dtype=torch.int32, device="cuda")),
+    ]
+    for change in out_of_scope:
+        assert not fwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    q96 = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
+    assert not fwd_hopper.supports(make_args(q96, q96, q96, causal=False))
+    q32 = q.float()
+    assert not fwd_hopper.supports(make_args(q32, q32, q32, causal=False))
