@@ -1,6 +1,6 @@
 """Edge cases of the Triton forward kernel (flash_attn_3/backends/triton/fwd.py).
 
-Through the public API with FLASH_ATTN_3_BACKEND=triton, against the float64 reference of
+Through the public API with FLASH_ATTN_3_BACKEND=triton (every forward routed to fwd.py), against the float64 reference of
 tests/reference_math.py. On the CPU the kernel runs in the interpreter (BLOCK_M 16/32, BLOCK_N 16),
 so the tiny lengths below straddle its block edges; the gpu-marked cases use real shapes and the
 autotuned configs. Fresh random inputs every run.
@@ -21,7 +21,13 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
+    """The triton backend, with every forward routed to fwd.py (decode shapes would otherwise go
+    to decode.py, which tests/test_kvcache_triton.py covers)."""
     monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "triton")
+    import flash_attn_3.backends.triton as backend
+    from flash_attn_3.backends.triton import fwd
+
+    monkeypatch.setattr(backend, "forward_kernel", lambda a: fwd)
 
 
 def _fa():
@@ -75,7 +81,7 @@ DENSE = [
     *[_case(splits=n, seqlens=(3, 70), causal=c, pack=p) for n in (2, 5)
       for c, p in [(False, False), (True, True)]],
     _case(splits=3, seqlens=(20, 70), window=(20, 5), sinks=True),
-    _case(splits=64, seqlens=(2, 40)),
+    _case(splits=64, seqlens=(2, 40), dtype=torch.bfloat16),
     # Score modifiers.
     _case(softcap=2.5, causal=True), _case(sinks=True, causal=True, seqlens=(30, 20)),
     _case(sinks=True, pack=True, heads=(6, 2)),
@@ -84,7 +90,8 @@ DENSE = [
     _case(fp8=True, seqlens=(70, 40), heads=(2, 2), window=(9, 9)),
     _case(dtype=torch.bfloat16, causal=True, softcap=3.0),
     # Context parallel: local key j is global key j * W + rank.
-    _case(cp=(2, 1), causal=True, seqlens=(9, 20)), _case(cp=(3, 0), window=(7, 0), seqlens=(9, 20)),
+    _case(cp=(2, 1), causal=True, seqlens=(9, 20)),
+    _case(cp=(3, 0), window=(7, 0), seqlens=(9, 20)),
     _case(cp=(2, 0), chunk=10, seqlens=(9, 20), splits=2),
 ]
 
@@ -123,7 +130,8 @@ def test_dense(case):
     if case["qv"]:
         extra["qv"] = randn(batch, seqlen_q, heads_q, dv, dtype=dtype, device=DEVICE)
     if case["fp8"]:
-        extra.update(zip(("q_descale", "k_descale", "v_descale"), descales(batch, heads_kv, DEVICE)))
+        names = ("q_descale", "k_descale", "v_descale")
+        extra.update(zip(names, descales(batch, heads_kv, DEVICE)))
     if case["sinks"]:
         kw["sinks"] = torch.randn(heads_q, device=DEVICE, dtype=torch.float32) * 2
     world, rank = case["cp"]
@@ -214,6 +222,7 @@ def test_varlen(case):
 PAGED = [
     *[_case(page=p, splits=n, causal=c) for p, n, c in
       [(1, 1, True), (3, 1, False), (3, 4, True), (16, 2, False), (5, 1, False)]],
+    _case(page=3, splits=3, seqlens=(1, 40), dtype=torch.bfloat16, causal=True),
     _case(page=3, pack=True, heads=(6, 2), window=(6, 0)),
     _case(page=1, batch_idx=True, leftpad=True, causal=True),
     _case(page=None, batch_idx=True, leftpad=True, splits=3, pack=True, heads=(4, 1)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -95,8 +96,9 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
         if HAS_SOFTCAP:
             s = masks.tanh(s * qk_scale) * cap_scale
         if MASKED:
-            ok = masks.allowed(rows, cols, seqlen_k, total_k, diag, window_left, window_right, chunk,
-                               cp_world_size, cp_rank, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP)
+            ok = masks.allowed(rows, cols, seqlen_k, total_k, diag, window_left, window_right,
+                               chunk, cp_world_size, cp_rank, HAS_LEFT, HAS_RIGHT, HAS_CHUNK,
+                               IS_CP)
             s = tl.where(ok, s, float("-inf"))
         if HAS_SOFTCAP:
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -127,7 +129,8 @@ def _attn_fwd(
     CuSeqlensQ, CuSeqlensK, SequsedQ, SequsedK, PageTable, KvBatchIdx, LeftpadK, CpTotSequsedK,
     QDescale, KDescale, VDescale, Sinks,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-    stride_vh, stride_vd, stride_qvb, stride_qvm, stride_qvh, stride_os, stride_ob, stride_om, stride_oh,
+    stride_vh, stride_vd, stride_qvb, stride_qvm, stride_qvh, stride_os, stride_ob, stride_om,
+    stride_oh,
     stride_ls, stride_lb, stride_lm, stride_lh, stride_pt, stride_qd_b, stride_qd_h,
     stride_kd_b, stride_kd_h, stride_vd_b, stride_vd_h,
     seqlen_q_static, seqlen_k_static, group_size, page_size, softmax_scale, softcap,
@@ -239,8 +242,8 @@ def _attn_fwd(
             qv = qv.to(tl.float32)
 
     blk_lo, full_lo, full_hi, blk_hi = masks.key_block_range(
-        i_lo, i_hi, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
-        BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP)
+        i_lo, i_hi, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size,
+        cp_rank, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP)
     # No valid row in this block (rows past seqused_q): nothing to visit.
     blk_hi = tl.where(i_hi < i_lo, blk_lo, blk_hi)
     full_lo = tl.minimum(full_lo, blk_hi)
@@ -263,14 +266,16 @@ def _attn_fwd(
     acc, m_i, l_i = _kv_loop(
         acc, m_i, l_i, q, qv, full_lo, full_hi - full_lo, 0, 0,
         K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb, stride_vn,
-        stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk,
+        cp_world_size, cp_rank,
         qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, PAGED,
         HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16, UPCAST_DOT)
     acc, m_i, l_i = _kv_loop(
         acc, m_i, l_i, q, qv, blk_lo, (full_lo - blk_lo) + (blk_hi - full_hi), full_lo,
         full_hi - full_lo,
         K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb, stride_vn,
-        stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size, cp_rank,
+        stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk,
+        cp_world_size, cp_rank,
         qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED,
         HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16, UPCAST_DOT)
 
@@ -392,7 +397,10 @@ def _kv_strides(t: torch.Tensor, packed: bool):
     return (0, t.stride(0), t.stride(1)) if packed else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec section 4 for every AttnArgs field. `config` = (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) replaces the heuristic / autotuned choice (benchmarks/tune_fwd.py sweeps it)."""
     q, k, v = a.q, a.k, a.v
     varlen_q = a.is_varlen_q
     batch, num_heads_q = a.batch_size, a.num_heads_q
@@ -423,11 +431,11 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
     rows = max_seqlen_q * (group if pack else 1)
 
     num_heads_grid = a.num_heads_kv if pack else num_heads_q
-    block_m, block_n, warps, stages = _fixed_config(rows, block_d, block_dv)
+    block_m, block_n, warps, stages = config or _fixed_config(rows, block_d, block_dv)
     num_splits = _num_splits(a, num_heads_grid, rows, block_m, block_n)
     split = num_splits > 1
     prefill = rows > 64 and not split
-    if prefill and not _interpreting():
+    if prefill and config is None and not _interpreting():
         kernel = _tuned_kernel(min(c for c in _TUNE_CONFIGS if c >= max(block_d, block_dv)))
         launch = {}
     else:

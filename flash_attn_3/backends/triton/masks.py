@@ -1,9 +1,10 @@
 """Jitted helpers for the attention masks and the score cap, shared by the Triton kernels.
 
 Positions follow spec section 4: query row i has the bottom-right aligned diagonal
-d_i = i + total_k - seqlen_q; local key j is global key j * cp_world_size + cp_rank (cp_world_size
-is 1 without context parallelism, then total_k = seqlen_k). Windows and chunks compare global
-positions, and global keys at or past total_k are never allowed. Boolean constexpr flags drop the code of features that are off.
+d_i = i + total_k - seqlen_q; local key j is global key j * cp_world_size + cp_rank
+(cp_world_size is 1 without context parallelism, then total_k = seqlen_k). Windows and chunks
+compare global positions, and global keys at or past total_k are never allowed. Boolean constexpr
+flags drop the code of features that are off.
 """
 
 import triton
