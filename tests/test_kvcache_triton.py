@@ -501,3 +501,33 @@ def test_decode_gpu_long_single_sequence():
     a = AttnArgs(**{**a.__dict__, "seqused_k": torch.tensor([131072 - 5], dtype=torch.int32, device=DEVICE)})
     assert scheduler.decode_num_splits(1, 32, 8, 1, a.max_seqlen_k, 128, 128, a.q.device) > 8
     _check_decode(a, softcap=False)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_varlen_keys_and_dense_func_shapes(splits):
+    """The decode kernel also serves flash_attn_func / varlen calls with few query rows."""
+    dtype = torch.bfloat16
+    lens_q, lens_k = [1, 2, 1], [37, 0, 150]
+    cu_q = _int32([0, 1, 3, 4])
+    cu_k = _int32([0, 37, 37, 187])
+    q = torch.randn(4, 4, 32, device=DEVICE).to(dtype)
+    k = torch.randn(187, 2, 32, device=DEVICE).to(dtype)
+    v = torch.randn(187, 2, 32, device=DEVICE).to(dtype)
+    a = _attn_args(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                   max_seqlen_k=max(lens_k), window_left=-1, window_right=0, num_splits=splits)
+    out, lse = decode_mod.forward(a)
+    kw = dict(softmax_scale=a.softmax_scale, causal=True)
+    ref, ref_lse = rm.attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), **kw)
+    ref_lowp, _ = rm.attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), lowp=True, **kw)
+    tol.assert_matches_reference("varlen decode out", out, ref, ref_lowp)
+    tol.assert_lse_matches("varlen decode lse", lse, ref_lse)
+
+    qd = torch.randn(2, 1, 4, 32, device=DEVICE).to(dtype)
+    kd = torch.randn(2, 90, 2, 32, device=DEVICE).to(dtype)
+    vd = torch.randn(2, 90, 2, 32, device=DEVICE).to(dtype)
+    a = _attn_args(qd, kd, vd, max_seqlen_k=90, num_splits=splits)
+    out, lse = decode_mod.forward(a)
+    ref, ref_lse = rm.attention_dense(qd, kd, vd, softmax_scale=a.softmax_scale)
+    ref_lowp, _ = rm.attention_dense(qd, kd, vd, softmax_scale=a.softmax_scale, lowp=True)
+    tol.assert_matches_reference("dense decode out", out, ref, ref_lowp)
+    tol.assert_lse_matches("dense decode lse", lse, ref_lse)
