@@ -216,8 +216,11 @@ def supports(a: AttnArgs) -> Optional[str]:
     return None
 
 
-def forward(a: AttnArgs):
-    """(out, lse) for a call `supports` accepts; conventions in backends/params.py."""
+def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
+    """(out, lse) for a call `supports` accepts; conventions in backends/params.py.
+
+    config = (BLOCK_N, num_warps, num_stages) overrides the defaults (benchmarks/tune_decode.py).
+    """
     q, k, v = a.q, a.k, a.v
     device = q.device
     batch, num_heads_q, num_heads_kv = a.batch_size, a.num_heads_q, a.num_heads_kv
@@ -235,7 +238,9 @@ def forward(a: AttnArgs):
         return out, lse
 
     block_m = decode_block_m(max_seqlen_q * group)
-    block_n = decode_block_n(head_dim, head_dim_v)
+    paged = a.page_table is not None
+    block_n, num_warps, num_stages = config or (
+        decode_block_n(head_dim, head_dim_v), 4, _PAGED_STAGES if paged else _CONTIGUOUS_STAGES)
     num_splits = decode_num_splits(batch, num_heads_q, num_heads_kv, max_seqlen_q, a.max_seqlen_k,
                                    head_dim, head_dim_v, device, a.num_splits)
     num_m_blocks = triton.cdiv(max_seqlen_q * group, block_m)
@@ -260,7 +265,6 @@ def forward(a: AttnArgs):
         o_strides = (dst_out.stride(0), per_batch * dst_out.stride(1), dst_out.stride(1), dst_out.stride(2))
         l_strides = (dst_lse.stride(0), per_batch * dst_lse.stride(1), dst_lse.stride(1), dst_lse.stride(2))
 
-    paged = a.page_table is not None
     varlen_k = a.cu_seqlens_k is not None
     if paged or not varlen_k:
         k_strides, v_strides = k.stride()[:3], v.stride()[:3]
@@ -286,7 +290,7 @@ def forward(a: AttnArgs):
         HAS_LEFTPAD=a.leftpad_k is not None, HAS_KV_BATCH_IDX=a.kv_batch_idx is not None,
         PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1, HAS_WINDOW=has_window,
         HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=softcap > 0, HAS_SINKS=a.sinks is not None,
-        SPLIT=num_splits > 1, num_warps=4, num_stages=_PAGED_STAGES if paged else _CONTIGUOUS_STAGES,
+        SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)

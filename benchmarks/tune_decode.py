@@ -1,0 +1,112 @@
+"""Sweep the split-KV decode kernel's configs and split counts, next to cuDNN in the same process.
+
+For each case (one query token, GQA 32/8, D 128, bf16; K+V > 64 MB so L2 holds none of it) it
+times the default config, every (BLOCK_N, num_warps, num_stages) candidate and, at batch 1,
+forced split counts; cuDNN through SDPA for contiguous caches. TB/s of K+V bytes read. Writes
+$OUT/tune_decode.json after every measurement (a run stopped by its cap keeps what it has); the
+best configs feed decode.py (_CONTIGUOUS_STAGES, _PAGED_STAGES) and scheduler.decode_block_n /
+DECODE_PROGRAMS_PER_SM.
+
+    python -m benchmarks.tune_decode [--budget SECONDS] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from flash_attn_3.backends.params import AttnArgs
+from flash_attn_3.backends.triton import decode
+
+CASES = [  # (batch, context, page size; 0 = contiguous)
+    (1, 131072, 0), (1, 131072, 16), (1, 131072, 64),
+    (16, 8192, 0), (16, 8192, 16),
+    (64, 4096, 0), (64, 4096, 16),
+    (128, 2048, 0), (128, 2048, 64),
+]
+CONFIGS = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4, 5))]
+FORCED_SPLITS = (8, 16, 32, 64, 128)
+HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
+
+
+def make_args(batch: int, ctx: int, page: int) -> AttnArgs:
+    q = torch.randn(batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    page_table = None
+    if page:
+        page_table = torch.randperm(batch * ctx // page, device="cuda").to(torch.int32).view(batch, -1)
+        shape = (batch * ctx // page, page, HEADS_KV, HEAD_DIM)
+    else:
+        shape = (batch, ctx, HEADS_KV, HEAD_DIM)
+    k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return AttnArgs(q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+                    seqused_k=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
+                    max_seqlen_q=1, max_seqlen_k=ctx, page_table=page_table, kv_batch_idx=None,
+                    leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
+                    softmax_scale=HEAD_DIM ** -0.5, window_left=-1, window_right=0,
+                    attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None, cp_world_size=1,
+                    cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
+
+
+def tbps(fn, nbytes: int) -> float:
+    fn()
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return nbytes / ms / 1e9
+
+
+def cudnn(a: AttnArgs):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    q, k, v = (t.transpose(1, 2) for t in (a.q, a.k, a.v))
+
+    def run():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=400.0, help="stop starting cases after this many seconds")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, rows = time.monotonic(), []
+
+    def record(case, what, value):
+        rows.append(dict(case=case, what=what, tbps=value))
+        (args.out / "tune_decode.json").write_text(json.dumps(rows, indent=1))
+        print(f"{case} {what}: {value if isinstance(value, str) else f'{value:.3f} TB/s'}", flush=True)
+
+    for batch, ctx, page in CASES:
+        if time.monotonic() - started > args.budget:
+            break
+        a = make_args(batch, ctx, page)
+        nbytes = 2 * a.k.numel() * a.k.element_size()
+        case = f"B={batch} ctx={ctx} page={page}"
+        trials = [("default", lambda a=a: decode.forward(a))]
+        trials += [(f"config={c}", lambda a=a, c=c: decode.forward(a, c)) for c in CONFIGS]
+        if batch == 1:
+            trials += [(f"splits={s}", lambda a=dataclasses.replace(a, num_splits=s): decode.forward(a))
+                       for s in FORCED_SPLITS]
+        if not page:
+            trials.append(("cudnn", cudnn(a)))
+        for what, fn in trials:
+            try:
+                record(case, what, tbps(fn, nbytes))
+            except Exception as e:  # a config that does not compile (shared memory) is a data point
+                record(case, what, f"error: {type(e).__name__}: {str(e)[:120]}")
+        del a
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
