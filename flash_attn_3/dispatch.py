@@ -64,7 +64,7 @@ CAPABILITIES: dict[str, dict[str, Optional[str]]] = {
 # backend -> the module that implements it, imported lazily.
 _MODULES = {
     "reference": "flash_attn_3.backends.reference",
-    "triton": "flash_attn_3.backends.triton",
+    "triton": "flash_attn_3.backends.triton.routes",
     "mate": "flash_attn_3.backends.mate",
 }
 

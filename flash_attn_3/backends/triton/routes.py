@@ -1,4 +1,4 @@
-"""Triton backend: routes each op to the kernel file that computes it.
+"""Triton backend entry point: routes each op to the kernel file that computes it.
 
 Kernel modules are imported on first use so that importing the package never compiles or even
 imports triton on machines that will not use it.
@@ -10,7 +10,7 @@ import importlib
 
 
 def _kernel(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def forward_kernel(a):
