@@ -144,8 +144,25 @@ def _attn_fwd(
     HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_QV: tl.constexpr, IS_FP8: tl.constexpr,
     PACK_GQA: tl.constexpr, SPLIT: tl.constexpr, PV_BF16: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
+    if ALIGNED:
+        # Head dims are multiples of 8 but triton only proves divisibility by 16 itself: without
+        # this a head stride of 72 or 200 elements drops loads to 2-byte scalars, which also keeps
+        # them out of the cp.async pipeline. `// 8 * 8` is exact here (the host checked) and, unlike
+        # tl.multiple_of, is not lost on kernel arguments.
+        stride_qb = stride_qb // 8 * 8
+        stride_qm = stride_qm // 8 * 8
+        stride_qh = stride_qh // 8 * 8
+        stride_kb = stride_kb // 8 * 8
+        stride_kn = stride_kn // 8 * 8
+        stride_kh = stride_kh // 8 * 8
+        stride_vb = stride_vb // 8 * 8
+        stride_vn = stride_vn // 8 * 8
+        stride_vh = stride_vh // 8 * 8
+        stride_ob = stride_ob // 8 * 8
+        stride_om = stride_om // 8 * 8
+        stride_oh = stride_oh // 8 * 8
     # Highest row blocks first: under causal masks they carry the most keys.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
@@ -481,6 +498,9 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
         descale_strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
     sinks = None if a.sinks is None else a.sinks.float().contiguous()
 
+    k_strides, v_strides = _kv_strides(k, varlen_k), _kv_strides(v, varlen_k)
+    aligned = (all(x % 8 == 0 for x in (*q_strides, *k_strides, *v_strides, *o_strides[1:]))
+               and all(t.data_ptr() % 16 == 0 for t in (q, k, v, out_dst)))
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_heads_grid, batch * num_splits)
     kernel[grid](
         q, k, v, qv, out_dst, lse_dst,
@@ -488,7 +508,7 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
         a.page_table, a.kv_batch_idx, a.leftpad_k,
         a.cp_tot_seqused_k if a.cp_world_size > 1 else None,
         *descale_args, sinks,
-        *q_strides, *_kv_strides(k, varlen_k), *_kv_strides(v, varlen_k), v.stride(-1),
+        *q_strides, *k_strides, *v_strides, v.stride(-1),
         *qv_strides,
         *o_strides, *l_strides, 0 if a.page_table is None else a.page_table.stride(0),
         *descale_strides,
@@ -503,6 +523,7 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
         IS_CP=a.cp_world_size > 1, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
         HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=a.softcap > 0, HAS_SINKS=sinks is not None,
         HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split, PV_BF16=pv_bf16,
+        ALIGNED=aligned,
         UPCAST_DOT=_interpreting() and q.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         **launch,
     )
