@@ -8,6 +8,7 @@ docs/compatibility.md (`python -m flash_attn_3 info --markdown`), and a test kee
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -73,16 +74,22 @@ _warned: set[tuple[str, str]] = set()
 
 def device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` cannot run on `device` at all, or None."""
+    return _device_reason(backend, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(backend: str, device_type: str, interpreting: bool) -> Optional[str]:
+    device = device_type
     if backend == "reference":
         return None
     if backend == "triton":
-        if device.type == "cuda":
+        if device == "cuda":
             return None if _importable("triton") else "triton is not installed"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _importable("triton"):
+        if device == "cpu" and interpreting and _importable("triton"):
             return None
         return f"the triton backend {_TRITON_NO_MUSA}; tensors are on {device}"
     if backend == "mate":
-        if device.type != "musa":
+        if device != "musa":
             return f"the mate backend runs on Moore Threads GPUs (device 'musa'); tensors are on {device}"
         return None if _importable("mate") else "the mate package is not importable"
     return f"unknown backend {backend!r}"

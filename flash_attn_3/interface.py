@@ -30,19 +30,21 @@ def _attention(
     max_seqlen_k, page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale, sinks,
     softmax_scale, causal, window_size, attention_chunk, softcap, num_splits, pack_gqa,
     deterministic, sm_margin, cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata,
-    k_name="k", v_name="v", public_names=None,
+    k_name="k", v_name="v", public_names=None, validated=False,
 ):
-    """Validate, normalize and run the forward op; returns (out, lse)."""
+    """Validate (unless the caller just did), normalize and run the forward op; returns (out, lse)."""
     left, right = checks.check_window(window_size)
-    checks.check_attention_inputs(
-        q, k, v, qv=qv, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale,
-        k_descale=k_descale, v_descale=v_descale, sinks=sinks, cp_world_size=cp_world_size,
-        cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
-        attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin,
-        k_name=k_name, v_name=v_name, public_names=public_names,
-    )
+    if not validated:
+        checks.check_attention_inputs(
+            q, k, v, qv=qv, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, page_table=page_table, kv_batch_idx=kv_batch_idx,
+            leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            sinks=sinks, cp_world_size=cp_world_size, cp_rank=cp_rank,
+            cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
+            attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits,
+            sm_margin=sm_margin, k_name=k_name, v_name=v_name, public_names=public_names,
+        )
     if max_seqlen_q is None:
         max_seqlen_q = q.shape[1]
     if max_seqlen_k is None:
@@ -361,7 +363,7 @@ def flash_attn_with_kvcache(
         attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
         deterministic=False, sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank,
         cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
-        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES,
+        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES, validated=k is not None,
     )
     if not return_softmax_lse:
         return out

@@ -38,8 +38,7 @@ def _args(
     )
 
 
-@torch.library.custom_op(f"{_LIB}::_flash_attn_forward", mutates_args=())
-def _flash_attn_forward(
+def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, qv: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, page_table: Optional[Tensor],
@@ -57,6 +56,9 @@ def _flash_attn_forward(
         cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata,
     )
     return dispatch.backend_for("forward", a).forward(a)
+
+
+_flash_attn_forward = torch.library.custom_op(f"{_LIB}::_flash_attn_forward", mutates_args=())(_forward_impl)
 
 
 def _forward_shapes(q: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor]):
@@ -156,8 +158,7 @@ def _(dout, q, k, v, *rest):
 _flash_attn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op(f"{_LIB}::_append_kv", mutates_args=("k_cache", "v_cache"))
-def _append_kv(
+def _append_kv_impl(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
     rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], cache_seqlens: Tensor,
     cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor],
@@ -174,6 +175,9 @@ def _append_kv(
         rotary_interleaved, rotate_q_per_token, max_seqlen_q,
     )
     return q_rotated if rotary_cos is not None else q.new_empty((0,))
+
+
+_append_kv = torch.library.custom_op(f"{_LIB}::_append_kv", mutates_args=("k_cache", "v_cache"))(_append_kv_impl)
 
 
 @_append_kv.register_fake
@@ -215,11 +219,30 @@ def _(batch_size, *rest):
     return cache_seqlens.new_empty(metadata_shape(batch_size), dtype=torch.int32)
 
 
+def _eager(tensors) -> bool:
+    """True when no autograd graph, compiler or tensor subclass needs the custom-op machinery.
+
+    The torch.library wrappers cost tens of microseconds per call, which is most of a decode step
+    at small batch; plain eager inference calls the implementation directly instead.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
 def flash_attn_forward(*args) -> tuple[Tensor, Tensor]:
+    if _eager(args[:4]):
+        return _forward_impl(*args)
     return _flash_attn_forward(*args)
 
 
 def append_kv(*args) -> Tensor:
+    if _eager(args[:5]):
+        return _append_kv_impl(*args)
     return _append_kv(*args)
 
 
