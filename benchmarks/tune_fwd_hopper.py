@@ -2,10 +2,10 @@
 
 Grid (perf_guide.md anchors): D = 64/128/256 with H·D = 2048, N = 1k..16k with B·N = 32k tokens,
 causal or not, bf16, layout (B, N, H, D). TFLOP/s = 4·B·H·N²·D, halved when causal. Columns:
-`gluon` (CONFIGS), `gluon <BLOCK_N,STAGES,PINGPONG>` (the alternative configs, at N = 4k only
-with --quick), `tl` (fwd.py, the portable kernel) and `cudnn`. Before it is timed, every gluon
-variant's output is compared with cuDNN's on the same inputs: a mismatch is an error row, so a
-fast wrong kernel never shows up as a figure.
+`gluon` (fwd_hopper.CONFIGS), `gluon <BLOCK_N,STAGES,PINGPONG,PERSISTENT>` (fwd_hopper.CANDIDATES,
+at N = 4k only with --quick), `tl` (fwd.py, the portable kernel) and `cudnn`. Before it is
+timed, every gluon variant's output is compared with cuDNN's on the same inputs: a mismatch is an
+error row, so a fast wrong kernel never shows up as a figure.
 
     python -m benchmarks.tune_fwd_hopper [--quick] [--out DIR (default $OUT or out/)]
                                          [--only D=128 --only causal=1 --only impl=gluon,cudnn]
@@ -25,17 +25,12 @@ import torch
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops,
                                 parse_args, sdpa, sdpa_context)
 from flash_attn_3.backends.params import AttnArgs
+from flash_attn_3.backends.triton import fwd_hopper
 
 HEAD_DIMS = (64, 128, 256)
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096, 16384)
 CASE_KEYS = ("D", "H", "N", "B", "causal")
-# Alternatives to fwd_hopper.CONFIGS worth a measurement (BLOCK_N, STAGES, PINGPONG).
-VARIANTS = {
-    64: [(128, 3, False), (128, 2, True), (64, 4, True)],
-    128: [(128, 2, False), (128, 3, True), (64, 3, True)],
-    256: [(64, 2, True), (32, 4, False)],
-}
 
 
 def attn_args(q, k, v, causal: bool) -> AttnArgs:
@@ -58,8 +53,6 @@ def make_inputs(case: dict) -> dict:
 
 
 def gluon_call(case: dict, t: dict, config: Optional[tuple]):
-    from flash_attn_3.backends.triton import fwd_hopper
-
     a = attn_args(t["q"], t["k"], t["v"], case["causal"])
     if not fwd_hopper.supports(a):
         raise RuntimeError("fwd_hopper.supports() refused the case")
@@ -106,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             run.measure("fwd", case, "tl", lambda: tl_call(case, inputs()), flops=flops)
             if args.quick and n != 4096:
                 continue
-            for config in VARIANTS[d]:
+            for config in fwd_hopper.CANDIDATES[d]:
                 name = "gluon " + ",".join(str(int(x)) for x in config)
                 run.measure("fwd", case, name, lambda c=config: gluon_call(case, inputs(), c),
                             flops=flops)

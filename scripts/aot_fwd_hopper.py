@@ -1,7 +1,7 @@
 """Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
-                                     [--config BLOCK_N,STAGES,PINGPONG] [--keep DIR]
+                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
 
 Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX, and
 ptxas' register and spill figures. --keep DIR writes the .ptx, .ttgir and .sass there.
@@ -34,11 +34,12 @@ from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
     """The kernel as forward() launches it (same descriptors, constants and options)."""
-    block_n, stages, pingpong = config or fwd_hopper.CONFIGS[head_dim]
+    block_n, stages, pingpong = (config or fwd_hopper.CONFIGS[head_dim])[:3]
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
     keys = fwd_hopper._descriptor(x, block_n)
-    runtime = [rows, keys, keys, rows, torch.empty(1), 0.125, 256, 256, 1]
+    # qk_scale, num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size
+    runtime = [rows, keys, keys, rows, torch.empty(1), 0.125, 16, 2, 4, 256, 256, 2]
     kernel = fwd_hopper._fwd_kernel
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
@@ -68,8 +69,8 @@ def report(kernel, keep: Path) -> dict:
         wgmma_ptx=ptx.count("wgmma.mma_async"),
         hgmma_sass=sass.count("HGMMA"),
         tma_loads_ptx=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),
-        setmaxnreg=sorted(set(int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
-                                                         ptx))),
+        setmaxnreg=sorted(set(int(n) for n in re.findall(
+            r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
         ptxas_registers=int(registers.group(1)) if registers else None,
         spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", ptxas.stderr)),
         ptxas_warnings=[line for line in ptxas.stderr.splitlines() if "arning" in line],
@@ -81,7 +82,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG (default: CONFIGS[head_dim])")
+    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
+                   "CONFIGS[head_dim]; PERSISTENT only changes the grid)")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16

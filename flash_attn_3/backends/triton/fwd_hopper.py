@@ -3,10 +3,12 @@
 Written for triton 3.6.0's `triton.experimental.gluon` (experimental: the API moves between
 releases, so `supports()` refuses any other version and the portable `fwd.py` kernel runs instead).
 
-One program owns BLOCK_M = 128 query rows of one (batch, head) and splits the CTA into partitions:
+A tile is BLOCK_M = 128 query rows of one (batch, head); a program walks tiles (one program per
+SM when persistent, else one per tile) with its CTA split into partitions:
 - two consumer warpgroups (the default partition and one 4-warp worker), 64 query rows each. Each
   runs its own online softmax with FA3's intra-warpgroup overlap: S_j = Q K_j^T is issued, then
   O += P_{j-1} V_{j-1} behind it, and the softmax of S_j runs while that PV wgmma executes.
+  With ping-pong the two take turns issuing wgmmas, so one's softmax hides the other's GEMMs.
   They share every K/V tile, so K/V are read once per 128 rows.
 - one producer warp issuing TMA loads of Q and of the K/V tiles into a STAGES-deep ring; ready
   barriers complete on the TMA byte count, empty barriers take one arrive from each consumer.
@@ -18,6 +20,8 @@ seqlen_q by itself.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -38,10 +42,17 @@ except ImportError:  # no triton, or a triton without Gluon's Hopper ops
 LOG2E = 1.4426950408889634
 ROWS_PER_WARPGROUP = 64  # the M of one wgmma; two consumer warpgroups make BLOCK_M = 128
 
-# head dim -> (BLOCK_N, STAGES, PINGPONG). Shared memory: Q 128*D*2 bytes (reused for O) plus
-# STAGES * 2 * BLOCK_N*D*2 for K and V, under the 227 KB an H100 CTA may use. Ping-pong follows
-# FA3, which orders the warpgroups' GEMMs for head dims up to 128.
-CONFIGS = {64: (128, 3, True), 128: (128, 2, True), 256: (64, 2, False)}
+# head dim -> (BLOCK_N, STAGES, PINGPONG, PERSISTENT). Shared memory: Q 128*D*2 bytes (reused
+# for O) plus STAGES * 2 * BLOCK_N*D*2 for K and V, under the 227 KB an H100 CTA may use.
+# Ping-pong follows FA3, which orders the warpgroups' GEMMs for head dims up to 128. Persistent:
+# one program per SM walks the tiles, so a tile's K/V loads overlap the previous tile's epilogue.
+CONFIGS = {64: (128, 3, True, True), 128: (128, 2, True, True), 256: (64, 2, False, True)}
+# The alternatives benchmarks/tune_fwd_hopper.py times against CONFIGS (and the tests check).
+CANDIDATES = {
+    64: [(128, 3, True, False), (128, 3, False, True), (128, 2, True, True), (64, 4, True, True)],
+    128: [(128, 2, True, False), (128, 2, False, True), (128, 3, True, True), (64, 3, True, True)],
+    256: [(64, 2, False, False), (64, 2, True, True), (32, 4, False, True)],
+}
 # 4 + 4 consumer warps and the producer warp (rounded up to a warpgroup): 384 threads. maxnreg
 # 168 keeps 384 * 168 under the 64K register file; the producer gives back all but 24 registers
 # and each consumer warpgroup gets 240 (S, P and O of 64 rows live in registers at once).
@@ -54,27 +65,73 @@ if _GLUON_OK:
     LN2 = gl.constexpr(0.6931471805599453)
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, m0, num_blocks,
-                  STAGES: gl.constexpr):
-        q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+    def _tile(t, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """Tile t -> (b, h, first query row, key blocks to visit, key blocks needing no mask).
+        Query blocks vary fastest, so the tiles running together share one head's K/V in L2."""
+        m_block = t % num_m_blocks
+        if CAUSAL:
+            # Longest rows first: the last query blocks of a head see the most keys.
+            m_block = num_m_blocks - 1 - m_block
+        bh = t // num_m_blocks
+        m0 = m_block * BLOCK_M
+        if CAUSAL:
+            # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
+            m_end = gl.minimum(m0 + BLOCK_M, seqlen_q)
+            n_end = gl.maximum(gl.minimum(seqlen_k, m_end + seqlen_k - seqlen_q), 0)
+            # Blocks whose last key is on or below the diagonal of the tile's first row.
+            num_unmasked = gl.maximum(m0 + seqlen_k - seqlen_q + 1, 0) // BLOCK_N
+            num_unmasked = gl.minimum(num_unmasked, seqlen_k // BLOCK_N)
+        else:
+            n_end = seqlen_k
+            num_unmasked = seqlen_k // BLOCK_N
+        return bh // num_heads_q, bh % num_heads_q, m0, gl.cdiv(n_end, BLOCK_N), num_unmasked
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, j, kv, STAGES: gl.constexpr):
+        """Block j of a tile's keys and values into ring slot kv % STAGES."""
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        stage = kv % STAGES
+        # Fresh barriers pass a wait on parity 1, so the first lap of the ring does not wait.
+        phase = ((kv // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(stage), phase)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(stage),
+                                        k_smem.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(stage),
+                                        v_smem.index(stage))
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
+        num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
-        for w in gl.static_range(2):
-            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0], q_ready.index(w),
-                                            q_smem.index(w))
-        for j in range(num_blocks):
-            stage = j % STAGES
-            # Empty barriers start in phase 0, so waiting on parity 1 passes for the first lap.
-            phase = ((j // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(stage), phase)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(stage),
-                                            k_smem.index(stage))
-            mbarrier.wait(v_empty.index(stage), phase)
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(stage),
-                                            v_smem.index(stage))
+        kv = 0  # K/V blocks loaded so far: the ring position runs on across tiles
+        done = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            b, h, m0, num_blocks, _ = _tile(t, num_m_blocks, num_heads_q, seqlen_q, seqlen_k,
+                                            2 * BLOCK_MW, BLOCK_N, CAUSAL)
+            hk = h // group_size
+            # The first K/V block goes out before Q, whose buffers wait for the previous tile's
+            # epilogue: so the next tile's loads overlap that epilogue.
+            if num_blocks > 0:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, 0, kv, STAGES)
+            for w in gl.static_range(2):
+                # Each consumer's Q buffer doubles as its O staging buffer: refill it once the
+                # previous tile's O store has read it.
+                mbarrier.wait(q_empty.index(w), (done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0],
+                                                q_ready.index(w), q_smem.index(w))
+            for j in range(1, num_blocks):
+                _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, j, kv + j, STAGES)
+            kv += num_blocks
+            done += 1
 
     @gluon.jit
     def _masked(s, j, diag, seqlen_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
@@ -101,7 +158,7 @@ if _GLUON_OK:
     def _take_turn(turn, issue, WG: gl.constexpr, PINGPONG: gl.constexpr):
         # Ping-pong: the warpgroups take turns issuing their wgmmas, so one's softmax runs while
         # the other's GEMMs occupy the tensor cores. Warpgroup 0 goes first (a fresh barrier
-        # passes a wait on parity 1).
+        # passes a wait on parity 1). Both count the same issues, so the turns alternate.
         if PINGPONG:
             mbarrier.wait(turn.index(WG), (issue & 1) ^ (1 - WG))
 
@@ -111,10 +168,11 @@ if _GLUON_OK:
             mbarrier.arrive(turn.index(1 - WG))
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, b, h, num_heads_q, m0,
-                  seqlen_q, seqlen_k, num_blocks, num_unmasked, CAUSAL: gl.constexpr,
-                  STAGES: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
-        q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+    def _consumer(q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, shape,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                  WG: gl.constexpr):
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
+        num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -129,116 +187,108 @@ if _GLUON_OK:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-
-        row0 = m0 + WG * BLOCK_MW
         q = q_smem.index(WG).reshape([BLOCK_MW, HEAD_DIM])
-        diag = row0 + gl.arange(0, BLOCK_MW, layout=row_layout) + (seqlen_k - seqlen_q)
-        m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
-        l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
-        acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
-        mbarrier.wait(q_ready.index(WG), 0)
-
-        if num_blocks > 0:
-            mbarrier.wait(k_ready.index(0), 0)
-            _take_turn(turn, 0, WG, PINGPONG)
-            s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                  gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
-                                  use_acc=False, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(0))
-            if num_unmasked == 0:
-                s = _masked(s, 0, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
-            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-            p = gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
-
-            for j in range(1, num_blocks):
-                stage = j % STAGES
-                prev = (j - 1) % STAGES
-                mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-                mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-                _take_turn(turn, j, WG, PINGPONG)
-                # The dead S registers serve as the accumulator: use_acc=False ignores them.
-                s_tok = warpgroup_mma(
-                    q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
-                    use_acc=False, is_async=True)
-                o_tok = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
-                                      is_async=True)
-                _pass_turn(turn, WG, PINGPONG)
-                # Softmax of block j overlaps the PV wgmma of block j - 1.
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-                mbarrier.arrive(k_empty.index(stage))
-                if j >= num_unmasked:
-                    s = _masked(s, j, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
-                p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-                acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
-                mbarrier.arrive(v_empty.index(prev))
-                acc = acc * gl.expand_dims(
-                    gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
-                p = gl.convert_layout(p_next.to(dtype), p_layout, assert_trivial=True)
-
-            last = (num_blocks - 1) % STAGES
-            mbarrier.wait(v_ready.index(last), ((num_blocks - 1) // STAGES) & 1)
-            _take_turn(turn, num_blocks, WG, PINGPONG)
-            o_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc,
-                                  is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
-            acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
-            mbarrier.arrive(v_empty.index(last))
-
-        # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
-        out = acc * gl.expand_dims(inv_l, 1)
-        lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
-        rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
-        gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
-                 mask=rows < seqlen_q)
-
-        # Q's buffer is free once the last QK wgmma retired; O leaves through it by TMA, which
-        # clips the rows past seqlen_q.
         o_smem = q_smem.index(WG)
-        o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
-        tma.store_wait(pendings=0)
+
+        kv = 0  # K/V blocks consumed so far: the ring position runs on across tiles
+        issue = 0  # wgmma issue turns taken so far
+        done = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            b, h, m0, num_blocks, num_unmasked = _tile(
+                t, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, 2 * BLOCK_MW, BLOCK_N, CAUSAL)
+            row0 = m0 + WG * BLOCK_MW
+            diag = row0 + gl.arange(0, BLOCK_MW, layout=row_layout) + (seqlen_k - seqlen_q)
+            m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
+            l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
+            acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
+            mbarrier.wait(q_ready.index(WG), done & 1)
+
+            if num_blocks > 0:
+                stage = kv % STAGES
+                mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
+                _take_turn(turn, issue, WG, PINGPONG)
+                s_tok = warpgroup_mma(
+                    q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                    gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                    is_async=True)
+                _pass_turn(turn, WG, PINGPONG)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+                mbarrier.arrive(k_empty.index(stage))
+                if num_unmasked == 0:
+                    s = _masked(s, 0, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
+                p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                p = gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
+
+                for j in range(1, num_blocks):
+                    stage = (kv + j) % STAGES
+                    prev = (kv + j - 1) % STAGES
+                    mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
+                    mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
+                    _take_turn(turn, issue + j, WG, PINGPONG)
+                    # The dead S registers serve as the accumulator: use_acc=False ignores them.
+                    s_tok = warpgroup_mma(
+                        q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
+                        use_acc=False, is_async=True)
+                    o_tok = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]),
+                                          acc, is_async=True)
+                    _pass_turn(turn, WG, PINGPONG)
+                    # Softmax of block j overlaps the PV wgmma of block j - 1.
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                    mbarrier.arrive(k_empty.index(stage))
+                    if j >= num_unmasked:
+                        s = _masked(s, j, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
+                    p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                    p_next = gl.convert_layout(p_next.to(dtype), p_layout, assert_trivial=True)
+                    # The running PV reads the previous P from registers: keep it alive until
+                    # the wgmma retires.
+                    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+                    mbarrier.arrive(v_empty.index(prev))
+                    acc = acc * gl.expand_dims(
+                        gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
+                    p = p_next
+
+                last = kv + num_blocks - 1
+                mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                _take_turn(turn, issue + num_blocks, WG, PINGPONG)
+                o_tok = warpgroup_mma(p, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]),
+                                      acc, is_async=True)
+                _pass_turn(turn, WG, PINGPONG)
+                acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+                mbarrier.arrive(v_empty.index(last % STAGES))
+                issue += num_blocks + 1
+            kv += num_blocks
+
+            # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
+            empty = l_i == 0.0
+            l_safe = gl.where(empty, 1.0, l_i)
+            inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
+            out = acc * gl.expand_dims(inv_l, 1)
+            lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+            rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
+            gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
+                     mask=rows < seqlen_q)
+
+            # Q's buffer is free once the last QK wgmma retired; O leaves through it by TMA,
+            # which clips the rows past seqlen_q. The producer refills it once the store has
+            # read it.
+            o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
+            tma.store_wait(pendings=0)
+            mbarrier.arrive(q_empty.index(WG))
+            done += 1
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seqlen_q, seqlen_k,
-                    group_size, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                    PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, num_tiles, num_m_blocks,
+                    num_heads_q, seqlen_q, seqlen_k, group_size, CAUSAL: gl.constexpr,
+                    STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr):
-        BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
-
-        pid_m = gl.program_id(0)
-        if CAUSAL:
-            # Longest rows first: the last query blocks see the most keys.
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        num_heads_q = gl.num_programs(1)
-        hk = h // group_size
-        m0 = pid_m * (2 * BLOCK_MW)
-
-        if CAUSAL:
-            # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
-            m_end = gl.minimum(m0 + 2 * BLOCK_MW, seqlen_q)
-            n_end = gl.maximum(gl.minimum(seqlen_k, m_end + seqlen_k - seqlen_q), 0)
-            # Blocks whose last key is on or below the diagonal of the tile's first row.
-            num_unmasked = gl.maximum(m0 + seqlen_k - seqlen_q + 1, 0) // BLOCK_N
-            num_unmasked = gl.minimum(num_unmasked, seqlen_k // BLOCK_N)
-        else:
-            n_end = seqlen_k
-            num_unmasked = seqlen_k // BLOCK_N
-        num_blocks = gl.cdiv(n_end, BLOCK_N)
-
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -246,6 +296,7 @@ if _GLUON_OK:
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(2):
             mbarrier.init(q_ready.index(w), count=1)
+            mbarrier.init(q_empty.index(w), count=1)
             mbarrier.init(turn.index(w), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
@@ -253,18 +304,18 @@ if _GLUON_OK:
             # Both consumer warpgroups must release a stage before it is refilled.
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
-        bars = (q_ready, k_ready, k_empty, v_ready, v_empty, turn)
+        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
+        shape = (num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size)
 
-        # The argument tuples stay inline: a tuple bound to a name turns its constexprs into tensors.
+        # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
+        # tensors.
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, b, h, num_heads_q,
-                         m0, seqlen_q, seqlen_k, num_blocks, num_unmasked, CAUSAL, STAGES, PINGPONG,
-                         0)),
-            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, b, h, num_heads_q,
-                         m0, seqlen_q, seqlen_k, num_blocks, num_unmasked, CAUSAL, STAGES, PINGPONG,
-                         1)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, m0,
-                         num_blocks, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, shape, CAUSAL,
+                         STAGES, PINGPONG, 0)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, shape, CAUSAL,
+                         STAGES, PINGPONG, 1)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, CAUSAL,
+                         STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -277,9 +328,9 @@ def _descriptor(x: torch.Tensor, rows: int):
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
-    # TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit inner stride.
+    # TMA needs a 16-byte aligned base, 16-byte aligned nonzero strides and a unit inner stride.
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1]))
+            and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1]))
 
 
 def supports(a: AttnArgs) -> bool:
@@ -303,9 +354,14 @@ def supports(a: AttnArgs) -> bool:
     batch, seqlen_q, heads_q, head_dim = q.shape
     if k.shape[0] != batch or head_dim not in CONFIGS or k.shape[-1] != head_dim:
         return False
-    if seqlen_q == 0 or k.shape[1] == 0 or heads_q % k.shape[2] != 0:
+    if q.numel() == 0 or k.numel() == 0 or heads_q % k.shape[2] != 0:
         return False
     return all(_tma_ok(x) for x in (q, k, v))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def forward(a: AttnArgs, config=None):
@@ -314,14 +370,15 @@ def forward(a: AttnArgs, config=None):
     q, k, v = a.q, a.k, a.v
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
-    block_n, stages, pingpong = config or CONFIGS[head_dim]
+    block_n, stages, pingpong, persistent = config or CONFIGS[head_dim]
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    # Query blocks vary fastest so the programs running together share one head's K/V in L2.
-    grid = (triton.cdiv(seqlen_q, 2 * ROWS_PER_WARPGROUP), heads_q, batch)
-    _fwd_kernel[grid](
+    num_m_blocks = triton.cdiv(seqlen_q, 2 * ROWS_PER_WARPGROUP)
+    num_tiles = num_m_blocks * heads_q * batch
+    programs = min(num_tiles, _num_sms(q.device.index)) if persistent else num_tiles
+    _fwd_kernel[(programs, )](
         _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, seqlen_q, seqlen_k,
-        heads_q // heads_k, a.window_right == 0, stages, pingpong, _CONSUMER_REGS,
-        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+        _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, num_tiles,
+        num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, a.window_right == 0,
+        stages, bool(pingpong), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
