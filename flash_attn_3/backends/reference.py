@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 
-from ..metadata import metadata_shape
 from .params import AttnArgs
+# The schedule is plain torch arithmetic on lengths; sharing it keeps both backends' tensors equal.
+from .triton.scheduler import scheduler_metadata  # noqa: F401
 
 # Scores per chunk stay under this many fp32 elements (~128 MB).
 _CHUNK_ELEMENTS = 1 << 25
@@ -264,12 +265,3 @@ def combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: tor
     weights = torch.where(finite.unsqueeze(0), torch.exp(lse_partial - safe.unsqueeze(0)), torch.zeros_like(lse_partial))
     out = (weights.unsqueeze(-1) * out_partial).sum(dim=0)
     return out.to(out_dtype), lse
-
-
-def scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,
-                       headdim_v, cache_seqlens, cu_seqlens_q, cu_seqlens_k_new, cache_leftpad,
-                       page_size, max_seqlen_k_new, causal, window_left, window_right,
-                       attention_chunk, has_softcap, num_splits, pack_gqa, sm_margin):
-    splits = max(1, num_splits)
-    meta = torch.full(metadata_shape(batch_size), splits, dtype=torch.int32, device=cache_seqlens.device)
-    return meta
