@@ -86,24 +86,28 @@ def main(argv: Optional[list[str]] = None) -> None:
         plot_series=["causal"])}
     seqlens = QUICK_SEQLENS if args.quick else SEQLENS
     with Runner("tune_fwd_hopper", args, sections, CASE_KEYS) as run:
-        for d, n, causal in itertools.product(HEAD_DIMS, seqlens, (False, True)):
-            case = dict(D=d, H=MODEL_WIDTH // d, N=n, B=TOKENS // n, causal=causal)
-            if not run.keep(case):
-                continue
-            inputs = functools.cache(lambda case=case: make_inputs(case))
-            flops = attention_flops([n] * case["B"], case["H"], d, causal)
-            run.measure("fwd", case, "cudnn", lambda: cudnn_call(case, inputs()), flops=flops,
-                        context=functools.partial(sdpa_context, "cudnn"))
-            run.measure("fwd", case, "gluon", lambda: gluon_call(case, inputs(), None),
-                        flops=flops)
-            run.measure("fwd", case, "tl", lambda: tl_call(case, inputs()), flops=flops)
-            if args.quick and n != 4096:
-                continue
-            for config in fwd_hopper.CANDIDATES[d]:
-                name = "gluon " + ",".join(str(int(x)) for x in config)
-                run.measure("fwd", case, name, lambda c=config: gluon_call(case, inputs(), c),
+        cases = [dict(D=d, H=MODEL_WIDTH // d, N=n, B=TOKENS // n, causal=causal)
+                 for d, n, causal in itertools.product(HEAD_DIMS, seqlens, (False, True))]
+        cases = [c for c in cases if run.keep(c)]
+        # the portable kernel autotunes per shape (slow): last, so a time cap cuts it first
+        for portable in (False, True):
+            for case in cases:
+                inputs = functools.cache(lambda case=case: make_inputs(case))
+                flops = attention_flops([case["N"]] * case["B"], case["H"], case["D"],
+                                        case["causal"])
+                if portable:
+                    run.measure("fwd", case, "tl", lambda: tl_call(case, inputs()), flops=flops)
+                    continue
+                run.measure("fwd", case, "cudnn", lambda: cudnn_call(case, inputs()),
+                            flops=flops, context=functools.partial(sdpa_context, "cudnn"))
+                run.measure("fwd", case, "gluon", lambda: gluon_call(case, inputs(), None),
                             flops=flops)
-
+                if args.quick and case["N"] != 4096:
+                    continue
+                for config in fwd_hopper.CANDIDATES[case["D"]]:
+                    name = "gluon " + ",".join(str(int(x)) for x in config)
+                    run.measure("fwd", case, name,
+                                lambda c=config: gluon_call(case, inputs(), c), flops=flops)
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ seqlen_q by itself.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -335,9 +336,11 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 def supports(a: AttnArgs) -> bool:
     """True when the Gluon kernel computes this call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
-    (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA; nothing else."""
+    (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA; nothing else.
+    FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
     q, k, v = a.q, a.k, a.v
-    if not (_GLUON_OK and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not (_GLUON_OK and q.is_cuda and os.environ.get("FLASH_ATTN_3_GLUON", "1") != "0"
+            and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
