@@ -1,0 +1,538 @@
+"""Triton backward of attention: dq, dk, dv from dout, q, k, v, out and the forward's LSE.
+
+Three launches, the FA2/FA3 scheme:
+1. prep: delta_i = rowsum(dO_i * O_i) and lse_i * log2(e), fp32, laid out like the LSE.
+2. dK/dV: one program per (KV block, KV head, batch). It walks every query head of its GQA group
+   and every query block that can see its keys, so dk/dv come out summed over the group without
+   an expanded K/V and without atomics. In the default mode it also adds dS·K into an fp32 dq
+   buffer with atomics, whose order (and so rounding) varies from run to run.
+3. dQ (deterministic mode): one program per (query block, query head, batch) walks the KV blocks,
+   recomputing P and dP; nothing is accumulated across programs, so results are bitwise stable.
+
+Scores are kept in log2 units (scale * log2(e) folded into one multiply, exp2). Query/key block
+pairs are split into fully visible ones, run without any mask, and edge ones (causal diagonal,
+window edges, sequence ends), masked; pairs that cannot see each other are never visited.
+A fully masked row has LSE = +inf, so exp2(s - lse) = 0 and it contributes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..params import AttnArgs
+from .masks import tanh
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _refuse_unsupported(a: AttnArgs) -> None:
+    refused = [
+        (a.attention_chunk > 0, "attention_chunk"),
+        (a.qv is not None, "qv"),
+        (a.is_fp8, "fp8 inputs"),
+        (a.page_table is not None, "paged KV (page_table)"),
+        (a.kv_batch_idx is not None, "kv_batch_idx"),
+        (a.leftpad_k is not None, "cache_leftpad"),
+        (a.cp_world_size > 1, "context parallel (cp_world_size > 1)"),
+    ]
+    for refused_here, feature in refused:
+        if refused_here:
+            raise NotImplementedError(f"flash_attn_3 triton backward does not support {feature}")
+    if a.q.dtype not in (torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"flash_attn_3 triton backward supports fp16/bf16, got {a.q.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# jitted helpers
+
+
+@triton.jit
+def _seq_info(cu_seqlens, seqused, b, max_len, IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(first row of batch b in its buffer, rows stored for b, rows attended for b)."""
+    if IS_VARLEN:
+        start = tl.load(cu_seqlens + b)
+        stored = tl.load(cu_seqlens + b + 1) - start
+    else:
+        start = 0
+        stored = max_len
+    used = stored
+    if HAS_SEQUSED:
+        used = tl.load(seqused + b)
+    return start, stored, used
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, cols, n_rows, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+               ROW_MASK: tl.constexpr):
+    """(rows, BLOCK_COLS) tile, zero past n_rows (when ROW_MASK) and past the real head dim."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if ROW_MASK:
+        tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+    elif BLOCK_COLS != N_COLS:
+        tile = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _load_row_stats(lse2_base, delta_base, rows, n_rows, ROW_MASK: tl.constexpr):
+    if ROW_MASK:
+        lse2 = tl.load(lse2_base + rows, mask=rows < n_rows, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < n_rows, other=0.0)
+    else:
+        lse2 = tl.load(lse2_base + rows)
+        delta = tl.load(delta_base + rows)
+    return lse2, delta
+
+
+@triton.jit
+def _visible(rows_q, cols_k, seqlen_q, seqlen_k, diag_lo, diag_hi):
+    """Allowed (i, j): in bounds and i + diag_lo <= j <= i + diag_hi (window, causal folded in)."""
+    return ((rows_q < seqlen_q) & (cols_k < seqlen_k)
+            & (cols_k >= rows_q + diag_lo) & (cols_k <= rows_q + diag_hi))
+
+
+@triton.jit
+def _ceil_to(x, m):
+    return (x + m - 1) // m * m
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. prep: delta and lse in log2 units
+
+
+@triton.jit
+def _bwd_prep_kernel(
+    O, DO, LSE, LSE2, DELTA, cu_seqlens_q, seqused_q, max_seqlen_q,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, stride_ls, stride_xb, stride_xh,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_VARLEN_Q: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
+                                            IS_VARLEN_Q, HAS_SEQUSED_Q)
+    m0 = pid_m * BLOCK_M
+    if m0 >= stored_q:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    row0 = q_start.to(tl.int64)
+    o = _load_tile(O + b64 * stride_ob + row0 * stride_os + h * stride_oh, rows, stride_os, cols,
+                   seqlen_q, HEAD_DIM_V, BLOCK_DV, True)
+    do = _load_tile(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh, rows, stride_dos,
+                    cols, seqlen_q, HEAD_DIM_V, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + (row0 + rows) * stride_ls,
+                  mask=rows < seqlen_q, other=0.0)
+    x_off = b64 * stride_xb + h * stride_xh + row0 + rows
+    tl.store(DELTA + x_off, delta, mask=rows < stored_q)
+    tl.store(LSE2 + x_off, lse * _LOG2E, mask=rows < stored_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. dK/dV (+ atomic dQ)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, cols_k, m_start, m_end,
+    q_base, do_base, lse2_base, delta_base, dq_base, stride_qs, stride_dos, stride_dqs,
+    seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, softmax_scale, scale_over_cap, cap_log2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows_q = m0 + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASK)
+        do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV, MASK)
+        lse2, delta = _load_row_stats(lse2_base, delta_base, rows_q, seqlen_q, MASK)
+        # transposed scores: keys on rows, so dk/dv accumulate without a transpose
+        qk = tl.dot(k, tl.trans(q))
+        if SOFTCAP:
+            t = tanh(qk * scale_over_cap)
+            p = tl.exp2(t * cap_log2 - lse2[None, :])
+        else:
+            p = tl.exp2(qk * scale_log2 - lse2[None, :])
+        if MASK:
+            p = tl.where(_visible(rows_q[None, :], cols_k[:, None], seqlen_q, seqlen_k, diag_lo, diag_hi),
+                         p, 0.0)
+        dv += tl.dot(p.to(do.dtype), do)
+        dp = tl.dot(v, tl.trans(do))
+        ds = p * (dp - delta[None, :])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds.to(q.dtype)
+        dk += tl.dot(ds, q)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds), k) * softmax_scale
+            dq_ptrs = dq_base + rows_q[:, None] * stride_dqs + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=(rows_q[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+                          sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ_ACC, DK, DV,
+    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale, softcap, window_left, window_right, group,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_xb, stride_xh, stride_dqb, stride_dqs, stride_dqh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    tune_seqlen, tune_local,  # autotune keys only: bucketed length, causal/local or not
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
+    HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
+                                            IS_VARLEN_Q, HAS_SEQUSED_Q)
+    k_start, stored_k, seqlen_k = _seq_info(cu_seqlens_k, seqused_k, b, max_seqlen_k,
+                                            IS_VARLEN_K, HAS_SEQUSED_K)
+    n0 = pid_n * BLOCK_N
+    if n0 >= stored_k:
+        return
+    b64 = b.to(tl.int64)
+    q_row0 = q_start.to(tl.int64)
+    k_row0 = k_start.to(tl.int64)
+    cols_k = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    # key j is visible from query i iff i + diag_lo <= j <= i + diag_hi
+    offset = seqlen_k - seqlen_q
+    diag_lo = offset - window_left
+    diag_hi = offset + window_right
+    # query rows that see any key of this block, aligned down to BLOCK_M
+    m_start = tl.maximum(n0 - diag_hi, 0) // BLOCK_M * BLOCK_M
+    m_end = tl.minimum(seqlen_q, n0 + BLOCK_N - diag_lo)
+    if n0 >= seqlen_k:
+        m_end = m_start
+    m_end = tl.maximum(m_end, m_start)
+    # query blocks where the whole tile is visible: no mask needed
+    full_lo = tl.minimum(_ceil_to(tl.maximum(n0 + BLOCK_N - 1 - diag_hi, m_start), BLOCK_M), m_end)
+    full_hi = tl.maximum(tl.minimum(seqlen_q, n0 + 1 - diag_lo), 0) // BLOCK_M * BLOCK_M
+    if n0 + BLOCK_N > seqlen_k:
+        full_hi = full_lo
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_end)
+
+    k = _load_tile(K + b64 * stride_kb + k_row0 * stride_ks + hk * stride_kh, cols_k, stride_ks,
+                   offs_d, seqlen_k, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b64 * stride_vb + k_row0 * stride_vs + hk * stride_vh, cols_k, stride_vs,
+                   offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    scale_log2 = softmax_scale * _LOG2E
+    scale_over_cap = softmax_scale / softcap
+    cap_log2 = softcap * _LOG2E
+    for g in range(0, group):
+        hq = hk * group + g
+        q_base = Q + b64 * stride_qb + q_row0 * stride_qs + hq * stride_qh
+        do_base = DO + b64 * stride_dob + q_row0 * stride_dos + hq * stride_doh
+        x_off = b64 * stride_xb + hq * stride_xh + q_row0
+        dq_base = DQ_ACC + b64 * stride_dqb + q_row0 * stride_dqs + hq * stride_dqh
+        for phase in tl.static_range(3):
+            if phase == 0:
+                lo = m_start
+                hi = full_lo
+            elif phase == 1:
+                lo = full_lo
+                hi = full_hi
+            else:
+                lo = full_hi
+                hi = m_end
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, cols_k, lo, hi,
+                q_base, do_base, LSE2 + x_off, DELTA + x_off, dq_base, stride_qs, stride_dos, stride_dqs,
+                seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, softmax_scale, scale_over_cap, cap_log2,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, SOFTCAP, ATOMIC_DQ, phase != 1,
+            )
+
+    dk = dk * softmax_scale
+    store_rows = cols_k[:, None] < stored_k
+    tl.store(DK + b64 * stride_dkb + k_row0 * stride_dks + hk * stride_dkh
+             + cols_k[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=store_rows & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b64 * stride_dvb + k_row0 * stride_dvs + hk * stride_dvh
+             + cols_k[:, None] * stride_dvs + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=store_rows & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. dQ without atomics
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, rows_q, n_start, n_end, k_base, v_base, stride_ks, stride_vs,
+    seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, scale_over_cap, cap_log2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols_k = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols_k, stride_ks, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_base, cols_k, stride_vs, offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV, MASK)
+        qk = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            t = tanh(qk * scale_over_cap)
+            p = tl.exp2(t * cap_log2 - lse2[:, None])
+        else:
+            p = tl.exp2(qk * scale_log2 - lse2[:, None])
+        if MASK:
+            p = tl.where(_visible(rows_q[:, None], cols_k[None, :], seqlen_q, seqlen_k, diag_lo, diag_hi),
+                         p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ,
+    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale, softcap, window_left, window_right, group,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_xb, stride_xh, stride_dqb, stride_dqs, stride_dqh,
+    tune_seqlen, tune_local,  # autotune keys only: bucketed length, causal/local or not
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr,
+    HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # last query blocks first: under causal masks they have the most keys to walk
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    hq = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = hq // group
+    q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
+                                            IS_VARLEN_Q, HAS_SEQUSED_Q)
+    k_start, stored_k, seqlen_k = _seq_info(cu_seqlens_k, seqused_k, b, max_seqlen_k,
+                                            IS_VARLEN_K, HAS_SEQUSED_K)
+    m0 = pid_m * BLOCK_M
+    if m0 >= stored_q:
+        return
+    b64 = b.to(tl.int64)
+    q_row0 = q_start.to(tl.int64)
+    k_row0 = k_start.to(tl.int64)
+    rows_q = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    offset = seqlen_k - seqlen_q
+    diag_lo = offset - window_left
+    diag_hi = offset + window_right
+    # key columns seen by any row of this block, aligned down to BLOCK_N
+    n_start = tl.maximum(m0 + diag_lo, 0) // BLOCK_N * BLOCK_N
+    n_end = tl.minimum(seqlen_k, m0 + BLOCK_M + diag_hi)
+    if m0 >= seqlen_q:
+        n_end = n_start
+    n_end = tl.maximum(n_end, n_start)
+    full_lo = tl.minimum(_ceil_to(tl.maximum(m0 + BLOCK_M - 1 + diag_lo, n_start), BLOCK_N), n_end)
+    full_hi = tl.maximum(tl.minimum(seqlen_k, m0 + diag_hi + 1), 0) // BLOCK_N * BLOCK_N
+    if m0 + BLOCK_M > seqlen_q:
+        full_hi = full_lo
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), n_end)
+
+    q_base = Q + b64 * stride_qb + q_row0 * stride_qs + hq * stride_qh
+    do_base = DO + b64 * stride_dob + q_row0 * stride_dos + hq * stride_doh
+    x_off = b64 * stride_xb + hq * stride_xh + q_row0
+    q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV, True)
+    lse2, delta = _load_row_stats(LSE2 + x_off, DELTA + x_off, rows_q, seqlen_q, True)
+    k_base = K + b64 * stride_kb + k_row0 * stride_ks + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_row0 * stride_vs + hk * stride_vh
+    scale_log2 = softmax_scale * _LOG2E
+    scale_over_cap = softmax_scale / softcap
+    cap_log2 = softcap * _LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            lo = n_start
+            hi = full_lo
+        elif phase == 1:
+            lo = full_lo
+            hi = full_hi
+        else:
+            lo = full_hi
+            hi = n_end
+        dq = _dq_blocks(
+            dq, q, do, lse2, delta, rows_q, lo, hi, k_base, v_base, stride_ks, stride_vs,
+            seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, scale_over_cap, cap_log2,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, SOFTCAP, phase != 1,
+        )
+    dq = dq * softmax_scale
+    tl.store(DQ + b64 * stride_dqb + q_row0 * stride_dqs + hq * stride_dqh
+             + rows_q[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(rows_q[:, None] < stored_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+
+
+def _config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# (widest padded head dim served, config). dK/dV holds a BLOCK_N key tile and walks queries by
+# BLOCK_M; dQ holds a BLOCK_M query tile and walks keys by BLOCK_N. Short lists: every entry is
+# compiled and timed on the first call of each autotune key.
+_DKDV_CONFIGS = [
+    (64, _config(64, 128, 8, 3)), (64, _config(32, 128, 4, 4)), (64, _config(64, 64, 4, 3)),
+    (128, _config(64, 128, 8, 2)), (128, _config(32, 128, 8, 3)), (128, _config(64, 64, 4, 3)),
+    (256, _config(32, 64, 8, 2)), (256, _config(64, 64, 8, 1)), (256, _config(32, 64, 4, 2)),
+    (512, _config(32, 32, 4, 2)), (512, _config(32, 64, 8, 1)),
+]
+_DQ_CONFIGS = [
+    (64, _config(128, 64, 8, 3)), (64, _config(128, 32, 4, 4)), (64, _config(64, 64, 4, 3)),
+    (128, _config(128, 64, 8, 2)), (128, _config(128, 32, 8, 3)), (128, _config(64, 64, 4, 3)),
+    (256, _config(64, 64, 8, 2)), (256, _config(64, 32, 8, 2)), (256, _config(32, 64, 4, 2)),
+    (512, _config(32, 32, 4, 2)), (512, _config(64, 32, 8, 1)),
+]
+# The interpreter runs one small config whose unequal blocks exercise the edge-block logic.
+_INTERPRET_DKDV = [(512, _config(16, 32, 4, 1))]
+_INTERPRET_DQ = [(512, _config(32, 16, 4, 1))]
+
+
+def _width_class(block_d: int, block_dv: int) -> int:
+    return next(w for w in (64, 128, 256, 512) if max(block_d, block_dv) <= w)
+
+
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        width = _width_class(args["BLOCK_D"], args["BLOCK_DV"])
+        return [c for w, c in table if w == width]
+    return prune
+
+
+def _autotuned(kernel, table, reset_to_zero=None):
+    return triton.autotune(
+        configs=[c for _, c in table],
+        key=["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SOFTCAP"],
+        prune_configs_by={"early_config_prune": _pruner(table)},
+        reset_to_zero=reset_to_zero,
+    )(kernel)
+
+
+_dkdv = _autotuned(_bwd_dkdv_kernel, _INTERPRET_DKDV if _INTERPRET else _DKDV_CONFIGS,
+                   reset_to_zero=["DQ_ACC"])
+_dq = _autotuned(_bwd_dq_kernel, _INTERPRET_DQ if _INTERPRET else _DQ_CONFIGS)
+
+# Default (non-deterministic) mode: dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile
+# pair) instead of a second pass that recomputes P and dP (7 matmuls).
+ATOMIC_DQ_BY_DEFAULT = True
+
+
+def _rows_strides(x: torch.Tensor):
+    """(batch, row, head) strides of a (B, S, H, D) or packed (T, H, D) tensor."""
+    if x.dim() == 4:
+        return x.stride(0), x.stride(1), x.stride(2)
+    return 0, x.stride(0), x.stride(1)
+
+
+def _lse_strides(x: torch.Tensor):
+    """(batch, head, row) strides of a (B, H, S) or packed (H, T) LSE."""
+    if x.dim() == 3:
+        return x.stride(0), x.stride(1), x.stride(2)
+    return 0, x.stride(0), x.stride(1)
+
+
+def _seqlen_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 16384)
+
+
+def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
+    """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group).
+
+    lse is the forward's fp32 LSE, (B, Hq, Sq) dense or (Hq, total_q) varlen, +inf on rows that
+    see no key. deterministic: no float atomics, so gradients are bitwise equal across runs.
+    """
+    _refuse_unsupported(a)
+    varlen_q = a.cu_seqlens_q is not None
+    varlen_k = a.cu_seqlens_k is not None
+    batch = a.batch_size
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    max_q = a.max_seqlen_q if varlen_q else q.shape[1]
+    max_k = a.max_seqlen_k if varlen_k else k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch == 0 or max_q == 0 or max_k == 0 or q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if dout.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
+        dout = dout.contiguous()
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    unbounded = max_q + max_k  # a window side of -1 becomes one wider than any sequence
+    window_left = a.window_left if a.window_left >= 0 else unbounded
+    window_right = a.window_right if a.window_right >= 0 else unbounded
+    has_softcap = a.softcap > 0.0
+    softcap = a.softcap if has_softcap else 1.0
+    seq = dict(
+        cu_seqlens_q=a.cu_seqlens_q, cu_seqlens_k=a.cu_seqlens_k,
+        seqused_q=a.seqused_q, seqused_k=a.seqused_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+    )
+    flags = dict(IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
+                 HAS_SEQUSED_Q=a.seqused_q is not None, HAS_SEQUSED_K=a.seqused_k is not None)
+    dims = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv)
+
+    # delta and lse*log2(e), contiguous in the LSE's logical layout
+    lse2 = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse2)
+    x_strides = _lse_strides(lse2)[:2]
+    prep_block = 16 if _INTERPRET else 64
+    _bwd_prep_kernel[(triton.cdiv(max_q, prep_block), heads_q, batch)](
+        out, dout, lse, lse2, delta, a.cu_seqlens_q, a.seqused_q, max_q,
+        *_rows_strides(out), *_rows_strides(dout), *_lse_strides(lse), *x_strides,
+        HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_M=prep_block,
+        IS_VARLEN_Q=varlen_q, HAS_SEQUSED_Q=a.seqused_q is not None,
+    )
+
+    atomic_dq = ATOMIC_DQ_BY_DEFAULT and not deterministic
+    # without atomics the dK/dV kernel never touches DQ_ACC; dk stands in (fully overwritten)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dk
+    common = (a.softmax_scale, softcap, window_left, window_right, heads_q // heads_kv,
+              *_rows_strides(q), *_rows_strides(k), *_rows_strides(v), *_rows_strides(dout),
+              *x_strides)
+    tune = dict(tune_seqlen=_seqlen_bucket(max(max_q, max_k)), tune_local=int(a.is_local))
+    _dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)](
+        q, k, v, dout, lse2, delta, dq_acc, dk, dv, *seq.values(), *common,
+        *_rows_strides(dq_acc), *_rows_strides(dk), *_rows_strides(dv),
+        **tune, **dims, SOFTCAP=has_softcap, ATOMIC_DQ=atomic_dq, **flags,
+    )
+    if atomic_dq:
+        return dq_acc.to(q.dtype), dk, dv
+    _dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)](
+        q, k, v, dout, lse2, delta, dq, *seq.values(), *common, *_rows_strides(dq),
+        **tune, **dims, SOFTCAP=has_softcap, **flags,
+    )
+    return dq, dk, dv

@@ -1,0 +1,309 @@
+"""Triton backward (flash_attn_3/backends/triton/bwd.py), called directly, against float64 autograd
+of tests/reference_math.py, judged by the spec sec 8 rule in tests/tolerance.py.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on tiny shapes; tests marked gpu use
+bigger shapes. Inputs are fresh random draws every run. The backward gets the out/LSE a correct
+forward returns, with NaN in rows past seqused (never to be read), and every buffer it allocates
+starts as NaN, so an element it forgets to write fails the test.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import reference_math as rm  # noqa: E402
+from flash_attn_3.backends.params import AttnArgs  # noqa: E402
+from flash_attn_3.backends.triton import bwd  # noqa: E402
+from tolerance import assert_grad_matches  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def _fix_interpreter_bf16():
+    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 storage and
+    truncates fp32 -> bf16 casts; the GPU computes in bf16 and rounds to nearest even."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "bf16_fixed", False):
+        return
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, *args):
+        return create_dot(self, widen(a), widen(b), d, *args)
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl, builder.bf16_fixed = dot, cast, True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_bf16()
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+
+
+def _make_args(q, k, v, **overrides):
+    fields = dict(
+        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+        seqused_k=None, max_seqlen_q=0, max_seqlen_k=0, page_table=None, kv_batch_idx=None,
+        leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
+        softmax_scale=1.0 / math.sqrt(q.shape[-1]), window_left=-1, window_right=-1,
+        attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, cp_world_size=1, cp_rank=0,
+        cp_tot_seqused_k=None, scheduler_metadata=None,
+    )
+    fields.update(overrides)
+    return AttnArgs(**fields)
+
+
+def _poison_new_buffers(monkeypatch):
+    """Every float buffer the backward allocates starts as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=2, heads_kv=1, head_dim=32,
+             head_dim_v=None, dtype=torch.bfloat16, varlen=False, seqused_q=None, seqused_k=None,
+             window=(-1, -1), softcap=0.0, sinks=False, deterministic=False, device=DEVICE):
+    """Build random inputs, run bwd.backward and check dq, dk, dv against float64 autograd."""
+    head_dim_v = head_dim_v or head_dim
+    batch = len(seqlens_q)
+    if not varlen:
+        assert len(set(seqlens_q)) == 1 and len(set(seqlens_k)) == 1
+    used_q = list(seqused_q) if seqused_q is not None else list(seqlens_q)
+    used_k = list(seqused_k) if seqused_k is not None else list(seqlens_k)
+
+    def rand(rows, heads, dim):
+        shape = (sum(rows), heads, dim) if varlen else (batch, rows[0], heads, dim)
+        return torch.randn(shape, device=device).to(dtype)
+
+    q, dout = rand(seqlens_q, heads_q, head_dim), rand(seqlens_q, heads_q, head_dim_v)
+    k, v = rand(seqlens_k, heads_kv, head_dim), rand(seqlens_k, heads_kv, head_dim_v)
+    sink_logits = torch.randn(heads_q, device=device) if sinks else None
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def rows(lengths, b, used):
+        if varlen:
+            start = sum(lengths[:b])
+            return (slice(start, start + used),)
+        return (b, slice(0, used))
+
+    out = torch.full(dout.shape, float("nan"), device=device, dtype=dtype)
+    lse_shape = (heads_q, sum(seqlens_q)) if varlen else (batch, heads_q, seqlens_q[0])
+    lse = torch.full(lse_shape, float("nan"), device=device)
+    grads = {exact: [torch.zeros(t.shape, dtype=torch.float64 if exact else dtype, device=device)
+                     for t in (q, k, v)] for exact in (True, False)}
+    for b in range(batch):
+        rq, rk = rows(seqlens_q, b, used_q[b]), rows(seqlens_k, b, used_k[b])
+        for exact in (True, False):
+            leaves = [t[r].to(torch.float64 if exact else dtype).requires_grad_()
+                      for t, r in ((q, rq), (k, rk), (v, rk))]
+            o, l = rm.attention(*leaves, softmax_scale=scale, window_size=window, softcap=softcap,
+                                sinks=sink_logits, lowp=not exact)
+            o.backward(dout[rq].to(o.dtype))
+            for acc, leaf, r in zip(grads[exact], leaves, (rq, rk, rk)):
+                acc[r] = leaf.grad
+            if exact:
+                out[rq] = o.detach().to(dtype)
+                if varlen:
+                    lse[:, rq[0]] = l.detach().float()
+                else:
+                    lse[b, :, : used_q[b]] = l.detach().float()
+
+    def cu(lengths):
+        return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+
+    def used(lengths):
+        return None if lengths is None else torch.tensor(lengths, device=device, dtype=torch.int32)
+
+    args = _make_args(
+        q, k, v, softmax_scale=scale, window_left=window[0], window_right=window[1], softcap=softcap,
+        sinks=sink_logits, seqused_q=used(seqused_q), seqused_k=used(seqused_k),
+        cu_seqlens_q=cu(seqlens_q) if varlen else None, cu_seqlens_k=cu(seqlens_k) if varlen else None,
+        max_seqlen_q=max(seqlens_q), max_seqlen_k=max(seqlens_k),
+    )
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        got = bwd.backward(dout, q, k, v, out, lse, args, deterministic)
+    for name, g, ref, lowp in zip(("dq", "dk", "dv"), got, grads[True], grads[False]):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert_grad_matches(name, g, ref, lowp, softcap=softcap > 0)
+    return got, (dout, q, k, v, out, lse, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# interpreter-sized tests (CPU) — also run on the GPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dense(monkeypatch, dtype, causal, deterministic):
+    run_case(monkeypatch, seqlens_q=[40, 40], seqlens_k=[40, 40], dtype=dtype,
+             window=(-1, 0) if causal else (-1, -1), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("heads_q,heads_kv", [(6, 2), (4, 1)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gqa(monkeypatch, heads_q, heads_kv, deterministic):
+    run_case(monkeypatch, seqlens_q=[37], seqlens_k=[50], heads_q=heads_q, heads_kv=heads_kv,
+             window=(-1, 0), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(70, 23), (23, 70), (1, 45), (45, 1)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_causal_unequal_lengths(monkeypatch, seqlen_q, seqlen_k, deterministic):
+    # seqlen_q > seqlen_k leaves the first rows with no key (LSE +inf): their dq must be 0
+    run_case(monkeypatch, seqlens_q=[seqlen_q], seqlens_k=[seqlen_k], window=(-1, 0),
+             deterministic=deterministic)
+
+
+@pytest.mark.parametrize("window", [(5, 3), (0, 0), (-1, 7), (9, -1), (20, 0)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_window(monkeypatch, window, deterministic):
+    run_case(monkeypatch, seqlens_q=[45], seqlens_k=[61], window=window, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("size", range(32))
+def test_window_edge_sweep(monkeypatch, side, size):
+    """One window side at every residue of the block sizes, so each edge-block rule meets its
+    boundary (the interpreter's blocks are 16 and 32). Deterministic mode runs both kernels."""
+    window = (size, -1) if side == "left" else (-1, size)
+    run_case(monkeypatch, seqlens_q=[37], seqlens_k=[50], window=window, deterministic=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_softcap(monkeypatch, causal, deterministic):
+    run_case(monkeypatch, seqlens_q=[40], seqlens_k=[40], softcap=2.5,
+             window=(-1, 0) if causal else (-1, -1), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("head_dim,head_dim_v", [(8, 8), (40, 40), (72, 72), (192, 128), (64, 256)])
+def test_head_dims(monkeypatch, head_dim, head_dim_v):
+    run_case(monkeypatch, seqlens_q=[33], seqlens_k=[33], head_dim=head_dim, head_dim_v=head_dim_v,
+             window=(-1, 0))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_varlen_with_empty_sequence(monkeypatch, deterministic):
+    run_case(monkeypatch, seqlens_q=[17, 0, 40, 9], seqlens_k=[30, 12, 0, 9], varlen=True,
+             heads_q=4, heads_kv=2, window=(-1, 0), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_seqused(monkeypatch, varlen, deterministic):
+    lengths_q, lengths_k = ([30, 30], [45, 45]) if not varlen else ([30, 21], [45, 33])
+    run_case(monkeypatch, seqlens_q=lengths_q, seqlens_k=lengths_k, varlen=varlen,
+             seqused_q=[19, 0], seqused_k=[40, 7], window=(-1, 0), deterministic=deterministic)
+
+
+def test_sinks_change_only_the_lse(monkeypatch):
+    run_case(monkeypatch, seqlens_q=[40], seqlens_k=[40], sinks=True, window=(-1, 0))
+
+
+def test_broadcast_dout(monkeypatch):
+    """out.sum() gives a stride-0 dout."""
+    q = torch.randn(1, 20, 2, 16, device=DEVICE).to(torch.float16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    args = _make_args(q, k, v, max_seqlen_q=20, max_seqlen_k=20)
+    leaves = [t[0].double().requires_grad_() for t in (q, k, v)]
+    o, l = rm.attention(*leaves, softmax_scale=args.softmax_scale)
+    o.sum().backward()
+    dout = torch.ones(1, 1, 1, 1, device=DEVICE, dtype=q.dtype).expand(q.shape)
+    got = bwd.backward(dout, q, k, v, o[None].to(q.dtype), l[None].float(), args, True)
+    for g, leaf in zip(got, leaves):
+        torch.testing.assert_close(g[0].double(), leaf.grad, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("field,value,feature", [
+    ("attention_chunk", 16, "attention_chunk"),
+    ("cp_world_size", 2, "context parallel"),
+    ("leftpad_k", "tensor", "cache_leftpad"),
+    ("kv_batch_idx", "tensor", "kv_batch_idx"),
+    ("page_table", "tensor", "page_table"),
+    ("qv", "tensor", "qv"),
+])
+def test_refuses_unsupported(field, value, feature):
+    q = torch.randn(1, 8, 1, 16, device=DEVICE).to(torch.float16)
+    if value == "tensor":
+        value = torch.zeros(1, 1, device=DEVICE, dtype=torch.int32)
+    args = _make_args(q, q, q, max_seqlen_q=8, max_seqlen_k=8, **{field: value})
+    lse = torch.zeros(1, 1, 8, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=feature):
+        bwd.backward(q, q, q, q, q, lse, args, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bigger shapes, every head dim, bitwise determinism
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head_dim,head_dim_v", [(64, 64), (128, 128), (136, 136), (256, 256),
+                                                 (192, 128), (40, 40), (64, 512)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_head_dims(monkeypatch, head_dim, head_dim_v, causal, deterministic):
+    run_case(monkeypatch, seqlens_q=[517, 517], seqlens_k=[701, 701], heads_q=4, heads_kv=2,
+             head_dim=head_dim, head_dim_v=head_dim_v, window=(-1, 0) if causal else (-1, -1),
+             deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_varlen_features(monkeypatch, deterministic):
+    run_case(monkeypatch, seqlens_q=[300, 0, 1025, 64, 7], seqlens_k=[511, 80, 0, 64, 900],
+             seqused_q=[290, 0, 0, 64, 7], seqused_k=[500, 80, 0, 33, 900], varlen=True,
+             heads_q=8, heads_kv=2, head_dim=128, window=(100, 0), softcap=5.0,
+             deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("window", [(-1, 0), (255, 17), (-1, -1)])
+def test_gpu_windows_and_sinks(monkeypatch, window):
+    run_case(monkeypatch, seqlens_q=[1000], seqlens_k=[1500], heads_q=8, heads_kv=8,
+             head_dim=64, window=window, sinks=True)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("heads_q,heads_kv", [(16, 16), (16, 2)])
+def test_gpu_deterministic_is_bitwise_stable(monkeypatch, heads_q, heads_kv):
+    first, inputs = run_case(monkeypatch, seqlens_q=[2048, 2048], seqlens_k=[2048, 2048],
+                             heads_q=heads_q, heads_kv=heads_kv, head_dim=128, window=(-1, 0),
+                             deterministic=True)
+    for _ in range(3):
+        again = bwd.backward(*inputs, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
