@@ -145,8 +145,11 @@ def attention(
         lse = torch.logsumexp(scores.float(), dim=-1)
     else:
         # Detached max keeps the float64 autograd graph free of inf - inf on empty rows.
-        row_max = scores.amax(-1, keepdim=True).detach()
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        if scores.shape[-1] == 0:  # no keys at all (an empty sequence) and no sink
+            row_max = scores.new_zeros(num_heads_q, seqlen_q, 1)
+        else:
+            row_max = scores.amax(-1, keepdim=True).detach()
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         expd = torch.exp(scores - row_max)
         denom = expd.sum(-1, keepdim=True)
         probs = expd / torch.where(denom > 0, denom, torch.ones_like(denom))

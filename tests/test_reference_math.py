@@ -116,6 +116,17 @@ def test_empty_rows_are_zero_with_infinite_lse():
     assert torch.isfinite(lse[:, 3:]).all()
 
 
+@pytest.mark.parametrize("lowp", [False, True])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(3, 0), (0, 4), (0, 0)])
+def test_empty_sequences(seqlen_q, seqlen_k, lowp):
+    q = torch.randn(seqlen_q, 2, 8).to(torch.bfloat16)
+    k = torch.randn(seqlen_k, 1, 8).to(torch.bfloat16)
+    v = torch.randn(seqlen_k, 1, 16).to(torch.bfloat16)
+    out, lse = rm.attention(q, k, v, causal=True, lowp=lowp)
+    assert out.shape == (seqlen_q, 2, 16) and lse.shape == (2, seqlen_q)
+    assert (out == 0).all() and (lse == math.inf).all()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_matches_sdpa(causal):
     q = torch.randn(9, 4, 16, dtype=F64)

@@ -3,6 +3,11 @@
 An implementation may be at most a small multiple less accurate than the same math done in the
 input precision: max |out - ref| <= 2 * max |ref_lowp - ref| + 1e-5 and
 mean |out - ref| <= 1.5 * mean |ref_lowp - ref| (fp8: 4x and 3x).
+
+The low-precision error is floored by the error of rounding the exact result to the output dtype,
+which no implementation can avoid. On the official tests' large tensors the floor never binds; on
+the tiny tensors the Triton interpreter can afford, ref_lowp's max error is a noisy estimate and
+may land well under one rounding step by luck.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def assert_matches_reference(
     rounding of the scores), so we do too.
     """
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    out_dtype = out.dtype
     out, ref, ref_lowp = (t.detach().to("cpu", F64) for t in (out, ref, ref_lowp))
     if rows is not None:
         rows = rows.cpu()
@@ -39,10 +45,11 @@ def assert_matches_reference(
     assert not torch.isnan(out).any(), f"{name}: {int(torch.isnan(out).sum())} NaN elements"
     err = (out - ref).abs()
     base = (ref_lowp - ref).abs()
+    rounding = (ref.to(out_dtype).to(F64) - ref).abs()
     max_mult = 4.0 if fp8 else (3.0 if softcap else 2.0)
     mean_mult = 3.0 if fp8 else 1.5
-    max_err, max_base = err.max().item(), base.max().item()
-    mean_err, mean_base = err.mean().item(), base.mean().item()
+    max_err, max_base = err.max().item(), max(base.max().item(), rounding.max().item())
+    mean_err, mean_base = err.mean().item(), max(base.mean().item(), rounding.mean().item())
     worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
     detail = (
         f"{name}: max err {max_err:.3g} (at {worst}: got {out[worst].item():.6g}, "
@@ -83,13 +90,15 @@ def assert_lse_matches(name: str, lse: torch.Tensor, ref: torch.Tensor, *, rows=
 def assert_grad_matches(name: str, grad: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor,
                         *, softcap: bool = False) -> None:
     """Gradients, as the official tests judge them: the max-error rule with a small constant
-    (fp32 accumulation over the sequence) and 3x with softcap."""
+    (fp32 accumulation over the sequence) and 3x with softcap; floored like the output."""
     assert grad is not None, f"{name}: no gradient"
     assert grad.shape == ref.shape, f"{name}: shape {tuple(grad.shape)}, expected {tuple(ref.shape)}"
+    grad_dtype = grad.dtype
     grad, ref, ref_lowp = (t.detach().to("cpu", F64) for t in (grad, ref, ref_lowp))
     assert not torch.isnan(grad).any(), f"{name}: NaN in gradient"
     err = (grad - ref).abs().max().item()
-    base = (ref_lowp - ref).abs().max().item()
+    rounding = (ref.to(grad_dtype).to(F64) - ref).abs().max().item()
+    base = max((ref_lowp - ref).abs().max().item(), rounding)
     mult = 3.0 if softcap else 2.0
     slack = 1e-4 + (3e-4 if softcap else 0.0)
     assert err <= mult * base + slack, f"{name}: max err {err:.3g}, low-precision max err {base:.3g}"
