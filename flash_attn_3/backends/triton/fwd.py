@@ -41,6 +41,23 @@ def _load_2d(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.conste
 
 
 @triton.jit
+def _block(first, t, skip_from, skip_count, MASKED: tl.constexpr):
+    """Key block of loop step t: the masked loop jumps over the unmasked middle."""
+    blk = first + t
+    if MASKED:
+        blk = tl.where(blk >= skip_from, blk + skip_count, blk)
+    return blk
+
+
+@triton.jit
+def _page_ids(PageRow, leftpad, blk, seqlen_k, page_size, valid, BLOCK_N: tl.constexpr):
+    """Physical page of each key row of block blk (0 past the sequence or when not valid)."""
+    cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.load(PageRow + (leftpad + cols) // page_size, mask=(cols < seqlen_k) & valid,
+                   other=0)
+
+
+@triton.jit
 def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
              K_row, V_row, PageRow, leftpad, page_size, stride_kb, stride_kn, stride_vb,
              stride_vn, stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk,
@@ -51,7 +68,7 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
              HAS_CHUNK: tl.constexpr, IS_CP: tl.constexpr, P_SHIFT: tl.constexpr,
              PV_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Online softmax over `count` key blocks from block `first`, jumping `skip_count` blocks at
-    `skip_from` (so one masked loop covers both edges around the unmasked middle).
+    `skip_from` when MASKED (one masked loop covers both edges around the unmasked middle).
     Scores live in the log2 domain: m and the exponent are log2(e) * score; without softcap the
     raw q.k is kept and the scale rides in the exp2's FMA. p = 2**(s2 - m + P_SHIFT)."""
     PAD_D: tl.constexpr = HEAD_DIM != offs_d.shape[0]
@@ -59,21 +76,23 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
     offs_n = tl.arange(0, BLOCK_N)
+    if PAGED:
+        # Page ids are read one block ahead: K/V addresses then come from a loop-carried value,
+        # not from a load of the same iteration, which lets the pipeliner keep num_stages - 1
+        # K/V copies in flight (with the page load in the same iteration it kept none).
+        next_page = _page_ids(PageRow, leftpad, _block(first, 0, skip_from, skip_count, MASKED),
+                              seqlen_k, page_size, count > 0, BLOCK_N)
     for t in tl.range(0, count):
-        blk = first + t
-        if MASKED:
-            blk = tl.where(blk >= skip_from, blk + skip_count, blk)
+        blk = _block(first, t, skip_from, skip_count, MASKED)
         cols = blk * BLOCK_N + offs_n
         in_seq = cols < seqlen_k
         if PAGED:
             # Gather rows through the page table: works for any page size, 1 and 3 included.
-            krow = leftpad + cols
-            if MASKED:
-                page = tl.load(PageRow + krow // page_size, mask=in_seq, other=0)
-            else:
-                page = tl.load(PageRow + krow // page_size)
-            page = page.to(tl.int64)
-            in_page = krow % page_size
+            page = next_page.to(tl.int64)
+            next_page = _page_ids(PageRow, leftpad,
+                                  _block(first, t + 1, skip_from, skip_count, MASKED), seqlen_k,
+                                  page_size, t + 1 < count, BLOCK_N)
+            in_page = (leftpad + cols) % page_size
             k_off = page * stride_kb + in_page * stride_kn
             v_off = page * stride_vb + in_page * stride_vn
             k_ptrs = K_row + k_off[:, None] + offs_d[None, :]
@@ -333,12 +352,13 @@ def _attn_fwd(
 
 # Autotuned prefill configs per head-dim class: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # BLOCK_M 128 with 8 warps gives two warpgroups for D >= 128 (perf_guide.md); the lists stay short
-# because every entry is one more compile on first use.
+# because every entry is one more compile on first use. Each entry compiles for sm_90 without
+# register spills and within shared memory (scripts/aot_fwd.py, causal and not).
 _TUNE_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)],
-    256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
-    512: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    512: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
 }
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "q_bucket", "k_bucket", "HAS_LEFT", "HAS_RIGHT",
              "HAS_CHUNK", "PACK_GQA", "IS_VARLEN_Q", "PAGED", "HAS_QV"]
