@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import subprocess
 import sys
@@ -112,7 +113,9 @@ def kernel_terminates(tmp_path_factory):
     """Every config once, in a subprocess watched step by step: a deadlocked pipeline fails the
     module (naming the config) instead of hanging the GPU run."""
     stderr = (tmp_path_factory.mktemp("smoke") / "stderr.txt").open("w+")
-    proc = subprocess.Popen([sys.executable, "-c", _SMOKE], cwd=TESTS, text=True,
+    # The child imports the package from this checkout even where it is not installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(TESTS).parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", _SMOKE], cwd=TESTS, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=stderr)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)),

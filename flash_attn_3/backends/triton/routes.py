@@ -16,12 +16,17 @@ def _kernel(name: str):
 def forward_kernel(a):
     """The kernel module that computes this forward call.
 
-    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; everything else to
-    the tiled forward kernel.
+    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the dense
+    fp16/bf16 prefill on Hopper to the warp-specialized Gluon kernel (measured 0.9-1.02x cuDNN
+    against 0.72-0.92x for the portable kernel, docs/perf-notes.md); everything else to the
+    portable tiled kernel.
     """
     decode = _kernel("decode")
     if decode.supports(a) is None:
         return decode
+    hopper = _kernel("fwd_hopper")
+    if hopper.supports(a):
+        return hopper
     return _kernel("fwd")
 
 
