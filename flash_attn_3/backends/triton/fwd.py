@@ -66,7 +66,7 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
              MASKED: tl.constexpr, PAGED: tl.constexpr, HAS_QV: tl.constexpr,
              HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              HAS_CHUNK: tl.constexpr, IS_CP: tl.constexpr, P_SHIFT: tl.constexpr,
-             PV_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr):
+             PV_BF16: tl.constexpr):
     """Online softmax over `count` key blocks from block `first`, jumping `skip_count` blocks at
     `skip_from` when MASKED (one masked loop covers both edges around the unmasked middle).
     Scores live in the log2 domain: m and the exponent are log2(e) * score; without softcap the
@@ -104,10 +104,7 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
                       + offs_dv[None, :] * stride_vd)
         k = _load_2d(k_ptrs, in_seq, d_ok, MASKED, PAD_D)
         v = _load_2d(v_ptrs, in_seq, dv_ok, MASKED, PAD_DV)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        elif PV_BF16:
+        if PV_BF16:
             v = v.to(tl.bfloat16)
         s = tl.dot(q, tl.trans(k))
         if HAS_QV:
@@ -163,7 +160,7 @@ def _attn_fwd(
     HAS_RIGHT: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_QV: tl.constexpr, IS_FP8: tl.constexpr,
     PACK_GQA: tl.constexpr, SPLIT: tl.constexpr, PV_BF16: tl.constexpr,
-    ALIGNED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     if ALIGNED:
         # Head dims are multiples of 8 but triton only proves divisibility by 16 itself: without
@@ -267,15 +264,11 @@ def _attn_fwd(
     q_off = q_row.to(tl.int64) * stride_qm + heads_q * stride_qh
     q = _load_2d(Q + batch.to(tl.int64) * stride_qb + q_off[:, None] + offs_d[None, :],
                  row_ok, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
     qv = q
     if HAS_QV:
         qv_off = q_row.to(tl.int64) * stride_qvm + heads_q * stride_qvh
         qv = _load_2d(QV + batch.to(tl.int64) * stride_qvb + qv_off[:, None] + offs_dv[None, :],
                       row_ok, offs_dv < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
-        if UPCAST_DOT:
-            qv = qv.to(tl.float32)
 
     blk_lo, full_lo, full_hi, blk_hi = masks.key_block_range(
         i_lo, i_hi, seqlen_k, total_k, diag, window_left, window_right, chunk, cp_world_size,
@@ -305,7 +298,7 @@ def _attn_fwd(
         stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk,
         cp_world_size, cp_rank,
         qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, PAGED,
-        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16, UPCAST_DOT)
+        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16)
     acc, m_i, l_i = _kv_loop(
         acc, m_i, l_i, q, qv, blk_lo, (full_lo - blk_lo) + (blk_hi - full_hi), full_lo,
         full_hi - full_lo,
@@ -313,7 +306,7 @@ def _attn_fwd(
         stride_vd, rows, seqlen_k, total_k, diag, window_left, window_right, chunk,
         cp_world_size, cp_rank,
         qk_scale, cap_scale, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, PAGED,
-        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16, UPCAST_DOT)
+        HAS_QV, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, HAS_CHUNK, IS_CP, P_SHIFT, PV_BF16)
 
     # Rows without an allowed key: out 0 and lse +inf (official non-split convention), sink or
     # not; split partials use -inf so they drop out of the merge.
@@ -366,9 +359,9 @@ _tuned_kernels = {}
 
 
 def _interpreting() -> bool:
-    """Under TRITON_INTERPRET=1 (CPU tests) the kernel takes its dots in fp32 for bf16 and fp8
-    (UPCAST_DOT): triton 3.6's interpreter multiplies bf16 bit patterns as integers and rounds
-    fp32 -> fp8 casts wrongly (no carry into the exponent), so the native path is GPU-tested."""
+    """TRITON_INTERPRET=1 (CPU tests). Triton 3.6's interpreter multiplies bf16 bit patterns as
+    integers and rounds fp32 -> bf16 / fp8 wrongly; tests/conftest.py corrects both, so the tests
+    run the GPU's arithmetic. Outside the tests bf16 and fp8 results are wrong there."""
     return not isinstance(_attn_fwd, triton.runtime.JITFunction)
 
 
@@ -544,7 +537,6 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
         HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=a.softcap > 0, HAS_SINKS=sinks is not None,
         HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split, PV_BF16=pv_bf16,
         ALIGNED=aligned,
-        UPCAST_DOT=_interpreting() and q.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         **launch,
     )
     if split:
