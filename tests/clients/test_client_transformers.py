@@ -252,3 +252,30 @@ def test_training_step_gradients(fa3_calls, device, kind):
         torch.cat([p.grad.flatten().double() for p in model.parameters()]) for model in trio.models()
     )
     assert_matches_reference(f"{kind} parameter gradients", got, want, want_lowp)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="transformers hands sinks (s_aux) over in the query dtype; checks.py wants fp32")
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_sinks_as_gpt_oss_sends_them(fa3_calls, device):
+    """GPT-OSS-style layers pass their learnable sinks as s_aux through transformers' FA3 entry
+    (transformers casts them to the query dtype on the way)."""
+    import reference_math as ref
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    layer = torch.nn.Module()
+    layer.config = transformers.LlamaConfig()
+    layer.config._attn_implementation = "flash_attention_3"
+    layer.is_causal, layer.layer_idx = True, 0
+    heads, heads_kv, seqlen, head_dim = (8, 2, 96, 64) if device == "cuda" else (4, 2, 10, 16)
+    # transformers' layout: (batch, heads, seqlen, head_dim)
+    q = torch.randn(2, heads, seqlen, head_dim, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, heads_kv, seqlen, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    sinks = torch.randn(heads, device=device)
+    out, _ = flash_attention_forward(layer, q, k, v, None, scaling=head_dim ** -0.5, sliding_window=4,
+                                     s_aux=sinks)
+    assert fa3_calls["flash_attn_func"] == 1
+    args = [t.transpose(1, 2) for t in (q, k, v)]
+    kw = dict(causal=True, window_size=(3, 3), sinks=sinks.to(torch.bfloat16).float())
+    assert_matches_reference("sinks", out, ref.attention_dense(*args, **kw)[0],
+                             ref.attention_dense(*args, lowp=True, **kw)[0])
