@@ -68,27 +68,18 @@ def _seq_info(cu_seqlens, seqused, b, max_len, IS_VARLEN: tl.constexpr, HAS_SEQU
 
 
 @triton.jit
-def _load_tile(base, rows, stride_row, cols, n_rows, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-               ROW_MASK: tl.constexpr):
-    """(rows, BLOCK_COLS) tile, zero past n_rows (when ROW_MASK) and past the real head dim."""
+def _load_tile(base, rows, stride_row, cols, n_rows, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """(rows, BLOCK_COLS) tile, zero past n_rows and past the real head dim."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :]
-    if ROW_MASK:
-        tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
-    elif BLOCK_COLS != N_COLS:
-        tile = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
-    else:
-        tile = tl.load(ptrs)
-    return tile
+    if BLOCK_COLS != N_COLS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+    return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
 
 
 @triton.jit
-def _load_row_stats(lse2_base, delta_base, rows, n_rows, ROW_MASK: tl.constexpr):
-    if ROW_MASK:
-        lse2 = tl.load(lse2_base + rows, mask=rows < n_rows, other=0.0)
-        delta = tl.load(delta_base + rows, mask=rows < n_rows, other=0.0)
-    else:
-        lse2 = tl.load(lse2_base + rows)
-        delta = tl.load(delta_base + rows)
+def _load_row_stats(lse2_base, delta_base, rows, n_rows):
+    lse2 = tl.load(lse2_base + rows, mask=rows < n_rows, other=0.0)
+    delta = tl.load(delta_base + rows, mask=rows < n_rows, other=0.0)
     return lse2, delta
 
 
@@ -129,9 +120,9 @@ def _bwd_prep_kernel(
     b64 = b.to(tl.int64)
     row0 = q_start.to(tl.int64)
     o = _load_tile(O + b64 * stride_ob + row0 * stride_os + h * stride_oh, rows, stride_os, cols,
-                   seqlen_q, HEAD_DIM_V, BLOCK_DV, True)
+                   seqlen_q, HEAD_DIM_V, BLOCK_DV)
     do = _load_tile(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh, rows, stride_dos,
-                    cols, seqlen_q, HEAD_DIM_V, BLOCK_DV, True)
+                    cols, seqlen_q, HEAD_DIM_V, BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + (row0 + rows) * stride_ls,
                   mask=rows < seqlen_q, other=0.0)
@@ -142,46 +133,6 @@ def _bwd_prep_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # 2. dK/dV (+ atomic dQ)
-
-
-@triton.jit
-def _dkdv_blocks(
-    dk, dv, k, v, cols_k, m_start, m_end,
-    q_base, do_base, lse2_base, delta_base, dq_base, stride_qs, stride_dos, stride_dqs,
-    seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, softmax_scale, scale_over_cap, cap_log2,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK: tl.constexpr,
-):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        rows_q = m0 + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASK)
-        do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV, MASK)
-        lse2, delta = _load_row_stats(lse2_base, delta_base, rows_q, seqlen_q, MASK)
-        # transposed scores: keys on rows, so dk/dv accumulate without a transpose
-        qk = tl.dot(k, tl.trans(q))
-        if SOFTCAP:
-            t = tanh(qk * scale_over_cap)
-            p = tl.exp2(t * cap_log2 - lse2[None, :])
-        else:
-            p = tl.exp2(qk * scale_log2 - lse2[None, :])
-        if MASK:
-            p = tl.where(_visible(rows_q[None, :], cols_k[:, None], seqlen_q, seqlen_k, diag_lo, diag_hi),
-                         p, 0.0)
-        dv += tl.dot(p.to(do.dtype), do)
-        dp = tl.dot(v, tl.trans(do))
-        ds = p * (dp - delta[None, :])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        ds = ds.to(q.dtype)
-        dk += tl.dot(ds, q)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds), k) * softmax_scale
-            dq_ptrs = dq_base + rows_q[:, None] * stride_dqs + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=(rows_q[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
-                          sem="relaxed")
-    return dk, dv
 
 
 @triton.jit
@@ -235,9 +186,9 @@ def _bwd_dkdv_kernel(
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_end)
 
     k = _load_tile(K + b64 * stride_kb + k_row0 * stride_ks + hk * stride_kh, cols_k, stride_ks,
-                   offs_d, seqlen_k, HEAD_DIM, BLOCK_D, True)
+                   offs_d, seqlen_k, HEAD_DIM, BLOCK_D)
     v = _load_tile(V + b64 * stride_vb + k_row0 * stride_vs + hk * stride_vh, cols_k, stride_vs,
-                   offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV, True)
+                   offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     scale_log2 = softmax_scale * _LOG2E
@@ -249,22 +200,35 @@ def _bwd_dkdv_kernel(
         do_base = DO + b64 * stride_dob + q_row0 * stride_dos + hq * stride_doh
         x_off = b64 * stride_xb + hq * stride_xh + q_row0
         dq_base = DQ_ACC + b64 * stride_dqb + q_row0 * stride_dqs + hq * stride_dqh
-        for phase in tl.static_range(3):
-            if phase == 0:
-                lo = m_start
-                hi = full_lo
-            elif phase == 1:
-                lo = full_lo
-                hi = full_hi
+        for m0 in range(m_start, m_end, BLOCK_M):
+            rows_q = m0 + tl.arange(0, BLOCK_M)
+            q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D)
+            do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV)
+            lse2, delta = _load_row_stats(LSE2 + x_off, DELTA + x_off, rows_q, seqlen_q)
+            # transposed scores: keys on rows, so dk/dv accumulate without a transpose
+            qk = tl.dot(k, tl.trans(q))
+            if SOFTCAP:
+                t = tanh(qk * scale_over_cap)
+                p = tl.exp2(t * cap_log2 - lse2[None, :])
             else:
-                lo = full_hi
-                hi = m_end
-            dk, dv = _dkdv_blocks(
-                dk, dv, k, v, cols_k, lo, hi,
-                q_base, do_base, LSE2 + x_off, DELTA + x_off, dq_base, stride_qs, stride_dos, stride_dqs,
-                seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, softmax_scale, scale_over_cap, cap_log2,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, SOFTCAP, ATOMIC_DQ, phase != 1,
-            )
+                p = tl.exp2(qk * scale_log2 - lse2[None, :])
+            # One loop with a uniform branch, not separate loops for edge and inner blocks:
+            # sm_90 ptxas spilled several hundred bytes more with three loops.
+            if (m0 < full_lo) | (m0 >= full_hi):
+                p = tl.where(_visible(rows_q[None, :], cols_k[:, None], seqlen_q, seqlen_k,
+                                      diag_lo, diag_hi), p, 0.0)
+            dv += tl.dot(p.to(do.dtype), do)
+            dp = tl.dot(v, tl.trans(do))
+            ds = p * (dp - delta[None, :])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            ds = ds.to(q.dtype)
+            dk += tl.dot(ds, q)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds), k) * softmax_scale
+                tl.atomic_add(dq_base + rows_q[:, None] * stride_dqs + offs_d[None, :], dq,
+                              mask=(rows_q[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+                              sem="relaxed")
 
     dk = dk * softmax_scale
     store_rows = cols_k[:, None] < stored_k
@@ -278,36 +242,6 @@ def _bwd_dkdv_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # 3. dQ without atomics
-
-
-@triton.jit
-def _dq_blocks(
-    dq, q, do, lse2, delta, rows_q, n_start, n_end, k_base, v_base, stride_ks, stride_vs,
-    seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, scale_over_cap, cap_log2,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        cols_k = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols_k, stride_ks, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASK)
-        v = _load_tile(v_base, cols_k, stride_vs, offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV, MASK)
-        qk = tl.dot(q, tl.trans(k))
-        if SOFTCAP:
-            t = tanh(qk * scale_over_cap)
-            p = tl.exp2(t * cap_log2 - lse2[:, None])
-        else:
-            p = tl.exp2(qk * scale_log2 - lse2[:, None])
-        if MASK:
-            p = tl.where(_visible(rows_q[:, None], cols_k[None, :], seqlen_q, seqlen_k, diag_lo, diag_hi),
-                         p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k)
-    return dq
 
 
 @triton.jit
@@ -362,30 +296,33 @@ def _bwd_dq_kernel(
     q_base = Q + b64 * stride_qb + q_row0 * stride_qs + hq * stride_qh
     do_base = DO + b64 * stride_dob + q_row0 * stride_dos + hq * stride_doh
     x_off = b64 * stride_xb + hq * stride_xh + q_row0
-    q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV, True)
-    lse2, delta = _load_row_stats(LSE2 + x_off, DELTA + x_off, rows_q, seqlen_q, True)
+    q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D)
+    do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV)
+    lse2, delta = _load_row_stats(LSE2 + x_off, DELTA + x_off, rows_q, seqlen_q)
     k_base = K + b64 * stride_kb + k_row0 * stride_ks + hk * stride_kh
     v_base = V + b64 * stride_vb + k_row0 * stride_vs + hk * stride_vh
     scale_log2 = softmax_scale * _LOG2E
     scale_over_cap = softmax_scale / softcap
     cap_log2 = softcap * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for phase in tl.static_range(3):
-        if phase == 0:
-            lo = n_start
-            hi = full_lo
-        elif phase == 1:
-            lo = full_lo
-            hi = full_hi
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols_k = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols_k, stride_ks, offs_d, seqlen_k, HEAD_DIM, BLOCK_D)
+        v = _load_tile(v_base, cols_k, stride_vs, offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV)
+        qk = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            t = tanh(qk * scale_over_cap)
+            p = tl.exp2(t * cap_log2 - lse2[:, None])
         else:
-            lo = full_hi
-            hi = n_end
-        dq = _dq_blocks(
-            dq, q, do, lse2, delta, rows_q, lo, hi, k_base, v_base, stride_ks, stride_vs,
-            seqlen_q, seqlen_k, diag_lo, diag_hi, scale_log2, scale_over_cap, cap_log2,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, SOFTCAP, phase != 1,
-        )
+            p = tl.exp2(qk * scale_log2 - lse2[:, None])
+        if (n0 < full_lo) | (n0 >= full_hi):
+            p = tl.where(_visible(rows_q[:, None], cols_k[None, :], seqlen_q, seqlen_k, diag_lo, diag_hi),
+                         p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * softmax_scale
     tl.store(DQ + b64 * stride_dqb + q_row0 * stride_dqs + hq * stride_dqh
              + rows_q[:, None] * stride_dqs + offs_d[None, :],
