@@ -139,7 +139,11 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
     return acc, m_i, l_i
 
 
-@triton.jit
+# Lengths, window sizes and counts change between calls; letting triton specialize them (== 1,
+# divisible by 16) would compile a new variant for each pattern without any faster code.
+@triton.jit(do_not_specialize=[
+    "seqlen_q_static", "seqlen_k_static", "group_size", "page_size", "window_left",
+    "window_right", "chunk", "cp_world_size", "cp_rank", "num_splits", "q_bucket", "k_bucket"])
 def _attn_fwd(
     Q, K, V, QV, Out, Lse,
     CuSeqlensQ, CuSeqlensK, SequsedQ, SequsedK, PageTable, KvBatchIdx, LeftpadK, CpTotSequsedK,
