@@ -342,7 +342,8 @@ def _attn_fwd(
                  mask=store_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=store_ok[:, None])
-    l_off = q_row.to(tl.int64) * stride_lm + heads_q * stride_lh
+    # heads * stride_lh: the varlen LSE is (Hq, total_q), past 2**31 elements for long batches.
+    l_off = q_row.to(tl.int64) * stride_lm + heads_q.to(tl.int64) * stride_lh
     tl.store(Lse + split.to(tl.int64) * stride_ls + batch.to(tl.int64) * stride_lb + l_off, lse,
              mask=store_ok)
 
