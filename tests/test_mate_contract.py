@@ -442,9 +442,77 @@ def test_scheduler_metadata_maps_cache_seqlens_to_seqused_k_and_sm_margin_to_mp_
     assert torch.equal(metadata, METADATA)
 
 
-def test_handles_only_musa_devices_with_mate_installed(monkeypatch):
-    musa, cpu = types.SimpleNamespace(type="musa"), torch.device("cpu")
-    FakeMate(monkeypatch)
-    assert mate.handles_device(musa) and not mate.handles_device(cpu)
-    monkeypatch.setitem(sys.modules, "mate", None)
-    assert not mate.handles_device(musa)
+# ---- the public functions, routed to the adapter by dispatch ----
+
+@pytest.fixture
+def public_on_mate(fake_mate, monkeypatch):
+    """flash_attn_interface with FLASH_ATTN_3_BACKEND=mate and dispatch's device gate opened for
+    CPU tensors: the op layer's calls reach the adapter as they would on a MUSA device."""
+    from flash_attn_3 import dispatch
+
+    real_reason = dispatch.device_reason
+    monkeypatch.setattr(dispatch, "device_reason",
+                        lambda backend, device: None if backend == "mate" else real_reason(backend, device))
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "mate")
+    import flash_attn_interface
+
+    return flash_attn_interface
+
+
+def test_public_func_sinks_and_lse_request_reach_mate(public_on_mate, fake_mate):
+    q, k, v = rand(2, 5, 4, 16), rand(2, 7, 2, 16), rand(2, 7, 2, 16)
+    sinks = torch.randn(4)
+    out, lse = public_on_mate.flash_attn_func(q, k, v, causal=True, s_aux=sinks, return_attn_probs=True)
+    name, call = fake_mate.only_call()
+    assert name == "flash_attn_varlen_func" and call["q"].dim() == 4 and call["cu_seqlens_q"] is None
+    assert call["return_softmax_lse"] is True and call["causal"] is True
+    torch.testing.assert_close(call["learnable_sink"], sinks)
+    assert out.shape == (2, 5, 4, 16) and lse.shape == (2, 4, 5)
+
+
+def test_public_varlen_block_table_reaches_mate_as_page_table(public_on_mate, fake_mate):
+    q = rand(6, 4, 16)
+    cu_q = cu_seqlens([2, 4])
+    k_pages, v_pages = rand(6, 4, 2, 16), rand(6, 4, 2, 16)
+    block_table = torch.tensor([[0, 3], [5, 1]], dtype=torch.int32)
+    seqused_k = torch.tensor([5, 8], dtype=torch.int32)
+    public_on_mate.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, None, 4, 8, seqused_k=seqused_k,
+                                          block_table=block_table, return_softmax_lse=True)
+    name, call = fake_mate.only_call()
+    assert name == "flash_attn_varlen_func"
+    torch.testing.assert_close(call["page_table"], block_table)
+    torch.testing.assert_close(call["seqused_k"], seqused_k)
+
+
+def test_public_scheduler_metadata_reaches_mate_with_mp_margin(public_on_mate, fake_mate):
+    cache_seqlens = torch.tensor([3, 9], dtype=torch.int32)
+    metadata = public_on_mate.get_scheduler_metadata(2, 1, 16, 8, 2, 64, cache_seqlens, causal=True,
+                                                     sm_margin=4, page_size=None)
+    name, call = fake_mate.only_call()
+    assert name == "get_scheduler_metadata"
+    torch.testing.assert_close(call["seqused_k"], cache_seqlens)
+    assert call["mp_margin"] == 4 and call["num_heads_q"] == 8 and call["headdim"] == 64
+    assert torch.equal(metadata, METADATA)
+
+
+def test_public_kvcache_appends_then_attends_through_mates_kvcache_entry(public_on_mate, fake_mate):
+    k_cache, v_cache = rand(3, 12, 2, 16), rand(3, 12, 2, 16)
+    q, k_new, v_new = rand(2, 2, 4, 16), rand(2, 2, 2, 16), rand(2, 2, 2, 16)
+    cache_seqlens = torch.tensor([4, 7], dtype=torch.int32)
+    batch_idx = torch.tensor([2, 0], dtype=torch.int32)
+    kw = dict(cache_seqlens=cache_seqlens, cache_batch_idx=batch_idx, causal=True)
+    want_out, want_lse, want_k, want_v = ref.attention_kvcache(q, k_cache, v_cache, k_new, v_new, **kw)
+    lowp_out = ref.attention_kvcache(q, k_cache, v_cache, k_new, v_new, lowp=True, **kw)[0]
+
+    out, lse, *_ = public_on_mate.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                                          return_softmax_lse=True, **kw)
+
+    (append_name, append_call), (attend_name, attend_call) = fake_mate.calls
+    assert append_name == attend_name == "flash_attn_with_kvcache"
+    assert append_call["k"] is not None and attend_call.get("k") is None
+    torch.testing.assert_close(attend_call["cache_seqlens"], cache_seqlens + 2)
+    torch.testing.assert_close(attend_call["cache_batch_idx"], batch_idx)
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+    assert_matches_reference("out", out, want_out, lowp_out)
+    assert_lse_matches("lse", lse, want_lse)

@@ -1,8 +1,8 @@
 """MUSA adapter: runs our calls on Moore Threads GPUs through MATE's FA3-like entries.
 
-Used only for tensors on a ``musa`` device with the ``mate`` package installed
-(``handles_device``). ``mate.mha_interface`` is imported on first use, so importing this module
-needs neither torch_musa nor mate. Arguments map onto MATE the way MATE's own FA3 wrapper maps
+Dispatch sends it only tensors on a ``musa`` device, and only when ``mate`` imports.
+``mate.mha_interface`` is imported on first use, so importing this module needs neither
+torch_musa nor mate. Arguments map onto MATE the way MATE's own FA3 wrapper maps
 them (spec section 9): sinks -> ``learnable_sink``, LSE requests -> ``return_softmax_lse``,
 ``get_scheduler_metadata``'s cache_seqlens -> ``seqused_k`` and sm_margin -> ``mp_margin``.
 The adapter itself never checks devices: dispatch does, and the contract tests call it on CPU.
@@ -11,16 +11,11 @@ The adapter itself never checks devices: dispatch does, and the contract tests c
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Optional
 
 import torch
 
 from .params import AttnArgs
-
-
-def handles_device(device: torch.device) -> bool:
-    return device.type == "musa" and importlib.util.find_spec("mate") is not None
 
 
 def _mha():
