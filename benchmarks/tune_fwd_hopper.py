@@ -54,8 +54,9 @@ def make_inputs(case: dict) -> dict:
 
 def gluon_call(case: dict, t: dict, config: Optional[tuple]):
     a = attn_args(t["q"], t["k"], t["v"], case["causal"])
-    if not fwd_hopper.supports(a):
-        raise RuntimeError("fwd_hopper.supports() refused the case")
+    # in_scope, not supports: the cases routed to fwd.py for speed stay measured here
+    if not fwd_hopper.in_scope(a):
+        raise RuntimeError("fwd_hopper.in_scope() refused the case")
     out, _ = fwd_hopper.forward(a, config)
     # two correct bf16 kernels differ by a unit or two in the last place (2^-8 relative)
     expected = t["expected"].float()

@@ -46,6 +46,7 @@ SHAPES = [
     (1, 1, 700, 8, 2),  # a single query row
     (2, 77, 5, 4, 4),  # fewer keys than one block
     (4, 2000, 1999, 8, 2),  # 512 tiles: a persistent program walks several
+    (3, 640, 640, 4, 2),  # 5 query blocks: a causal unit of one (the middle block) besides pairs
 ]
 
 
@@ -148,7 +149,7 @@ def _poison_new_buffers(monkeypatch):
 
 def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None, config=None):
     a = make_args(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    assert fwd_hopper.supports(a)
+    assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
         _poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a, config)
@@ -223,3 +224,15 @@ def test_scope():
     assert not fwd_hopper.supports(make_args(q96, q96, q96, causal=False))
     q32 = q.float()
     assert not fwd_hopper.supports(make_args(q32, q32, q32, causal=False))
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_routes_short_causal_d64_to_portable():
+    """In scope, but fwd.py measured faster there (fwd_hopper._portable_faster)."""
+    q, k, v = _qkv(1, 1024, 1024, 4, 2, 64, torch.bfloat16)
+    assert fwd_hopper.in_scope(make_args(q, k, v, causal=True))
+    assert not fwd_hopper.supports(make_args(q, k, v, causal=True))
+    assert fwd_hopper.supports(make_args(q, k, v, causal=False))
+    q, k, v = _qkv(1, 4096, 4096, 4, 2, 64, torch.bfloat16)
+    assert fwd_hopper.supports(make_args(q, k, v, causal=True))

@@ -66,15 +66,33 @@ if _GLUON_OK:
     LN2 = gl.constexpr(0.6931471805599453)
 
     @gluon.jit
-    def _tile(t, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """Tile t -> (b, h, first query row, key blocks to visit, key blocks needing no mask).
-        Query blocks vary fastest, so the tiles running together share one head's K/V in L2."""
-        m_block = t % num_m_blocks
+    def _unit(u, num_m_blocks, CAUSAL: gl.constexpr):
+        """Work unit u -> (b*Hq + h, heavy query block, light query block, tiles in the unit).
+
+        Persistent programs take units round-robin, so units must cost the same or the programs
+        whose stride lands on the long causal rows finish last (measured: B=2, 8 heads, 128 query
+        blocks ran at 0.71x cuDNN). A causal unit pairs query block M-1-j with block j of one
+        head: j + 1 and M - j key blocks always add up to M + 1. The heavy one goes first; the
+        light one then rereads keys the heavy one just pulled into L2. Units of one head are
+        adjacent, so the programs running together share its K/V in L2, and equal units keep
+        them in step. Without causality every tile costs the same and a unit is one tile."""
         if CAUSAL:
-            # Longest rows first: the last query blocks of a head see the most keys.
-            m_block = num_m_blocks - 1 - m_block
-        bh = t // num_m_blocks
+            units_per_head = (num_m_blocks + 1) // 2
+            light = u % units_per_head
+            heavy = num_m_blocks - 1 - light
+            num = 1 + (heavy > light).to(gl.int32)
+        else:
+            units_per_head = num_m_blocks
+            light = u % units_per_head
+            heavy = light
+            num = 1
+        return u // units_per_head, heavy, light, num
+
+    @gluon.jit
+    def _tile(bh, m_block, num_heads_q, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """Query block m_block of head bh -> (b, h, first query row, key blocks to visit, key
+        blocks needing no mask)."""
         m0 = m_block * BLOCK_M
         if CAUSAL:
             # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
@@ -109,30 +127,32 @@ if _GLUON_OK:
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
-        num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
+        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
         kv = 0  # K/V blocks loaded so far: the ring position runs on across tiles
         done = 0
-        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            b, h, m0, num_blocks, _ = _tile(t, num_m_blocks, num_heads_q, seqlen_q, seqlen_k,
-                                            2 * BLOCK_MW, BLOCK_N, CAUSAL)
-            hk = h // group_size
-            # The first K/V block goes out before Q, whose buffers wait for the previous tile's
-            # epilogue: so the next tile's loads overlap that epilogue.
-            if num_blocks > 0:
-                _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, 0, kv, STAGES)
-            for w in gl.static_range(2):
-                # Each consumer's Q buffer doubles as its O staging buffer: refill it once the
-                # previous tile's O store has read it.
-                mbarrier.wait(q_empty.index(w), (done & 1) ^ 1)
-                mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0],
-                                                q_ready.index(w), q_smem.index(w))
-            for j in range(1, num_blocks):
-                _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, j, kv + j, STAGES)
-            kv += num_blocks
-            done += 1
+        for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
+            bh, heavy, light, num = _unit(u, num_m_blocks, CAUSAL)
+            for i in range(0, num):
+                b, h, m0, num_blocks, _ = _tile(bh, heavy - i * (heavy - light), num_heads_q,
+                                                seqlen_q, seqlen_k, 2 * BLOCK_MW, BLOCK_N, CAUSAL)
+                hk = h // group_size
+                # The first K/V block goes out before Q, whose buffers wait for the previous tile's
+                # epilogue: so the next tile's loads overlap that epilogue.
+                if num_blocks > 0:
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, 0, kv, STAGES)
+                for w in gl.static_range(2):
+                    # Each consumer's Q buffer doubles as its O staging buffer: refill it once the
+                    # previous tile's O store has read it.
+                    mbarrier.wait(q_empty.index(w), (done & 1) ^ 1)
+                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0],
+                                                    q_ready.index(w), q_smem.index(w))
+                for j in range(1, num_blocks):
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, j, kv + j, STAGES)
+                kv += num_blocks
+                done += 1
 
     @gluon.jit
     def _masked(s, j, diag, seqlen_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
@@ -173,7 +193,7 @@ if _GLUON_OK:
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                   WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
-        num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
+        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -194,93 +214,97 @@ if _GLUON_OK:
         kv = 0  # K/V blocks consumed so far: the ring position runs on across tiles
         issue = 0  # wgmma issue turns taken so far
         done = 0
-        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            b, h, m0, num_blocks, num_unmasked = _tile(
-                t, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, 2 * BLOCK_MW, BLOCK_N, CAUSAL)
-            row0 = m0 + WG * BLOCK_MW
-            diag = row0 + gl.arange(0, BLOCK_MW, layout=row_layout) + (seqlen_k - seqlen_q)
-            m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
-            l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
-            acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
-            mbarrier.wait(q_ready.index(WG), done & 1)
+        for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
+            bh, heavy, light, num = _unit(u, num_m_blocks, CAUSAL)
+            for i in range(0, num):
+                b, h, m0, num_blocks, num_unmasked = _tile(
+                    bh, heavy - i * (heavy - light), num_heads_q, seqlen_q, seqlen_k,
+                    2 * BLOCK_MW, BLOCK_N, CAUSAL)
+                row0 = m0 + WG * BLOCK_MW
+                diag = row0 + gl.arange(0, BLOCK_MW, layout=row_layout) + (seqlen_k - seqlen_q)
+                m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
+                l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
+                acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
+                mbarrier.wait(q_ready.index(WG), done & 1)
 
-            if num_blocks > 0:
-                stage = kv % STAGES
-                mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
-                _take_turn(turn, issue, WG, PINGPONG)
-                s_tok = warpgroup_mma(
-                    q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                    gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                    is_async=True)
-                _pass_turn(turn, WG, PINGPONG)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-                mbarrier.arrive(k_empty.index(stage))
-                if num_unmasked == 0:
-                    s = _masked(s, 0, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
-                p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-                p = gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
-
-                for j in range(1, num_blocks):
-                    stage = (kv + j) % STAGES
-                    prev = (kv + j - 1) % STAGES
-                    mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
-                    mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
-                    _take_turn(turn, issue + j, WG, PINGPONG)
-                    # The dead S registers serve as the accumulator: use_acc=False ignores them.
+                if num_blocks > 0:
+                    stage = kv % STAGES
+                    mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
+                    _take_turn(turn, issue, WG, PINGPONG)
                     s_tok = warpgroup_mma(
-                        q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
-                        use_acc=False, is_async=True)
-                    o_tok = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]),
-                                          acc, is_async=True)
+                        q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                        gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                        is_async=True)
                     _pass_turn(turn, WG, PINGPONG)
-                    # Softmax of block j overlaps the PV wgmma of block j - 1.
-                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                     mbarrier.arrive(k_empty.index(stage))
-                    if j >= num_unmasked:
-                        s = _masked(s, j, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
-                    p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-                    p_next = gl.convert_layout(p_next.to(dtype), p_layout, assert_trivial=True)
-                    # The running PV reads the previous P from registers: keep it alive until
-                    # the wgmma retires.
+                    if num_unmasked == 0:
+                        s = _masked(s, 0, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
+                    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                    p = gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
+
+                    for j in range(1, num_blocks):
+                        stage = (kv + j) % STAGES
+                        prev = (kv + j - 1) % STAGES
+                        mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
+                        mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
+                        _take_turn(turn, issue + j, WG, PINGPONG)
+                        # The dead S registers serve as the accumulator: use_acc=False ignores them.
+                        s_tok = warpgroup_mma(
+                            q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
+                            use_acc=False, is_async=True)
+                        o_tok = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]),
+                                              acc, is_async=True)
+                        _pass_turn(turn, WG, PINGPONG)
+                        # Softmax of block j overlaps the PV wgmma of block j - 1.
+                        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                        mbarrier.arrive(k_empty.index(stage))
+                        if j >= num_unmasked:
+                            s = _masked(s, j, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
+                        p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                        p_next = gl.convert_layout(p_next.to(dtype), p_layout, assert_trivial=True)
+                        # The running PV reads the previous P from registers: keep it alive until
+                        # the wgmma retires.
+                        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+                        mbarrier.arrive(v_empty.index(prev))
+                        acc = acc * gl.expand_dims(
+                            gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
+                        p = p_next
+
+                    last = kv + num_blocks - 1
+                    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                    _take_turn(turn, issue + num_blocks, WG, PINGPONG)
+                    o_tok = warpgroup_mma(
+                        p, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc,
+                        is_async=True)
+                    _pass_turn(turn, WG, PINGPONG)
                     acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
-                    mbarrier.arrive(v_empty.index(prev))
-                    acc = acc * gl.expand_dims(
-                        gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
-                    p = p_next
+                    mbarrier.arrive(v_empty.index(last % STAGES))
+                    issue += num_blocks + 1
+                kv += num_blocks
 
-                last = kv + num_blocks - 1
-                mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-                _take_turn(turn, issue + num_blocks, WG, PINGPONG)
-                o_tok = warpgroup_mma(p, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]),
-                                      acc, is_async=True)
-                _pass_turn(turn, WG, PINGPONG)
-                acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
-                mbarrier.arrive(v_empty.index(last % STAGES))
-                issue += num_blocks + 1
-            kv += num_blocks
+                # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
+                empty = l_i == 0.0
+                l_safe = gl.where(empty, 1.0, l_i)
+                inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
+                out = acc * gl.expand_dims(inv_l, 1)
+                lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+                rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
+                gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
+                         mask=rows < seqlen_q)
 
-            # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
-            empty = l_i == 0.0
-            l_safe = gl.where(empty, 1.0, l_i)
-            inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
-            out = acc * gl.expand_dims(inv_l, 1)
-            lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
-            rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
-            gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
-                     mask=rows < seqlen_q)
-
-            # Q's buffer is free once the last QK wgmma retired; O leaves through it by TMA,
-            # which clips the rows past seqlen_q. The producer refills it once the store has
-            # read it.
-            o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
-            tma.store_wait(pendings=0)
-            mbarrier.arrive(q_empty.index(WG))
-            done += 1
+                # Q's buffer is free once the last QK wgmma retired; O leaves through it by TMA,
+                # which clips the rows past seqlen_q. The producer refills it once the store has
+                # read it.
+                o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
+                tma.store_wait(pendings=0)
+                mbarrier.arrive(q_empty.index(WG))
+                done += 1
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, num_tiles, num_m_blocks,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, num_units, num_m_blocks,
                     num_heads_q, seqlen_q, seqlen_k, group_size, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr):
@@ -306,7 +330,7 @@ if _GLUON_OK:
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
-        shape = (num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size)
+        shape = (num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size)
 
         # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
         # tensors.
@@ -335,7 +359,20 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 
 def supports(a: AttnArgs) -> bool:
-    """True when the Gluon kernel computes this call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
+    """True when this kernel should compute the call: in scope (`in_scope`) and not one of the
+    cases where the portable fwd.py kernel measured faster."""
+    return in_scope(a) and not _portable_faster(a)
+
+
+def _portable_faster(a: AttnArgs) -> bool:
+    # H100, bf16, B·N = 32k, H·D = 2048 (docs/perf-notes.md, run 2): causal D = 64 at N = 1k ran
+    # 237 TFLOP/s here against 286 for fwd.py (per-tile prologue/epilogue over 4.5 key blocks on
+    # average); at N = 4k the two tied (381 vs 382), at 16k this kernel led (418 vs 410).
+    return a.window_right == 0 and a.q.shape[-1] == 64 and a.k.shape[1] <= 1024
+
+
+def in_scope(a: AttnArgs) -> bool:
+    """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
     (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA; nothing else.
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
     q, k, v = a.q, a.k, a.v
@@ -377,11 +414,14 @@ def forward(a: AttnArgs, config=None):
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     num_m_blocks = triton.cdiv(seqlen_q, 2 * ROWS_PER_WARPGROUP)
-    num_tiles = num_m_blocks * heads_q * batch
-    programs = min(num_tiles, _num_sms(q.device.index)) if persistent else num_tiles
+    causal = a.window_right == 0
+    # Work units (see _unit): a causal one pairs two query blocks of a head.
+    units_per_head = (num_m_blocks + 1) // 2 if causal else num_m_blocks
+    num_units = units_per_head * heads_q * batch
+    programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
     _fwd_kernel[(programs, )](
         _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, num_tiles,
-        num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, a.window_right == 0,
+        _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, num_units,
+        num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, causal,
         stages, bool(pingpong), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
