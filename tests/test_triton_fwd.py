@@ -172,25 +172,6 @@ def _lengths_tensor(lengths):
     return torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
 
 
-def _varlen_reference(q, k, v, cu_q, cu_k, *, seqused_q=None, seqused_k=None,
-                      cp_tot_seqused_k=None, lowp=False, **kw):
-    """rm.attention_varlen, except that sequences without keys are written here (out 0, lse
-    +inf): the reference's softmax cannot reduce over zero keys."""
-    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64, device=q.device)
-    for b in range(cu_q.shape[0] - 1):
-        q0, len_q = rm.sequence_bounds(cu_q, seqused_q, b)
-        k0, len_k = rm.sequence_bounds(cu_k, seqused_k, b)
-        if len_q == 0 or len_k == 0:
-            continue
-        tot = None if cp_tot_seqused_k is None else int(cp_tot_seqused_k[b])
-        o, l = rm.attention(q[q0:q0 + len_q], k[k0:k0 + len_k], v[k0:k0 + len_k],
-                            cp_tot_seqlen_k=tot, lowp=lowp, **kw)
-        out[q0:q0 + len_q] = o.to(out.dtype)
-        lse[:, q0:q0 + len_q] = l.to(lse.dtype)
-    return out, lse
-
-
 @pytest.mark.parametrize("case", _params(VARLEN, VARLEN_GPU))
 def test_varlen(case):
     fa = _fa()
@@ -216,8 +197,8 @@ def test_varlen(case):
     _, lse = fa.flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), num_splits=case["splits"],
         pack_gqa=case["pack"], return_attn_probs=True, out=out, **kw, **extra)
-    ref, ref_lse = _varlen_reference(q, k, v, cu_q, cu_k, **kw, **extra)
-    ref_lowp, _ = _varlen_reference(q, k, v, cu_q, cu_k, lowp=True, **kw, **extra)
+    ref, ref_lse = rm.attention_varlen(q, k, v, cu_q, cu_k, **kw, **extra)
+    ref_lowp, _ = rm.attention_varlen(q, k, v, cu_q, cu_k, lowp=True, **kw, **extra)
     _check("out", out, lse, ref, ref_lowp, ref_lse, case)
 
 
