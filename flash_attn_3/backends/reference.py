@@ -150,6 +150,8 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
     sinks = None if a.sinks is None else a.sinks.float().view(a.num_heads_kv, -1, 1, 1)
     for b in range(a.batch_size):
         x = _Batch(a, layout, b)
+        if x.seqlen_k == 0:  # no keys: out stays 0, lse +inf
+            continue
         for start, stop in x.chunks():
             rows = torch.arange(start, stop, device=a.q.device)
             mask = _allowed(a, rows, x.seqlen_q, x.seqlen_k, x.tot_k)
@@ -183,6 +185,8 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
     dq_flat, dout_flat, out_flat = (t.reshape(-1, *t.shape[-2:]) for t in (dq, dout, out))
     for b in range(a.batch_size):
         x = _Batch(a, layout, b)
+        if x.seqlen_k == 0:
+            continue
         dk_b, dv_b = layout.kv(b, dk), layout.kv(b, dv)
         for start, stop in x.chunks():
             rows = torch.arange(start, stop, device=q.device)
