@@ -43,6 +43,7 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
     kernel = fwd_hopper._fwd_kernel
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
+                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages),
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
     signature.update({name: "constexpr" for name in constants})

@@ -60,6 +60,14 @@ CANDIDATES = {
 _MAXNREG = 168
 _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
+_SMEM_BUDGET = 220 * 1024  # of the 227 KB, leaving room for barriers
+
+
+def separate_o(head_dim: int, block_n: int, stages: int) -> bool:
+    """Whether O gets its own staging buffers (else it goes out through Q's): where they fit in
+    shared memory next to Q and the K/V ring (D = 64 and 128 at the default configs, not 256)."""
+    tile_bytes = 2 * ROWS_PER_WARPGROUP * head_dim * 2  # two warpgroups' rows, 2-byte elements
+    return 2 * tile_bytes + stages * 2 * block_n * head_dim * 2 <= _SMEM_BUDGET
 
 
 if _GLUON_OK:
@@ -189,9 +197,9 @@ if _GLUON_OK:
             mbarrier.arrive(turn.index(1 - WG))
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, shape,
+    def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, lse_ptr, qk_scale, shape,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  WG: gl.constexpr):
+                  SEPARATE_O: gl.constexpr, WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
@@ -209,7 +217,7 @@ if _GLUON_OK:
         o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         q = q_smem.index(WG).reshape([BLOCK_MW, HEAD_DIM])
-        o_smem = q_smem.index(WG)
+        o_smem = o_bufs.index(WG)
 
         kv = 0  # K/V blocks consumed so far: the ring position runs on across tiles
         issue = 0  # wgmma issue turns taken so far
@@ -271,6 +279,11 @@ if _GLUON_OK:
                             gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
                         p = p_next
 
+                    if SEPARATE_O:
+                        # Every QK wgmma has retired: the next tile's Q lands while the last PV
+                        # and the epilogue run, instead of after them (a bubble per tile that
+                        # short causal rows, a few key blocks long, feel most).
+                        mbarrier.arrive(q_empty.index(WG))
                     last = kv + num_blocks - 1
                     mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
                     _take_turn(turn, issue + num_blocks, WG, PINGPONG)
@@ -281,6 +294,9 @@ if _GLUON_OK:
                     acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
                     mbarrier.arrive(v_empty.index(last % STAGES))
                     issue += num_blocks + 1
+                else:
+                    if SEPARATE_O:
+                        mbarrier.arrive(q_empty.index(WG))
                 kv += num_blocks
 
                 # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
@@ -293,23 +309,31 @@ if _GLUON_OK:
                 gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
                          mask=rows < seqlen_q)
 
-                # Q's buffer is free once the last QK wgmma retired; O leaves through it by TMA,
-                # which clips the rows past seqlen_q. The producer refills it once the store has
-                # read it.
+                # O leaves by TMA, which clips the rows past seqlen_q. Without a buffer of its
+                # own it goes through Q's (free once the last QK wgmma retired), which the
+                # producer refills once the store has read it.
+                if SEPARATE_O:
+                    tma.store_wait(pendings=0)  # the previous tile's O has left the buffer
                 o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
-                tma.store_wait(pendings=0)
-                mbarrier.arrive(q_empty.index(WG))
+                if not SEPARATE_O:
+                    tma.store_wait(pendings=0)
+                    mbarrier.arrive(q_empty.index(WG))
                 done += 1
+        tma.store_wait(pendings=0)
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, num_units, num_m_blocks,
                     num_heads_q, seqlen_q, seqlen_k, group_size, CAUSAL: gl.constexpr,
-                    STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
+                    STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        if SEPARATE_O:
+            o_bufs = gl.allocate_shared_memory(dtype, [2] + o_desc.block_type.shape, o_desc.layout)
+        else:
+            o_bufs = q_smem
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -335,10 +359,10 @@ if _GLUON_OK:
         # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
         # tensors.
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, shape, CAUSAL,
-                         STAGES, PINGPONG, 0)),
-            (_consumer, (q_smem, k_smem, v_smem, bars, o_desc, lse_ptr, qk_scale, shape, CAUSAL,
-                         STAGES, PINGPONG, 1)),
+            (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, lse_ptr, qk_scale, shape,
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, 0)),
+            (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, lse_ptr, qk_scale, shape,
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, CAUSAL,
                          STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -423,5 +447,6 @@ def forward(a: AttnArgs, config=None):
         _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), _descriptor(v, block_n),
         _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, num_units,
         num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, causal,
-        stages, bool(pingpong), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+        stages, bool(pingpong), separate_o(head_dim, block_n, stages), _CONSUMER_REGS,
+        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
