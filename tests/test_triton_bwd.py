@@ -299,11 +299,17 @@ def test_gpu_windows_and_sinks(monkeypatch, window):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("heads_q,heads_kv", [(16, 16), (16, 2)])
-def test_gpu_deterministic_is_bitwise_stable(monkeypatch, heads_q, heads_kv):
-    first, inputs = run_case(monkeypatch, seqlens_q=[2048, 2048], seqlens_k=[2048, 2048],
-                             heads_q=heads_q, heads_kv=heads_kv, head_dim=128, window=(-1, 0),
-                             deterministic=True)
-    for _ in range(3):
-        again = bwd.backward(*inputs, True)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_autotuned_size(monkeypatch, heads_q, heads_kv, deterministic):
+    """Big enough to autotune (bwd._TUNE_MIN_SCORES): tuning re-runs the atomic dK/dV, so this
+    also checks the dq accumulator is zeroed again before the real run. Deterministic mode must
+    then repeat bit for bit."""
+    first, inputs = run_case(monkeypatch, seqlens_q=[4096], seqlens_k=[4096], heads_q=heads_q,
+                             heads_kv=heads_kv, head_dim=128, window=(-1, 0),
+                             deterministic=deterministic)
+    assert 16 * 4096 * 4096 >= bwd._TUNE_MIN_SCORES
+    if deterministic:
+        for _ in range(3):
+            again = bwd.backward(*inputs, True)
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)

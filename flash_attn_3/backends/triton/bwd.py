@@ -17,8 +17,6 @@ A fully masked row has LSE = +inf, so exp2(s - lse) = 0 and it contributes nothi
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -27,8 +25,6 @@ from ..params import AttnArgs
 from .masks import tanh
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _refuse_unsupported(a: AttnArgs) -> None:
@@ -85,9 +81,14 @@ def _load_row_stats(lse2_base, delta_base, rows, n_rows):
 
 @triton.jit
 def _visible(rows_q, cols_k, seqlen_q, seqlen_k, diag_lo, diag_hi):
-    """Allowed (i, j): in bounds and i + diag_lo <= j <= i + diag_hi (window, causal folded in)."""
-    return ((rows_q < seqlen_q) & (cols_k < seqlen_k)
-            & (cols_k >= rows_q + diag_lo) & (cols_k <= rows_q + diag_hi))
+    """Allowed (i, j): in bounds and i + diag_lo <= j <= i + diag_hi (window, causal folded in).
+
+    The bounds are folded into one key range per row first, so the tile itself sees only two
+    compares: a loop-invariant (key < seqlen_k) tile would be hoisted and pin registers.
+    """
+    lo = tl.where(rows_q < seqlen_q, rows_q + diag_lo, 1073741824)
+    hi = tl.minimum(rows_q + diag_hi, seqlen_k - 1)
+    return (cols_k >= lo) & (cols_k <= hi)
 
 
 @triton.jit
@@ -332,59 +333,68 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head-dim class, max(BLOCK_D, BLOCK_DV).
+# dK/dV holds a BLOCK_N key tile and walks queries by BLOCK_M; dQ holds a BLOCK_M query tile and
+# walks keys by BLOCK_N. The first entry is the untuned default; big calls autotune over the list.
+# Picked from sm_90 ptxas figures (benchmarks/tune_bwd.py --aot, docs/perf-notes.md): no or few
+# spill bytes, and BLOCK_M >= 64 somewhere so the atomic dQ product (M = BLOCK_M) gets wgmma.
+_DKDV_CONFIGS = {
+    64: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3)],
+    128: [(32, 128, 8, 3), (64, 128, 8, 1), (16, 128, 8, 3), (64, 64, 8, 2)],
+    256: [(64, 64, 8, 1), (32, 64, 8, 2), (32, 32, 4, 2)],
+    512: [(32, 64, 8, 1), (16, 64, 8, 2)],
+}
+_DQ_CONFIGS = {
+    64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+    512: [(64, 32, 8, 1), (64, 16, 4, 2)],
+}
+# Unequal blocks in the interpreter exercise the edge-block rules from both sides.
+_INTERPRETER_CONFIGS = {"dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# Autotune only calls with at least this many (batch, head, query, key) score elements: below it
+# one tuning pass (every config compiled and timed) costs more than it can save.
+_TUNE_MIN_SCORES = 2**28
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SOFTCAP",
+             "IS_VARLEN_Q"]
 
-def _config(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+# Default (non-deterministic) mode: dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile
+# pair) instead of a second pass that recomputes P and dP (7 matmuls).
+ATOMIC_DQ_BY_DEFAULT = True
+
+_KERNELS = {"dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+_TABLES = {"dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+_tuned = {}
 
 
-# (widest padded head dim served, config). dK/dV holds a BLOCK_N key tile and walks queries by
-# BLOCK_M; dQ holds a BLOCK_M query tile and walks keys by BLOCK_N. Short lists: every entry is
-# compiled and timed on the first call of each autotune key.
-_DKDV_CONFIGS = [
-    (64, _config(64, 128, 8, 3)), (64, _config(32, 128, 4, 4)), (64, _config(64, 64, 4, 3)),
-    (128, _config(64, 128, 8, 2)), (128, _config(32, 128, 8, 3)), (128, _config(64, 64, 4, 3)),
-    (256, _config(32, 64, 8, 2)), (256, _config(64, 64, 8, 1)), (256, _config(32, 64, 4, 2)),
-    (512, _config(32, 32, 4, 2)), (512, _config(32, 64, 8, 1)),
-]
-_DQ_CONFIGS = [
-    (64, _config(128, 64, 8, 3)), (64, _config(128, 32, 4, 4)), (64, _config(64, 64, 4, 3)),
-    (128, _config(128, 64, 8, 2)), (128, _config(128, 32, 8, 3)), (128, _config(64, 64, 4, 3)),
-    (256, _config(64, 64, 8, 2)), (256, _config(64, 32, 8, 2)), (256, _config(32, 64, 4, 2)),
-    (512, _config(32, 32, 4, 2)), (512, _config(64, 32, 8, 1)),
-]
-# The interpreter runs one small config whose unequal blocks exercise the edge-block logic.
-_INTERPRET_DKDV = [(512, _config(16, 32, 4, 1))]
-_INTERPRET_DQ = [(512, _config(32, 16, 4, 1))]
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1 (CPU tests; tests/test_triton_bwd.py corrects the interpreter's bf16)."""
+    return not isinstance(_bwd_dq_kernel, triton.runtime.JITFunction)
 
 
 def _width_class(block_d: int, block_dv: int) -> int:
     return next(w for w in (64, 128, 256, 512) if max(block_d, block_dv) <= w)
 
 
-def _pruner(table):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        width = _width_class(args["BLOCK_D"], args["BLOCK_DV"])
-        return [c for w, c in table if w == width]
-    return prune
-
-
-def _autotuned(kernel, table, reset_to_zero=None):
-    return triton.autotune(
-        configs=[c for _, c in table],
-        key=["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SOFTCAP"],
-        prune_configs_by={"early_config_prune": _pruner(table)},
-        reset_to_zero=reset_to_zero,
-    )(kernel)
-
-
-_dkdv = _autotuned(_bwd_dkdv_kernel, _INTERPRET_DKDV if _INTERPRET else _DKDV_CONFIGS,
-                   reset_to_zero=["DQ_ACC"])
-_dq = _autotuned(_bwd_dq_kernel, _INTERPRET_DQ if _INTERPRET else _DQ_CONFIGS)
-
-# Default (non-deterministic) mode: dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile
-# pair) instead of a second pass that recomputes P and dP (7 matmuls).
-ATOMIC_DQ_BY_DEFAULT = True
+def _launcher(name: str, width: int, tune: bool, config=None):
+    """(kernel, launch kwargs): a pinned config, or the autotuner over the class's list."""
+    if config is None and _interpreting():
+        config = _INTERPRETER_CONFIGS[name]
+    if config is None and not tune:
+        config = _TABLES[name][width][0]
+    if config is not None:
+        block_m, block_n, warps, stages = config
+        return _KERNELS[name], dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                                    num_stages=stages)
+    kernel = _tuned.get((name, width))
+    if kernel is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in _TABLES[name][width]]
+        # tuning runs the atomic dK/dV several times: DQ_ACC must start at zero again after it
+        reset = ["DQ_ACC"] if name == "dkdv" else None
+        kernel = triton.autotune(configs=configs, key=_TUNE_KEY, reset_to_zero=reset)(_KERNELS[name])
+        _tuned[(name, width)] = kernel
+    return kernel, {}
 
 
 def _rows_strides(x: torch.Tensor):
@@ -401,15 +411,13 @@ def _lse_strides(x: torch.Tensor):
     return 0, x.stride(0), x.stride(1)
 
 
-def _seqlen_bucket(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), 16384)
-
-
-def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
+def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=None):
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group).
 
     lse is the forward's fp32 LSE, (B, Hq, Sq) dense or (Hq, total_q) varlen, +inf on rows that
     see no key. deterministic: no float atomics, so gradients are bitwise equal across runs.
+    configs: {"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages), "dq": ...} pins launch configs
+    instead of the default / autotuned ones (benchmarks/tune_bwd.py sweeps them).
     """
     _refuse_unsupported(a)
     varlen_q = a.cu_seqlens_q is not None
@@ -429,15 +437,15 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    width = _width_class(block_d, block_dv)
+    tune = batch * heads_q * max_q * max_k >= _TUNE_MIN_SCORES
+    configs = configs or {}
     unbounded = max_q + max_k  # a window side of -1 becomes one wider than any sequence
     window_left = a.window_left if a.window_left >= 0 else unbounded
     window_right = a.window_right if a.window_right >= 0 else unbounded
     has_softcap = a.softcap > 0.0
     softcap = a.softcap if has_softcap else 1.0
-    seq = dict(
-        cu_seqlens_q=a.cu_seqlens_q, cu_seqlens_k=a.cu_seqlens_k,
-        seqused_q=a.seqused_q, seqused_k=a.seqused_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-    )
+    seq = (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, max_q, max_k)
     flags = dict(IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
                  HAS_SEQUSED_Q=a.seqused_q is not None, HAS_SEQUSED_K=a.seqused_k is not None)
     dims = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv)
@@ -446,7 +454,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse2)
     x_strides = _lse_strides(lse2)[:2]
-    prep_block = 16 if _INTERPRET else 64
+    prep_block = 16 if _interpreting() else 64
     _bwd_prep_kernel[(triton.cdiv(max_q, prep_block), heads_q, batch)](
         out, dout, lse, lse2, delta, a.cu_seqlens_q, a.seqused_q, max_q,
         *_rows_strides(out), *_rows_strides(dout), *_lse_strides(lse), *x_strides,
@@ -460,16 +468,18 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
     common = (a.softmax_scale, softcap, window_left, window_right, heads_q // heads_kv,
               *_rows_strides(q), *_rows_strides(k), *_rows_strides(v), *_rows_strides(dout),
               *x_strides)
-    tune = dict(tune_seqlen=_seqlen_bucket(max(max_q, max_k)), tune_local=int(a.is_local))
-    _dkdv[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)](
-        q, k, v, dout, lse2, delta, dq_acc, dk, dv, *seq.values(), *common,
-        *_rows_strides(dq_acc), *_rows_strides(dk), *_rows_strides(dv),
-        **tune, **dims, SOFTCAP=has_softcap, ATOMIC_DQ=atomic_dq, **flags,
+    tune_key = (triton.next_power_of_2(max(max_q, max_k)), int(a.is_local))
+    kernel, launch = _launcher("dkdv", width, tune, configs.get("dkdv"))
+    kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)](
+        q, k, v, dout, lse2, delta, dq_acc, dk, dv, *seq, *common,
+        *_rows_strides(dq_acc), *_rows_strides(dk), *_rows_strides(dv), *tune_key,
+        **dims, SOFTCAP=has_softcap, ATOMIC_DQ=atomic_dq, **flags, **launch,
     )
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
-    _dq[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)](
-        q, k, v, dout, lse2, delta, dq, *seq.values(), *common, *_rows_strides(dq),
-        **tune, **dims, SOFTCAP=has_softcap, **flags,
+    kernel, launch = _launcher("dq", width, tune, configs.get("dq"))
+    kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)](
+        q, k, v, dout, lse2, delta, dq, *seq, *common, *_rows_strides(dq), *tune_key,
+        **dims, SOFTCAP=has_softcap, **flags, **launch,
     )
     return dq, dk, dv
