@@ -7,6 +7,7 @@ All checks run before any buffer is written, so a refused call leaves the KV cac
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +21,19 @@ INDEX_DTYPE = torch.int32
 
 def _describe(t: torch.Tensor) -> str:
     return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def as_int(name: str, value) -> Optional[int]:
+    """A Python int from an int or a one-element integer tensor (transformers passes tensors)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or a one-element integer tensor; got {_describe(value)}")
+        return int(value.item())
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be a Python int; got {value!r}")
+    return operator.index(value)
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
@@ -130,7 +144,7 @@ def check_sinks(sinks, *, num_heads_q: int, device) -> None:
     if sinks is None:
         return
     check_tensor("sinks", sinks, device=device)
-    check_dtype("sinks", sinks, (torch.float32,))
+    check_dtype("sinks", sinks, (torch.float32, torch.float16, torch.bfloat16))
     check_shape("sinks", sinks, (num_heads_q,), "(num_heads_q,)")
 
 
@@ -145,7 +159,8 @@ def check_context_parallel(cp_world_size: int, cp_rank: int, cp_tot_seqused_k, *
 
 
 def check_scheduler_metadata(scheduler_metadata, *, batch_size: int, device) -> None:
-    if scheduler_metadata is None:
+    # On MUSA the tensor comes from MATE's own get_scheduler_metadata, whose layout is MATE's.
+    if scheduler_metadata is None or device.type == "musa":
         return
     check_index(
         "scheduler_metadata", scheduler_metadata, device=device, shape=metadata_shape(batch_size),

@@ -55,7 +55,6 @@ CAPABILITIES: dict[str, dict[str, Optional[str]]] = {
     "triton": {name: None for name in FEATURES},
     "mate": {name: None for name in FEATURES} | {
         "fp8": "MATE's FA3 operators document fp16/bf16 only",
-        "combine": "MATE exposes no combine entry; the reference backend merges partials",
         "backward": None,
         "deterministic": "MATE documents no deterministic backward mode",
         "context_parallel": None,
@@ -146,19 +145,26 @@ def refusal(backend: str, features: list[str], device: torch.device) -> Optional
     return None
 
 
-def _choose(features: list[str], device: torch.device):
+def _call_refusal(backend: str, a: Optional[AttnArgs], backward: bool) -> Optional[str]:
+    """Refusals that depend on a combination of features, declared by the backend module itself."""
+    if a is None or backend != "mate":
+        return None
+    return importlib.import_module(_MODULES[backend]).unsupported_reason(a, backward)
+
+
+def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = None, backward: bool = False):
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
         if forced not in CAPABILITIES:
             raise ValueError(f"{ENV_VAR} must be one of {', '.join(CAPABILITIES)}; got {forced!r}")
-        reason = refusal(forced, features, device)
+        reason = refusal(forced, features, device) or _call_refusal(forced, a, backward)
         if reason:
             raise NotImplementedError(f"{ENV_VAR}={forced}: the {forced} backend refuses this call: {reason}")
         return importlib.import_module(_MODULES[forced])
     candidates = preferred_backends(device)
     reasons = {}
     for backend in candidates:
-        reason = refusal(backend, features, device)
+        reason = refusal(backend, features, device) or _call_refusal(backend, a, backward)
         if reason is None:
             if reasons:
                 first, why = next(iter(reasons.items()))
@@ -178,7 +184,7 @@ def backend_for(op: str, a: AttnArgs, deterministic: bool = False):
     features = forward_features(a)
     if op == "backward":
         features = features + ["backward"] + (["deterministic"] if deterministic else [])
-    return _choose(features, a.q.device)
+    return _choose(features, a.q.device, a, op == "backward")
 
 
 def backend_for_append(q: torch.Tensor, paged: bool, rotary: bool):

@@ -20,9 +20,13 @@ def _default_scale(q: torch.Tensor, qv: Optional[torch.Tensor], softmax_scale: O
 
 
 def _pick_sinks(sinks, s_aux):
+    """sinks or its alias s_aux, as fp32 (clients such as transformers send the query dtype)."""
     if sinks is not None and s_aux is not None:
         raise ValueError("pass sinks or its alias s_aux, not both")
-    return sinks if sinks is not None else s_aux
+    sinks = sinks if sinks is not None else s_aux
+    if isinstance(sinks, torch.Tensor) and sinks.dtype in (torch.float16, torch.bfloat16):
+        sinks = sinks.float()
+    return sinks
 
 
 def _attention(
@@ -34,6 +38,8 @@ def _attention(
 ):
     """Validate (unless the caller just did), normalize and run the forward op; returns (out, lse)."""
     left, right = checks.check_window(window_size)
+    max_seqlen_q = checks.as_int("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = checks.as_int("max_seqlen_k", max_seqlen_k)
     if not validated:
         checks.check_attention_inputs(
             q, k, v, qv=qv, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -313,6 +319,7 @@ def flash_attn_with_kvcache(
         raise TypeError(f"q must be a torch.Tensor; got {type(q).__name__}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         checks.check_tensor(name, t, device=q.device)
+    max_seqlen_q = checks.as_int("max_seqlen_q", max_seqlen_q)
     if cu_seqlens_q is not None and max_seqlen_q is None:
         raise ValueError("max_seqlen_q (a Python int) is required with cu_seqlens_q")
     batch_size = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]

@@ -212,11 +212,6 @@ def test_greedy_generate_with_left_padding(fa3_calls, device, kind):
     assert_matches_reference(f"{kind} generate logits", got, want, want_lowp)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="transformers passes max_seqlen_q as a 0-dim int32 tensor here (official FA3's custom op "
-    "takes it as an int); checks.py still refuses it",
-)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", MODELS)
 def test_padding_free_packed_sequences(fa3_calls, device, kind):
@@ -254,8 +249,6 @@ def test_training_step_gradients(fa3_calls, device, kind):
     assert_matches_reference(f"{kind} parameter gradients", got, want, want_lowp)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="transformers hands sinks (s_aux) over in the query dtype; checks.py wants fp32")
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_sinks_as_gpt_oss_sends_them(fa3_calls, device):
     """GPT-OSS-style layers pass their learnable sinks as s_aux through transformers' FA3 entry
