@@ -34,7 +34,7 @@ from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
     """The kernel as forward() launches it (same descriptors, constants and options)."""
-    block_n, stages, pingpong = (config or fwd_hopper.CONFIGS[head_dim])[:3]
+    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal))[:3]
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
     keys = fwd_hopper._descriptor(x, block_n)
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
-                   "CONFIGS[head_dim]; PERSISTENT only changes the grid)")
+                   "default_config(head_dim, causal); PERSISTENT only changes the grid)")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
