@@ -3,8 +3,9 @@
 Written for triton 3.6.0's `triton.experimental.gluon` (experimental: the API moves between
 releases, so `supports()` refuses any other version and the portable `fwd.py` kernel runs instead).
 
-A tile is BLOCK_M = 128 query rows of one (batch, head); a program walks tiles (one program per
-SM when persistent, else one per tile) with its CTA split into partitions:
+A tile is BLOCK_M = 128 query rows of one (batch, head); a program walks work units (one program
+per SM when persistent, else one per unit; a causal unit pairs a long and a short query block so
+all units cost the same) with its CTA split into partitions:
 - two consumer warpgroups (the default partition and one 4-warp worker), 64 query rows each. Each
   runs its own online softmax with FA3's intra-warpgroup overlap: S_j = Q K_j^T is issued, then
   O += P_{j-1} V_{j-1} behind it, and the softmax of S_j runs while that PV wgmma executes.
