@@ -98,6 +98,13 @@ def peer_sdpa(case: dict, t: dict):
     if case["layout"] == "dense":
         call = sdpa(t["q"], t["k"], t["v"], case["causal"])
         return lambda: call().transpose(1, 2)
+    if case["layout"] == "varlen_equal":
+        # Equal lengths are a dense batch for the peer: SDPA's cuDNN backend on nested tensors
+        # measured 6-57 TFLOP/s (2026-11-25), which would flatter our varlen ratio.
+        batch = len(t["lens"])
+        q, k, v = (t[x].view(batch, -1, *t[x].shape[1:]) for x in "qkv")
+        call = sdpa(q, k, v, case["causal"])
+        return lambda: call().transpose(1, 2)
     # nested jagged tensors are SDPA's varlen; min/max given so no device sync happens per call
     offsets = t["cu_seqlens"].long()
     lens = t["lens"]
