@@ -79,7 +79,7 @@ def test_compiles_for_sm90(head_dim, causal):
     # the producer partition hands its registers to the consumer warpgroups
     assert fwd_hopper._PRODUCER_REGS in got["setmaxnreg"], got
     assert fwd_hopper._CONSUMER_REGS in got["setmaxnreg"], got
-    # ptxas parks a few per-tile scalars in local memory across the KV loop (44 bytes at D=128
+    # ptxas parks a few per-tile scalars in local memory across the KV loop (104 bytes at D=128
     # causal, none inside the loop); a spilled loop value would cost far more than this bound
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
 
