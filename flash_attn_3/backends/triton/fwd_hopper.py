@@ -152,13 +152,13 @@ if _GLUON_OK:
                 b, h, m0, num_blocks, _ = _tile(bh, heavy - i * (heavy - light), num_heads_q,
                                                 seqlen_q, seqlen_k, 2 * BLOCK_MW, BLOCK_N, CAUSAL)
                 hk = h // group_size
-                # The first K/V block goes out before Q, whose buffers wait for the previous tile's
-                # epilogue: so the next tile's loads overlap that epilogue.
+                # The first K/V block goes out before Q, whose buffers wait for the previous
+                # tile: so the next tile's loads overlap that tile's end.
                 if num_blocks > 0:
                     _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, 0, kv, STAGES)
                 for w in gl.static_range(2):
-                    # Each consumer's Q buffer doubles as its O staging buffer: refill it once the
-                    # previous tile's O store has read it.
+                    # A consumer frees its Q buffer after its last QK wgmma, or, where O is staged
+                    # in that buffer, once the O store has read it.
                     mbarrier.wait(q_empty.index(w), (done & 1) ^ 1)
                     mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0],
