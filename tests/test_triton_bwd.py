@@ -268,9 +268,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("head_dim,head_dim_v", [(64, 64), (128, 128), (136, 136), (256, 256),
-                                                 (192, 128), (40, 40), (64, 512)])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim,head_dim_v,causal", [
+    (64, 64, True), (128, 128, False), (136, 136, True), (256, 256, True), (192, 128, False),
+    (40, 40, False), (64, 512, True)])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_gpu_head_dims(monkeypatch, head_dim, head_dim_v, causal, deterministic):
     run_case(monkeypatch, seqlens_q=[517, 517], seqlens_k=[701, 701], heads_q=4, heads_kv=2,

@@ -46,6 +46,9 @@ def _refuse_unsupported(a: AttnArgs) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # jitted helpers
+#
+# Addresses: a tile's first row goes into a 64-bit scalar base (row * stride passes 2**31 for long
+# packed batches), the offsets inside the tile stay 32-bit.
 
 
 @triton.jit
@@ -64,12 +67,30 @@ def _seq_info(cu_seqlens, seqused, b, max_len, IS_VARLEN: tl.constexpr, HAS_SEQU
 
 
 @triton.jit
-def _load_tile(base, rows, stride_row, cols, n_rows, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """(rows, BLOCK_COLS) tile, zero past n_rows and past the real head dim."""
-    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+def _tile_ptrs(base, row0, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    rows = tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    return base + row0.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
+
+
+@triton.jit
+def _tile_mask(row0, n_rows, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_COLS: tl.constexpr):
+    """Rows row0.. below n_rows, columns below the real head dim."""
+    rows = tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    return (rows[:, None] < n_rows - row0) & (cols[None, :] < N_COLS)
+
+
+@triton.jit
+def _load_tile(base, row0, stride_row, n_rows, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_COLS: tl.constexpr):
+    """(BLOCK_ROWS, BLOCK_COLS) tile from row row0, zero past n_rows and past the real head dim."""
+    ptrs = _tile_ptrs(base, row0, stride_row, BLOCK_ROWS, BLOCK_COLS)
     if BLOCK_COLS != N_COLS:
-        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
-    return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=_tile_mask(row0, n_rows, N_COLS, BLOCK_ROWS, BLOCK_COLS), other=0.0)
+    rows = tl.arange(0, BLOCK_ROWS)
+    return tl.load(ptrs, mask=rows[:, None] < n_rows - row0, other=0.0)
 
 
 @triton.jit
@@ -109,27 +130,26 @@ def _bwd_prep_kernel(
     IS_VARLEN_Q: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2)
     q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
                                             IS_VARLEN_Q, HAS_SEQUSED_Q)
     m0 = pid_m * BLOCK_M
     if m0 >= stored_q:
         return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
-    row0 = q_start.to(tl.int64)
-    o = _load_tile(O + b64 * stride_ob + row0 * stride_os + h * stride_oh, rows, stride_os, cols,
-                   seqlen_q, HEAD_DIM_V, BLOCK_DV)
-    do = _load_tile(DO + b64 * stride_dob + row0 * stride_dos + h * stride_doh, rows, stride_dos,
-                    cols, seqlen_q, HEAD_DIM_V, BLOCK_DV)
+    row0 = q_start.to(tl.int64) + m0
+    o = _load_tile(O + b64 * stride_ob + h * stride_oh, row0, stride_os, q_start + seqlen_q,
+                   HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+    do = _load_tile(DO + b64 * stride_dob + h * stride_doh, row0, stride_dos, q_start + seqlen_q,
+                    HEAD_DIM_V, BLOCK_M, BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    rows = tl.arange(0, BLOCK_M)
     lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + (row0 + rows) * stride_ls,
-                  mask=rows < seqlen_q, other=0.0)
+                  mask=rows < seqlen_q - m0, other=0.0)
     x_off = b64 * stride_xb + h * stride_xh + row0 + rows
-    tl.store(DELTA + x_off, delta, mask=rows < stored_q)
-    tl.store(LSE2 + x_off, lse * _LOG2E, mask=rows < stored_q)
+    tl.store(DELTA + x_off, delta, mask=rows < stored_q - m0)
+    tl.store(LSE2 + x_off, lse * _LOG2E, mask=rows < stored_q - m0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,11 +183,7 @@ def _bwd_dkdv_kernel(
     if n0 >= stored_k:
         return
     b64 = b.to(tl.int64)
-    q_row0 = q_start.to(tl.int64)
-    k_row0 = k_start.to(tl.int64)
     cols_k = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     # key j is visible from query i iff i + diag_lo <= j <= i + diag_hi
     offset = seqlen_k - seqlen_q
@@ -186,10 +202,10 @@ def _bwd_dkdv_kernel(
         full_hi = full_lo
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_end)
 
-    k = _load_tile(K + b64 * stride_kb + k_row0 * stride_ks + hk * stride_kh, cols_k, stride_ks,
-                   offs_d, seqlen_k, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + b64 * stride_vb + k_row0 * stride_vs + hk * stride_vh, cols_k, stride_vs,
-                   offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV)
+    k = _load_tile(K + b64 * stride_kb + hk * stride_kh, k_start + n0, stride_ks,
+                   k_start + seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D)
+    v = _load_tile(V + b64 * stride_vb + hk * stride_vh, k_start + n0, stride_vs,
+                   k_start + seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     scale_log2 = softmax_scale * _LOG2E
@@ -197,15 +213,17 @@ def _bwd_dkdv_kernel(
     cap_log2 = softcap * _LOG2E
     for g in range(0, group):
         hq = hk * group + g
-        q_base = Q + b64 * stride_qb + q_row0 * stride_qs + hq * stride_qh
-        do_base = DO + b64 * stride_dob + q_row0 * stride_dos + hq * stride_doh
-        x_off = b64 * stride_xb + hq * stride_xh + q_row0
-        dq_base = DQ_ACC + b64 * stride_dqb + q_row0 * stride_dqs + hq * stride_dqh
+        q_base = Q + b64 * stride_qb + hq * stride_qh
+        do_base = DO + b64 * stride_dob + hq * stride_doh
+        x_base = b64 * stride_xb + hq.to(tl.int64) * stride_xh + q_start
+        dq_base = DQ_ACC + b64 * stride_dqb + hq * stride_dqh
         for m0 in range(m_start, m_end, BLOCK_M):
+            q = _load_tile(q_base, q_start + m0, stride_qs, q_start + seqlen_q, HEAD_DIM, BLOCK_M,
+                           BLOCK_D)
+            do = _load_tile(do_base, q_start + m0, stride_dos, q_start + seqlen_q, HEAD_DIM_V,
+                            BLOCK_M, BLOCK_DV)
             rows_q = m0 + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D)
-            do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV)
-            lse2, delta = _load_row_stats(LSE2 + x_off, DELTA + x_off, rows_q, seqlen_q)
+            lse2, delta = _load_row_stats(LSE2 + x_base, DELTA + x_base, rows_q, seqlen_q)
             # transposed scores: keys on rows, so dk/dv accumulate without a transpose
             qk = tl.dot(k, tl.trans(q))
             if SOFTCAP:
@@ -227,18 +245,17 @@ def _bwd_dkdv_kernel(
             dk += tl.dot(ds, q)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(ds), k) * softmax_scale
-                tl.atomic_add(dq_base + rows_q[:, None] * stride_dqs + offs_d[None, :], dq,
-                              mask=(rows_q[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+                tl.atomic_add(_tile_ptrs(dq_base, q_start + m0, stride_dqs, BLOCK_M, BLOCK_D), dq,
+                              mask=_tile_mask(m0, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D),
                               sem="relaxed")
 
     dk = dk * softmax_scale
-    store_rows = cols_k[:, None] < stored_k
-    tl.store(DK + b64 * stride_dkb + k_row0 * stride_dks + hk * stride_dkh
-             + cols_k[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=store_rows & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + b64 * stride_dvb + k_row0 * stride_dvs + hk * stride_dvh
-             + cols_k[:, None] * stride_dvs + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=store_rows & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(_tile_ptrs(DK + b64 * stride_dkb + hk * stride_dkh, k_start + n0, stride_dks, BLOCK_N,
+                        BLOCK_D),
+             dk.to(DK.dtype.element_ty), mask=_tile_mask(n0, stored_k, HEAD_DIM, BLOCK_N, BLOCK_D))
+    tl.store(_tile_ptrs(DV + b64 * stride_dvb + hk * stride_dvh, k_start + n0, stride_dvs, BLOCK_N,
+                        BLOCK_DV),
+             dv.to(DV.dtype.element_ty), mask=_tile_mask(n0, stored_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,11 +290,7 @@ def _bwd_dq_kernel(
     if m0 >= stored_q:
         return
     b64 = b.to(tl.int64)
-    q_row0 = q_start.to(tl.int64)
-    k_row0 = k_start.to(tl.int64)
     rows_q = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     offset = seqlen_k - seqlen_q
     diag_lo = offset - window_left
@@ -294,22 +307,23 @@ def _bwd_dq_kernel(
         full_hi = full_lo
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), n_end)
 
-    q_base = Q + b64 * stride_qb + q_row0 * stride_qs + hq * stride_qh
-    do_base = DO + b64 * stride_dob + q_row0 * stride_dos + hq * stride_doh
-    x_off = b64 * stride_xb + hq * stride_xh + q_row0
-    q = _load_tile(q_base, rows_q, stride_qs, offs_d, seqlen_q, HEAD_DIM, BLOCK_D)
-    do = _load_tile(do_base, rows_q, stride_dos, offs_dv, seqlen_q, HEAD_DIM_V, BLOCK_DV)
-    lse2, delta = _load_row_stats(LSE2 + x_off, DELTA + x_off, rows_q, seqlen_q)
-    k_base = K + b64 * stride_kb + k_row0 * stride_ks + hk * stride_kh
-    v_base = V + b64 * stride_vb + k_row0 * stride_vs + hk * stride_vh
+    q = _load_tile(Q + b64 * stride_qb + hq * stride_qh, q_start + m0, stride_qs,
+                   q_start + seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + b64 * stride_dob + hq * stride_doh, q_start + m0, stride_dos,
+                    q_start + seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+    x_base = b64 * stride_xb + hq.to(tl.int64) * stride_xh + q_start
+    lse2, delta = _load_row_stats(LSE2 + x_base, DELTA + x_base, rows_q, seqlen_q)
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
     scale_log2 = softmax_scale * _LOG2E
     scale_over_cap = softmax_scale / softcap
     cap_log2 = softcap * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols_k = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols_k, stride_ks, offs_d, seqlen_k, HEAD_DIM, BLOCK_D)
-        v = _load_tile(v_base, cols_k, stride_vs, offs_dv, seqlen_k, HEAD_DIM_V, BLOCK_DV)
+        k = _load_tile(k_base, k_start + n0, stride_ks, k_start + seqlen_k, HEAD_DIM, BLOCK_N,
+                       BLOCK_D)
+        v = _load_tile(v_base, k_start + n0, stride_vs, k_start + seqlen_k, HEAD_DIM_V, BLOCK_N,
+                       BLOCK_DV)
         qk = tl.dot(q, tl.trans(k))
         if SOFTCAP:
             t = tanh(qk * scale_over_cap)
@@ -317,17 +331,18 @@ def _bwd_dq_kernel(
         else:
             p = tl.exp2(qk * scale_log2 - lse2[:, None])
         if (n0 < full_lo) | (n0 >= full_hi):
-            p = tl.where(_visible(rows_q[:, None], cols_k[None, :], seqlen_q, seqlen_k, diag_lo, diag_hi),
-                         p, 0.0)
+            cols_k = n0 + tl.arange(0, BLOCK_N)
+            p = tl.where(_visible(rows_q[:, None], cols_k[None, :], seqlen_q, seqlen_k, diag_lo,
+                                  diag_hi), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * softmax_scale
-    tl.store(DQ + b64 * stride_dqb + q_row0 * stride_dqs + hq * stride_dqh
-             + rows_q[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(rows_q[:, None] < stored_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(_tile_ptrs(DQ + b64 * stride_dqb + hq * stride_dqh, q_start + m0, stride_dqs, BLOCK_M,
+                        BLOCK_D),
+             dq.to(DQ.dtype.element_ty), mask=_tile_mask(m0, stored_q, HEAD_DIM, BLOCK_M, BLOCK_D))
 
 
 # ----------------------------------------------------------------------------------------------
