@@ -1,65 +1,25 @@
 """Triton backward (flash_attn_3/backends/triton/bwd.py), called directly, against float64 autograd
 of tests/reference_math.py, judged by the spec sec 8 rule in tests/tolerance.py.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 on tiny shapes; tests marked gpu use
-bigger shapes. Inputs are fresh random draws every run. The backward gets the out/LSE a correct
-forward returns, with NaN in rows past seqused (never to be read), and every buffer it allocates
-starts as NaN, so an element it forgets to write fails the test.
+Without a GPU the kernels run under TRITON_INTERPRET=1 on tiny shapes (tests/conftest.py sets it
+and makes the interpreter round like the GPU); tests marked gpu use bigger shapes. Inputs are
+fresh random draws every run. The backward gets the out/LSE a correct forward returns, with NaN
+in rows past seqused (never to be read), and every buffer it allocates starts as NaN, so an
+element it forgets to write fails the test.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import reference_math as rm  # noqa: E402
-from flash_attn_3.backends.params import AttnArgs  # noqa: E402
-from flash_attn_3.backends.triton import bwd  # noqa: E402
-from tolerance import assert_grad_matches  # noqa: E402
+import reference_math as rm
+from flash_attn_3.backends.params import AttnArgs
+from flash_attn_3.backends.triton import bwd
+from tolerance import assert_grad_matches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-
-
-def _fix_interpreter_bf16():
-    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 storage and
-    truncates fp32 -> bf16 casts; the GPU computes in bf16 and rounds to nearest even."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "bf16_fixed", False):
-        return
-    create_dot, cast_impl = builder.create_dot, builder.cast_impl
-
-    def widen(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot(self, a, b, d, *args):
-        return create_dot(self, widen(a), widen(b), d, *args)
-
-    def cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl, builder.bf16_fixed = dot, cast, True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter_bf16()
-
-
-# ----------------------------------------------------------------------------------------------
-# reference
 
 
 def _make_args(q, k, v, **overrides):
