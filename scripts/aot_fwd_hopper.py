@@ -38,8 +38,8 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
     keys = fwd_hopper._descriptor(x, block_n)
-    # qk_scale, num_tiles, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size
-    runtime = [rows, keys, keys, rows, torch.empty(1), 0.125, 16, 2, 4, 256, 256, 2]
+    # qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair
+    runtime = [rows, keys, keys, rows, torch.empty(1), 0.125, 16, 2, 4, 256, 256, 2, 0]
     kernel = fwd_hopper._fwd_kernel
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),

@@ -46,7 +46,7 @@ SHAPES = [
     (1, 1, 700, 8, 2),  # a single query row
     (2, 77, 5, 4, 4),  # fewer keys than one block
     (4, 2000, 1999, 8, 2),  # 512 tiles: a persistent program walks several
-    (3, 640, 640, 4, 2),  # 5 query blocks: a causal unit of one (the middle block) besides pairs
+    (8, 640, 640, 4, 2),  # 160 tiles of 5 query blocks: causal pairs and a middle block alone
 ]
 
 

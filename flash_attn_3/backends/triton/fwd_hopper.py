@@ -80,20 +80,23 @@ if _GLUON_OK:
     LN2 = gl.constexpr(0.6931471805599453)
 
     @gluon.jit
-    def _unit(u, num_m_blocks, CAUSAL: gl.constexpr):
+    def _unit(u, num_m_blocks, pair, CAUSAL: gl.constexpr):
         """Work unit u -> (b*Hq + h, heavy query block, light query block, tiles in the unit).
 
         Persistent programs take units round-robin, so units must cost the same or the programs
         whose stride lands on the long causal rows finish last (measured: B=2, 8 heads, 128 query
-        blocks ran at 0.71x cuDNN). A causal unit pairs query block M-1-j with block j of one
-        head: j + 1 and M - j key blocks always add up to M + 1. The heavy one goes first; the
-        light one then rereads keys the heavy one just pulled into L2. Units of one head are
-        adjacent, so the programs running together share its K/V in L2, and equal units keep
-        them in step. Without causality every tile costs the same and a unit is one tile."""
+        blocks ran at 0.71x cuDNN). With pair = 1 a causal unit pairs query block M-1-j with
+        block j of one head: j + 1 and M - j key blocks always add up to M + 1. The heavy one
+        goes first; the light one then rereads keys the heavy one just pulled into L2. Units of
+        one head are adjacent, so the programs running together share its K/V in L2, and equal
+        units keep them in step. pair = 0 (fewer tiles than programs, or one program per unit
+        where the hardware balances): one tile, longest first. Without causality every tile
+        costs the same and a unit is one tile."""
         if CAUSAL:
-            units_per_head = (num_m_blocks + 1) // 2
-            light = u % units_per_head
-            heavy = num_m_blocks - 1 - light
+            units_per_head = (num_m_blocks + pair) // (1 + pair)
+            j = u % units_per_head
+            heavy = num_m_blocks - 1 - j
+            light = heavy - pair * (heavy - j)
             num = 1 + (heavy > light).to(gl.int32)
         else:
             units_per_head = num_m_blocks
@@ -141,13 +144,13 @@ if _GLUON_OK:
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
-        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
+        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
         kv = 0  # K/V blocks loaded so far: the ring position runs on across tiles
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
-            bh, heavy, light, num = _unit(u, num_m_blocks, CAUSAL)
+            bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
             for i in range(0, num):
                 b, h, m0, num_blocks, _ = _tile(bh, heavy - i * (heavy - light), num_heads_q,
                                                 seqlen_q, seqlen_k, 2 * BLOCK_MW, BLOCK_N, CAUSAL)
@@ -207,7 +210,7 @@ if _GLUON_OK:
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                   SEPARATE_O: gl.constexpr, WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
-        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size = shape
+        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -229,7 +232,7 @@ if _GLUON_OK:
         issue = 0  # wgmma issue turns taken so far
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
-            bh, heavy, light, num = _unit(u, num_m_blocks, CAUSAL)
+            bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
             for i in range(0, num):
                 b, h, m0, num_blocks, num_unmasked = _tile(
                     bh, heavy - i * (heavy - light), num_heads_q, seqlen_q, seqlen_k,
@@ -331,7 +334,7 @@ if _GLUON_OK:
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, num_units, num_m_blocks,
-                    num_heads_q, seqlen_q, seqlen_k, group_size, CAUSAL: gl.constexpr,
+                    num_heads_q, seqlen_q, seqlen_k, group_size, pair, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
@@ -360,7 +363,7 @@ if _GLUON_OK:
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
-        shape = (num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size)
+        shape = (num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair)
 
         # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
         # tensors.
@@ -449,14 +452,17 @@ def forward(a: AttnArgs, config=None):
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     num_m_blocks = triton.cdiv(seqlen_q, 2 * ROWS_PER_WARPGROUP)
-    # Work units (see _unit): a causal one pairs two query blocks of a head.
-    units_per_head = (num_m_blocks + 1) // 2 if causal else num_m_blocks
-    num_units = units_per_head * heads_q * batch
+    num_tiles = num_m_blocks * heads_q * batch
+    # Causal pairs (see _unit) only where a persistent program walks more than one tile: with
+    # fewer tiles than SMs they would halve the programs, and one program per unit leaves the
+    # balancing to the hardware's block scheduler.
+    pair = int(causal and persistent and num_tiles > _num_sms(q.device.index))
+    num_units = (num_m_blocks + pair) // (1 + pair) * heads_q * batch
     programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
     _fwd_kernel[(programs, )](
         _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), _descriptor(v, block_n),
         _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, num_units,
-        num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, causal,
+        num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, pair, causal,
         stages, bool(pingpong), separate_o(head_dim, block_n, stages), _CONSUMER_REGS,
         _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
