@@ -28,7 +28,7 @@ demo: $(VENV)/.runtime
 	$(PY) examples/demo.py
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests
 
 gpu-check:
 	bash scripts/gpu_check.sh all
