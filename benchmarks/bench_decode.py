@@ -157,7 +157,8 @@ def measure_case(run: Runner, section: str, case: dict, timer=None) -> None:
         impls.update(cudnn=peer_sdpa, fa2=peer_sdpa)
     set_bytes = kv_bytes(case)
     for impl, make in impls.items():
-        context = functools.partial(sdpa_context, impl) if impl != "ours" else None
+        # Only the SDPA peers run under a backend pin; sdpa_context knows no other name.
+        context = functools.partial(sdpa_context, impl) if impl in ("cudnn", "fa2") else None
         build = functools.partial(rotating, functools.partial(make, case), set_bytes)
         run.measure(section, case, impl, build,
                     nbytes=set_bytes if section == "bandwidth" else None, context=context,

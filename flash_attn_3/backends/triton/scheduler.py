@@ -22,8 +22,16 @@ from ...metadata import metadata_shape
 # H100 SXM; used when no CUDA device is visible (CPU interpreter runs) so the heuristic is the same.
 DEFAULT_NUM_SMS = 132
 MAX_SPLITS = 128
-# Two decode programs fit one SM (about 96 KB of shared memory each with 3 pipeline stages).
-DECODE_PROGRAMS_PER_SM = 2
+# Programs one SM holds to the end of a tiled-forward pass (about 96 KB of shared memory each).
+PROGRAMS_PER_SM = 2
+# Split-KV decode fills the GPU with one program per SM: one decode program with its two K/V
+# buffers in flight already draws an SM's share of HBM bandwidth, and every extra split costs a
+# pipeline fill and a partial write. Measured on H100 (batch 1, 128k keys, GQA 32/8, D 128):
+# 16 splits (128 programs) 2.79 TB/s, 32: 2.67, 30 (the two-per-SM choice): 2.62, 64: 2.46,
+# 128: 2.38, 8: 2.06; cuDNN 2.79.
+DECODE_PROGRAMS_PER_SM = 1
+# With one program per SM an idle SM is a direct loss, so decode asks for the fuller wave.
+DECODE_MIN_EFFICIENCY = 0.95
 # A split shorter than this many KV blocks costs more in partial writes than it gains.
 MIN_BLOCKS_PER_SPLIT = 4
 
@@ -66,8 +74,9 @@ def choose_num_splits(
     num_sms: int,
     block_m: int = 64,
     block_n: int = 64,
-    programs_per_sm: int = DECODE_PROGRAMS_PER_SM,
+    programs_per_sm: int = PROGRAMS_PER_SM,
     max_splits: int = MAX_SPLITS,
+    min_efficiency: float = 0.9,
 ) -> int:
     """Split count for a launch of batch * num_heads_kv * cdiv(seqlen_q_packed, block_m) tiles.
 
@@ -75,8 +84,8 @@ def choose_num_splits(
     seqlen_q_packed: query rows per tile source (seqlen_q * heads per KV head when packed).
     A memory-bound pass is fastest when every SM holds `programs_per_sm` programs to the end:
     the time of s splits is ceil(tiles * s / slots) waves of 1/s of the work, so we take the
-    smallest s within 10% of the best wave efficiency, never splitting a sequence into pieces
-    shorter than MIN_BLOCKS_PER_SPLIT blocks.
+    smallest s whose wave efficiency is at least `min_efficiency` of the best, never splitting a
+    sequence into pieces shorter than MIN_BLOCKS_PER_SPLIT blocks.
     """
     tiles = batch * num_heads_kv * max(1, -(-seqlen_q_packed // block_m))
     n_blocks = -(-max_seqlen_k // block_n)
@@ -90,7 +99,7 @@ def choose_num_splits(
         return waves / -(-waves // 1)
 
     best = max(efficiency(s) for s in range(1, limit + 1))
-    return next(s for s in range(1, limit + 1) if efficiency(s) >= 0.9 * best)
+    return next(s for s in range(1, limit + 1) if efficiency(s) >= min_efficiency * best)
 
 
 def decode_num_splits(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int,
@@ -103,6 +112,7 @@ def decode_num_splits(batch: int, num_heads_q: int, num_heads_kv: int, max_seqle
     return choose_num_splits(
         batch, num_heads_kv, rows, max_seqlen_k, num_sms(device, sm_margin),
         block_m=decode_block_m(rows), block_n=decode_block_n(head_dim, head_dim_v),
+        programs_per_sm=DECODE_PROGRAMS_PER_SM, min_efficiency=DECODE_MIN_EFFICIENCY,
     )
 
 
