@@ -38,12 +38,12 @@ from flash_attn_3.backends.triton import bwd  # noqa: E402
 
 # Configs beyond bwd.py's lists worth timing: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 _EXTRA = {
-    64: {"dkdv": [(64, 64, 4, 3), (32, 128, 4, 3), (128, 128, 8, 2)],
+    64: {"dkdv": [(64, 64, 4, 3), (32, 128, 4, 3)],
          "dq": [(128, 32, 4, 3), (64, 128, 4, 2)]},
-    128: {"dkdv": [(64, 128, 8, 2), (32, 64, 4, 3)],
+    128: {"dkdv": [(64, 128, 8, 3), (32, 64, 4, 3)],
           "dq": [(64, 32, 4, 3), (128, 128, 8, 1)]},
-    256: {"dkdv": [(64, 64, 8, 2), (16, 64, 4, 2)],
-          "dq": [(32, 64, 4, 2), (128, 64, 8, 1)]},
+    256: {"dkdv": [(64, 64, 8, 2), (64, 64, 4, 2)],
+          "dq": [(128, 64, 8, 1), (64, 64, 4, 2)]},
 }
 # (head_dim, head_dim_v) -> kernel -> candidates; the first is bwd.py's untuned default
 CANDIDATES = {

@@ -351,17 +351,18 @@ def _bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head-dim class, max(BLOCK_D, BLOCK_DV).
 # dK/dV holds a BLOCK_N key tile and walks queries by BLOCK_M; dQ holds a BLOCK_M query tile and
 # walks keys by BLOCK_N. The first entry is the untuned default; big calls autotune over the list.
-# Picked from sm_90 ptxas figures (benchmarks/tune_bwd.py --aot, docs/perf-notes.md): no or few
-# spill bytes, and BLOCK_M >= 64 somewhere so the atomic dQ product (M = BLOCK_M) gets wgmma.
+# Picked from sm_90 ptxas figures (benchmarks/tune_bwd.py --aot, docs/perf-notes.md) and the
+# FlexAttention sm_90 defaults (dK/dV 64x128, dQ 128x64, 8 warps): few spill bytes, and dK/dV
+# BLOCK_M = 64 first, since the atomic dQ product (M = BLOCK_M) falls back to mma.sync below 64.
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3)],
-    128: [(32, 128, 8, 3), (64, 128, 8, 1), (16, 128, 8, 3), (64, 64, 8, 2)],
+    128: [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 1)],
     256: [(64, 64, 8, 1), (32, 64, 8, 2), (32, 32, 4, 2)],
     512: [(32, 64, 8, 1), (16, 64, 8, 2)],
 }
 _DQ_CONFIGS = {
     64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     512: [(64, 32, 8, 1), (64, 16, 4, 2)],
 }
