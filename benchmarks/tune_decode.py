@@ -4,8 +4,8 @@ For each case (one query token, GQA 32/8, D 128, bf16; K+V > 64 MB so L2 holds n
 times the default config, every (BLOCK_N, num_warps, num_stages) candidate and, at batch 1,
 forced split counts; cuDNN through SDPA for contiguous caches. TB/s of K+V bytes read. Writes
 $OUT/tune_decode.json after every measurement (a run stopped by its cap keeps what it has); the
-best configs feed decode.py (_CONTIGUOUS_STAGES, _PAGED_STAGES) and scheduler.decode_block_n /
-DECODE_PROGRAMS_PER_SM.
+best configs feed decode.py (_CONTIGUOUS_STAGES, _CONTIGUOUS_STAGES_RESIDENT, _PAGED_STAGES) and
+scheduler.decode_block_n / DECODE_PROGRAMS_PER_SM / DECODE_MIN_EFFICIENCY.
 
     python -m benchmarks.tune_decode [--budget SECONDS] [--out DIR]
 """

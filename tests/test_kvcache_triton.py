@@ -503,6 +503,28 @@ def test_decode_gpu_long_single_sequence():
     _check_decode(a, softcap=False)
 
 
+def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
+    cpu = torch.device("cpu")  # DEFAULT_NUM_SMS (H100) stands in for the device
+    one_per_sm = decode_mod._plan(1, 32, 8, 1, 131072, 128, 128, False, cpu, 0, None)
+    assert one_per_sm.num_splits * 8 <= scheduler.DEFAULT_NUM_SMS < (one_per_sm.num_splits + 1) * 8
+    assert one_per_sm.num_stages == decode_mod._CONTIGUOUS_STAGES
+    crowded = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, False, cpu, 0, None)
+    assert crowded.num_splits == 1 and crowded.num_stages == decode_mod._CONTIGUOUS_STAGES_RESIDENT
+    paged = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, True, cpu, 0, None)
+    assert paged.num_stages == decode_mod._PAGED_STAGES
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_more_programs_than_sms():
+    """A contiguous batch wider than the GPU: the two-stage, several-programs-per-SM launch."""
+    case = dict(page_size=None, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=0)
+    a = _decode_inputs(case, torch.bfloat16, batch=48, capacity=700, device=DEVICE)
+    plan = decode_mod._plan(48, 32, 8, 1, a.max_seqlen_k, 128, 128, False, a.q.device, 0, None)
+    assert plan.num_stages == decode_mod._CONTIGUOUS_STAGES_RESIDENT
+    _check_decode(a, softcap=False)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_varlen_keys_and_dense_func_shapes(splits):
     """The decode kernel also serves flash_attn_func / varlen calls with few query rows."""

@@ -31,10 +31,13 @@ LOG2E = 1.4426950408889634
 # Software-pipeline depth. Read from the sm_90 TTGIR (compiled offline): contiguous K/V get two
 # async-copy buffers in flight at 3 stages; the paged gather spends one stage on the page-table
 # load, so it needs 5 for the same two buffers (about 72 KB of shared memory either way, three
-# programs per SM). A contiguous launch with more programs than SMs hides latency by residency
-# instead: 2 stages fit more programs per SM. Measured on H100 (GQA 32/8, D 128, 2 vs 3 stages):
-# batch 64 ctx 4k 2.94 vs 2.72 TB/s, batch 16 ctx 8k 2.74 vs 2.74, batch 1 ctx 128k (240
-# programs) 2.64 vs 2.62; the 3-stage one-program-per-SM launch (batch 1, 16 splits) 2.79.
+# programs per SM). A contiguous launch with at least two programs per SM hides latency by
+# residency instead: at 2 stages one buffer is in flight per program, but 39 KB of shared memory
+# and 96 registers let five programs share an SM (sm_90 ptxas). Measured on H100 (GQA 32/8,
+# D 128, 2 vs 3 stages): batch 64 ctx 4k (512 programs) 2.94 vs 2.72 TB/s, batch 16 ctx 8k
+# (256) 2.74 vs 2.74, batch 1 ctx 128k (240) 2.64 vs 2.62; the 3-stage one-program-per-SM
+# launch (batch 1, 16 splits) 2.79. Below two per SM a lone 2-stage program would have a single
+# buffer in flight, so those launches keep 3.
 _CONTIGUOUS_STAGES = 3
 _CONTIGUOUS_STAGES_RESIDENT = 2
 _PAGED_STAGES = 5
@@ -247,7 +250,7 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
         return _Plan(block_m, *config, splits, num_m_blocks, *dims)
     if paged:
         stages = _PAGED_STAGES
-    elif batch * num_heads_kv * num_m_blocks * splits > num_sms(device):
+    elif batch * num_heads_kv * num_m_blocks * splits >= 2 * num_sms(device):
         stages = _CONTIGUOUS_STAGES_RESIDENT
     else:
         stages = _CONTIGUOUS_STAGES
