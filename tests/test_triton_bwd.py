@@ -184,6 +184,13 @@ def test_seqused(monkeypatch, varlen, deterministic):
              seqused_q=[19, 0], seqused_k=[40, 7], window=(-1, 0), deterministic=deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_features_combined(monkeypatch, deterministic):
+    run_case(monkeypatch, seqlens_q=[21, 0, 35, 6], seqlens_k=[40, 9, 0, 6], varlen=True,
+             seqused_q=[18, 0, 0, 6], seqused_k=[33, 9, 0, 2], heads_q=4, heads_kv=2,
+             head_dim=24, head_dim_v=40, window=(11, 3), softcap=4.0, deterministic=deterministic)
+
+
 def test_sinks_change_only_the_lse(monkeypatch):
     run_case(monkeypatch, seqlens_q=[40], seqlens_k=[40], sinks=True, window=(-1, 0))
 

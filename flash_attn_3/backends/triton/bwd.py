@@ -372,7 +372,7 @@ _INTERPRETER_CONFIGS = {"dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # one tuning pass (every config compiled and timed) costs more than it can save.
 _TUNE_MIN_SCORES = 2**28
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SOFTCAP",
-             "IS_VARLEN_Q"]
+             "IS_VARLEN_Q", "ATOMIC_DQ"]  # the autotuner skips names a kernel lacks
 
 # Default (non-deterministic) mode: dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile
 # pair) instead of a second pass that recomputes P and dP (7 matmuls).
@@ -443,11 +443,10 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     max_q = a.max_seqlen_q if varlen_q else q.shape[1]
     max_k = a.max_seqlen_k if varlen_k else k.shape[1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if batch == 0 or max_q == 0 or max_k == 0 or q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
         dout = dout.contiguous()
 
@@ -493,6 +492,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
     )
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kernel, launch = _launcher("dq", width, tune, configs.get("dq"))
     kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)](
         q, k, v, dout, lse2, delta, dq, *seq, *common, *_rows_strides(dq), *tune_key,
