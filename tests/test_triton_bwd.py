@@ -195,6 +195,19 @@ def test_sinks_change_only_the_lse(monkeypatch):
     run_case(monkeypatch, seqlens_q=[40], seqlens_k=[40], sinks=True, window=(-1, 0))
 
 
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(0, 8), (8, 0)])
+def test_empty_sides(seqlen_q, seqlen_k):
+    q = torch.randn(2, seqlen_q, 2, 16, device=DEVICE).to(torch.float16)
+    k, v = (torch.randn(2, seqlen_k, 1, 16, device=DEVICE).to(torch.float16) for _ in range(2))
+    args = _make_args(q, k, v, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k)
+    out = torch.zeros_like(q)
+    lse = torch.full((2, 2, seqlen_q), float("inf"), device=DEVICE)
+    for deterministic in (False, True):
+        got = bwd.backward(torch.randn_like(q), q, k, v, out, lse, args, deterministic)
+        for g, like in zip(got, (q, k, v)):
+            assert g.shape == like.shape and g.dtype == like.dtype and not g.any()
+
+
 def test_broadcast_dout(monkeypatch):
     """out.sum() gives a stride-0 dout."""
     q = torch.randn(1, 20, 2, 16, device=DEVICE).to(torch.float16)
