@@ -5,6 +5,7 @@
 #
 #   env     nvidia-smi, versions, `python -m flash_attn_3 check` and `... bench`
 #   tests   pytest -m gpu (the big-shape GPU variants), then `suite`
+#   gpu     pytest -m gpu only
 #   suite   the whole test suite with FLASH_ATTN_3_BACKEND=triton (not -m gpu: already run)
 #   fwd bwd decode   benchmarks/bench_*.py --quick (tables + JSON + PNG)
 #
@@ -31,14 +32,14 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|suite|fwd|bwd|decode) ;;
-    *) echo "unknown part '$p': expected all, env, tests, suite, fwd, bwd or decode"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|profile) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode or profile"; exit 2 ;;
   esac
 done
 want() {
   local p
   for p in "${parts[@]}"; do
-    [[ $p == all || $p == "$1" || ($p == tests && $1 == suite) ]] && return 0
+    [[ $p == all || $p == "$1" || ($p == tests && $1 == suite) || ($p == gpu && $1 == tests) ]] && return 0
   done
   return 1
 }
@@ -123,6 +124,8 @@ EOF
   want fwd && bench_part fwd 110
   want bwd && bench_part bwd 90
   want decode && bench_part decode 50
+  want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
+    "$PY" scripts/profile_decode_step.py
   # The suite's backend fixture already runs every test on triton (CUDA) and reference.
   want suite && pytest_part pytest_suite "${PYTEST_SUITE_CAP:-200}" -m "not gpu" tests
 
