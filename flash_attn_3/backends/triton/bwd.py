@@ -374,9 +374,12 @@ _TUNE_MIN_SCORES = 2**28
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SOFTCAP",
              "IS_VARLEN_Q", "ATOMIC_DQ"]  # the autotuner skips names a kernel lacks
 
-# Default (non-deterministic) mode: dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile
-# pair) instead of a second pass that recomputes P and dP (7 matmuls).
-ATOMIC_DQ_BY_DEFAULT = True
+# dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile pair) or a second pass that
+# recomputes P and dP (7 matmuls, no atomics). Measured on the H100 (BENCHMARKS.md, 2026-11-25):
+# the second pass is faster at every size timed (D=64 4k 316 vs 303 TFLOP/s, D=128 1k 304 vs
+# 262): the atomics' fp32 traffic and the zeroed accumulator cost more than the extra matmuls.
+# So the default is the atomic-free path, which is also deterministic.
+ATOMIC_DQ_BY_DEFAULT = False
 
 _KERNELS = {"dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 _TABLES = {"dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
