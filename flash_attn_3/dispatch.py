@@ -146,10 +146,12 @@ def refusal(backend: str, features: list[str], device: torch.device) -> Optional
 
 
 def _call_refusal(backend: str, a: Optional[AttnArgs], backward: bool) -> Optional[str]:
-    """Refusals that depend on a combination of features, declared by the backend module itself."""
-    if a is None or backend != "mate":
+    """Refusals that depend on a combination of features: a backend module may declare them in
+    `unsupported_reason(a, backward)` (asked only once the device and the table allow the call)."""
+    if a is None:
         return None
-    return importlib.import_module(_MODULES[backend]).unsupported_reason(a, backward)
+    check = getattr(importlib.import_module(_MODULES[backend]), "unsupported_reason", None)
+    return check(a, backward) if check else None
 
 
 def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = None, backward: bool = False):
