@@ -553,3 +553,23 @@ def test_decode_varlen_keys_and_dense_func_shapes(splits):
     ref_lowp, _ = rm.attention_dense(qd, kd, vd, softmax_scale=a.softmax_scale, lowp=True)
     tol.assert_matches_reference("dense decode out", out, ref, ref_lowp)
     tol.assert_lse_matches("dense decode lse", lse, ref_lse)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU only: relies on untouched pages of a huge host buffer")
+def test_combine_split_offsets_past_int32():
+    """Split s of the partials at s * stride elements: past 2**31 once s * stride is. Buffers of
+    2**31+ elements are reserved but only the few elements read are ever touched."""
+    splits, head_dim = 17, 16  # split 16 is the second split tile: its base offset is 16 * stride
+    stride = 2**27
+    out_store = torch.empty(stride * (splits - 1) + head_dim, device=DEVICE)
+    lse_store = torch.empty(stride * (splits - 1) + 1, device=DEVICE)
+    out_partial = out_store.as_strided((splits, 1, 1, 1, head_dim), (stride, head_dim, head_dim, head_dim, 1))
+    lse_partial = lse_store.as_strided((splits, 1, 1, 1), (stride, 1, 1, 1))
+    for s in range(splits):
+        out_partial[s] = torch.randn(1, 1, 1, head_dim, device=DEVICE)
+        lse_partial[s] = torch.randn(1, 1, 1, device=DEVICE)
+    dense_out, dense_lse = out_partial.clone(), lse_partial.clone()
+    out, lse = combine_mod.combine(out_partial, lse_partial, torch.float32)
+    ref_out, ref_lse = combine_reference(dense_out, dense_lse)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)

@@ -40,9 +40,10 @@ def _combine_kernel(
               + splits.to(tl.int64)[:, None] * stride_lps)
 
     lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # The loop's split base is 32-bit: s0 * stride passes 2**31 on its own, so it is widened.
     for s0 in range(0, num_splits, BLOCK_S):
         ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
-        tile = tl.load(lse_in + s0 * stride_lps, mask=ok, other=float("-inf"))
+        tile = tl.load(lse_in + tl.cast(s0, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
         lse_max = tl.maximum(lse_max, tl.max(tile, 0))
     empty = lse_max == float("-inf")
     if HAS_SINKS:
@@ -54,7 +55,7 @@ def _combine_kernel(
     total = tl.zeros([BLOCK_M], tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
-        tile = tl.load(lse_in + s0 * stride_lps, mask=ok, other=float("-inf"))
+        tile = tl.load(lse_in + tl.cast(s0, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
         total += tl.sum(tl.exp(tile - pivot[None, :]), 0)
     if HAS_SINKS:
         total += tl.exp(sink - pivot)
@@ -66,11 +67,11 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
-        lse_s = tl.load(lse_in + s0 * stride_lps, mask=ok, other=float("-inf"))
+        lse_s = tl.load(lse_in + tl.cast(s0, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
         weight = tl.exp(lse_s - pivot[None, :]) * inv_total[None, :]
         # Empty splits (lse -inf) may have left their partial unwritten: never read it.
         part_ok = (ok & (lse_s != float("-inf")))[:, :, None] & col_ok[None, None, :]
-        part = tl.load(out_in + s0 * stride_ops, mask=part_ok, other=0.0)
+        part = tl.load(out_in + tl.cast(s0, tl.int64) * stride_ops, mask=part_ok, other=0.0)
         acc += tl.sum(weight[:, :, None] * part, 0)
 
     out_ptrs = out + (batch * stride_ob + pos * stride_ol + head * stride_oh)[:, None] + cols[None, :]
