@@ -561,8 +561,11 @@ def test_combine_split_offsets_past_int32():
     2**31+ elements are reserved but only the few elements read are ever touched."""
     splits, head_dim = 17, 16  # split 16 is the second split tile: its base offset is 16 * stride
     stride = 2**27
-    out_store = torch.empty(stride * (splits - 1) + head_dim, device=DEVICE)
-    lse_store = torch.empty(stride * (splits - 1) + 1, device=DEVICE)
+    try:
+        out_store = torch.empty(stride * (splits - 1) + head_dim, device=DEVICE)
+        lse_store = torch.empty(stride * (splits - 1) + 1, device=DEVICE)
+    except RuntimeError as e:  # a host that refuses to overcommit 16 GB of address space
+        pytest.skip(f"cannot reserve the sparse buffers: {e}")
     out_partial = out_store.as_strided((splits, 1, 1, 1, head_dim), (stride, head_dim, head_dim, head_dim, 1))
     lse_partial = lse_store.as_strided((splits, 1, 1, 1), (stride, 1, 1, 1))
     for s in range(splits):

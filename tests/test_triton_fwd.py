@@ -270,3 +270,19 @@ def test_split_counts_agree():
         out, lse = fa.flash_attn_func(q, k, v, causal=True, num_splits=n, return_attn_probs=True)
         torch.testing.assert_close(out, base, atol=2e-3, rtol=0)
         torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, case", [
+    ("dense", _case(batch=3)),
+    ("dense", _case(batch=3, splits=2, seqlens=(3, 40), causal=True)),
+    ("varlen", _case(seqlens=([4, 0, 9], [30, 6, 9]), causal=True)),
+    ("varlen", _case(seqlens=([2, 5, 1], [30, 6, 40]), splits=2, pack=True, heads=(6, 3))),
+    ("paged", _case(batch=3, page=3, batch_idx=True, leftpad=True, splits=2)),
+])
+def test_batch_launched_in_slices(monkeypatch, kind, case):
+    """Past 65535 programs on grid axis 2 (batch * splits) the forward launches batch slices;
+    a limit of 2 makes every case here take that path."""
+    from flash_attn_3.backends.triton import fwd
+
+    monkeypatch.setattr(fwd, "_MAX_GRID_Z", 2)
+    {"dense": test_dense, "varlen": test_varlen, "paged": test_kvcache}[kind](case)

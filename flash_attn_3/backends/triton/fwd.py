@@ -1,6 +1,7 @@
 """Triton attention forward: one kernel for every AttnArgs feature (spec section 4).
 
-Grid: (query-row blocks, heads, batch * splits). A program owns BLOCK_M query rows of one head, or
+Grid: (query-row blocks, heads, batch * splits), launched in batch slices where batch * splits
+passes the 65535 limit of grid axis 2. A program owns BLOCK_M query rows of one head, or
 with pack-GQA, BLOCK_M (query, head) rows of one KV head's query group so K/V are read once per
 group. Its key range comes from the masks (masks.key_block_range): blocks every row fully sees run
 without a mask, only the edge blocks (window edges, causal diagonal, sequence end) pay for one.
@@ -143,7 +144,8 @@ def _kv_loop(acc, m_i, l_i, q, qv, first, count, skip_from, skip_count,
 # divisible by 16) would compile a new variant for each pattern without any faster code.
 @triton.jit(do_not_specialize=[
     "seqlen_q_static", "seqlen_k_static", "group_size", "page_size", "window_left",
-    "window_right", "chunk", "cp_world_size", "cp_rank", "num_splits", "q_bucket", "k_bucket"])
+    "window_right", "chunk", "cp_world_size", "cp_rank", "num_splits", "batch_base", "q_bucket",
+    "k_bucket"])
 def _attn_fwd(
     Q, K, V, QV, Out, Lse,
     CuSeqlensQ, CuSeqlensK, SequsedQ, SequsedK, PageTable, KvBatchIdx, LeftpadK, CpTotSequsedK,
@@ -154,7 +156,7 @@ def _attn_fwd(
     stride_ls, stride_lb, stride_lm, stride_lh, stride_pt, stride_qd_b, stride_qd_h,
     stride_kd_b, stride_kd_h, stride_vd_b, stride_vd_h,
     seqlen_q_static, seqlen_k_static, group_size, page_size, softmax_scale, softcap,
-    window_left, window_right, chunk, cp_world_size, cp_rank, num_splits,
+    window_left, window_right, chunk, cp_world_size, cp_rank, num_splits, batch_base,
     q_bucket, k_bucket,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -186,7 +188,7 @@ def _attn_fwd(
     # Highest row blocks first: under causal masks they carry the most keys.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
-    batch = tl.program_id(2) // num_splits
+    batch = batch_base + tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
     zero = batch * 0
 
@@ -358,6 +360,8 @@ _TUNE_CONFIGS = {
     256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
     512: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
 }
+# CUDA caps grid axes 1 and 2 at 65535 programs; axis 2 (batch * splits) launches in slices.
+_MAX_GRID_Z = 65535
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "q_bucket", "k_bucket", "HAS_LEFT", "HAS_RIGHT",
              "HAS_CHUNK", "PACK_GQA", "IS_VARLEN_Q", "PAGED", "HAS_QV"]
 _tuned_kernels = {}
@@ -519,31 +523,35 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
     k_strides, v_strides = _kv_strides(k, varlen_k), _kv_strides(v, varlen_k)
     aligned = (all(x % 8 == 0 for x in (*q_strides, *k_strides, *v_strides, *o_strides[1:]))
                and all(t.data_ptr() % 16 == 0 for t in (q, k, v, out_dst)))
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_heads_grid, batch * num_splits)
-    kernel[grid](
-        q, k, v, qv, out_dst, lse_dst,
-        a.cu_seqlens_q, a.cu_seqlens_k if varlen_k else None, a.seqused_q, a.seqused_k,
-        a.page_table, a.kv_batch_idx, a.leftpad_k,
-        a.cp_tot_seqused_k if a.cp_world_size > 1 else None,
-        *descale_args, sinks,
-        *q_strides, *k_strides, *v_strides, v.stride(-1),
-        *qv_strides,
-        *o_strides, *l_strides, 0 if a.page_table is None else a.page_table.stride(0),
-        *descale_strides,
-        0 if varlen_q else q.shape[1], seqlen_k_static, group, k.shape[1] if paged else 1,
-        a.softmax_scale, a.softcap, a.window_left, a.window_right, a.attention_chunk,
-        a.cp_world_size, a.cp_rank, num_splits,
-        triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max(a.max_seqlen_k, 1)),
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k, HAS_SEQUSED_Q=a.seqused_q is not None,
-        HAS_SEQUSED_K=a.seqused_k is not None, PAGED=paged,
-        HAS_KV_BATCH_IDX=a.kv_batch_idx is not None, HAS_LEFTPAD=a.leftpad_k is not None,
-        IS_CP=a.cp_world_size > 1, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
-        HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=a.softcap > 0, HAS_SINKS=sinks is not None,
-        HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split, PV_BF16=pv_bf16,
-        ALIGNED=aligned,
-        **launch,
-    )
+    batches_per_launch = max(1, _MAX_GRID_Z // num_splits)
+    for batch_base in range(0, batch, batches_per_launch):
+        launch_batches = min(batches_per_launch, batch - batch_base)
+        grid = lambda meta, n=launch_batches: (triton.cdiv(rows, meta["BLOCK_M"]), num_heads_grid,
+                                               n * num_splits)
+        kernel[grid](
+            q, k, v, qv, out_dst, lse_dst,
+            a.cu_seqlens_q, a.cu_seqlens_k if varlen_k else None, a.seqused_q, a.seqused_k,
+            a.page_table, a.kv_batch_idx, a.leftpad_k,
+            a.cp_tot_seqused_k if a.cp_world_size > 1 else None,
+            *descale_args, sinks,
+            *q_strides, *k_strides, *v_strides, v.stride(-1),
+            *qv_strides,
+            *o_strides, *l_strides, 0 if a.page_table is None else a.page_table.stride(0),
+            *descale_strides,
+            0 if varlen_q else q.shape[1], seqlen_k_static, group, k.shape[1] if paged else 1,
+            a.softmax_scale, a.softcap, a.window_left, a.window_right, a.attention_chunk,
+            a.cp_world_size, a.cp_rank, num_splits, batch_base,
+            triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max(a.max_seqlen_k, 1)),
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k, HAS_SEQUSED_Q=a.seqused_q is not None,
+            HAS_SEQUSED_K=a.seqused_k is not None, PAGED=paged,
+            HAS_KV_BATCH_IDX=a.kv_batch_idx is not None, HAS_LEFTPAD=a.leftpad_k is not None,
+            IS_CP=a.cp_world_size > 1, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
+            HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=a.softcap > 0, HAS_SINKS=sinks is not None,
+            HAS_QV=qv is not None, IS_FP8=fp8, PACK_GQA=pack, SPLIT=split, PV_BF16=pv_bf16,
+            ALIGNED=aligned,
+            **launch,
+        )
     if split:
         out_view = out.unsqueeze(0) if varlen_q else out
         lse_view = lse.t().unsqueeze(0) if varlen_q else lse.transpose(1, 2)
