@@ -130,11 +130,11 @@ def check_scalars(attention_chunk: int, softcap: float, num_splits: int, sm_marg
 
 
 def check_descales(q_descale, k_descale, v_descale, *, is_fp8: bool, batch_size: int, num_heads_kv: int, device) -> None:
+    if not is_fp8:
+        return  # the official forward ignores descales of fp16/bf16 inputs; the interface drops them
     for name, t in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
         if t is None:
             continue
-        if not is_fp8:
-            raise ValueError(f"{name} is only meaningful with float8_e4m3fn inputs; q/k/v are not fp8")
         check_tensor(name, t, device=device)
         check_dtype(name, t, (torch.float32,))
         check_shape(name, t, (batch_size, num_heads_kv), "(batch_size, num_heads_kv)")
@@ -234,6 +234,8 @@ def check_attention_inputs(
         rows = None if kv_batch_idx is not None else batch_size
         check_index("page_table", page_table, device=device, shape=(rows, None), meaning="(batch_size, max_num_pages_per_seq)")
     elif cu_seqlens_k is not None:
+        if kv_batch_idx is not None:
+            raise ValueError(f"{public.get('kv_batch_idx', 'kv_batch_idx')} cannot be combined with cu_seqlens_k: packed K/V have no batch rows to select")
         if k.dim() != 3:
             raise ValueError(f"{k_name} must be 3-D (total_k, num_heads_kv, head_dim) with cu_seqlens_k; got {tuple(k.shape)}")
         check_index("cu_seqlens_k", cu_seqlens_k, device=device, shape=(batch_size + 1,), meaning="(batch_size + 1,)")
@@ -297,16 +299,16 @@ def check_append_inputs(
         check_index("cu_seqlens_k_new", cu_seqlens_k_new, device=device, shape=(batch_size + 1,), meaning="(batch_size + 1,)")
         check_shape("k", k, (None, num_heads_kv, head_dim), "(total_k_new, num_heads_kv, head_dim)")
         check_shape("v", v, (k.shape[0], num_heads_kv, head_dim_v), "(total_k_new, num_heads_kv, head_dim_v)")
-        seqlen_new = k.shape[0]
     else:
         check_shape("k", k, (batch_size, None, num_heads_kv, head_dim), "(batch_size, seqlen_new, num_heads_kv, head_dim)")
         check_shape("v", v, (batch_size, k.shape[1], num_heads_kv, head_dim_v), "(batch_size, seqlen_new, num_heads_kv, head_dim_v)")
-        seqlen_new = k.shape[1]
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required when appending k/v: it says where the new tokens go")
     capacity = page_table.shape[1] * k_cache.shape[1] if page_table is not None else k_cache.shape[1]
-    if seqlen_new > capacity:
-        raise ValueError(f"new k/v hold {seqlen_new} tokens per sequence, more than the cache capacity {capacity}")
+    # Packed new tokens (cu_seqlens_k_new) share one buffer: k.shape[0] is their total over the batch,
+    # and each sequence's share lives in cu_seqlens_k_new's values, which checks may not read.
+    if cu_seqlens_k_new is None and k.shape[1] > capacity:
+        raise ValueError(f"new k/v hold {k.shape[1]} tokens per sequence, more than the cache capacity {capacity}")
     if has_rotary:
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             check_tensor(name, t, device=device)

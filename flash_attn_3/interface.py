@@ -26,7 +26,21 @@ def _pick_sinks(sinks, s_aux):
     sinks = sinks if sinks is not None else s_aux
     if isinstance(sinks, torch.Tensor) and sinks.dtype in (torch.float16, torch.bfloat16):
         sinks = sinks.float()
-    return sinks
+    return _unit_stride(sinks)
+
+
+def _unit_stride(t):
+    """t with a unit-stride last dimension, copied only when it lacks one.
+
+    The kernels index q/k/v rows, index tensors (cu_seqlens, seqused, cache_seqlens, page_table
+    columns, ...) and rotary tables with stride 1 along the last dimension; a strided or expanded
+    view (e.g. cache_seqlens = torch.tensor([n]).expand(B)) would make them read the wrong entries
+    or past the end. The official wrapper copies such inputs too (maybe_contiguous), so they are
+    accepted, not refused. Never applied to a KV cache: appending into a copy would lose the write.
+    """
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
 
 
 def _attention(
@@ -37,6 +51,14 @@ def _attention(
     k_name="k", v_name="v", public_names=None, validated=False,
 ):
     """Validate (unless the caller just did), normalize and run the forward op; returns (out, lse)."""
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k = (
+        _unit_stride(t) for t in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k)
+    )
+    cp_tot_seqused_k, scheduler_metadata = _unit_stride(cp_tot_seqused_k), _unit_stride(scheduler_metadata)
+    if isinstance(q, torch.Tensor) and q.dtype != torch.float8_e4m3fn:
+        # The official forward reads descales only for fp8 inputs and ignores them otherwise.
+        q_descale = k_descale = v_descale = None
     left, right = checks.check_window(window_size)
     max_seqlen_q = checks.as_int("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = checks.as_int("max_seqlen_k", max_seqlen_k)
@@ -319,6 +341,12 @@ def flash_attn_with_kvcache(
         raise TypeError(f"q must be a torch.Tensor; got {type(q).__name__}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         checks.check_tensor(name, t, device=q.device)
+        checks.check_last_dim_contiguous(name, t)
+    q, k, v, rotary_cos, rotary_sin = (_unit_stride(t) for t in (q, k, v, rotary_cos, rotary_sin))
+    cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens = (
+        _unit_stride(t) for t in (cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens)
+    )
+    cache_seqlens, scheduler_metadata = _unit_stride(cache_seqlens), _unit_stride(scheduler_metadata)
     max_seqlen_q = checks.as_int("max_seqlen_q", max_seqlen_q)
     if cu_seqlens_q is not None and max_seqlen_q is None:
         raise ValueError("max_seqlen_q (a Python int) is required with cu_seqlens_q")
@@ -409,6 +437,9 @@ def get_scheduler_metadata(
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int32 tensor; got {type(cache_seqlens).__name__}")
     device = cache_seqlens.device
+    cache_seqlens, cu_seqlens_q, cu_seqlens_k_new, cache_leftpad = (
+        _unit_stride(t) for t in (cache_seqlens, cu_seqlens_q, cu_seqlens_k_new, cache_leftpad)
+    )
     checks.check_index("cache_seqlens", cache_seqlens, device=device, shape=(batch_size,), meaning="(batch_size,)")
     checks.check_index("cu_seqlens_q", cu_seqlens_q, device=device, shape=(batch_size + 1,), meaning="(batch_size + 1,)")
     checks.check_index("cu_seqlens_k_new", cu_seqlens_k_new, device=device, shape=(batch_size + 1,), meaning="(batch_size + 1,)")

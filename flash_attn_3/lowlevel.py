@@ -56,6 +56,10 @@ def _flash_attn_backward(
     """Official order; writes dq, dk, dv (allocated when None) and returns softmax_d =
     rowsum(dout * out), fp32, in the layout of softmax_lse."""
     left, right = checks.check_window((window_size_left, window_size_right))
+    dout, q, k, v, out = (interface._unit_stride(t) for t in (dout, q, k, v, out))
+    cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k = (
+        interface._unit_stride(t) for t in (cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k)
+    )
     if is_causal:
         right = 0
     if softmax_scale is None:

@@ -164,6 +164,8 @@ BAD_KVCACHE = [
     ({"softcap": -1.0}, ValueError, r"softcap must be >= 0"),
     ({"q": _rand(2, 1, 3, 16)}, ValueError, r"divisible by the number of key/value heads"),
     ({"q": _rand(2, 1, 4, 16)[..., ::2].contiguous().expand(2, 1, 4, 8)}, ValueError, r"head dim"),
+    # The official wrapper asserts this too: copying the cache would drop the in-place append.
+    ({"k_cache": _rand(2, 8, 2, 32)[..., ::2]}, ValueError, r"k_cache must have a contiguous last dimension.*got strides"),
 ]
 
 
@@ -189,13 +191,11 @@ def _strided_last(*shape):
 BAD_FUNC = [
     ({"q": torch.randn(1, 4, 2, 16)}, TypeError, r"q must have dtype"),
     ({"k": _rand(1, 4, 2, 16, dtype=torch.bfloat16)}, TypeError, r"q, k and v must share one dtype.*k is torch.bfloat16"),
-    ({"q": _strided_last(1, 4, 2, 16)}, ValueError, r"q must have a contiguous last dimension"),
     ({"q": _rand(1, 4, 2, 12), "k": _rand(1, 4, 2, 12), "v": _rand(1, 4, 2, 12)}, ValueError, r"multiple of 8; got 12"),
     ({"q": _rand(1, 4, 2, 264), "k": _rand(1, 4, 2, 264), "v": _rand(1, 4, 2, 264)}, ValueError, r"<= 256; got 264"),
     ({"q": _rand(1, 4, 2, 96), "k": _rand(1, 4, 2, 96), "v": _rand(1, 4, 2, 128)}, ValueError, r"head dim of v may differ"),
     ({"k": _rand(2, 4, 2, 16), "v": _rand(2, 4, 2, 16)}, ValueError, r"k must have batch size 1"),
     ({"qv": _rand(1, 4, 2, 16)}, ValueError, r"qv requires head dim"),
-    ({"q_descale": torch.ones(1, 2)}, ValueError, r"q_descale is only meaningful with float8"),
     ({"sinks": torch.zeros(3)}, ValueError, r"sinks must have shape \(num_heads_q,\)"),
     ({"sinks": torch.zeros(2), "s_aux": torch.zeros(2)}, ValueError, r"not both"),
     ({"cp_world_size": 2}, ValueError, r"cp_tot_seqused_k .* is required"),
@@ -266,3 +266,76 @@ def test_every_backend_declares_every_feature():
     for backend, table in dispatch.CAPABILITIES.items():
         assert set(table) == set(dispatch.FEATURES), backend
         assert importlib.util.find_spec(dispatch._MODULES[backend]) is not None
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as t in a view whose last dimension has stride 2 (or 0 for one element)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def test_strided_inputs_read_like_contiguous_ones(fa, device):
+    """The official wrapper copies inputs lacking a unit last stride (maybe_contiguous); kernels that
+    index cu_seqlens / cache_seqlens / page_table columns with stride 1 must never see such views."""
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 4, 7], dtype=torch.int32, device=device)
+    used = torch.tensor([3, 2], dtype=torch.int32, device=device)
+    q, k, v = (_rand(n, 2, 16).to(device) for n in (5, 7, 7))
+    plain = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 4, seqused_k=used, causal=True)
+    strided_index = fa.flash_attn_varlen_func(q, k, v, _strided(cu_q), _strided(cu_k), 3, 4,
+                                              seqused_k=_strided(used), causal=True)
+    assert torch.equal(plain, strided_index)
+    strided_qkv = fa.flash_attn_varlen_func(_strided(q), _strided(k), _strided(v), cu_q, cu_k, 3, 4,
+                                            seqused_k=used, causal=True)
+    assert torch.equal(plain, strided_qkv)
+
+    pages_k, pages_v = _rand(6, 3, 2, 16).to(device), _rand(6, 3, 2, 16).to(device)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([2, 4], dtype=torch.int32, device=device)
+    batch_idx = torch.tensor([1, 0], dtype=torch.int32, device=device)
+    cos, sin = torch.rand(9, 8, device=device), torch.rand(9, 8, device=device)
+    q1, k_new, v_new = _rand(2, 2, 4, 16).to(device), _rand(2, 2, 2, 16).to(device), _rand(2, 2, 2, 16).to(device)
+    caches = [(pages_k.clone(), pages_v.clone()) for _ in range(2)]
+    outs = []
+    for (kc, vc), view in zip(caches, (lambda t: t, _strided)):
+        outs.append(fa.flash_attn_with_kvcache(
+            view(q1), kc, vc, view(k_new), view(v_new), rotary_cos=view(cos), rotary_sin=view(sin),
+            cache_seqlens=view(seqlens), cache_batch_idx=view(batch_idx), page_table=view(table), causal=True,
+        ))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert not torch.equal(caches[0][1], pages_v), "the append must have written the cache"
+
+
+def test_descales_of_half_inputs_are_ignored(fa, device):
+    """The official forward reads q/k/v_descale only for fp8 inputs."""
+    q, k, v = (_rand(2, 4, 2, 16).to(device) for _ in range(3))
+    scales = [torch.rand(2, 2, device=device) + 0.5 for _ in range(3)]
+    assert torch.equal(fa.flash_attn_func(q, k, v, None, False, None, *scales), fa.flash_attn_func(q, k, v))
+
+
+def test_packed_new_tokens_may_total_more_than_one_cache_row(fa, device):
+    """With cu_seqlens_k_new, k.shape[0] counts every sequence's new tokens: 3 x 6 = 18 > capacity 8."""
+    k_cache, v_cache = _rand(3, 8, 2, 16).to(device), _rand(3, 8, 2, 16).to(device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    seqlens = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    cu_new = torch.tensor([0, 6, 12, 18], dtype=torch.int32, device=device)
+    k_new, v_new = _rand(18, 2, 16).to(device), _rand(18, 2, 16).to(device)
+    out = fa.flash_attn_with_kvcache(_rand(3, 1, 4, 16).to(device), k_cache, v_cache, k_new, v_new,
+                                     cache_seqlens=seqlens, cu_seqlens_k_new=cu_new)
+    assert out.shape == (3, 1, 4, 16) and torch.isfinite(out).all()
+    for b in range(3):
+        start = int(seqlens[b])
+        expect_k, expect_v = k_before[b].clone(), v_before[b].clone()
+        expect_k[start:start + 6], expect_v[start:start + 6] = k_new[6 * b: 6 * b + 6], v_new[6 * b: 6 * b + 6]
+        assert torch.equal(k_cache[b], expect_k) and torch.equal(v_cache[b], expect_v)
+
+
+def test_lowlevel_kv_batch_idx_with_packed_kv_is_refused():
+    from flash_attn_3.lowlevel import _flash_attn_forward
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"kv_batch_idx cannot be combined with cu_seqlens_k"):
+        _flash_attn_forward(_rand(7, 2, 16), _rand(7, 2, 16), _rand(7, 2, 16), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                            max_seqlen_q=4, max_seqlen_k=4, kv_batch_idx=torch.tensor([1, 0], dtype=torch.int32))
