@@ -191,6 +191,18 @@ def test_features_combined(monkeypatch, deterministic):
              head_dim=24, head_dim_v=40, window=(11, 3), softcap=4.0, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_batch_launched_in_slices(monkeypatch, varlen, atomic_dq):
+    """Batch rides on grid axis 2 (at most 65535 programs): larger batches launch in slices. A
+    limit of 2 makes these 3 and 4 sequence batches take that path, atomic dQ pass included."""
+    monkeypatch.setattr(bwd, "_MAX_GRID_Z", 2)
+    monkeypatch.setattr(bwd, "ATOMIC_DQ_BY_DEFAULT", atomic_dq)
+    lengths_q, lengths_k = ([21, 0, 35, 6], [40, 9, 20, 6]) if varlen else ([19] * 3, [26] * 3)
+    run_case(monkeypatch, seqlens_q=lengths_q, seqlens_k=lengths_k, varlen=varlen, heads_q=4,
+             heads_kv=2, window=(-1, 0))
+
+
 def test_sinks_change_only_the_lse(monkeypatch):
     run_case(monkeypatch, seqlens_q=[40], seqlens_k=[40], sinks=True, window=(-1, 0))
 

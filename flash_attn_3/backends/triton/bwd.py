@@ -121,9 +121,9 @@ def _ceil_to(x, m):
 # 1. prep: delta and lse in log2 units
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch_base"])
 def _bwd_prep_kernel(
-    O, DO, LSE, LSE2, DELTA, cu_seqlens_q, seqused_q, max_seqlen_q,
+    O, DO, LSE, LSE2, DELTA, cu_seqlens_q, seqused_q, max_seqlen_q, batch_base,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh, stride_ls, stride_xb, stride_xh,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -131,7 +131,7 @@ def _bwd_prep_kernel(
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
+    b = batch_base + tl.program_id(2)
     q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
                                             IS_VARLEN_Q, HAS_SEQUSED_Q)
     m0 = pid_m * BLOCK_M
@@ -156,10 +156,10 @@ def _bwd_prep_kernel(
 # 2. dK/dV (+ atomic dQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch_base"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ_ACC, DK, DV,
-    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, batch_base,
     softmax_scale, softcap, window_left, window_right, group,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -174,7 +174,7 @@ def _bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
-    b = tl.program_id(2)
+    b = batch_base + tl.program_id(2)
     q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
                                             IS_VARLEN_Q, HAS_SEQUSED_Q)
     k_start, stored_k, seqlen_k = _seq_info(cu_seqlens_k, seqused_k, b, max_seqlen_k,
@@ -262,10 +262,10 @@ def _bwd_dkdv_kernel(
 # 3. dQ without atomics
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch_base"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ,
-    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, batch_base,
     softmax_scale, softcap, window_left, window_right, group,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -280,7 +280,7 @@ def _bwd_dq_kernel(
     # last query blocks first: under causal masks they have the most keys to walk
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     hq = tl.program_id(1)
-    b = tl.program_id(2)
+    b = batch_base + tl.program_id(2)
     hk = hq // group
     q_start, stored_q, seqlen_q = _seq_info(cu_seqlens_q, seqused_q, b, max_seqlen_q,
                                             IS_VARLEN_Q, HAS_SEQUSED_Q)
@@ -381,6 +381,7 @@ _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SO
 # So the default is the atomic-free path, which is also deterministic.
 ATOMIC_DQ_BY_DEFAULT = False
 
+_MAX_GRID_Z = 65535
 _KERNELS = {"dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 _TABLES = {"dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _tuned = {}
@@ -474,12 +475,15 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
     x_strides = _lse_strides(lse2)[:2]
     # ~8k elements per (rows, Dv) tile: the whole tile sits in registers for the row sums
     prep_block = 16 if _interpreting() else max(16, 8192 // block_dv)
-    _bwd_prep_kernel[(triton.cdiv(max_q, prep_block), heads_q, batch)](
-        out, dout, lse, lse2, delta, a.cu_seqlens_q, a.seqused_q, max_q,
-        *_rows_strides(out), *_rows_strides(dout), *_lse_strides(lse), *x_strides,
-        HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_M=prep_block,
-        IS_VARLEN_Q=varlen_q, HAS_SEQUSED_Q=a.seqused_q is not None,
-    )
+    # Batch rides on grid axis 2, which CUDA caps at 65535 programs: larger batches go in slices.
+    slices = [(b0, min(_MAX_GRID_Z, batch - b0)) for b0 in range(0, batch, _MAX_GRID_Z)]
+    for b0, nb in slices:
+        _bwd_prep_kernel[(triton.cdiv(max_q, prep_block), heads_q, nb)](
+            out, dout, lse, lse2, delta, a.cu_seqlens_q, a.seqused_q, max_q, b0,
+            *_rows_strides(out), *_rows_strides(dout), *_lse_strides(lse), *x_strides,
+            HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_M=prep_block,
+            IS_VARLEN_Q=varlen_q, HAS_SEQUSED_Q=a.seqused_q is not None,
+        )
 
     atomic_dq = ATOMIC_DQ_BY_DEFAULT and not deterministic
     # without atomics the dK/dV kernel never touches DQ_ACC; dk stands in (fully overwritten)
@@ -489,17 +493,19 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
               *x_strides)
     tune_key = (triton.next_power_of_2(max(max_q, max_k)), int(a.is_local))
     kernel, launch = _launcher("dkdv", width, tune, configs.get("dkdv"))
-    kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)](
-        q, k, v, dout, lse2, delta, dq_acc, dk, dv, *seq, *common,
-        *_rows_strides(dq_acc), *_rows_strides(dk), *_rows_strides(dv), *tune_key,
-        **dims, SOFTCAP=has_softcap, ATOMIC_DQ=atomic_dq, **flags, **launch,
-    )
+    for b0, nb in slices:
+        kernel[lambda meta, nb=nb: (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, nb)](
+            q, k, v, dout, lse2, delta, dq_acc, dk, dv, *seq, b0, *common,
+            *_rows_strides(dq_acc), *_rows_strides(dk), *_rows_strides(dv), *tune_key,
+            **dims, SOFTCAP=has_softcap, ATOMIC_DQ=atomic_dq, **flags, **launch,
+        )
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kernel, launch = _launcher("dq", width, tune, configs.get("dq"))
-    kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)](
-        q, k, v, dout, lse2, delta, dq, *seq, *common, *_rows_strides(dq), *tune_key,
-        **dims, SOFTCAP=has_softcap, **flags, **launch,
-    )
+    for b0, nb in slices:
+        kernel[lambda meta, nb=nb: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, nb)](
+            q, k, v, dout, lse2, delta, dq, *seq, b0, *common, *_rows_strides(dq), *tune_key,
+            **dims, SOFTCAP=has_softcap, **flags, **launch,
+        )
     return dq, dk, dv
