@@ -353,3 +353,38 @@ def check_combine_inputs(out_partial, lse_partial, out, out_dtype) -> None:
         check_shape("out", out, tuple(out_partial.shape[1:]), "out_partial.shape[1:]")
         if out_dtype is not None and out.dtype != out_dtype:
             raise TypeError(f"out has dtype {out.dtype} but out_dtype is {out_dtype}")
+
+
+def check_backward_inputs(
+    dout, q, k, v, out, softmax_lse, dq, dk, dv, *, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+    max_seqlen_q, max_seqlen_k, softcap, sm_margin,
+) -> None:
+    """The low-level backward entry (official `_flash_attn_backward`): what the official mha_bwd checks,
+    plus softmax_lse's shape, which the kernels index and the official code leaves unchecked."""
+    check_attention_inputs(
+        q, k, v, qv=None, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None,
+        v_descale=None, sinks=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
+        scheduler_metadata=None, attention_chunk=0, softcap=softcap, num_splits=1, sm_margin=sm_margin,
+    )
+    check_dtype("q", q, (torch.float16, torch.bfloat16))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out (the forward output) must be a torch.Tensor; got {type(out).__name__}")
+    check_tensor("dout", dout, device=q.device)
+    if dout.dtype != q.dtype:
+        raise TypeError(f"dout must have the dtype of q ({q.dtype}); got {dout.dtype}")
+    check_shape("dout", dout, tuple(out.shape), "out.shape")
+    check_tensor("softmax_lse", softmax_lse, device=q.device)
+    check_dtype("softmax_lse", softmax_lse, (torch.float32,))
+    if cu_seqlens_q is not None:
+        check_shape("softmax_lse", softmax_lse, (q.shape[1], q.shape[0]), "(num_heads, total_q)")
+    else:
+        check_shape("softmax_lse", softmax_lse, (q.shape[0], q.shape[2], q.shape[1]), "(batch_size, num_heads, seqlen_q)")
+    for name, grad, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if grad is None:
+            continue
+        check_tensor(name, grad, device=q.device)
+        if grad.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}); got {grad.dtype}")
+        check_shape(name, grad, tuple(like.shape), f"{name[1]}.shape")

@@ -60,18 +60,24 @@ def _flash_attn_backward(
     cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k = (
         interface._unit_stride(t) for t in (cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k)
     )
+    if cu_seqlens_q is None and max_seqlen_q is None:
+        max_seqlen_q = q.shape[1]
+    if cu_seqlens_k is None and max_seqlen_k is None:
+        max_seqlen_k = k.shape[1]
+    max_seqlen_q, max_seqlen_k = checks.as_int("max_seqlen_q", max_seqlen_q), checks.as_int("max_seqlen_k", max_seqlen_k)
+    checks.check_backward_inputs(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=sequed_q, seqused_k=sequed_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        softcap=softcap, sm_margin=sm_margin,
+    )
     if is_causal:
         right = 0
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if max_seqlen_q is None:
-        max_seqlen_q = q.shape[1]
-    if max_seqlen_k is None:
-        max_seqlen_k = k.shape[1]
     grads = ops._flash_attn_backward(
         dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k,
-        checks.as_int("max_seqlen_q", max_seqlen_q), checks.as_int("max_seqlen_k", max_seqlen_k),
-        None, float(softmax_scale), left, right, float(softcap), bool(deterministic), int(sm_margin),
+        max_seqlen_q, max_seqlen_k, None, float(softmax_scale), left, right, float(softcap),
+        bool(deterministic), int(sm_margin),
     )
     for target, grad in zip((dq, dk, dv), grads):
         if target is not None:

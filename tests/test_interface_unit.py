@@ -339,3 +339,49 @@ def test_lowlevel_kv_batch_idx_with_packed_kv_is_refused():
     with pytest.raises(ValueError, match=r"kv_batch_idx cannot be combined with cu_seqlens_k"):
         _flash_attn_forward(_rand(7, 2, 16), _rand(7, 2, 16), _rand(7, 2, 16), cu_seqlens_q=cu, cu_seqlens_k=cu,
                             max_seqlen_q=4, max_seqlen_k=4, kv_batch_idx=torch.tensor([1, 0], dtype=torch.int32))
+
+
+def test_lowlevel_backward_matches_autograd(fa, device):
+    from flash_attn_3.lowlevel import _flash_attn_backward, _flash_attn_forward
+
+    q, k, v = (_rand(2, 5, 2, 16).to(device).requires_grad_() for _ in range(3))
+    out = fa.flash_attn_func(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    expect = torch.autograd.grad(out, (q, k, v), dout)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse, *_ = _flash_attn_forward(q, k, v, causal=True)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    softmax_d = _flash_attn_backward(dout, q, k, v, out, lse, None, None, None, None, None, None, *grads,
+                                     is_causal=True)
+    assert softmax_d.shape == lse.shape
+    for got, want in zip(grads, expect):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+def _lowlevel_bwd_args(**over):
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q, k, v = _rand(7, 2, 16), _rand(7, 2, 16), _rand(7, 2, 16)
+    args = dict(dout=_rand(7, 2, 16), q=q, k=k, v=v, out=_rand(7, 2, 16), softmax_lse=torch.randn(2, 7),
+                cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=4)
+    args.update(over)
+    return args
+
+
+BAD_LOWLEVEL_BWD = [
+    # Without max_seqlen_q a packed q used to pass its head count (q.shape[1]) as the length.
+    ({"max_seqlen_q": None}, ValueError, r"max_seqlen_q .* is required with cu_seqlens_q"),
+    ({"dout": _rand(7, 2, 8)}, ValueError, r"dout must have shape out.shape = \(7, 2, 16\); got \(7, 2, 8\)"),
+    ({"dout": _rand(7, 2, 16, dtype=torch.bfloat16)}, TypeError, r"dout must have the dtype of q"),
+    ({"softmax_lse": torch.randn(2, 2, 7)}, ValueError, r"softmax_lse must have shape \(num_heads, total_q\)"),
+    ({"dk": torch.empty(7, 2, 8, dtype=torch.float16)}, ValueError, r"dk must have shape k.shape"),
+    ({"dq": torch.empty(7, 2, 16, dtype=torch.bfloat16)}, TypeError, r"dq must have the dtype of q"),
+    ({"out": _rand(6, 2, 16)}, ValueError, r"out must have shape"),
+]
+
+
+@pytest.mark.parametrize("over,exc,message", BAD_LOWLEVEL_BWD)
+def test_lowlevel_backward_errors(over, exc, message):
+    from flash_attn_3.lowlevel import _flash_attn_backward
+
+    with pytest.raises(exc, match=message):
+        _flash_attn_backward(**_lowlevel_bwd_args(**over))
