@@ -284,10 +284,6 @@ def check_append_inputs(
     if k is None:
         if has_rotary:
             raise ValueError("rotary_cos/rotary_sin apply to new keys: they need k and v to append")
-        if cu_seqlens_k_new is not None:
-            raise ValueError("cu_seqlens_k_new describes new k/v: it needs k and v")
-        if rotary_seqlens is not None:
-            raise ValueError("rotary_seqlens needs rotary_cos/rotary_sin with new k and v")
         return
     for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
         check_tensor(name, t, device=device)
@@ -328,8 +324,6 @@ def check_append_inputs(
                 f"(the cache capacity); got {rotary_cos.shape[0]}"
             )
         check_index("rotary_seqlens", rotary_seqlens, device=device, shape=(batch_size,), meaning="(batch_size,)")
-    elif rotary_seqlens is not None:
-        raise ValueError("rotary_seqlens needs rotary_cos and rotary_sin")
 
 
 def check_combine_inputs(out_partial, lse_partial, out, out_dtype) -> None:

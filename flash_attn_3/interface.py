@@ -347,6 +347,11 @@ def flash_attn_with_kvcache(
         _unit_stride(t) for t in (cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens)
     )
     cache_seqlens, scheduler_metadata = _unit_stride(cache_seqlens), _unit_stride(scheduler_metadata)
+    # The official forward reads these only with what they describe, and ignores them otherwise.
+    if rotary_cos is None and rotary_sin is None:
+        rotary_seqlens = None
+    if k is None and v is None:
+        cu_seqlens_k_new = None
     max_seqlen_q = checks.as_int("max_seqlen_q", max_seqlen_q)
     if cu_seqlens_q is not None and max_seqlen_q is None:
         raise ValueError("max_seqlen_q (a Python int) is required with cu_seqlens_q")

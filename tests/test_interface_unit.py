@@ -385,3 +385,19 @@ def test_lowlevel_backward_errors(over, exc, message):
 
     with pytest.raises(exc, match=message):
         _flash_attn_backward(**_lowlevel_bwd_args(**over))
+
+
+def test_kvcache_ignores_descriptions_of_absent_inputs(fa, device):
+    """Officially rotary_seqlens is read only with rotary_cos/sin, cu_seqlens_k_new only with new k/v."""
+    q, k_cache, v_cache = _rand(2, 1, 4, 16).to(device), _rand(2, 8, 2, 16).to(device), _rand(2, 8, 2, 16).to(device)
+    seqlens = torch.tensor([3, 5], dtype=torch.int32, device=device)
+    plain = fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
+    described = fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, rotary_seqlens=seqlens,
+                                           cu_seqlens_k_new=torch.tensor([0, 1, 2], dtype=torch.int32, device=device))
+    assert torch.equal(plain, described)
+    k_new, v_new = _rand(2, 1, 2, 16).to(device), _rand(2, 1, 2, 16).to(device)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    outs = [fa.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens, **extra)
+            for (kc, vc), extra in zip(caches, ({}, {"rotary_seqlens": seqlens}))]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
