@@ -286,3 +286,25 @@ def test_batch_launched_in_slices(monkeypatch, kind, case):
 
     monkeypatch.setattr(fwd, "_MAX_GRID_Z", 2)
     {"dense": test_dense, "varlen": test_varlen, "paged": test_kvcache}[kind](case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_gpu_batch_past_grid_limit():
+    """More batches (and batches * splits) than grid axis 2 holds, on the real launch limit."""
+    fa = _fa()
+    # 70000 one-token sequences with one key each: out = v, lse = scale * q.k.
+    n, heads, d = 70000, 2, 64
+    q, k, v = (randn(n, heads, d, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
+    cu = torch.arange(n + 1, dtype=torch.int32, device=DEVICE)
+    out, lse = fa.flash_attn_varlen_func(q, k, v, cu, cu, 1, 1, return_attn_probs=True)
+    torch.testing.assert_close(out, v, atol=1e-2, rtol=1e-2)
+    expected = (q.float() * k.float()).sum(-1).t() * d ** -0.5
+    torch.testing.assert_close(lse, expected, atol=1e-3, rtol=1e-3)
+    # 20000 batches x 4 splits: sliced launches against the unsplit (unsliced) one.
+    q = randn(20000, 1, 2, d, dtype=torch.bfloat16, device=DEVICE)
+    k, v = (randn(20000, 300, 1, d, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    base, base_lse = fa.flash_attn_func(q, k, v, num_splits=1, return_attn_probs=True)
+    out, lse = fa.flash_attn_func(q, k, v, num_splits=4, return_attn_probs=True)
+    torch.testing.assert_close(out, base, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=1e-4)
