@@ -30,39 +30,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 
 
-def _fix_interpreter_bf16():
-    """Triton 3.6's interpreter multiplies bf16 dot operands as raw uint16 bits and truncates
-    fp32 -> bf16 casts; the GPU computes in bf16 and rounds to nearest even. (Same fix as
-    test_triton_bwd.py; belongs in conftest.py.)"""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "bf16_fixed", False):
-        return
-    create_dot, cast_impl = builder.create_dot, builder.cast_impl
-
-    def widen(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot(self, a, b, d, *args):
-        return create_dot(self, widen(a), widen(b), d, *args)
-
-    def cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl, builder.bf16_fixed = dot, cast, True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter_bf16()
-
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -576,3 +543,44 @@ def test_combine_split_offsets_past_int32():
     ref_out, ref_lse = combine_reference(dense_out, dense_lse)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_lengths_past_the_capacity_read_only_the_cache():
+    """cache_seqlens are values no check can read: a length past the capacity must clamp to the
+    cache (as the reference backend's slicing does), never read past a row or a page table."""
+    import flash_attn_interface as fa
+
+    capacity, page_size = 24, 8
+    q = torch.randn(2, 1, 4, 32, device=DEVICE, dtype=torch.float16)
+    k_dense = torch.randn(2, capacity, 2, 32, device=DEVICE, dtype=torch.float16)
+    v_dense = torch.randn(2, capacity, 2, 32, device=DEVICE, dtype=torch.float16)
+    pages = torch.randperm(2 * capacity // page_size, device=DEVICE).to(torch.int32).view(2, -1)
+    k_paged = torch.empty(2 * capacity // page_size, page_size, 2, 32, device=DEVICE, dtype=torch.float16)
+    v_paged = torch.empty_like(k_paged)
+    for b in range(2):
+        for p in range(pages.shape[1]):
+            k_paged[pages[b, p]] = k_dense[b, p * page_size: (p + 1) * page_size]
+            v_paged[pages[b, p]] = v_dense[b, p * page_size: (p + 1) * page_size]
+    want, _ = rm.attention_dense(q.double(), k_dense.double(), v_dense.double())
+    for k, v, table in ((k_dense, v_dense, None), (k_paged, v_paged, pages)):
+        for kernel in ("decode", "fwd"):
+            a_out = _clamped_call(fa, q, k, v, table, capacity + 100, kernel)
+            torch.testing.assert_close(a_out.double(), want, atol=2e-3, rtol=0)
+
+
+def _clamped_call(fa, q, k, v, table, length, kernel):
+    import flash_attn_3.backends.triton.routes as routes
+
+    module = importlib.import_module(f"flash_attn_3.backends.triton.{kernel}")
+    original = routes.forward_kernel
+    routes.forward_kernel = lambda a: module
+    old_env = os.environ.get("FLASH_ATTN_3_BACKEND")
+    os.environ["FLASH_ATTN_3_BACKEND"] = "triton"
+    try:
+        return fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=length, page_table=table, num_splits=1)
+    finally:
+        routes.forward_kernel = original
+        if old_env is None:
+            del os.environ["FLASH_ATTN_3_BACKEND"]
+        else:
+            os.environ["FLASH_ATTN_3_BACKEND"] = old_env

@@ -95,7 +95,8 @@ def _decode_kernel(
         k_tok0 = 0
         end_k = seqlen_k_static
     if HAS_SEQUSED_K:
-        end_k = tl.load(SequsedK + batch)
+        # Never past the row (or the page table's reach): lengths are values no check can read.
+        end_k = tl.minimum(tl.load(SequsedK + batch), end_k)
     leftpad = 0
     if HAS_LEFTPAD:
         leftpad = tl.load(LeftpadK + batch)
@@ -319,7 +320,8 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
         a.kv_batch_idx if a.kv_batch_idx is not None else dummy, a.page_table if paged else dummy,
         a.softmax_scale * LOG2E, a.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
         a.window_left, a.window_right, a.attention_chunk,
-        num_heads_kv, seqlen_q, 0 if paged or varlen_k else k.shape[1], num_m_blocks, num_splits,
+        num_heads_kv, seqlen_q, a.page_table.shape[1] * k.shape[1] if paged else (0 if varlen_k else k.shape[1]),
+        num_m_blocks, num_splits,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
         a.page_table.stride(0) if paged else 0,
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,

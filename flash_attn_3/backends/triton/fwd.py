@@ -232,7 +232,9 @@ def _attn_fwd(
         k_start = tl.load(CuSeqlensK + batch)
         seq_end = tl.load(CuSeqlensK + batch + 1) - k_start
     if HAS_SEQUSED_K:
-        seq_end = tl.load(SequsedK + batch)
+        # Never past the row: lengths are values the checks cannot read, and a cache length
+        # beyond the capacity must not turn into an out-of-bounds read.
+        seq_end = tl.minimum(tl.load(SequsedK + batch), seq_end)
     leftpad = zero
     if HAS_LEFTPAD:
         leftpad = tl.load(LeftpadK + batch)
