@@ -245,6 +245,11 @@ def append_kv(k_cache, v_cache, k_new, v_new, q, rotary_cos, rotary_sin, cache_s
             kb, vb = k_new[b], v_new[b]
         n = kb.shape[0]
         positions = torch.arange(seqlens[b], seqlens[b] + n, device=k_cache.device)
+        # Tokens that would land past the cache are dropped, as the triton kernel does: the
+        # lengths are values no check reads, and the write must stay inside the cache.
+        capacity = page_table.shape[1] * k_cache.shape[1] if page_table is not None else k_cache.shape[1]
+        keep = positions < capacity
+        positions, kb, vb = positions[keep], kb[keep], vb[keep]
         if rotary_cos is not None:
             kb = _rotate(kb, rotary_cos, rotary_sin, positions - seqlens[b] + offsets[b], rotary_interleaved)
         if page_table is not None:
