@@ -150,6 +150,10 @@ def cmd_info(args) -> int:
         verdicts = dispatch.explain([name], device)
         cells = ", ".join(f"{b}: {'yes' if r is None else 'no'}" for b, r in verdicts.items())
         print(f"  {meaning:<52} {cells}")
+    unavailable = {b: dispatch.device_reason(b, device) for b in dispatch.CAPABILITIES}
+    for backend, reason in unavailable.items():
+        if reason:
+            print(f"{backend}: {reason}")
     return 0
 
 
