@@ -44,10 +44,11 @@ def _unit_stride(t):
 
 
 def _attention(
-    q, k, v, *, qv, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-    max_seqlen_k, page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale, sinks,
-    softmax_scale, causal, window_size, attention_chunk, softcap, num_splits, pack_gqa,
-    deterministic, sm_margin, cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata,
+    q, k, v, *, softmax_scale, causal, window_size, attention_chunk, softcap, deterministic,
+    sm_margin, qv=None, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+    seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None,
+    leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None, num_splits=1,
+    pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
     k_name="k", v_name="v", public_names=None, validated=False,
 ):
     """Validate (unless the caller just did), normalize and run the forward op; returns (out, lse)."""
@@ -132,14 +133,11 @@ def flash_attn_func(
     seqlen_q) fp32 too when return_attn_probs or return_softmax_lse.
     """
     out, lse = _attention(
-        q, k, v, qv=qv, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-        seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None,
-        leftpad_k=None, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        q, k, v, qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         sinks=_pick_sinks(sinks, s_aux), softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, attention_chunk=attention_chunk, softcap=softcap,
         num_splits=num_splits, pack_gqa=pack_gqa, deterministic=deterministic, sm_margin=sm_margin,
         cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k,
-        scheduler_metadata=None,
     )
     return (out, lse) if (return_attn_probs or return_softmax_lse) else out
 
@@ -184,13 +182,10 @@ def flash_attn_qkvpacked_func(
     else:
         raise ValueError(f"qkv must be 5-D or 4-D; got shape {tuple(qkv.shape)}")
     out, lse = _attention(
-        q, k, v, qv=None, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-        seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None,
-        leftpad_k=None, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=None,
+        q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        attention_chunk=attention_chunk, softcap=softcap, num_splits=1, pack_gqa=None,
-        deterministic=deterministic, sm_margin=sm_margin, cp_world_size=1, cp_rank=0,
-        cp_tot_seqused_k=None, scheduler_metadata=None,
+        attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
+        sm_margin=sm_margin,
     )
     return (out, lse) if return_attn_probs else out
 
@@ -251,13 +246,12 @@ def flash_attn_varlen_func(
     result, lse = _attention(
         q, k, v, qv=qv, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, page_table=page_table, kv_batch_idx=None, leftpad_k=None,
-        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        sinks=_pick_sinks(sinks, s_aux), softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, attention_chunk=attention_chunk, softcap=softcap,
-        num_splits=num_splits, pack_gqa=pack_gqa, deterministic=deterministic, sm_margin=sm_margin,
-        cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k,
-        scheduler_metadata=None,
+        max_seqlen_k=max_seqlen_k, page_table=page_table, q_descale=q_descale,
+        k_descale=k_descale, v_descale=v_descale, sinks=_pick_sinks(sinks, s_aux),
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        deterministic=deterministic, sm_margin=sm_margin, cp_world_size=cp_world_size,
+        cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k,
     )
     return (result, lse) if (return_attn_probs or return_softmax_lse) else result
 
@@ -395,9 +389,9 @@ def flash_attn_with_kvcache(
         else:
             seqused_k = cache_seqlens + k.shape[1]
     out, lse = _attention(
-        q, k_cache, v_cache, qv=qv, out=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None,
-        seqused_q=None, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=None,
-        page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad,
+        q, k_cache, v_cache, qv=qv, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
+        max_seqlen_q=max_seqlen_q, page_table=page_table, kv_batch_idx=cache_batch_idx,
+        leftpad_k=cache_leftpad,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=sinks,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
