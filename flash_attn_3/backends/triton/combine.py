@@ -127,3 +127,11 @@ def combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: tor
     lse = torch.empty((batch, seqlen, num_heads), dtype=torch.float32, device=out_partial.device)
     combine_into(out_partial, lse_partial, out, lse)
     return out, lse
+
+
+def unsplit_strides(out, lse, varlen_q: bool):
+    """(split, batch, token, head) strides of the final out / lse, for kernels that write them
+    directly (one split): varlen q folds batch into the token axis; lse is (B, H, S) or (H, T)."""
+    if varlen_q:
+        return (0, 0, out.stride(0), out.stride(1)), (0, 0, lse.stride(1), lse.stride(0))
+    return (0, out.stride(0), out.stride(1), out.stride(2)), (0, lse.stride(0), lse.stride(2), lse.stride(1))

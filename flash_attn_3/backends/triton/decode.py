@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
-from .combine import combine_into
+from .combine import combine_into, unsplit_strides
 from .scheduler import decode_block_m, decode_block_n, decode_num_splits, num_sms
 
 # Beyond this many packed query rows per KV head the tiled forward kernel is the better tool.
@@ -291,12 +291,7 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
     if num_splits == 1:
         dst_out, dst_lse = out, lse
-        if varlen_q:
-            o_strides = (0, 0, out.stride(0), out.stride(1))
-            l_strides = (0, 0, lse.stride(1), lse.stride(0))
-        else:
-            o_strides = (0, out.stride(0), out.stride(1), out.stride(2))
-            l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
+        o_strides, l_strides = unsplit_strides(out, lse, varlen_q)
     else:
         dst_out = torch.empty((num_splits, num_tokens, num_heads_q, head_dim_v), dtype=torch.float32, device=device)
         dst_lse = torch.empty((num_splits, num_tokens, num_heads_q), dtype=torch.float32, device=device)

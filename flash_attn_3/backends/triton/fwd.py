@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..params import AttnArgs
 from . import masks
-from .combine import combine_into
+from .combine import combine_into, unsplit_strides
 from .scheduler import choose_num_splits
 
 LOG2E = 1.4426950408889634
@@ -503,12 +503,7 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
                      lse_dst.stride(3))
     else:
         out_dst, lse_dst = out, lse
-        if varlen_q:
-            o_strides = (0, 0, out.stride(0), out.stride(1))
-            l_strides = (0, 0, lse.stride(1), lse.stride(0))
-        else:
-            o_strides = (0, out.stride(0), out.stride(1), out.stride(2))
-            l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
+        o_strides, l_strides = unsplit_strides(out, lse, varlen_q)
 
     q_strides = (0, q.stride(0), q.stride(1)) if varlen_q else q.stride()[:3]
     qv = a.qv
