@@ -12,7 +12,9 @@
 # Every part runs under its own cap and a global deadline (GPU_CHECK_SECONDS, default 520), and a
 # part that fails or hits its cap does not stop the next. A single bench part gets the whole
 # deadline. Environment knobs: PYTHON (default python3), BENCH_ARGS (added to every bench, e.g.
-# "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS).
+# "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
+# (added to the `gpu` and `suite` pytest runs, e.g. "-n 6": the GPU tests are compile-bound and the device has 16
+# cores, so pytest-xdist workers cut the wall time several-fold).
 #
 # What comes back in $OUT (the device tool returns at most 8 files): gpu_check.log (everything),
 # summary.md (versions, part results, failing tests, bench tables), bench_{fwd,bwd,decode}.json
@@ -120,14 +122,15 @@ EOF
     run_capped 60 "flash_attn_3 check" "$WORK/check.log" "$PY" -m flash_attn_3 check
     run_capped 60 "flash_attn_3 bench" "$WORK/cli_bench.log" "$PY" -m flash_attn_3 bench
   fi
-  want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu tests
+  read -r -a PYTEST_GPU_EXTRA <<< "${PYTEST_GPU_ARGS:-}"
+  want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${PYTEST_GPU_EXTRA[@]}" tests
   want fwd && bench_part fwd 110
   want bwd && bench_part bwd 90
   want decode && bench_part decode 50
   want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
     "$PY" scripts/profile_decode_step.py
   # The suite's backend fixture already runs every test on triton (CUDA) and reference.
-  want suite && pytest_part pytest_suite "${PYTEST_SUITE_CAP:-200}" -m "not gpu" tests
+  want suite && pytest_part pytest_suite "${PYTEST_SUITE_CAP:-200}" -m "not gpu" "${PYTEST_GPU_EXTRA[@]}" tests
 
   [[ -f $WORK/tables.md ]] && cat "$WORK/tables.md" >> "$SUMMARY"
   cp "$SUMMARY" "$OUT/summary.md"
