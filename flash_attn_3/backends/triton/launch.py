@@ -1,0 +1,123 @@
+"""Cheap repeat launches of a @triton.jit kernel: the host half of a small decode step.
+
+`kernel[grid](...)` re-derives Triton's specialization of every argument on every call (the
+binder, the cache key, a driver query per tensor to validate its pointer): about 10 us on the CPU
+of the dev box for the 60-argument decode kernel, several times that per launch on the H100 host
+(docs/perf-notes.md, KV section). A decode loop repeats one call signature, so `Launcher` keys the
+compiled kernel by a tuple that determines Triton's specialization, and from the second call on
+hands the CompiledKernel's launcher plain integers: device pointers, ints, floats. Without
+launch hooks it also skips what Triton does for them on every launch (a metadata dict, two calls
+into empty hook chains).
+
+The key must never map two calls that Triton would compile differently to one kernel. Triton
+(3.6, runtime/jit.py and specialize.cc) specializes a tensor on its dtype and on data_ptr % 16,
+an int on == 1, on % 16 and on its integer width, a bool and a float not at all, None as a
+constant; plus the constexpr values and the launch options. The key holds the tensors' dtype and
+pointer alignment, every int and bool by value (finer than Triton's classes: a decode loop
+repeats the same ints), None by identity, and the constexpr values and options. A miss (or
+anything unusual: launch hooks set, the interpreter) takes Triton's own path, which compiles if needed
+and returns the kernel we cache. tests/test_launch.py checks the key against Triton's binder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from triton import knobs
+from triton.runtime.jit import JITFunction
+
+
+def specialization_key(args: Sequence[Any]) -> Optional[tuple]:
+    """A tuple that determines Triton's specialization of the runtime arguments `args`, or None
+    for an argument type it does not know (the caller then takes Triton's path)."""
+    key = []
+    for x in args:
+        kind = type(x)
+        if kind is torch.Tensor:
+            key.append(x.dtype)
+            key.append(x.data_ptr() & 15 == 0)
+        elif kind is float:
+            key.append(float)
+        elif kind is int or kind is bool or x is None:
+            # By value and type: 1 and True, or 2**40 and 2**40 as i64 vs u64, stay apart.
+            key.append(kind)
+            key.append(x)
+        else:
+            return None
+    return tuple(key)
+
+
+def _launch_values(args: Sequence[Any]) -> list:
+    """What the C launcher reads: device pointers as ints, the rest as they are."""
+    return [x.data_ptr() if type(x) is torch.Tensor else x for x in args]
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a profiler (proton, ...) hooks launches: Triton 3.6 keeps an empty HookChain in
+    each slot when none does; a plain callable there is a hook too."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class Launcher:
+    """Launches of one kernel whose constexpr parameters all follow its runtime parameters.
+
+    `launcher(grid, args, constexprs, num_warps, num_stages)`: args are the runtime arguments in
+    parameter order, constexprs the constexpr values in parameter order (a tuple: it is part of
+    the key).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.jit = isinstance(fn, JITFunction)  # False under TRITON_INTERPRET=1
+        names = getattr(fn, "arg_names", None) or list(fn.signature.parameters)
+        if self.jit:
+            constexpr = [p.is_constexpr for p in fn.params]
+            first = constexpr.index(True) if True in constexpr else len(constexpr)
+            if not all(constexpr[first:]):
+                raise ValueError(f"{fn}: constexpr parameters must come after the runtime ones")
+            self.num_runtime = first
+        else:
+            self.num_runtime = None
+        self.names = names
+        self.kernels: dict[tuple, tuple] = {}
+        self._device = self._stream = None
+
+    def __call__(self, grid, args: Sequence[Any], constexprs: tuple, num_warps: int, num_stages: int):
+        if not self.jit or _launch_hooks_set():
+            return self._slow(grid, args, constexprs, num_warps, num_stages)
+        if self._device is None:
+            from triton.runtime.driver import driver
+
+            self._device = driver.active.get_current_device
+            self._stream = driver.active.get_current_stream
+        spec = specialization_key(args)
+        if spec is None:
+            return self._slow(grid, args, constexprs, num_warps, num_stages)
+        device = self._device()
+        # debug / instrumentation change the compiled code as the JIT path reads them per call.
+        key = (device, num_warps, num_stages, constexprs, spec, knobs.runtime.debug,
+               knobs.compilation.instrumentation_mode)
+        hit = self.kernels.get(key)
+        if hit is None:
+            kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
+            # Only a finished CompiledKernel is cached (async compile modes hand back futures).
+            if getattr(kernel, "function", None) is not None:
+                self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata,
+                                     [None] * len(constexprs))
+            return
+        run, function, metadata, constexpr_slots = hit
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        # The launcher parses the constexpr slots as objects and ignores them (values are compiled in).
+        run(grid[0], grid_y, grid_z, self._stream(device), function, metadata, None, None, None,
+            *_launch_values(args), *constexpr_slots)
+
+    def _slow(self, grid, args, constexprs, num_warps, num_stages):
+        if len(args) + len(constexprs) != len(self.names):
+            raise TypeError(f"{self.names}: got {len(args)} runtime and {len(constexprs)} constexpr values")
+        named = dict(zip(self.names[len(args):], constexprs))
+        return self.fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
