@@ -52,7 +52,7 @@ def _values():
 def test_key_determines_triton_specialization_per_argument(specialize, align):
     """Equal keys => equal Triton specialization, for every pair of edge values."""
     values = _values()
-    keys = [launch.specialization_key([x]) for x in values]
+    keys = [launch.key_and_values([x])[0] for x in values]
     specs = [tuple(native_specialize_impl(BACKEND, x, False, specialize, align)) for x in values]
     assert all(key is not None for key in keys)
     for i, j in itertools.combinations(range(len(values)), 2):
@@ -63,7 +63,7 @@ def test_key_determines_triton_specialization_per_argument(specialize, align):
 
 
 def test_unknown_argument_types_take_triton_path():
-    assert launch.specialization_key([torch.empty(2), object()]) is None
+    assert launch.key_and_values([torch.empty(2), object()]) is None
 
 
 def _decode_call(q_offset=0):
@@ -101,9 +101,10 @@ def test_decode_arguments_key_against_triton_binder():
 
     first, second, shifted = _decode_call(), _decode_call(), _decode_call(q_offset=1)
     assert len(first[0]) + len(first[1]) == len(fn.params)
-    assert launch.specialization_key(first[0]) == launch.specialization_key(second[0])
+    key = lambda args: launch.key_and_values(args)[0]  # noqa: E731
+    assert key(first[0]) == key(second[0])
     assert spec(*first) == spec(*second)
-    assert launch.specialization_key(first[0]) != launch.specialization_key(shifted[0])
+    assert key(first[0]) != key(shifted[0])
     assert spec(*first) != spec(*shifted)
 
 

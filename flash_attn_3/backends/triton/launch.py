@@ -13,8 +13,8 @@ The key must never map two calls that Triton would compile differently to one ke
 (3.6, runtime/jit.py and specialize.cc) specializes a tensor on its dtype and on data_ptr % 16,
 an int on == 1, on % 16 and on its integer width, a bool and a float not at all, None as a
 constant; plus the constexpr values and the launch options. The key holds the tensors' dtype and
-pointer alignment, every int and bool by value (finer than Triton's classes: a decode loop
-repeats the same ints), None by identity, and the constexpr values and options. A miss (or
+pointer alignment, every int and bool by type and value (finer than Triton's classes: a decode
+loop repeats the same ints), floats by type, None, and the constexpr values and options. A miss (or
 anything unusual: launch hooks set, the interpreter) takes Triton's own path, which compiles if needed
 and returns the kernel we cache. tests/test_launch.py checks the key against Triton's binder.
 """
@@ -28,29 +28,35 @@ from triton import knobs
 from triton.runtime.jit import JITFunction
 
 
-def specialization_key(args: Sequence[Any]) -> Optional[tuple]:
-    """A tuple that determines Triton's specialization of the runtime arguments `args`, or None
-    for an argument type it does not know (the caller then takes Triton's path)."""
+# Call signatures one launcher remembers; a serving loop sees one per batch shape it runs.
+MAX_CACHED = 4096
+
+
+def key_and_values(args: Sequence[Any]) -> Optional[tuple[tuple, list]]:
+    """(a tuple that determines Triton's specialization of the runtime arguments `args`, what the
+    C launcher reads for them: device pointers as ints, the rest as they are), or None for an
+    argument type this does not know (the caller then takes Triton's path). One pass: this runs
+    on every launch."""
     key = []
+    values = []
     for x in args:
         kind = type(x)
         if kind is torch.Tensor:
+            ptr = x.data_ptr()
             key.append(x.dtype)
-            key.append(x.data_ptr() & 15 == 0)
-        elif kind is float:
+            key.append(ptr & 15 == 0)
+            values.append(ptr)
+        elif kind is float:  # never specialized: a new softmax_scale is no new kernel
             key.append(float)
+            values.append(x)
         elif kind is int or kind is bool or x is None:
-            # By value and type: 1 and True, or 2**40 and 2**40 as i64 vs u64, stay apart.
+            # By type and value: 1 and True compare equal but compile apart.
             key.append(kind)
             key.append(x)
+            values.append(x)
         else:
             return None
-    return tuple(key)
-
-
-def _launch_values(args: Sequence[Any]) -> list:
-    """What the C launcher reads: device pointers as ints, the rest as they are."""
-    return [x.data_ptr() if type(x) is torch.Tensor else x for x in args]
+    return tuple(key), values
 
 
 def _launch_hooks_set() -> bool:
@@ -94,9 +100,10 @@ class Launcher:
 
             self._device = driver.active.get_current_device
             self._stream = driver.active.get_current_stream
-        spec = specialization_key(args)
-        if spec is None:
+        prepared = key_and_values(args)
+        if prepared is None:
             return self._slow(grid, args, constexprs, num_warps, num_stages)
+        spec, values = prepared
         device = self._device()
         # debug / instrumentation change the compiled code as the JIT path reads them per call.
         key = (device, num_warps, num_stages, constexprs, spec, knobs.runtime.debug,
@@ -106,6 +113,8 @@ class Launcher:
             kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
             # Only a finished CompiledKernel is cached (async compile modes hand back futures).
             if getattr(kernel, "function", None) is not None:
+                if len(self.kernels) >= MAX_CACHED:  # ints vary with batch shapes: stay bounded
+                    self.kernels.clear()
                 self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata,
                                      [None] * len(constexprs))
             return
@@ -114,7 +123,7 @@ class Launcher:
         grid_z = grid[2] if len(grid) > 2 else 1
         # The launcher parses the constexpr slots as objects and ignores them (values are compiled in).
         run(grid[0], grid_y, grid_z, self._stream(device), function, metadata, None, None, None,
-            *_launch_values(args), *constexpr_slots)
+            *values, *constexpr_slots)
 
     def _slow(self, grid, args, constexprs, num_warps, num_stages):
         if len(args) + len(constexprs) != len(self.names):
