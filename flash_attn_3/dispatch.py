@@ -145,12 +145,18 @@ def refusal(backend: str, features: list[str], device: torch.device) -> Optional
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _module(backend: str):
+    # Cached: every op call asks (twice), and importlib's lookup costs about a microsecond.
+    return importlib.import_module(_MODULES[backend])
+
+
 def _call_refusal(backend: str, a: Optional[AttnArgs], backward: bool) -> Optional[str]:
     """Refusals that depend on a combination of features: a backend module may declare them in
     `unsupported_reason(a, backward)` (asked only once the device and the table allow the call)."""
     if a is None:
         return None
-    check = getattr(importlib.import_module(_MODULES[backend]), "unsupported_reason", None)
+    check = getattr(_module(backend), "unsupported_reason", None)
     return check(a, backward) if check else None
 
 
@@ -162,7 +168,7 @@ def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = N
         reason = refusal(forced, features, device) or _call_refusal(forced, a, backward)
         if reason:
             raise NotImplementedError(f"{ENV_VAR}={forced}: the {forced} backend refuses this call: {reason}")
-        return importlib.import_module(_MODULES[forced])
+        return _module(forced)
     candidates = preferred_backends(device)
     reasons = {}
     for backend in candidates:
@@ -176,7 +182,7 @@ def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = N
                         f"flash_attn_3: falling back from the {first} backend to {backend}: {why}",
                         stacklevel=4,
                     )
-            return importlib.import_module(_MODULES[backend])
+            return _module(backend)
         reasons[backend] = reason
     detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
     raise NotImplementedError(f"flash_attn_3: no backend can run this call ({detail})")

@@ -255,12 +255,14 @@ def append_kv(
     capacity = page_table.shape[1] * page_size if paged else k_cache.shape[1]
 
     q_out = torch.empty_like(q) if has_rotary else q
-    block_d = triton.next_power_of_2(head_dim)
-    block_dv = triton.next_power_of_2(head_dim_v)
+    # Plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds each on the host
+    # (constexpr-function wrappers), and this runs once per decode step.
+    block_d = 1 << (head_dim - 1).bit_length()
+    block_dv = 1 << (head_dim_v - 1).bit_length()
     # ~4K elements per program: enough bytes in flight per program, few programs for decode appends.
     block_r = max(1, min(64, 4096 // max(block_d, block_dv)))
-    num_kv_programs = triton.cdiv(num_kv_rows, block_r)
-    num_programs = num_kv_programs + triton.cdiv(num_q_rows, block_r)
+    num_kv_programs = -(-num_kv_rows // block_r)
+    num_programs = num_kv_programs - (-num_q_rows // block_r)
     if num_programs == 0:
         return q_out
 
