@@ -133,12 +133,20 @@ def forward_features(a: AttnArgs) -> list[str]:
     return ["dense"] + [name for name, on in flags.items() if on]
 
 
-def refusal(backend: str, features: list[str], device: torch.device) -> Optional[str]:
-    """None if `backend` runs every feature on `device`, else the first reason it refuses."""
+def refusal(backend: str, features, device: torch.device) -> Optional[str]:
+    """None if `backend` runs every feature on `device`, else the first reason it refuses.
+
+    features: a list of names, or a function returning it, called only when the backend's table
+    refuses anything (the triton and reference tables refuse nothing: a decode step skips it).
+    """
     reason = device_reason(backend, device)
     if reason:
         return reason
     table = CAPABILITIES[backend]
+    if callable(features):
+        if not any(table.values()):
+            return None
+        features = features()
     for feature in features:
         if table.get(feature):
             return f"{FEATURES[feature]}: {table[feature]}"
@@ -189,9 +197,12 @@ def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = N
 
 
 def backend_for(op: str, a: AttnArgs, deterministic: bool = False):
-    features = forward_features(a)
-    if op == "backward":
-        features = features + ["backward"] + (["deterministic"] if deterministic else [])
+    def features():
+        names = forward_features(a)
+        if op == "backward":
+            names += ["backward"] + (["deterministic"] if deterministic else [])
+        return names
+
     return _choose(features, a.q.device, a, op == "backward")
 
 
