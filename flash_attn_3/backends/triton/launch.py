@@ -1,13 +1,12 @@
 """Cheap repeat launches of a @triton.jit kernel: the host half of a small decode step.
 
-`kernel[grid](...)` re-derives Triton's specialization of every argument on every call (the
-binder, the cache key, a driver query per tensor to validate its pointer): about 10 us on the CPU
-of the dev box for the 60-argument decode kernel, several times that per launch on the H100 host
-(docs/perf-notes.md, KV section). A decode loop repeats one call signature, so `Launcher` keys the
-compiled kernel by a tuple that determines Triton's specialization, and from the second call on
-hands the CompiledKernel's launcher plain integers: device pointers, ints, floats. Without
-launch hooks it also skips what Triton does for them on every launch (a metadata dict, two calls
-into empty hook chains).
+`kernel[grid](...)` re-derives Triton's specialization of every argument on every call (binder,
+cache key, a launch-metadata dict, calls into the empty launch-hook chains), then its C launcher
+asks the driver about every tensor's pointer: 16 us of Python on the dev CPU for the 60-argument
+decode kernel before the driver calls (docs/perf-notes.md, KV section). A decode loop repeats one
+call signature, so `Launcher` keys the compiled kernel by a tuple that determines Triton's
+specialization, and from the second call on hands the CompiledKernel's launcher plain values:
+device pointers as ints (no driver query), ints, floats, no hooks. 5 us on the same CPU.
 
 The key must never map two calls that Triton would compile differently to one kernel. Triton
 (3.6, runtime/jit.py and specialize.cc) specializes a tensor on its dtype and on data_ptr % 16,
