@@ -6,10 +6,13 @@ imports triton on machines that will not use it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(name: str):
+    # Cached: importlib's lookup costs about a microsecond, and a decode step asks several times.
     return importlib.import_module(f"{__package__}.{name}")
 
 
