@@ -237,7 +237,7 @@ if _GLUON_OK:
         rows = gl.expand_dims(n0 + WG * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(
             1, kv_layout)), 1)
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
-        keep = (rows < seqlen_k) & (cols < HEAD_DIM)
+        keep = (rows < seqlen_k) & (cols < HEAD_DIM)  # the column term only broadcasts
         dk_at = (dk_ptr + b.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
                  + rows.to(gl.int64) * dk_strides[1] + cols)
         dv_at = (dv_ptr + b.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
@@ -269,7 +269,7 @@ if _GLUON_OK:
                                                  dq_desc.layout)
             dq_smem1 = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, 1, HEAD_DIM // 2],
                                                  dq_desc.layout)
-        else:
+        else:  # not touched: stand-ins for the arguments
             ds_smem = k_smem
             dq_smem0 = k_smem
             dq_smem1 = k_smem
