@@ -37,8 +37,17 @@ def forward(a):
     return forward_kernel(a).forward(a)
 
 
+def backward_kernel(a, deterministic: bool):
+    """The kernel module that computes this backward call: the warp-specialized Gluon kernel for
+    the dense fp16/bf16 case on Hopper when not deterministic, else the portable kernels."""
+    hopper = _kernel("bwd_hopper")
+    if hopper.supports(a, deterministic):
+        return hopper
+    return _kernel("bwd")
+
+
 def backward(dout, q, k, v, out, lse, a, deterministic):
-    return _kernel("bwd").backward(dout, q, k, v, out, lse, a, deterministic)
+    return backward_kernel(a, deterministic).backward(dout, q, k, v, out, lse, a, deterministic)
 
 
 def append_kv(*args):
