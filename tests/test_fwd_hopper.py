@@ -279,11 +279,15 @@ VARLEN_SHAPES = [
 ]
 
 
-def _varlen_qkv(lens_q, lens_k, heads_q, heads_k, head_dim, dtype=torch.bfloat16, extra_q=0):
-    """Packed q/k/v; extra_q rows after the last sequence belong to none."""
+def _varlen_qkv(lens_q, lens_k, heads_q, heads_k, head_dim, dtype=torch.bfloat16, extra_q=0,
+                extra_k=0):
+    """Packed q/k/v; extra_q / extra_k rows after the last sequence belong to none: the keys
+    there are NaN, which no output may see (TMA reads them, the kernel must clear them)."""
     q = torch.randn(sum(lens_q) + extra_q, heads_q, head_dim, device="cuda", dtype=dtype)
-    k, v = (torch.randn(sum(lens_k), heads_k, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lens_k) + extra_k, heads_k, head_dim, device="cuda", dtype=dtype)
             for _ in "kv")
+    k[sum(lens_k):] = float("nan")
+    v[sum(lens_k):] = float("nan")
     return q, k, v, cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
 
 
@@ -292,6 +296,12 @@ def _used(lens):
     used = [int(torch.randint(0, n + 1, ())) for n in lens]
     used[0] = lens[0]
     return torch.tensor(used, dtype=torch.int32, device="cuda")
+
+
+def _poison_unused(x, starts, used, lens):
+    """NaN in the rows of each sequence past its seqused (a KV cache's unfilled tail)."""
+    for start, n, length in zip(starts, used.tolist(), lens):
+        x[start + n:start + length] = float("nan")
 
 
 def run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, *, causal, seqused_q=None,
@@ -327,7 +337,7 @@ def run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, *, causal, seqused_q=
 def test_varlen_matches_reference(monkeypatch, shape, causal, head_dim):
     lens_q, lens_k, heads_q, heads_k = shape
     run_varlen_and_check(monkeypatch, *_varlen_qkv(lens_q, lens_k, heads_q, heads_k, head_dim,
-                                                   extra_q=70),
+                                                   extra_q=70, extra_k=50),
                          causal=causal)
 
 
@@ -337,10 +347,16 @@ def test_varlen_matches_reference(monkeypatch, shape, causal, head_dim):
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
 def test_varlen_seqused(monkeypatch, causal, head_dim):
+    """Rows past seqused hold NaN: unused queries still give out 0 / lse +inf, unused keys
+    nothing."""
     lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
     q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, head_dim)
-    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=causal,
-                         seqused_q=_used(lens_q), seqused_k=_used(lens_k))
+    used_q, used_k = _used(lens_q), _used(lens_k)
+    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
+    for x in (k, v):
+        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
+    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=causal, seqused_q=used_q,
+                         seqused_k=used_k)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -358,10 +374,13 @@ def test_varlen_fp16(monkeypatch, causal):
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
 def test_dense_seqused(monkeypatch, causal, head_dim):
-    """Dense q/k/v cut short per row (a KV cache's filled length): rows past seqused_q inside Sq
-    are written as out 0, lse +inf."""
+    """Dense q/k/v cut short per row (a KV cache's filled length; the rest NaN): rows past
+    seqused_q inside Sq are written as out 0, lse +inf."""
     q, k, v = _qkv(5, 700, 900, 8, 2, head_dim, torch.bfloat16)
     used_q, used_k = _used([700] * 5), _used([900] * 5)
+    _poison_unused(q.flatten(0, 1), range(0, 5 * 700, 700), used_q, [700] * 5)
+    for x in (k, v):
+        _poison_unused(x.flatten(0, 1), range(0, 5 * 900, 900), used_k, [900] * 5)
     a = make_args(q, k, v, causal=causal, seqused_q=used_q, seqused_k=used_k)
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:

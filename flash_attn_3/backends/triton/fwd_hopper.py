@@ -217,6 +217,25 @@ if _GLUON_OK:
         return gl.where(ok, s, float("-inf"))
 
     @gluon.jit
+    def _clear_tail(v_tile, first_row):
+        """Zero rows first_row.. of a V tile in shared memory. Their P is 0, but rows past a
+        sequence's keys are whatever memory holds there (a KV cache's unused tail, the next
+        sequence) and 0 * NaN is NaN in the PV wgmma; TMA zero-fills only past the tensor.
+        Both consumer warpgroups clear the same tile: the second rewrites the bits the first
+        left, so its stores cannot change what the first one's wgmma reads."""
+        BLOCK_N: gl.constexpr = v_tile.shape[0]
+        HEAD_DIM: gl.constexpr = v_tile.shape[1]
+        CHUNK: gl.constexpr = 16
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        for c in gl.static_range(BLOCK_N // CHUNK):
+            if (c + 1) * CHUNK > first_row:
+                chunk = v_tile.slice(c * CHUNK, CHUNK)
+                rows = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+                x = chunk.load(layout)
+                chunk.store(gl.where(gl.expand_dims(rows < first_row, 1), x, gl.zeros_like(x)))
+        fence_async_shared()
+
+    @gluon.jit
     def _online_softmax(s, m_i, l_i, qk_scale):
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         # A row that has seen no allowed key keeps m = -inf; subtracting 0 instead keeps its
@@ -335,6 +354,12 @@ if _GLUON_OK:
                             mbarrier.arrive(q_empty.index(WG))
                         last = kv + num_blocks - 1
                         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                        # Only the last key block reaches past the keys; dense without seqused_k
+                        # TMA has zero-filled it.
+                        if seqs[1] is not None or seqs[3] is not None:
+                            if num_blocks * BLOCK_N > k_rows:
+                                _clear_tail(v_smem.index(last % STAGES).reshape(
+                                    [BLOCK_N, HEAD_DIM]), k_rows - (num_blocks - 1) * BLOCK_N)
                         _take_turn(turn, issue + num_blocks, WG, PINGPONG)
                         o_tok = warpgroup_mma(
                             p, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc,
@@ -354,11 +379,13 @@ if _GLUON_OK:
                     if seqs[2] is not None:
                         empty = empty | (rows >= used_q)
                     l_safe = gl.where(empty, 1.0, l_i)
-                    inv_l = 1.0 / l_safe
+                    inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
+                    out = acc * gl.expand_dims(inv_l, 1)
                     if seqs[2] is not None:
-                        inv_l = gl.where(empty, 0.0, inv_l)
-                    inv_l = gl.convert_layout(inv_l, o_row_layout, assert_trivial=True)
-                    out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
+                        # Those rows ran over whatever q holds there: select, not scale (NaN * 0).
+                        empty_o = gl.convert_layout(empty, o_row_layout, assert_trivial=True)
+                        out = gl.where(gl.expand_dims(empty_o, 1), 0.0, out)
+                    out = out.to(dtype)
                     lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
                     # seqlen_q is the LSE's row stride: (B, Hq, Sq) dense, (Hq, total_q) packed.
                     gl.store(lse_ptr + (q_batch * num_heads_q + h).to(gl.int64) * seqlen_q
