@@ -15,9 +15,17 @@ all units cost the same) with its CTA split into partitions:
   barriers complete on the TMA byte count, empty barriers take one arrive from each consumer.
 Scores stay in the log2 domain (softmax scale and log2(e) folded into one multiply, exp2), m and l
 in fp32. Blocks fully below the causal diagonal and inside seqlen_k skip the mask; the edge blocks
-(diagonal, sequence end: TMA zero-fills past it) take it. Tensors are addressed through rank-4
-descriptors over (B, S, H, D), so a tile never crosses a batch boundary and the O store clips at
-seqlen_q by itself.
+(diagonal, sequence end) take it. Tensors are addressed through rank-4 descriptors over
+(B, S, H, D): dense, a tile never crosses a batch boundary, TMA zero-fills keys past seqlen_k and
+the O store clips at seqlen_q by itself.
+
+Varlen: packed (total, H, D) tensors get the same descriptors over (1, total, H, D), and each tile
+reads its sequence's first row and length from cu_seqlens (and seqused) on the device; the grid
+covers max_seqlen_q and tiles past a shorter sequence exit at once. A tile may then reach past its
+sequence into the next one (or a KV cache's unused tail): those keys are masked and their V rows
+cleared in shared memory, and a query tile that crosses its sequence's end stores O from
+registers, row-masked, instead of by TMA. None index tensors are constexprs, so the dense kernel
+is compiled without any of it.
 """
 
 from __future__ import annotations
