@@ -362,8 +362,8 @@ if _GLUON_OK:
                             mbarrier.arrive(q_empty.index(WG))
                         last = kv + num_blocks - 1
                         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-                        # Only the last key block reaches past the keys; dense without seqused_k
-                        # TMA has zero-filled it.
+                        # Only the last key block can reach past the keys (dense without
+                        # seqused_k, only past the tensor, which TMA zero-filled).
                         if seqs[1] is not None or seqs[3] is not None:
                             if num_blocks * BLOCK_N > k_rows:
                                 _clear_tail(v_smem.index(last % STAGES).reshape(
