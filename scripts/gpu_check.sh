@@ -126,17 +126,17 @@ EOF
   fi
   read -r -a PYTEST_GPU_EXTRA <<< "${PYTEST_GPU_ARGS:-}"
   want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${PYTEST_GPU_EXTRA[@]}" tests
-  want fwd && bench_part fwd 110
-  want bwd && bench_part bwd 90
-  want decode && bench_part decode 50
-  want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
-    "$PY" scripts/profile_decode_step.py
   if want compile; then
     run_capped 240 "compile_cost" "$WORK/compile_cost.log" "$PY" scripts/compile_cost.py --out "$WORK"
     [[ -f $WORK/compile_cost.json ]] && cp "$WORK/compile_cost.json" "$OUT/"
     [[ -f $WORK/compile_cost.md ]] && printf '\n## compile_cost\n\n%s\n' \
       "$(cat "$WORK/compile_cost.md")" >> "$WORK/tables.md"
   fi
+  want fwd && bench_part fwd 110
+  want bwd && bench_part bwd 90
+  want decode && bench_part decode 50
+  want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
+    "$PY" scripts/profile_decode_step.py
   # The suite's backend fixture already runs every test on triton (CUDA) and reference.
   want suite && pytest_part pytest_suite "${PYTEST_SUITE_CAP:-200}" -m "not gpu" "${PYTEST_GPU_EXTRA[@]}" tests
 

@@ -246,7 +246,7 @@ def test_strided_qkv_and_scale(monkeypatch):
 @pytest.mark.usefixtures("kernel_terminates")
 def test_deterministic_path_is_bitwise_stable(monkeypatch, head_dim):
     """deterministic=True: dK/dV here, dQ by bwd.py's atomic-free kernel; two runs agree bit for
-    bit (routing still sends deterministic calls to bwd.py, see supports())."""
+    bit (the router sends deterministic calls here too, see supports())."""
     q, k, v = _qkv(2, 1000, 1000, 8, 2, head_dim, torch.bfloat16)
     got, call = run_and_check(monkeypatch, q, k, v, causal=True, deterministic=True)
     again = bwd_hopper.backward(*call, True)
@@ -261,7 +261,7 @@ def test_scope_and_routing(monkeypatch):
     base = make_args(q, k, v, causal=False)
     assert bwd_hopper.supports(make_args(q, k, v, causal=True)) and bwd_hopper.supports(base)
     assert routes.backward_kernel(base, False) is bwd_hopper
-    assert routes.backward_kernel(base, True) is not bwd_hopper
+    assert routes.backward_kernel(base, True) is bwd_hopper
     monkeypatch.setenv("FLASH_ATTN_3_GLUON", "0")
     assert routes.backward_kernel(base, False) is not bwd_hopper
     monkeypatch.delenv("FLASH_ATTN_3_GLUON")

@@ -39,7 +39,7 @@ def forward(a):
 
 def backward_kernel(a, deterministic: bool):
     """The kernel module that computes this backward call: the warp-specialized Gluon kernel for
-    the dense fp16/bf16 case on Hopper when not deterministic, else the portable kernels."""
+    the dense fp16/bf16 case on Hopper (deterministic or not), else the portable kernels."""
     hopper = _kernel("bwd_hopper")
     if hopper.supports(a, deterministic):
         return hopper
