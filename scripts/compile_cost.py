@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flash_attn_interface as fa  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
-LENGTHS = (1000, 3000, 5120)  # three autotune length buckets, ragged and whole blocks
+LENGTHS = (1000, 3000, 5120, 7000)  # autotune length buckets, lengths that are and are not multiples of 16
 compiled: list[str] = []
 
 
@@ -101,6 +101,7 @@ def main() -> int:
             torch.cuda.synchronize()
             row[f"s_{n}"] = round(time.perf_counter() - start, 2)
             row[f"compiles_{n}"] = len(compiled)
+            row[f"kernels_{n}"] = sorted(set(compiled))
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

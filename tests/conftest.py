@@ -179,3 +179,12 @@ def _clients_use_the_default_backend(request, monkeypatch):
     tests/clients would shadow this module for `from conftest import ...`.)"""
     if "clients" in request.node.path.parts:
         monkeypatch.delenv("FLASH_ATTN_3_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _give_gpu_memory_back():
+    """Under pytest-xdist several workers share one GPU: a worker's caching allocator would keep
+    what its biggest test reserved and starve the others (an OOM seen with 8 workers)."""
+    yield
+    if os.environ.get("PYTEST_XDIST_WORKER") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
