@@ -117,11 +117,17 @@ def _ceil_to(x, m):
     return (x + m - 1) // m * m
 
 
+# Lengths, windows and counts change between calls: letting triton specialize them (== 1,
+# divisible by 16) would compile a new variant per pattern with no faster code (fwd.py likewise).
+_VARYING_INTS = ["max_seqlen_q", "max_seqlen_k", "batch_base", "window_left", "window_right",
+                 "group", "tune_seqlen"]
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. prep: delta and lse in log2 units
 
 
-@triton.jit(do_not_specialize=["batch_base"])
+@triton.jit(do_not_specialize=["max_seqlen_q", "batch_base"])
 def _bwd_prep_kernel(
     O, DO, LSE, LSE2, DELTA, cu_seqlens_q, seqused_q, max_seqlen_q, batch_base,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
@@ -156,7 +162,7 @@ def _bwd_prep_kernel(
 # 2. dK/dV (+ atomic dQ)
 
 
-@triton.jit(do_not_specialize=["batch_base"])
+@triton.jit(do_not_specialize=_VARYING_INTS)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ_ACC, DK, DV,
     cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, batch_base,
@@ -262,7 +268,7 @@ def _bwd_dkdv_kernel(
 # 3. dQ without atomics
 
 
-@triton.jit(do_not_specialize=["batch_base"])
+@triton.jit(do_not_specialize=_VARYING_INTS)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ,
     cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, batch_base,
