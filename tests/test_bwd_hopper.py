@@ -35,7 +35,7 @@ TESTS = Path(__file__).resolve().parent
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 needs_gluon = pytest.mark.skipif(not bwd_hopper._GLUON_OK, reason="needs triton 3.6 with Gluon")
-# (head_dim, (BLOCK_M, STAGES, DQ_IN_KERNEL)): the configs the tuning bench times besides the
+# (head_dim, bwd_hopper.Config): the configs the tuning bench times besides the
 # defaults, so none of its figures comes from a wrong kernel.
 ALT_CONFIGS = [(d, c) for d, cs in bwd_hopper.CANDIDATES.items() for c in cs]
 
@@ -90,6 +90,31 @@ def test_compiles_for_sm90(head_dim, causal):
     assert got["spill_bytes"] <= 512 and got["shared_bytes"] <= 227 * 1024, got
 
 
+@needs_gluon
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d, c in ALT_CONFIGS if c.prefetch_s],
+                         ids=str)
+def test_candidates_compile_for_sm90(head_dim, config):
+    """The round-2 variants (statistics by TMA, S^T of the next block issued early): one more
+    S^T issue than the loop holds (the prologue's), both statistics loads per stage, registers
+    within the budget."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", str(head_dim), "--causal", "--config",
+           ",".join(str(int(x)) for x in config)]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    block_m = config.block_m
+    # S^T, dP^T (K = D), dV, dK (K = BLOCK_M), dQ (K = 128 keys, one wgmma row of 64 queries
+    # at a time), the prologue's S^T
+    per_warpgroup = (2 * head_dim // 16 + 2 * block_m // 16
+                     + block_m // 64 * bwd_hopper.BLOCK_N // 16 + head_dim // 16)
+    assert got["wgmma_ptx"] == 2 * per_warpgroup and got["hgmma_sass"] == got["wgmma_ptx"], got
+    # lse2 and delta: one rank-1 copy each
+    assert got["tma_loads_1d_ptx"] == 2, got
+    assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+
+
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(q, q, q, causal=False))
@@ -105,7 +130,7 @@ _SMOKE = textwrap.dedent("""
     from flash_attn_3.backends.triton import bwd_hopper
     # what the tests below compile: the defaults both ways; causal only, the alternatives and
     # the deterministic variant (the default with dQ left to bwd.py)
-    det = [(d, c[:2] + (False, )) for d, c in bwd_hopper.CONFIGS.items()]
+    det = [(d, c._replace(dq_in_kernel=False)) for d, c in bwd_hopper.CONFIGS.items()]
     for head_dim, config in [(d, None) for d in bwd_hopper.CONFIGS] + ALT_CONFIGS + det:
         for causal in (True, ) if config else (False, True):
             q, do = (torch.randn(2, 1000, 8, head_dim, device="cuda", dtype=torch.bfloat16)
