@@ -42,16 +42,24 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
           if cfg.dq_in_kernel else rows)
     ptr = torch.empty(2 * 4 * 256)
     stats = bwd_hopper._stats_descriptor(ptr, cfg.block_m)
-    # lse2 / delta descriptors and pointers, dk, dv, dk / dv strides, softmax_scale, seqlen_q,
-    # seqlen_k, heads_kv, num_n_blocks, group
-    runtime = [rows, rows, keys, keys, dq, stats, stats, ptr, ptr, x, x, *x.stride()[:3],
-               *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
-    kernel = bwd_hopper._bwd_kernel
-    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     constants = dict(CAUSAL=causal, STAGES=cfg.stages, DQ_IN_KERNEL=bool(cfg.dq_in_kernel),
-                     STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s),
                      CONSUMER_REGS=bwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=bwd_hopper._PRODUCER_REGS)
+    if head_dim in bwd_hopper.SPLIT_HEAD_DIMS:
+        keys = bwd_hopper._descriptor(x, bwd_hopper.KEYS_PER_WARPGROUP)
+        # dk, dv, their strides, softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
+        # group
+        runtime = [rows, rows, keys, keys, dq, stats, stats, x, x, *x.stride()[:3],
+                   *x.stride()[:3], 0.125, 256, 256, 2, 4, 2]
+        kernel = bwd_hopper._bwd_kernel_split
+    else:
+        # lse2 / delta descriptors and pointers, dk, dv, dk / dv strides, softmax_scale,
+        # seqlen_q, seqlen_k, heads_kv, num_n_blocks, group
+        runtime = [rows, rows, keys, keys, dq, stats, stats, ptr, ptr, x, x, *x.stride()[:3],
+                   *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
+        kernel = bwd_hopper._bwd_kernel
+        constants.update(STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s))
+    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(GluonASTSource(kernel, signature, constants),
                           target=GPUTarget("cuda", 90, 32),

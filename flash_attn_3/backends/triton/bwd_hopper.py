@@ -15,6 +15,10 @@ dQ = dS K needs all 128 keys: both warpgroups put their dS^T half in shared memo
 mbarrier, and each computes dQ for half of the head dim, which a TMA reduce-add (cp.reduce.async.
 bulk.tensor) adds into an fp32 buffer (FA3's scheme; the order of the adds varies, so this path is
 not deterministic). `DQ_IN_KERNEL = False` instead leaves dQ to bwd.py's atomic-free dQ kernel.
+Head dim 256 does not fit that split (dK and dV of 64 keys are 256 fp32 registers a thread):
+`_bwd_kernel_split` takes 64 keys a program and splits its warpgroups by role (S^T, P^T, dV on
+one; dP^T, dS^T, dK on the other; P^T and dS^T cross through shared memory; dQ by head-dim
+halves as above), one Q/dO stage (230 KB of shared memory).
 
 delta = rowsum(dO * O) and lse * log2(e) come from bwd.py's prep kernel; scores stay in log2 units
 (P = exp2(S * scale * log2 e - lse2)). Query rows past seqlen_q read lse2 = +inf (P = 0) and TMA
@@ -70,7 +74,10 @@ class Config(NamedTuple):
 # accumulators 64 + 64, S^T and dP^T 32 + 32, dQ (half the head dim) 32, the row statistics
 # 2 x 16 (none held with stats_smem). Shared memory (D = 128): K, V 64 KB, Q and dO 32 KB per
 # stage, dS^T two 16 KB buffers, the dQ staging 32 KB.
-CONFIGS = {64: Config(64, 3), 128: Config(64, 2)}
+CONFIGS = {64: Config(64, 3), 128: Config(64, 2), 256: Config(64, 1, True, True)}
+# Head dims computed by _bwd_kernel_split (64 keys a program, warpgroups split by role); its
+# Config's stats_smem must be on (the statistics always come by TMA) and prefetch_s off.
+SPLIT_HEAD_DIMS = (256, )
 # What benchmarks/tune_bwd_hopper.py times besides the defaults and the deterministic variant
 # (the default with dq_in_kernel off), and the tests check: the round-2 levers one at a time, so
 # one GPU run A/Bs them. D = 64 at BLOCK_M = 128 spilled ~570 bytes with the statistics in
@@ -79,6 +86,8 @@ CANDIDATES = {
     64: [Config(64, 3, True, True), Config(64, 3, True, True, True),
          Config(128, 2, True, True), Config(128, 2, True, True, True)],
     128: [Config(64, 2, True, True), Config(64, 2, True, True, True)],
+    # the deterministic path's shape (dQ left to bwd.py) with the second stage that frees
+    256: [Config(64, 2, False, True)],
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
@@ -102,24 +111,24 @@ if _GLUON_OK:
 
     @gluon.jit
     def _program(seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, BLOCK_M: gl.constexpr,
-                 CAUSAL: gl.constexpr):
+                 CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
         """-> (b, hk, first key, first query row, query blocks to visit, first query row whose
         block needs no mask). Key blocks of one head are adjacent program ids, so the programs
         running together share that head's Q/dO in L2; block 0 (the most queries when causal)
         goes first."""
         pid = gl.program_id(0)
-        n0 = (pid % num_n_blocks) * _BLOCK_N
+        n0 = (pid % num_n_blocks) * BLOCK_N
         bh = pid // num_n_blocks
         offset = seqlen_k - seqlen_q
         if CAUSAL:
             # Query i sees key j iff j <= i + offset (bottom-right diagonal).
             m_start = gl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
-            # Every key of the block is visible from query rows >= n0 + _BLOCK_N - 1 - offset.
-            m_full = n0 + _BLOCK_N - 1 - offset
+            # Every key of the block is visible from query rows >= n0 + BLOCK_N - 1 - offset.
+            m_full = n0 + BLOCK_N - 1 - offset
         else:
             m_start = 0
             m_full = 0
-        if n0 + _BLOCK_N > seqlen_k:
+        if n0 + BLOCK_N > seqlen_k:
             m_full = seqlen_q  # the key tail: every block takes the mask
         num_m = gl.maximum(gl.cdiv(seqlen_q - m_start, BLOCK_M), 0)
         return bh // num_heads_kv, bh % num_heads_kv, n0, m_start, num_m, m_full
@@ -132,7 +141,8 @@ if _GLUON_OK:
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL)
+                                                     num_n_blocks, BLOCK_M, CAUSAL,
+                                                     k_desc.block_type.shape[1])
         mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], kv_ready, k_smem)
         tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_ready, v_smem)
@@ -196,7 +206,7 @@ if _GLUON_OK:
         qk_scale = softmax_scale * _LOG2E
 
         b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL)
+                                                     num_n_blocks, BLOCK_M, CAUSAL, _BLOCK_N)
         total = group * num_m
         k_all = k_smem.reshape([_BLOCK_N, HEAD_DIM])
         k_w = k_all.slice(WG * KEYS, KEYS, dim=0)
@@ -395,6 +405,199 @@ if _GLUON_OK:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+    # ----------------------------------------------------------------------------------------
+    # Head dim 256: the kernel above would hold 2 x 128 fp32 accumulator registers (dK and dV of
+    # 64 keys at D = 256) per thread. Here a program takes 64 keys and its two consumer
+    # warpgroups split the work by role instead of by keys: the S side computes S^T, P^T and
+    # dV; the dP side computes dP^T, dS^T and dK; each then computes dQ for half the head dim.
+    # Per query block each side does 2.5 units of wgmma work (a unit = 64 x 64 x 256).
+
+    @gluon.jit
+    def _consumer_split(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem, ds_smem,
+                        dq_smem, bars, dq_desc, dk_ptr, dv_ptr, dk_strides, dv_strides,
+                        softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                        DQ_IN_KERNEL: gl.constexpr, S_SIDE: gl.constexpr):
+        kv_ready, q_ready, q_empty, p_ready, ds_ready = bars
+        seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
+        BLOCK_M: gl.constexpr = q_smem.type.shape[2]
+        HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+        HALF_DIM: gl.constexpr = HEAD_DIM // 2
+        KEYS: gl.constexpr = k_smem.type.shape[1]
+        DQ_COLS: gl.constexpr = dq_desc.block_type.shape[3]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout,
+                                                      k_width=2)
+        key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        query_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        qk_scale = softmax_scale * _LOG2E
+        WG: gl.constexpr = 0 if S_SIDE else 1
+
+        b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
+                                                     num_n_blocks, BLOCK_M, CAUSAL, KEYS)
+        k_all = k_smem.reshape([KEYS, HEAD_DIM])
+        v_all = v_smem.reshape([KEYS, HEAD_DIM])
+        keys = n0 + gl.arange(0, KEYS, layout=key_layout)
+        if CAUSAL:
+            first_query = keys - (seqlen_k - seqlen_q)
+        else:
+            first_query = gl.zeros([KEYS], gl.int32, key_layout)
+        first_query = gl.where(keys < seqlen_k, first_query, 2147483647)
+        acc = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)  # dV (S side) or dK
+        mbarrier.wait(kv_ready, 0)
+
+        for it in range(0, group * num_m):
+            g = it // num_m
+            m0 = m_start + (it - g * num_m) * BLOCK_M
+            hq = hk * group + g
+            stage = it % STAGES
+            buf = it % 2
+            queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
+            in_q = queries < seqlen_q
+            q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
+            if S_SIDE:
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
+                    k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                    use_acc=False, is_async=True), ))
+                # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
+                lse2 = gl.where(in_q, lse2_smem.index(stage).load(query_layout), float("inf"))
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
+                if m0 < m_full:
+                    ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
+                    p = gl.where(ok, p, 0.0)
+                p16 = p.to(dtype)
+                # Two P^T buffers: the dP side has read this one (into registers) before it
+                # publishes the dS^T this side waits on next iteration (without dQ here: before
+                # it releases the ring slot this side waits on two iterations on, STAGES <= 2).
+                p_smem.index(buf).store(p16)
+                fence_async_shared()
+                mbarrier.arrive(p_ready.index(buf))
+                p_op = gl.convert_layout(p16, op_layout, assert_trivial=True)
+                own_tok = warpgroup_mma(p_op, do, acc, is_async=True)
+            else:
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
+                    v_all, do.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                    use_acc=False, is_async=True), ))
+                delta = gl.where(in_q, delta_smem.index(stage).load(query_layout), 0.0)
+                mbarrier.wait(p_ready.index(buf), (it // 2) & 1)
+                p = p_smem.index(buf).load(s_layout).to(gl.float32)
+                ds16 = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
+                p_op = gl.convert_layout(ds16, op_layout, assert_trivial=True)
+                own_tok = warpgroup_mma(p_op, q, acc, is_async=True)
+                if DQ_IN_KERNEL:
+                    # Two dS^T buffers: this side rewrites one two iterations on, after the S
+                    # side has published the P^T of the iteration between, i.e. after its dQ
+                    # wgmma on this one retired.
+                    ds_smem.index(buf).store(ds16)
+                    fence_async_shared()
+                    mbarrier.arrive(ds_ready.index(buf))
+            if DQ_IN_KERNEL:
+                mbarrier.wait(ds_ready.index(buf), (it // 2) & 1)
+                dq_tok = warpgroup_mma(
+                    ds_smem.index(buf).permute((1, 0)), k_all.slice(WG * HALF_DIM, HALF_DIM, dim=1),
+                    gl.zeros([BLOCK_M, HALF_DIM], gl.float32, dq_layout), use_acc=False,
+                    is_async=True)
+                # Q and dO are read by now (dV / dK retired): the producer may refill the slot
+                # while dQ runs.
+                acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(own_tok, p_op))
+                mbarrier.arrive(q_empty.index(stage))
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+                tma.store_wait(pendings=0)
+                dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
+                fence_async_shared()
+                for c in gl.static_range(HALF_DIM // DQ_COLS):
+                    _tma_reduce_add(dq_desc, [b, m0, hq, WG * HALF_DIM + c * DQ_COLS],
+                                    dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3))
+            else:
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(own_tok, p_op))
+                mbarrier.arrive(q_empty.index(stage))
+        if DQ_IN_KERNEL:
+            tma.store_wait(pendings=0)
+
+        rows = gl.expand_dims(n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout)), 1)
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
+        keep = (rows < seqlen_k) & (cols < HEAD_DIM)  # the column term only broadcasts
+        if S_SIDE:
+            dv_at = (dv_ptr + b.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
+                     + rows.to(gl.int64) * dv_strides[1] + cols)
+            gl.store(dv_at, acc.to(dtype), mask=keep)
+        else:
+            dk_at = (dk_ptr + b.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
+                     + rows.to(gl.int64) * dk_strides[1] + cols)
+            gl.store(dk_at, (acc * softmax_scale).to(dtype), mask=keep)
+
+    @gluon.jit
+    def _bwd_kernel_split(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc,
+                          dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                          stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k,
+                          num_heads_kv, num_n_blocks, group, CAUSAL: gl.constexpr,
+                          STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        KEYS: gl.constexpr = k_desc.block_type.shape[1]
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
+                                            do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        p_smem = gl.allocate_shared_memory(
+            dtype, [2, KEYS, BLOCK_M], gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M],
+                                                                             dtype))
+        if DQ_IN_KERNEL:
+            ds_smem = gl.allocate_shared_memory(
+                dtype, [2, KEYS, BLOCK_M],
+                gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype))
+            dq_smem0 = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, 1, HEAD_DIM // 2],
+                                                 dq_desc.layout)
+            dq_smem1 = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, 1, HEAD_DIM // 2],
+                                                 dq_desc.layout)
+        else:  # not touched: stand-ins for the arguments
+            ds_smem = p_smem
+            dq_smem0 = k_smem
+            dq_smem1 = k_smem
+        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(ds_ready.index(i), count=1)
+        shape = (seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group)
+
+        gl.warp_specialize([
+            (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
+                               ds_smem, dq_smem0, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
+                               dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
+                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
+                               STAGES, DQ_IN_KERNEL, True)),
+            (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
+                               ds_smem, dq_smem1, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
+                               dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
+                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
+                               STAGES, DQ_IN_KERNEL, False)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
+                         k_smem, v_smem, lse2_smem, delta_smem,
+                         (kv_ready, q_ready, q_empty, ds_ready), shape, CAUSAL, STAGES, True)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def _descriptor(x: torch.Tensor, rows: int, cols: int = None, swizzle: int = None):
     """Rank-4 TMA descriptor over (B, S, H, D) reading one (rows x cols) tile of one head."""
     block = [1, rows, 1, cols or x.shape[-1]]
@@ -427,7 +630,7 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     """True when this kernel computes the call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
-    (B, S, H, D) q/k/v with head dim 64/128, causal or not, GQA. Deterministic calls take it too:
+    (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA. Deterministic calls take it too:
     they keep its dK/dV and leave dQ to bwd.py's atomic-free kernel (H100, 15:03 UTC: 0.91x of
     the default's speed, against 0.75x for bwd.py's deterministic path). FLASH_ATTN_3_GLUON=0
     turns it off, as for the forward."""
@@ -482,15 +685,29 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     else:
         dq_acc = None
         dq_desc = _descriptor(q, cfg.block_m)  # not read: stands in for the argument
-    num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
-    _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
-        _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
-        _key_descriptor(k), _key_descriptor(v), dq_desc, _stats_descriptor(lse2, cfg.block_m),
-        _stats_descriptor(delta, cfg.block_m), lse2, delta, dk, dv, *dk.stride()[:3],
-        *dv.stride()[:3], a.softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
-        heads_q // heads_kv, a.window_right == 0, cfg.stages, bool(dq_in_kernel),
-        bool(cfg.stats_smem), bool(cfg.prefetch_s), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4,
-        maxnreg=_MAXNREG)
+    if head_dim in SPLIT_HEAD_DIMS:
+        if not cfg.stats_smem or cfg.prefetch_s or (cfg.stages > 2 and not dq_in_kernel):
+            raise ValueError(f"{cfg}: the split kernel takes the statistics by TMA, no prefetch, "
+                             "and without dQ at most 2 stages")
+        keys = KEYS_PER_WARPGROUP
+        num_n_blocks = triton.cdiv(seqlen_k, keys)
+        _bwd_kernel_split[(num_n_blocks * heads_kv * batch, )](
+            _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
+            _descriptor(k, keys), _descriptor(v, keys), dq_desc,
+            _stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m), dk, dv,
+            *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q, seqlen_k, heads_kv,
+            num_n_blocks, heads_q // heads_kv, a.window_right == 0, cfg.stages,
+            bool(dq_in_kernel), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+    else:
+        num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
+        _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
+            _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
+            _key_descriptor(k), _key_descriptor(v), dq_desc,
+            _stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m), lse2,
+            delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
+            seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0,
+            cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
+            _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
         return dq_acc.to(q.dtype), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a), dk, dv
