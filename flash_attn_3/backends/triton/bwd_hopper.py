@@ -91,6 +91,9 @@ CANDIDATES = {
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
+# prep()'s lse2 / delta storage in whole 16-byte units: the extent of their rank-1 TMA
+# descriptors
+STATS_PAD = 4
 _MAXNREG = 168
 _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
@@ -617,9 +620,11 @@ def _key_descriptor(x: torch.Tensor):
 
 def _stats_descriptor(x: torch.Tensor, rows: int):
     """Rank-1 TMA descriptor over a flat (B * H * S) fp32 statistic, `rows` entries a box: one
-    dimension has no stride to align, whatever seqlen_q is."""
+    dimension has no stride to align, whatever seqlen_q is. Its extent is the storage's, which
+    prep(pad=STATS_PAD) rounds to 16 bytes."""
     layout = gl.NVMMASharedLayout(0, 32, rank=1)
-    return TensorDescriptor(x, [x.numel()], [1], [rows], layout)
+    size = x.untyped_storage().nbytes() // x.element_size()
+    return TensorDescriptor(torch.as_strided(x, (size, ), (1, )), [size], [1], [rows], layout)
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -676,7 +681,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
         raise ValueError(f"{cfg}: prefetch_s needs stats_smem")
     if dout.stride(-1) != 1 or not _tma_ok(dout):
         dout = dout.contiguous()
-    lse2, delta = bwd.prep(out, dout, lse, a)
+    lse2, delta = bwd.prep(out, dout, lse, a, pad=STATS_PAD)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq_in_kernel:
