@@ -2,13 +2,13 @@
 
 Grid (perf_guide.md anchors): D = 64/128/256 with H·D = 2048, N = 4k/16k with B·N = 32k tokens,
 causal or not, bf16, layout (B, N, H, D). TFLOP/s = 2.5 × the forward's 4·B·H·N²·D, halved when
-causal. Columns: `gluon` (bwd_hopper.CONFIGS: dQ by TMA reduce-add in the kernel), `gluon
-<BLOCK_M,STAGES,DQ_IN_KERNEL>` (bwd_hopper.CANDIDATES, N = 4k only), `gluon_det` (deterministic:
-the Gluon dK/dV kernel plus bwd.py's atomic-free dQ kernel), `tl` (bwd.py at its untuned default
-configs, as it runs below the autotune threshold; deterministic) and `cudnn` (autograd through
-SDPA). D = 256 is outside the Gluon kernel's scope: its rows time cudnn and tl only. Every gluon
-variant's dq/dk/dv are compared with cuDNN's on the same inputs before it is timed: a mismatch is
-an error row, so a fast wrong kernel never shows up as a figure.
+causal. Columns: `gluon` (bwd_hopper.CONFIGS: dQ by TMA reduce-add in the kernel; D = 256 by
+the split-role kernel), `gluon <BLOCK_M,STAGES,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S>`
+(bwd_hopper.CANDIDATES, N = 4k only), `gluon_det` (deterministic: the Gluon dK/dV kernel plus
+bwd.py's atomic-free dQ kernel), `tl` (bwd.py at its untuned default configs, as it runs below
+the autotune threshold; deterministic) and `cudnn` (autograd through SDPA). Every gluon variant's
+dq/dk/dv are compared with cuDNN's on the same inputs before it is timed: a mismatch is an error
+row, so a fast wrong kernel never shows up as a figure.
 
     python -m benchmarks.tune_bwd_hopper [--quick] [--out DIR (default $OUT or out/)]
                                          [--only D=128 --only causal=1 --only impl=gluon,cudnn]

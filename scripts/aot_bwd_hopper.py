@@ -1,7 +1,7 @@
 """Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
-                                     [--config BLOCK_M,STAGES,DQ_IN_KERNEL] [--keep DIR]
+                                     [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S]] [--keep DIR]
 
 Prints one JSON object: shared memory bytes, warps, wgmma / TMA / TMA-reduce instructions in the
 PTX, HGMMA in the SASS, and ptxas' register and spill figures. --keep DIR writes the .ptx,
@@ -34,22 +34,32 @@ from scripts.aot_fwd_hopper import report  # noqa: E402
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
     """The kernel as backward() launches it (same descriptors, constants and options)."""
-    block_m, stages, dq_in_kernel = config or bwd_hopper.CONFIGS[head_dim]
+    cfg = bwd_hopper.Config(*config) if config else bwd_hopper.CONFIGS[head_dim]
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
-    rows = bwd_hopper._descriptor(x, block_m)
+    rows = bwd_hopper._descriptor(x, cfg.block_m)
     keys = bwd_hopper._key_descriptor(x)
-    dq = (bwd_hopper._descriptor(x.float(), block_m, bwd_hopper.DQ_REDUCE_COLS) if dq_in_kernel
-          else rows)
-    ptr = torch.empty(1)
-    # lse2, delta, dk, dv, dk / dv strides, softmax_scale, seqlen_q, seqlen_k, heads_kv,
-    # num_n_blocks, group
-    runtime = [rows, rows, keys, keys, dq, ptr, ptr, x, x, *x.stride()[:3], *x.stride()[:3],
-               0.125, 256, 256, 2, 2, 2]
-    kernel = bwd_hopper._bwd_kernel
-    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
-    constants = dict(CAUSAL=causal, STAGES=stages, DQ_IN_KERNEL=bool(dq_in_kernel),
+    dq = (bwd_hopper._descriptor(x.float(), cfg.block_m, bwd_hopper.DQ_REDUCE_COLS)
+          if cfg.dq_in_kernel else rows)
+    ptr = torch.empty(2 * 4 * 256)
+    stats = bwd_hopper._stats_descriptor(ptr, cfg.block_m)
+    constants = dict(CAUSAL=causal, STAGES=cfg.stages, DQ_IN_KERNEL=bool(cfg.dq_in_kernel),
                      CONSUMER_REGS=bwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=bwd_hopper._PRODUCER_REGS)
+    if head_dim in bwd_hopper.SPLIT_HEAD_DIMS:
+        keys = bwd_hopper._descriptor(x, bwd_hopper.KEYS_PER_WARPGROUP)
+        # dk, dv, their strides, softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
+        # group
+        runtime = [rows, rows, keys, keys, dq, stats, stats, x, x, *x.stride()[:3],
+                   *x.stride()[:3], 0.125, 256, 256, 2, 4, 2]
+        kernel = bwd_hopper._bwd_kernel_split
+    else:
+        # lse2 / delta descriptors and pointers, dk, dv, dk / dv strides, softmax_scale,
+        # seqlen_q, seqlen_k, heads_kv, num_n_blocks, group
+        runtime = [rows, rows, keys, keys, dq, stats, stats, ptr, ptr, x, x, *x.stride()[:3],
+                   *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
+        kernel = bwd_hopper._bwd_kernel
+        constants.update(STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s))
+    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(GluonASTSource(kernel, signature, constants),
                           target=GPUTarget("cuda", 90, 32),
@@ -61,7 +71,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--config", help="BLOCK_M,STAGES,DQ_IN_KERNEL (default: CONFIGS[head_dim])")
+    p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S] "
+                   "(bwd_hopper.Config fields; default: CONFIGS[head_dim])")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -72,6 +83,8 @@ def main() -> None:
         keep.mkdir(parents=True, exist_ok=True)
         got = report(kernel, keep)
         got["tma_reduce_ptx"] = kernel.asm["ptx"].count("cp.reduce.async.bulk.tensor")
+        # the row statistics' loads (stats_smem): the only rank-1 TMA copies
+        got["tma_loads_1d_ptx"] = kernel.asm["ptx"].count("cp.async.bulk.tensor.1d.shared")
         print(json.dumps(got))
 
 

@@ -4,7 +4,7 @@ tests/reference_math.py, judged by the spec's gradient rule (sec 8, tests/tolera
 Anywhere: the kernel compiles ahead of time for sm_90 (the triton wheel ships ptxas) into wgmma
 with register reallocation between the partitions and TMA reduce-adds for dQ, so a drift in
 triton's experimental Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): dq,
-dk, dv over the kernel's scope (head dims 64/128, causal or not, GQA/MQA, seqlen_q != seqlen_k,
+dk, dv over the kernel's scope (head dims 64/128/256, causal or not, GQA/MQA, seqlen_q != seqlen_k,
 ragged tails, rows that see no key, strided q/k/v, fp16) with every buffer the backward allocates
 starting as NaN and fresh random inputs each run. The first GPU test runs every config once in a
 subprocess under a time limit, so a pipeline deadlock fails this module instead of hanging the run.
@@ -35,7 +35,7 @@ TESTS = Path(__file__).resolve().parent
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 needs_gluon = pytest.mark.skipif(not bwd_hopper._GLUON_OK, reason="needs triton 3.6 with Gluon")
-# (head_dim, (BLOCK_M, STAGES, DQ_IN_KERNEL)): the configs the tuning bench times besides the
+# (head_dim, bwd_hopper.Config): the configs the tuning bench times besides the
 # defaults, so none of its figures comes from a wrong kernel.
 ALT_CONFIGS = [(d, c) for d, cs in bwd_hopper.CANDIDATES.items() for c in cs]
 
@@ -90,6 +90,49 @@ def test_compiles_for_sm90(head_dim, causal):
     assert got["spill_bytes"] <= 512 and got["shared_bytes"] <= 227 * 1024, got
 
 
+@needs_gluon
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d, c in ALT_CONFIGS if c.prefetch_s],
+                         ids=str)
+def test_candidates_compile_for_sm90(head_dim, config):
+    """The round-2 variants (statistics by TMA, S^T of the next block issued early): one more
+    S^T issue than the loop holds (the prologue's), both statistics loads per stage, registers
+    within the budget."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", str(head_dim), "--causal", "--config",
+           ",".join(str(int(x)) for x in config)]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    block_m = config.block_m
+    # S^T, dP^T (K = D), dV, dK (K = BLOCK_M), dQ (K = 128 keys, one wgmma row of 64 queries
+    # at a time), the prologue's S^T
+    per_warpgroup = (2 * head_dim // 16 + 2 * block_m // 16
+                     + block_m // 64 * bwd_hopper.BLOCK_N // 16 + head_dim // 16)
+    assert got["wgmma_ptx"] == 2 * per_warpgroup and got["hgmma_sass"] == got["wgmma_ptx"], got
+    # lse2 and delta: one rank-1 copy each
+    assert got["tma_loads_1d_ptx"] == 2, got
+    assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+
+
+@needs_gluon
+def test_split_kernel_compiles_for_sm90():
+    """Head dim 256 (_bwd_kernel_split): each side S^T or dP^T (K = 256), dV or dK (K = 64
+    queries), dQ for half the head dim (K = 64 keys); a dQ reduce per 128-byte chunk of a half;
+    the dK/dV accumulators (128 registers a thread) not spilled."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", "256", "--causal"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    per_side = 256 // 16 + 64 // 16 + 64 // 16
+    assert got["wgmma_ptx"] == 2 * per_side and got["hgmma_sass"] == got["wgmma_ptx"], got
+    assert got["tma_reduce_ptx"] == 2 * 128 // bwd_hopper.DQ_REDUCE_COLS, got
+    assert got["tma_loads_1d_ptx"] == 2 and got["num_warps"] == 12, got
+    assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
+
+
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(q, q, q, causal=False))
@@ -105,7 +148,7 @@ _SMOKE = textwrap.dedent("""
     from flash_attn_3.backends.triton import bwd_hopper
     # what the tests below compile: the defaults both ways; causal only, the alternatives and
     # the deterministic variant (the default with dQ left to bwd.py)
-    det = [(d, c[:2] + (False, )) for d, c in bwd_hopper.CONFIGS.items()]
+    det = [(d, c._replace(dq_in_kernel=False)) for d, c in bwd_hopper.CONFIGS.items()]
     for head_dim, config in [(d, None) for d in bwd_hopper.CONFIGS] + ALT_CONFIGS + det:
         for causal in (True, ) if config else (False, True):
             q, do = (torch.randn(2, 1000, 8, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -204,7 +247,7 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
@@ -222,12 +265,13 @@ def test_alternative_configs(monkeypatch, head_dim, config):
     run_and_check(monkeypatch, q, k, v, causal=True, config=config)
 
 
+@pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
-def test_fp16(monkeypatch, causal):
-    run_and_check(monkeypatch, *_qkv(2, 513, 257, 6, 3, 128, torch.float16), causal=causal)
+def test_fp16(monkeypatch, causal, head_dim):
+    run_and_check(monkeypatch, *_qkv(2, 513, 257, 6, 3, head_dim, torch.float16), causal=causal)
 
 
 @pytest.mark.gpu
@@ -240,7 +284,7 @@ def test_strided_qkv_and_scale(monkeypatch):
     run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
@@ -272,6 +316,7 @@ def test_scope_and_routing(monkeypatch):
     ]
     for change in out_of_scope:
         assert not bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
-    for head_dim in (96, 256):
-        x = torch.randn(1, 256, 4, head_dim, device="cuda", dtype=torch.bfloat16)
-        assert not bwd_hopper.supports(make_args(x, x, x, causal=False)), head_dim
+    x = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
+    assert not bwd_hopper.supports(make_args(x, x, x, causal=False))
+    x = torch.randn(1, 256, 4, 256, device="cuda", dtype=torch.bfloat16)
+    assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is bwd_hopper

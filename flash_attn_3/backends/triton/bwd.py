@@ -476,10 +476,12 @@ class _Call:
                         self.heads_q // self.heads_kv)
         self.tune_key = (triton.next_power_of_2(max(self.max_q, self.max_k)), int(a.is_local))
 
-    def prep(self, out, dout, lse):
-        """(lse * log2(e), delta = rowsum(dout * out)): fp32, contiguous, shaped like lse."""
-        lse2 = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
-        delta = torch.empty_like(lse2)
+    def prep(self, out, dout, lse, pad: int = 1):
+        """(lse * log2(e), delta = rowsum(dout * out)): fp32, contiguous, shaped like lse; their
+        storage runs on to a multiple of `pad` elements (not written)."""
+        size = -(-lse.numel() // pad) * pad
+        lse2, delta = (torch.empty(size, dtype=torch.float32, device=lse.device)[:lse.numel()]
+                       .view(lse.shape) for _ in range(2))
         # ~8k elements per (rows, Dv) tile: the whole tile sits in registers for the row sums
         prep_block = 16 if _interpreting() else max(16, 8192 // self.block_dv)
         for b0, nb in self.slices:
@@ -510,10 +512,10 @@ class _Call:
         return dq
 
 
-def prep(out, dout, lse, a: AttnArgs):
+def prep(out, dout, lse, a: AttnArgs, pad: int = 1):
     """(lse * log2(e), delta) for a backward kernel elsewhere (bwd_hopper.py): fp32, contiguous,
-    shaped like lse."""
-    return _Call(a.q, a.k, a.v, a).prep(out, dout, lse)
+    shaped like lse, storage padded to a multiple of `pad` elements."""
+    return _Call(a.q, a.k, a.v, a).prep(out, dout, lse, pad)
 
 
 def dq_only(dout, q, k, v, lse2, delta, a: AttnArgs):

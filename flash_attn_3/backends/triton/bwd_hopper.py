@@ -15,6 +15,10 @@ dQ = dS K needs all 128 keys: both warpgroups put their dS^T half in shared memo
 mbarrier, and each computes dQ for half of the head dim, which a TMA reduce-add (cp.reduce.async.
 bulk.tensor) adds into an fp32 buffer (FA3's scheme; the order of the adds varies, so this path is
 not deterministic). `DQ_IN_KERNEL = False` instead leaves dQ to bwd.py's atomic-free dQ kernel.
+Head dim 256 does not fit that split (dK and dV of 64 keys are 256 fp32 registers a thread):
+`_bwd_kernel_split` takes 64 keys a program and splits its warpgroups by role (S^T, P^T, dV on
+one; dP^T, dS^T, dK on the other; P^T and dS^T cross through shared memory; dQ by head-dim
+halves as above), one Q/dO stage (230 KB of shared memory).
 
 delta = rowsum(dO * O) and lse * log2(e) come from bwd.py's prep kernel; scores stay in log2 units
 (P = exp2(S * scale * log2 e - lse2)). Query rows past seqlen_q read lse2 = +inf (P = 0) and TMA
@@ -25,6 +29,7 @@ has them; the causal diagonal (bottom-right) is masked only on the query blocks 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -48,17 +53,47 @@ LOG2E = 1.4426950408889634
 KEYS_PER_WARPGROUP = 64  # the M of one wgmma; two consumer warpgroups make BLOCK_N = 128
 BLOCK_N = 2 * KEYS_PER_WARPGROUP
 
-# head dim -> (BLOCK_M, STAGES, DQ_IN_KERNEL). Registers of one consumer thread at BLOCK_M = 64,
-# D = 128: dK and dV accumulators 64 + 64, S^T and dP^T 32 + 32, dQ (half the head dim) 32, the
-# row statistics 2 x 16. Shared memory (D = 128): K, V 64 KB, Q and dO 32 KB per stage, dS^T two
-# 16 KB buffers, the dQ staging 32 KB.
-CONFIGS = {64: (64, 3, True), 128: (64, 2, True)}
+
+class Config(NamedTuple):
+    """One compiled variant. Tuples (BLOCK_M, STAGES[, DQ_IN_KERNEL[, STATS_SMEM[, PREFETCH_S]]])
+    are accepted wherever a Config is."""
+    block_m: int
+    stages: int
+    # dQ by TMA reduce-add here; off: bwd.py's atomic-free dQ kernel (the deterministic path)
+    dq_in_kernel: bool = True
+    # lse2 and delta ride the Q/dO ring by TMA (the producer loads them with their tiles) instead
+    # of per-iteration global loads into the consumers' registers
+    stats_smem: bool = False
+    # the next query block's S^T = K Q^T is issued before this block's dV/dK/dQ retire, so it
+    # runs under the dQ epilogue and the loop overhead (needs stats_smem: the next softmax
+    # then starts at once and would wait on a global load)
+    prefetch_s: bool = False
+
+
+# head dim -> Config. Registers of one consumer thread at BLOCK_M = 64, D = 128: dK and dV
+# accumulators 64 + 64, S^T and dP^T 32 + 32, dQ (half the head dim) 32, the row statistics
+# 2 x 16 (none held with stats_smem). Shared memory (D = 128): K, V 64 KB, Q and dO 32 KB per
+# stage, dS^T two 16 KB buffers, the dQ staging 32 KB.
+CONFIGS = {64: Config(64, 3), 128: Config(64, 2), 256: Config(64, 1, True, True)}
+# Head dims computed by _bwd_kernel_split (64 keys a program, warpgroups split by role); its
+# Config's stats_smem must be on (the statistics always come by TMA) and prefetch_s off.
+SPLIT_HEAD_DIMS = (256, )
 # What benchmarks/tune_bwd_hopper.py times besides the defaults and the deterministic variant
-# (the default with DQ_IN_KERNEL off), and the tests check. D = 64 at BLOCK_M = 128 spills
-# ~570 bytes (S^T and dP^T take 64 registers each) but does twice the work per meeting.
-CANDIDATES = {64: [(64, 2, True), (128, 2, True)], 128: []}
+# (the default with dq_in_kernel off), and the tests check: the round-2 levers one at a time, so
+# one GPU run A/Bs them. D = 64 at BLOCK_M = 128 spilled ~570 bytes with the statistics in
+# registers (S^T and dP^T take 64 registers each) but does twice the work per meeting.
+CANDIDATES = {
+    64: [Config(64, 3, True, True), Config(64, 3, True, True, True),
+         Config(128, 2, True, True), Config(128, 2, True, True, True)],
+    128: [Config(64, 2, True, True), Config(64, 2, True, True, True)],
+    # the deterministic path's shape (dQ left to bwd.py) with the second stage that frees
+    256: [Config(64, 2, False, True)],
+}
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
+# prep()'s lse2 / delta storage in whole 16-byte units: the extent of their rank-1 TMA
+# descriptors
+STATS_PAD = 4
 _MAXNREG = 168
 _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
@@ -79,56 +114,78 @@ if _GLUON_OK:
 
     @gluon.jit
     def _program(seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, BLOCK_M: gl.constexpr,
-                 CAUSAL: gl.constexpr):
+                 CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
         """-> (b, hk, first key, first query row, query blocks to visit, first query row whose
         block needs no mask). Key blocks of one head are adjacent program ids, so the programs
         running together share that head's Q/dO in L2; block 0 (the most queries when causal)
         goes first."""
         pid = gl.program_id(0)
-        n0 = (pid % num_n_blocks) * _BLOCK_N
+        n0 = (pid % num_n_blocks) * BLOCK_N
         bh = pid // num_n_blocks
         offset = seqlen_k - seqlen_q
         if CAUSAL:
             # Query i sees key j iff j <= i + offset (bottom-right diagonal).
             m_start = gl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
-            # Every key of the block is visible from query rows >= n0 + _BLOCK_N - 1 - offset.
-            m_full = n0 + _BLOCK_N - 1 - offset
+            # Every key of the block is visible from query rows >= n0 + BLOCK_N - 1 - offset.
+            m_full = n0 + BLOCK_N - 1 - offset
         else:
             m_start = 0
             m_full = 0
-        if n0 + _BLOCK_N > seqlen_k:
+        if n0 + BLOCK_N > seqlen_k:
             m_full = seqlen_q  # the key tail: every block takes the mask
         num_m = gl.maximum(gl.cdiv(seqlen_q - m_start, BLOCK_M), 0)
         return bh // num_heads_kv, bh % num_heads_kv, n0, m_start, num_m, m_full
 
     @gluon.jit
-    def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, shape,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    def _producer(q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem, k_smem,
+                  v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL: gl.constexpr,
+                  STAGES: gl.constexpr, STATS_SMEM: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL)
+                                                     num_n_blocks, BLOCK_M, CAUSAL,
+                                                     k_desc.block_type.shape[1])
         mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], kv_ready, k_smem)
         tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_ready, v_smem)
+        nbytes: gl.constexpr = 2 * q_desc.block_type.nbytes + (
+            2 * lse2_desc.block_type.nbytes if STATS_SMEM else 0)
         for it in range(0, group * num_m):
             g = it // num_m
             m0 = m_start + (it - g * num_m) * BLOCK_M
+            hq = hk * group + g
             stage = it % STAGES
             # Fresh barriers pass a wait on parity 1, so the first lap of the ring does not wait.
             mbarrier.wait(q_empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(q_ready.index(stage), 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, m0, hk * group + g, 0],
-                                            q_ready.index(stage), q_smem.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [b, m0, hk * group + g, 0],
-                                            q_ready.index(stage), do_smem.index(stage))
+            mbarrier.expect(q_ready.index(stage), nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, m0, hq, 0], q_ready.index(stage),
+                                            q_smem.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [b, m0, hq, 0], q_ready.index(stage),
+                                            do_smem.index(stage))
+            if STATS_SMEM:
+                # The flat (B * Hq * Sq) statistics: a block's tail may read the next head's
+                # rows (or zeros past the end); the consumers select them away.
+                row = (b * num_heads_kv * group + hq) * seqlen_q + m0
+                tma.async_copy_global_to_shared(lse2_desc, [row], q_ready.index(stage),
+                                                lse2_smem.index(stage))
+                tma.async_copy_global_to_shared(delta_desc, [row], q_ready.index(stage),
+                                                delta_smem.index(stage))
 
     @gluon.jit
-    def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, bars, dq_desc, lse2_ptr,
-                  delta_ptr, dk_ptr, dv_ptr, dk_strides, dv_strides, softmax_scale, shape,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr,
-                  WG: gl.constexpr):
+    def _issue_s(k_w, q_smem, stage, acc):
+        """S^T = K Q^T for this warpgroup's keys and the Q tile in ring slot `stage`."""
+        BLOCK_M: gl.constexpr = q_smem.type.shape[2]
+        HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+        q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        return warpgroup_mma(k_w, q.permute((1, 0)), acc, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _consumer(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem, dq_smem, bars,
+                  dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dk_strides, dv_strides,
+                  softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
+                  PREFETCH_S: gl.constexpr, WG: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
@@ -152,7 +209,8 @@ if _GLUON_OK:
         qk_scale = softmax_scale * _LOG2E
 
         b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL)
+                                                     num_n_blocks, BLOCK_M, CAUSAL, _BLOCK_N)
+        total = group * num_m
         k_all = k_smem.reshape([_BLOCK_N, HEAD_DIM])
         k_w = k_all.slice(WG * KEYS, KEYS, dim=0)
         v_w = v_smem.reshape([_BLOCK_N, HEAD_DIM]).slice(WG * KEYS, KEYS, dim=0)
@@ -167,39 +225,59 @@ if _GLUON_OK:
         dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_ready, 0)
+        if PREFETCH_S:
+            # Every program has at least one query block (see _program).
+            mbarrier.wait(q_ready.index(0), 0)
+            s_tok = _issue_s(k_w, q_smem, 0, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
 
-        for it in range(0, group * num_m):
+        for it in range(0, total):
             g = it // num_m
             m0 = m_start + (it - g * num_m) * BLOCK_M
             hq = hk * group + g
             stage = it % STAGES
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            row = (b * num_heads_kv * group + hq).to(gl.int64) * seqlen_q
-            # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
-            lse2 = gl.load(lse2_ptr + row + queries, mask=queries < seqlen_q, other=float("inf"))
-            delta = gl.load(delta_ptr + row + queries, mask=queries < seqlen_q, other=0.0)
-            mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
+            in_q = queries < seqlen_q
+            if not STATS_SMEM:
+                row = (b * num_heads_kv * group + hq).to(gl.int64) * seqlen_q
+                # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
+                lse2 = gl.load(lse2_ptr + row + queries, mask=in_q, other=float("inf"))
+                delta = gl.load(delta_ptr + row + queries, mask=in_q, other=0.0)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-            s_tok = warpgroup_mma(k_w, q.permute((1, 0)),
-                                  gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                                  use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            if PREFETCH_S:
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            else:
+                mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(
+                    _issue_s(k_w, q_smem, stage,
+                             gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)), ))
             # dP^T is issued only now, so its accumulator and S^T are not both live next to
             # dK and dV (with both in flight ptxas spilled ~600 bytes); P is computed under it.
             dp_tok = warpgroup_mma(v_w, do.permute((1, 0)),
                                    gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
                                    use_acc=False, is_async=True)
+            if STATS_SMEM:
+                # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
+                lse2 = gl.where(in_q, lse2_smem.index(stage).load(query_layout), float("inf"))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
             if m0 < m_full:
                 ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
                 p = gl.where(ok, p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
+            if STATS_SMEM:
+                delta = gl.where(in_q, delta_smem.index(stage).load(query_layout), 0.0)
             ds = p * (dp - gl.expand_dims(delta, 0))
             p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout, assert_trivial=True)
             dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            if PREFETCH_S:
+                # The last block issues a spare S^T on its own (resident) tile: the token's
+                # type must not depend on the branch, and no slot past the ring's end exists.
+                more = it + 1 < total
+                if more:
+                    mbarrier.wait(q_ready.index((it + 1) % STAGES), ((it + 1) // STAGES) & 1)
+                nxt = gl.where(more, (it + 1) % STAGES, stage)
             if DQ_IN_KERNEL:
                 # dQ[:, half WG] = dS K[:, half WG] over both warpgroups' keys: publish this
                 # half of dS^T, wait for the other's. Two buffers: a warpgroup rewrites one only
@@ -214,8 +292,15 @@ if _GLUON_OK:
                     k_all.slice(WG * HALF_DIM, HALF_DIM, dim=1),
                     gl.zeros([BLOCK_M, HALF_DIM], gl.float32, dq_layout), use_acc=False,
                     is_async=True)
-                dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+                if PREFETCH_S:
+                    # The dead S^T registers serve as the accumulator (use_acc=False).
+                    s_tok = _issue_s(k_w, q_smem, nxt, s)
+                    dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(
+                        num_outstanding=1, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+                else:
+                    dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(
+                        num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+                # On the last block the spare S^T still reads this slot, but nothing refills it.
                 mbarrier.arrive(q_empty.index(stage))
                 # The previous reduce has read the staging buffer by now (a whole iteration ago).
                 tma.store_wait(pendings=0)
@@ -227,9 +312,16 @@ if _GLUON_OK:
                     _tma_reduce_add(dq_desc, [b, m0, hq, WG * HALF_DIM + c * DQ_COLS],
                                     dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3))
             else:
-                dv, dk, p_op, ds_op = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(dv_tok, dk_tok, p_op, ds_op))
+                if PREFETCH_S:
+                    s_tok = _issue_s(k_w, q_smem, nxt, s)
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(
+                        num_outstanding=1, deps=(dv_tok, dk_tok, p_op, ds_op))
+                else:
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(
+                        num_outstanding=0, deps=(dv_tok, dk_tok, p_op, ds_op))
                 mbarrier.arrive(q_empty.index(stage))
+        if PREFETCH_S:
+            warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         if DQ_IN_KERNEL:
             tma.store_wait(pendings=0)
 
@@ -246,11 +338,13 @@ if _GLUON_OK:
         gl.store(dv_at, dv.to(dtype), mask=keep)
 
     @gluon.jit
-    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
-                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                    softmax_scale, seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group,
-                    CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc, lse2_ptr,
+                    delta_ptr, dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                    stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k, num_heads_kv,
+                    num_n_blocks, group, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                    DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
+                    PREFETCH_S: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -260,6 +354,14 @@ if _GLUON_OK:
                                             do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+        if STATS_SMEM:
+            lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M],
+                                                  lse2_desc.layout)
+            delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M],
+                                                   delta_desc.layout)
+        else:  # not touched: stand-ins for the arguments
+            lse2_smem = k_smem
+            delta_smem = k_smem
         if DQ_IN_KERNEL:
             ds_smem = gl.allocate_shared_memory(
                 dtype, [2, _BLOCK_N, BLOCK_M],
@@ -290,18 +392,212 @@ if _GLUON_OK:
         # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
         # tensors.
         gl.warp_specialize([
-            (_consumer, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem0, bars, dq_desc,
-                         lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+            (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
+                         dq_smem0, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, 0)),
-            (_consumer, (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem1, bars, dq_desc,
-                         lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, 0)),
+            (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
+                         dq_smem1, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, 1)),
-            (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars,
-                         shape, CAUSAL, STAGES)),
+                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, 1)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
+                         k_smem, v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL, STAGES,
+                         STATS_SMEM)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+    # ----------------------------------------------------------------------------------------
+    # Head dim 256: the kernel above would hold 2 x 128 fp32 accumulator registers (dK and dV of
+    # 64 keys at D = 256) per thread. Here a program takes 64 keys and its two consumer
+    # warpgroups split the work by role instead of by keys: the S side computes S^T, P^T and
+    # dV; the dP side computes dP^T, dS^T and dK; each then computes dQ for half the head dim.
+    # Per query block each side does 2.5 units of wgmma work (a unit = 64 x 64 x 256).
+
+    @gluon.jit
+    def _consumer_split(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem, ds_smem,
+                        dq_smem, bars, dq_desc, dk_ptr, dv_ptr, dk_strides, dv_strides,
+                        softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                        DQ_IN_KERNEL: gl.constexpr, S_SIDE: gl.constexpr):
+        kv_ready, q_ready, q_empty, p_ready, ds_ready = bars
+        seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
+        BLOCK_M: gl.constexpr = q_smem.type.shape[2]
+        HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+        HALF_DIM: gl.constexpr = HEAD_DIM // 2
+        KEYS: gl.constexpr = k_smem.type.shape[1]
+        DQ_COLS: gl.constexpr = dq_desc.block_type.shape[3]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout,
+                                                      k_width=2)
+        key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        query_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        qk_scale = softmax_scale * _LOG2E
+        WG: gl.constexpr = 0 if S_SIDE else 1
+
+        b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
+                                                     num_n_blocks, BLOCK_M, CAUSAL, KEYS)
+        k_all = k_smem.reshape([KEYS, HEAD_DIM])
+        v_all = v_smem.reshape([KEYS, HEAD_DIM])
+        keys = n0 + gl.arange(0, KEYS, layout=key_layout)
+        if CAUSAL:
+            first_query = keys - (seqlen_k - seqlen_q)
+        else:
+            first_query = gl.zeros([KEYS], gl.int32, key_layout)
+        first_query = gl.where(keys < seqlen_k, first_query, 2147483647)
+        acc = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)  # dV (S side) or dK
+        mbarrier.wait(kv_ready, 0)
+
+        for it in range(0, group * num_m):
+            g = it // num_m
+            m0 = m_start + (it - g * num_m) * BLOCK_M
+            hq = hk * group + g
+            stage = it % STAGES
+            buf = it % 2
+            queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
+            in_q = queries < seqlen_q
+            q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
+            if S_SIDE:
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
+                    k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                    use_acc=False, is_async=True), ))
+                # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
+                lse2 = gl.where(in_q, lse2_smem.index(stage).load(query_layout), float("inf"))
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
+                if m0 < m_full:
+                    ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
+                    p = gl.where(ok, p, 0.0)
+                p16 = p.to(dtype)
+                # Two P^T buffers: the dP side has read this one (into registers) before it
+                # publishes the dS^T this side waits on next iteration (without dQ here: before
+                # it releases the ring slot this side waits on two iterations on, STAGES <= 2).
+                p_smem.index(buf).store(p16)
+                fence_async_shared()
+                mbarrier.arrive(p_ready.index(buf))
+                p_op = gl.convert_layout(p16, op_layout, assert_trivial=True)
+                own_tok = warpgroup_mma(p_op, do, acc, is_async=True)
+            else:
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
+                    v_all, do.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                    use_acc=False, is_async=True), ))
+                delta = gl.where(in_q, delta_smem.index(stage).load(query_layout), 0.0)
+                mbarrier.wait(p_ready.index(buf), (it // 2) & 1)
+                p = p_smem.index(buf).load(s_layout).to(gl.float32)
+                ds16 = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
+                p_op = gl.convert_layout(ds16, op_layout, assert_trivial=True)
+                own_tok = warpgroup_mma(p_op, q, acc, is_async=True)
+                if DQ_IN_KERNEL:
+                    # Two dS^T buffers: this side rewrites one two iterations on, after the S
+                    # side has published the P^T of the iteration between, i.e. after its dQ
+                    # wgmma on this one retired.
+                    ds_smem.index(buf).store(ds16)
+                    fence_async_shared()
+                    mbarrier.arrive(ds_ready.index(buf))
+            if DQ_IN_KERNEL:
+                mbarrier.wait(ds_ready.index(buf), (it // 2) & 1)
+                dq_tok = warpgroup_mma(
+                    ds_smem.index(buf).permute((1, 0)), k_all.slice(WG * HALF_DIM, HALF_DIM, dim=1),
+                    gl.zeros([BLOCK_M, HALF_DIM], gl.float32, dq_layout), use_acc=False,
+                    is_async=True)
+                # Q and dO are read by now (dV / dK retired): the producer may refill the slot
+                # while dQ runs.
+                acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(own_tok, p_op))
+                mbarrier.arrive(q_empty.index(stage))
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+                tma.store_wait(pendings=0)
+                dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
+                fence_async_shared()
+                for c in gl.static_range(HALF_DIM // DQ_COLS):
+                    _tma_reduce_add(dq_desc, [b, m0, hq, WG * HALF_DIM + c * DQ_COLS],
+                                    dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3))
+            else:
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(own_tok, p_op))
+                mbarrier.arrive(q_empty.index(stage))
+        if DQ_IN_KERNEL:
+            tma.store_wait(pendings=0)
+
+        rows = gl.expand_dims(n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout)), 1)
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
+        keep = (rows < seqlen_k) & (cols < HEAD_DIM)  # the column term only broadcasts
+        if S_SIDE:
+            dv_at = (dv_ptr + b.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
+                     + rows.to(gl.int64) * dv_strides[1] + cols)
+            gl.store(dv_at, acc.to(dtype), mask=keep)
+        else:
+            dk_at = (dk_ptr + b.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
+                     + rows.to(gl.int64) * dk_strides[1] + cols)
+            gl.store(dk_at, (acc * softmax_scale).to(dtype), mask=keep)
+
+    @gluon.jit
+    def _bwd_kernel_split(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc,
+                          dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                          stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k,
+                          num_heads_kv, num_n_blocks, group, CAUSAL: gl.constexpr,
+                          STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        KEYS: gl.constexpr = k_desc.block_type.shape[1]
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
+                                            do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        p_smem = gl.allocate_shared_memory(
+            dtype, [2, KEYS, BLOCK_M], gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M],
+                                                                             dtype))
+        if DQ_IN_KERNEL:
+            ds_smem = gl.allocate_shared_memory(
+                dtype, [2, KEYS, BLOCK_M],
+                gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype))
+            dq_smem0 = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, 1, HEAD_DIM // 2],
+                                                 dq_desc.layout)
+            dq_smem1 = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, 1, HEAD_DIM // 2],
+                                                 dq_desc.layout)
+        else:  # not touched: stand-ins for the arguments
+            ds_smem = p_smem
+            dq_smem0 = k_smem
+            dq_smem1 = k_smem
+        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(ds_ready.index(i), count=1)
+        shape = (seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group)
+
+        gl.warp_specialize([
+            (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
+                               ds_smem, dq_smem0, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
+                               dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
+                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
+                               STAGES, DQ_IN_KERNEL, True)),
+            (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
+                               ds_smem, dq_smem1, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
+                               dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
+                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
+                               STAGES, DQ_IN_KERNEL, False)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
+                         k_smem, v_smem, lse2_smem, delta_smem,
+                         (kv_ready, q_ready, q_empty, ds_ready), shape, CAUSAL, STAGES, True)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -322,6 +618,15 @@ def _key_descriptor(x: torch.Tensor):
     return _descriptor(x, BLOCK_N, swizzle=min(128, x.shape[-1] // 2 * x.element_size()))
 
 
+def _stats_descriptor(x: torch.Tensor, rows: int):
+    """Rank-1 TMA descriptor over a flat (B * H * S) fp32 statistic, `rows` entries a box: one
+    dimension has no stride to align, whatever seqlen_q is. Its extent is the storage's, which
+    prep(pad=STATS_PAD) rounds to 16 bytes."""
+    layout = gl.NVMMASharedLayout(0, 32, rank=1)
+    size = x.untyped_storage().nbytes() // x.element_size()
+    return TensorDescriptor(torch.as_strided(x, (size, ), (1, )), [size], [1], [rows], layout)
+
+
 def _tma_ok(x: torch.Tensor) -> bool:
     # TMA needs a 16-byte aligned base, 16-byte aligned nonzero strides and a unit inner stride.
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
@@ -330,7 +635,7 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     """True when this kernel computes the call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
-    (B, S, H, D) q/k/v with head dim 64/128, causal or not, GQA. Deterministic calls take it too:
+    (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA. Deterministic calls take it too:
     they keep its dK/dV and leave dQ to bwd.py's atomic-free kernel (H100, 15:03 UTC: 0.91x of
     the default's speed, against 0.75x for bwd.py's deterministic path). FLASH_ATTN_3_GLUON=0
     turns it off, as for the forward."""
@@ -356,37 +661,58 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
         return False
     if q.numel() == 0 or k.numel() == 0 or heads_q % k.shape[2] != 0:
         return False
+    # the flat statistics' row index (the stats_smem TMA coordinate) is a 32-bit int
+    if batch * heads_q * seqlen_q >= 2**31 - 2**16:
+        return False
     return all(_tma_ok(x) for x in (q, k, v))
 
 
 def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, config=None):
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group) for a call
-    `supports()` accepts; config (BLOCK_M, STAGES, DQ_IN_KERNEL) overrides CONFIGS."""
+    `supports()` accepts; config (a Config or a tuple of its leading fields) overrides
+    CONFIGS."""
     from . import bwd
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    block_m, stages, dq_in_kernel = config or CONFIGS[head_dim]
-    if deterministic:
-        dq_in_kernel = False
+    cfg = Config(*config) if config is not None else CONFIGS[head_dim]
+    dq_in_kernel = cfg.dq_in_kernel and not deterministic
+    if cfg.prefetch_s and not cfg.stats_smem:
+        raise ValueError(f"{cfg}: prefetch_s needs stats_smem")
     if dout.stride(-1) != 1 or not _tma_ok(dout):
         dout = dout.contiguous()
-    lse2, delta = bwd.prep(out, dout, lse, a)
+    lse2, delta = bwd.prep(out, dout, lse, a, pad=STATS_PAD)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq_in_kernel:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dq_desc = _descriptor(dq_acc, block_m, DQ_REDUCE_COLS)
+        dq_desc = _descriptor(dq_acc, cfg.block_m, DQ_REDUCE_COLS)
     else:
         dq_acc = None
-        dq_desc = _descriptor(q, block_m)  # not read: stands in for the argument
-    num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
-    _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
-        _descriptor(q, block_m), _descriptor(dout, block_m),
-        _key_descriptor(k), _key_descriptor(v), dq_desc,
-        lse2, delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
-        seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0, stages,
-        bool(dq_in_kernel), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+        dq_desc = _descriptor(q, cfg.block_m)  # not read: stands in for the argument
+    if head_dim in SPLIT_HEAD_DIMS:
+        if not cfg.stats_smem or cfg.prefetch_s or (cfg.stages > 2 and not dq_in_kernel):
+            raise ValueError(f"{cfg}: the split kernel takes the statistics by TMA, no prefetch, "
+                             "and without dQ at most 2 stages")
+        keys = KEYS_PER_WARPGROUP
+        num_n_blocks = triton.cdiv(seqlen_k, keys)
+        _bwd_kernel_split[(num_n_blocks * heads_kv * batch, )](
+            _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
+            _descriptor(k, keys), _descriptor(v, keys), dq_desc,
+            _stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m), dk, dv,
+            *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q, seqlen_k, heads_kv,
+            num_n_blocks, heads_q // heads_kv, a.window_right == 0, cfg.stages,
+            bool(dq_in_kernel), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+    else:
+        num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
+        _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
+            _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
+            _key_descriptor(k), _key_descriptor(v), dq_desc,
+            _stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m), lse2,
+            delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
+            seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0,
+            cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
+            _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
         return dq_acc.to(q.dtype), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a), dk, dv
