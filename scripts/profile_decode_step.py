@@ -241,6 +241,52 @@ def launch_anatomy() -> None:
     print(f"lens + 1 (the append path's seqused_k): {per_call_us(lambda: lens + 1):.1f}")
 
 
+def small_cache_gpu_time(steps: int = 32) -> None:
+    """GPU time of the decode launches alone at B=1 ctx 1k (capacity 1k, 16 KV blocks), per call
+    of a CUDA graph of `steps` calls: unsplit (the scheduler's choice there) in a few configs
+    against split launches with their combine. Decides DECODE_UNSPLIT_MAX_BLOCKS once the host
+    path is cheap (docs/perf-notes.md, KV section)."""
+    import dataclasses
+
+    from flash_attn_3.backends.params import AttnArgs
+
+    decode = importlib.import_module("flash_attn_3.backends.triton.decode")
+    q = torch.randn(1, 1, HQ, D, device=DEV, dtype=DT)
+    caches = [(torch.randn(1, 1024, HK, D, device=DEV, dtype=DT), torch.randn(1, 1024, HK, D, device=DEV, dtype=DT))
+              for _ in range(steps)]  # 16 MB of K+V: the replay does not run from L2
+    lens = torch.full((1,), 1024, dtype=torch.int32, device=DEV)
+    base = AttnArgs(q=q, k=caches[0][0], v=caches[0][1], qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                    seqused_q=None, seqused_k=lens, max_seqlen_q=1, max_seqlen_k=1024, page_table=None,
+                    kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
+                    softmax_scale=D ** -0.5, window_left=-1, window_right=0, attention_chunk=0, softcap=0.0,
+                    num_splits=0, pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
+                    scheduler_metadata=None)
+    print(f"## GPU time, B=1 ctx 1k decode launches only (CUDA graph of {steps} calls, us per call)")
+    print("| splits | config (BLOCK_N, warps, stages) | us |")
+    print("| --- | --- | --- |")
+    for splits, config in ((1, None), (1, (128, 4, 3)), (1, (128, 8, 3)), (1, (64, 4, 4)), (1, (64, 8, 3)),
+                           (2, None), (4, None), (8, None)):
+        calls = [dataclasses.replace(base, k=k, v=v, num_splits=splits) for k, v in caches]
+        try:
+            for a in calls[:2]:
+                decode.forward(a, config)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for a in calls:
+                    decode.forward(a, config)
+            graph.replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            value = f"{(time.perf_counter() - start) / 20 / steps * 1e6:.2f}"
+        except Exception as error:  # a config past the shared memory limit: report, keep going
+            value = f"failed: {type(error).__name__}"
+        print(f"| {splits} | {config or 'default'} | {value} |")
+
+
 def profile(fn, name: str, calls: int = 300) -> None:
     profile = cProfile.Profile()
     profile.enable()
@@ -259,6 +305,7 @@ def main() -> None:
     if "--stages-only" in sys.argv:
         return
     latency_table()
+    small_cache_gpu_time()
     launch_anatomy()
     if "--no-profile" not in sys.argv:
         attend, append, _ = problem(1024, 1024)
