@@ -48,7 +48,16 @@ def _unit_strides(*tensors):
     return [t if t is None else _unit_stride(t) for t in tensors]
 
 
-def _attention(
+def _attention(q, k, v, *, out=None, **kwargs):
+    """Normalize, validate and run the forward op; returns (out, lse)."""
+    result, lse = ops.flash_attn_forward(*_forward_args(q, k, v, out=out, **kwargs))
+    if out is not None:
+        out.copy_(result)
+        result = out
+    return result, lse
+
+
+def _forward_args(
     q, k, v, *, softmax_scale, causal, window_size, attention_chunk, softcap, deterministic,
     sm_margin, qv=None, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
     seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None,
@@ -56,8 +65,8 @@ def _attention(
     pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
     k_name="k", v_name="v", public_names=None, validated=False,
 ):
-    """Normalize, validate and run the forward op; returns (out, lse). validated: the caller has
-    already made the tensors unit-stride and validated them (flash_attn_with_kvcache)."""
+    """flash_attn_forward's arguments, normalized and validated. validated: the caller has already
+    made the tensors unit-stride and validated them (flash_attn_with_kvcache)."""
     if not validated:
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k, \
             cp_tot_seqused_k, scheduler_metadata = _unit_strides(
@@ -86,17 +95,13 @@ def _attention(
         max_seqlen_k = k.shape[1] * page_table.shape[1] if page_table is not None else k.shape[1]
     if causal:
         right = 0
-    result, lse = ops.flash_attn_forward(
+    return (
         q, k, v, qv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, int(max_seqlen_q),
         int(max_seqlen_k), page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale,
         sinks, _default_scale(q, qv, softmax_scale), left, right, int(attention_chunk),
         float(softcap), int(num_splits), pack_gqa, int(cp_world_size), int(cp_rank),
         cp_tot_seqused_k, scheduler_metadata, bool(deterministic), int(sm_margin),
     )
-    if out is not None:
-        out.copy_(result)
-        result = out
-    return result, lse
 
 
 def flash_attn_func(
@@ -337,6 +342,22 @@ def flash_attn_with_kvcache(
     Returns out (q's shape with head_dim_v), or (out, softmax_lse, out_accum, softmax_lse_accum)
     with return_softmax_lse (the accumulators are empty: splits are merged internally).
     """
+    inputs = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+              page_table, rotary_seqlens, sinks, scheduler_metadata)
+    key = None
+    if (qv is None and cu_seqlens_q is None and cu_seqlens_k_new is None and max_seqlen_q is None
+            and q_descale is None and k_descale is None and v_descale is None and s_aux is None
+            and cp_tot_seqused_k is None and type(cache_seqlens) is torch.Tensor
+            and not torch.compiler.is_compiling()):
+        key = _plan_key(inputs, (
+            softmax_scale, causal, window_size, attention_chunk, softcap, rotary_interleaved, num_splits,
+            pack_gqa, sm_margin, return_softmax_lse, cp_world_size, cp_rank))
+        plan = _KVCACHE_PLANS.get(key) if key is not None else None
+        if plan is not None:
+            result = plan(inputs)
+            if result is not None:
+                return _kvcache_result(*result, return_softmax_lse)
+
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor; got {type(q).__name__}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -377,36 +398,90 @@ def flash_attn_with_kvcache(
         num_splits=num_splits, sm_margin=sm_margin, k_name="k_cache", v_name="v_cache",
         public_names=_KVCACHE_NAMES,
     )
-    seqused_k = cache_seqlens
+    append_args = None
     if k is not None:
         left, right = checks.check_window(window_size)
         rotate_q_per_token = bool(causal) or left >= 0 or right >= 0 or attention_chunk > 0
-        q_rotated = ops.append_kv(
+        append_args = (
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
             cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens,
             bool(rotary_interleaved), rotate_q_per_token, max_seqlen_q,
         )
+    attention = dict(
+        qv=qv, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, page_table=page_table,
+        kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale, k_descale=k_descale,
+        v_descale=v_descale, sinks=sinks, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        deterministic=False, sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank,
+        cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
+        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES, validated=True,
+    )
+    if key is not None and key not in _KVCACHE_PLANS:
+        # Validated above: this layout may now skip validation, dispatch and launch setup.
+        if len(_KVCACHE_PLANS) >= _MAX_PLANS:
+            _KVCACHE_PLANS.clear()
+        _KVCACHE_PLANS[key] = plan = ops.kvcache_plan(
+            inputs, append_args, _forward_args(q, k_cache, v_cache, seqused_k=cache_seqlens, **attention),
+            k.shape[1] if k is not None else 0, bool(return_softmax_lse))
+        if plan is not None:
+            result = plan(inputs)
+            if result is not None:
+                return _kvcache_result(*result, return_softmax_lse)
+
+    seqused_k = cache_seqlens
+    if append_args is not None:
+        q_rotated = ops.append_kv(*append_args)
         if rotary_cos is not None:
             q = q_rotated
         if cu_seqlens_k_new is not None:
             seqused_k = cache_seqlens + (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
         else:
             seqused_k = cache_seqlens + k.shape[1]
-    out, lse = _attention(
-        q, k_cache, v_cache, qv=qv, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
-        max_seqlen_q=max_seqlen_q, page_table=page_table, kv_batch_idx=cache_batch_idx,
-        leftpad_k=cache_leftpad,
-        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=sinks,
-        softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
-        deterministic=False, sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank,
-        cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
-        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES, validated=True,
-    )
+    out, lse = _attention(q, k_cache, v_cache, seqused_k=seqused_k, **attention)
+    return _kvcache_result(out, lse, return_softmax_lse)
+
+
+def _kvcache_result(out, lse, return_softmax_lse):
     if not return_softmax_lse:
         return out
     empty = out.new_empty((0,), dtype=torch.float32)
     return out, lse, empty, empty
+
+
+# Plans of repeat flash_attn_with_kvcache calls (ops.kvcache_plan; None: the call has none), keyed
+# by _plan_key. A decode loop repeats one key per batch shape, so the bound only stops growth.
+_KVCACHE_PLANS: dict = {}
+_MAX_PLANS = 256
+_PLAIN = frozenset((int, float, bool, type(None), tuple))
+
+
+class _NoKey(Exception):
+    pass
+
+
+def _tensor_key(t):
+    if t is None:
+        return None
+    if type(t) is not torch.Tensor:
+        raise _NoKey
+    return t.shape, t.stride(), t.dtype, t.device, t.requires_grad
+
+
+def _plan_key(inputs, scalars):
+    """Everything validation, normalization and dispatch read from a flash_attn_with_kvcache call:
+    each tensor's shape, strides, dtype, device and requires_grad, the Python scalars by value,
+    and the environment dispatch reads; None for a call that cannot have a plan. Equal keys mean
+    equal validation outcomes, so a plan replays only calls that passed it."""
+    if not _PLAIN.issuperset(map(type, scalars)):
+        return None
+    window_size = scalars[2]
+    if type(window_size) is tuple and not _PLAIN.issuperset(map(type, window_size)):
+        return None
+    try:
+        tensors = tuple(map(_tensor_key, inputs))
+    except _NoKey:
+        return None
+    return tensors, scalars, ops.plan_env(inputs[0].is_cuda)
 
 
 def get_scheduler_metadata(

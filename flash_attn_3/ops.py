@@ -8,6 +8,7 @@ formula, and keeping the forward functional lets torch.compile trace training wi
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -244,6 +245,37 @@ def append_kv(*args) -> Tensor:
     if _eager(args[:5]):
         return _append_kv_impl(*args)
     return _append_kv(*args)
+
+
+def plan_env(is_cuda: bool):
+    """What dispatch reads from the environment on every call, for the kvcache plan key."""
+    if is_cuda:
+        return os.environ.get(dispatch.ENV_VAR)
+    return os.environ.get(dispatch.ENV_VAR), os.environ.get("TRITON_INTERPRET")
+
+
+def kvcache_plan(inputs, append_args, forward_args, seqused_add: int, need_lse: bool):
+    """A backend's replayable plan of an eager flash_attn_with_kvcache call, or None.
+
+    inputs: the call's tensors as the caller passed them (the plan reads their pointers on each
+    replay); append_args: append_kv's arguments or None; forward_args: flash_attn_forward's, with
+    seqused_k the cache lengths, to which the plan adds seqused_add on the device. Only plain
+    tensors without autograd get a plan (the replay bypasses the custom ops), and only when one
+    backend runs both parts.
+    """
+    if any(t is not None and t.requires_grad for t in inputs):
+        return None
+    module = backend_args = None
+    if append_args is not None:  # append_kv's order here; the backend's puts q after the cache
+        q, k_cache, v_cache, k_new, v_new, *rest = append_args
+        module = dispatch.backend_for_append(q, rest[5] is not None, rest[0] is not None)
+        backend_args = (k_cache, v_cache, k_new, v_new, q, *rest)
+    a = _args(*forward_args[:28])
+    forward_module = dispatch.backend_for("forward", a, forward_args[28])
+    if module not in (None, forward_module):
+        return None
+    make = getattr(forward_module, "kvcache_plan", None)
+    return make(inputs, backend_args, a, seqused_add, need_lse) if make else None
 
 
 def flash_attn_combine(out_partial: Tensor, lse_partial: Tensor, out_dtype: torch.dtype):

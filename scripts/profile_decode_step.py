@@ -2,19 +2,26 @@
 
 Eager decode at small batch is bound by host work, not by the GPU. One run prints:
 1. per-call latency (wall clock over back-to-back calls, median of 5 runs of 300): ours attend
-   only and append+attend, cuDNN SDPA (attention only) on the same cache, at context 1k and 64k
-   (cache capacity = context, as in bench_decode), plus the 1k-context / 4k-capacity call the
-   earlier runs of this script timed (that cache has 64 blocks: still split);
-2. launch anatomy: the decode kernel (and the combine) through Triton's own launch path against
+   only and append+attend (the planned fast path, and the slow path with plans off), cuDNN SDPA
+   (attention only) on the same cache, at context 1k and 64k (cache capacity = context, as in
+   bench_decode), plus the 1k-context / 4k-capacity call (64 blocks: split);
+2. stage breakdown: each layer of one attend-only ctx-1k call timed alone over 2000 calls, no
+   profiler: the slow path's layers (normalization, checks, AttnArgs, dispatch, decode host
+   prep, launch key, C launch, allocation) and the fast path's (plan key, replay);
+3. launch anatomy: the decode kernel (and the combine) through Triton's own launch path against
    the cached direct launch (backends/triton/launch.py), and the torch ops a step makes;
-3. a cProfile of attend-only and append+attend calls (top functions by own time).
+4. a cProfile of attend-only and append+attend calls (top functions by own time).
 
-    python scripts/profile_decode_step.py [--no-profile]
+    python scripts/profile_decode_step.py [--no-profile] [--stages-only]
+
+On a machine without CUDA, `--stages-only` runs the breakdown on CPU tensors with every kernel
+launch stubbed (TRITON_INTERPRET=1): the host layers only, for comparing branches.
 """
 
 import cProfile
 import importlib
 import io
+import os
 import pstats
 import statistics
 import sys
@@ -25,25 +32,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FLASH_ATTN_3_BACKEND", "triton")
+
 import flash_attn_interface as fa  # noqa: E402
 from benchmarks.harness import sdpa, sdpa_context  # noqa: E402
 
-DEV, DT = "cuda", torch.bfloat16
+DEV, DT = ("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16
 HQ, HK, D = 32, 8, 128
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def per_call_us(fn, calls: int = 300, repeats: int = 5) -> float:
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(times)
+
+
+def _plans_off():
+    """A context in which flash_attn_with_kvcache takes the slow path (no plan is made)."""
+    import contextlib
+
+    from flash_attn_3 import interface, ops
+
+    @contextlib.contextmanager
+    def off():
+        saved = ops.kvcache_plan
+        ops.kvcache_plan = lambda *args: None
+        interface._KVCACHE_PLANS.clear()
+        try:
+            yield
+        finally:
+            ops.kvcache_plan = saved
+            interface._KVCACHE_PLANS.clear()
+
+    return off()
 
 
 def problem(ctx: int, capacity: int):
@@ -67,17 +103,110 @@ def problem(ctx: int, capacity: int):
 def latency_table() -> None:
     from flash_attn_3.backends.triton import scheduler
 
-    print("## per-call latency, eager (us)")
-    print("| ctx | capacity | splits | ours attend | ours append+attend | cudnn | attend/cudnn |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("## per-call latency, eager (us; slow = plans off)")
+    print("| ctx | capacity | splits | ours attend | ours append+attend | slow attend | slow append+attend "
+          "| cudnn | attend/cudnn |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for ctx, capacity in ((1024, 1024), (1024, 4096), (65536, 65536)):
         attend, append, cudnn = problem(ctx, capacity)
         splits = scheduler.decode_num_splits(1, HQ, HK, 1, capacity, D, D, torch.device(DEV))
         ours_attend, ours_append = per_call_us(attend), per_call_us(append)
+        with _plans_off():
+            slow_attend, slow_append = per_call_us(attend), per_call_us(append)
         with sdpa_context("cudnn"):
             peer = per_call_us(cudnn)
-        print(f"| {ctx} | {capacity} | {splits} | {ours_attend:.1f} | {ours_append:.1f} | {peer:.1f} | "
-              f"{ours_attend / peer:.2f} |")
+        print(f"| {ctx} | {capacity} | {splits} | {ours_attend:.1f} | {ours_append:.1f} | {slow_attend:.1f} | "
+              f"{slow_append:.1f} | {peer:.1f} | {ours_attend / peer:.2f} |")
+
+
+def stage_breakdown(calls: int = 2000) -> None:
+    """Each layer of an attend-only ctx-1k call (B=1, capacity 1k: one unsplit launch) alone."""
+    from flash_attn_3 import checks, dispatch, interface, ops
+    from flash_attn_3.backends.triton import decode, launch, routes
+
+    q = torch.randn(1, 1, HQ, D, device=DEV, dtype=DT)
+    k_cache = torch.randn(1, 1024, HK, D, device=DEV, dtype=DT)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.full((1,), 1024, dtype=torch.int32, device=DEV)
+    stubbed = DEV != "cuda"
+    saved = launch.Launcher.__call__, launch.Bound.go
+    if stubbed:  # host layers only: no kernel runs
+        launch.Launcher.__call__ = lambda self, *args: None
+        launch.Bound.go = lambda self, roles, ptrs: None
+
+    def us(fn) -> float:
+        for _ in range(50):
+            fn()
+        _sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync()
+        return (time.perf_counter() - start) / calls * 1e6
+
+    inputs = (q, k_cache, v_cache, None, None, None, None, lens, None, None, None, None, None, None)
+    scalars = (None, True, (-1, -1), 0, 0.0, True, 0, None, 0, False, 1, 0)
+    attention = dict(
+        qv=None, cu_seqlens_q=None, max_seqlen_q=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
+        q_descale=None, k_descale=None, v_descale=None, sinks=None, softmax_scale=None, causal=True,
+        window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None, deterministic=False,
+        sm_margin=0, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
+        k_name="k_cache", v_name="v_cache", public_names=interface._KVCACHE_NAMES, validated=True)
+    fwd = interface._forward_args(q, k_cache, v_cache, seqused_k=lens, **attention)
+    a = ops._args(*fwd[:28])
+    out, lse = decode.outputs(a)
+    first = decode.launches(a, out, lse)[0]
+    call = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)  # noqa: E731
+    call()
+    plan = interface._KVCACHE_PLANS[interface._plan_key(inputs, scalars)]
+    rows = [
+        ("slow: interface normalization (_unit_strides of 14 args)", lambda: interface._unit_strides(*inputs)),
+        ("slow: checks (append + attention inputs)", lambda: (
+            checks.check_append_inputs(q, k_cache, v_cache, None, None, rotary_cos=None, rotary_sin=None,
+                                       cache_seqlens=lens, cu_seqlens_q=None, cu_seqlens_k_new=None,
+                                       rotary_seqlens=None, page_table=None, batch_size=1),
+            checks.check_attention_inputs(
+                q, k_cache, v_cache, qv=None, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+                seqused_k=lens, max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None,
+                leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None, cp_world_size=1,
+                cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None, attention_chunk=0, softcap=0.0,
+                num_splits=0, sm_margin=0, k_name="k_cache", v_name="v_cache",
+                public_names=interface._KVCACHE_NAMES))),
+        ("slow: forward argument normalization (_forward_args)",
+         lambda: interface._forward_args(q, k_cache, v_cache, seqused_k=lens, **attention)),
+        ("slow: AttnArgs build", lambda: ops._args(*fwd[:28])),
+        ("slow: dispatch (backend_for)", lambda: dispatch.backend_for("forward", a)),
+        ("slow: routes (decode.supports)", lambda: routes.forward_kernel(a)),
+        ("slow: decode.outputs (2 torch.empty)", lambda: decode.outputs(a)),
+        ("slow: decode.launches (host prep)", lambda: decode.launches(a, out, lse)),
+        ("slow: key_and_values", lambda: launch.key_and_values(first.args)),
+        ("slow: cached launch (key + lookup + C launch)", first),
+        ("slow: whole call, plans off", None),
+        ("fast: plan key", lambda: interface._plan_key(inputs, scalars)),
+        ("fast: plan replay (allocations, pointers, C launch)", lambda: plan(inputs)),
+        ("fast: whole call", call),
+        ("torch.empty (1,1,32,128) bf16", lambda: torch.empty((1, 1, HQ, D), dtype=DT, device=DEV)),
+        ("data_ptr()", q.data_ptr),
+    ]
+    if not stubbed:
+        bound = plan.bounds[0]
+        ptrs = [0 if t is None else t.data_ptr() for t in list(inputs) + [out, lse]]
+        stream = torch.cuda.current_stream().cuda_stream
+        rows.append(("C launch alone (bound, pointers ready)", lambda: bound._go(stream, ptrs)))
+    print(f"## stage breakdown, attend-only ctx 1k, us per call over {calls} calls"
+          + (" (CPU, launches stubbed)" if stubbed else ""))
+    print("| stage | us |")
+    print("| --- | --- |")
+    try:
+        for name, fn in rows:
+            if fn is None:
+                with _plans_off():
+                    value = us(call)
+            else:
+                value = us(fn)
+            print(f"| {name} | {value:.2f} |")
+    finally:
+        launch.Launcher.__call__, launch.Bound.go = saved
 
 
 def launch_anatomy() -> None:
@@ -112,6 +241,52 @@ def launch_anatomy() -> None:
     print(f"lens + 1 (the append path's seqused_k): {per_call_us(lambda: lens + 1):.1f}")
 
 
+def small_cache_gpu_time(steps: int = 32) -> None:
+    """GPU time of the decode launches alone at B=1 ctx 1k (capacity 1k, 16 KV blocks), per call
+    of a CUDA graph of `steps` calls: unsplit (the scheduler's choice there) in a few configs
+    against split launches with their combine. Decides DECODE_UNSPLIT_MAX_BLOCKS once the host
+    path is cheap (docs/perf-notes.md, KV section)."""
+    import dataclasses
+
+    from flash_attn_3.backends.params import AttnArgs
+
+    decode = importlib.import_module("flash_attn_3.backends.triton.decode")
+    q = torch.randn(1, 1, HQ, D, device=DEV, dtype=DT)
+    caches = [(torch.randn(1, 1024, HK, D, device=DEV, dtype=DT), torch.randn(1, 1024, HK, D, device=DEV, dtype=DT))
+              for _ in range(steps)]  # 16 MB of K+V: the replay does not run from L2
+    lens = torch.full((1,), 1024, dtype=torch.int32, device=DEV)
+    base = AttnArgs(q=q, k=caches[0][0], v=caches[0][1], qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                    seqused_q=None, seqused_k=lens, max_seqlen_q=1, max_seqlen_k=1024, page_table=None,
+                    kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
+                    softmax_scale=D ** -0.5, window_left=-1, window_right=0, attention_chunk=0, softcap=0.0,
+                    num_splits=0, pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
+                    scheduler_metadata=None)
+    print(f"## GPU time, B=1 ctx 1k decode launches only (CUDA graph of {steps} calls, us per call)")
+    print("| splits | config (BLOCK_N, warps, stages) | us |")
+    print("| --- | --- | --- |")
+    for splits, config in ((1, None), (1, (128, 4, 3)), (1, (128, 8, 3)), (1, (64, 4, 4)), (1, (64, 8, 3)),
+                           (2, None), (4, None), (8, None)):
+        calls = [dataclasses.replace(base, k=k, v=v, num_splits=splits) for k, v in caches]
+        try:
+            for a in calls[:2]:
+                decode.forward(a, config)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for a in calls:
+                    decode.forward(a, config)
+            graph.replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            value = f"{(time.perf_counter() - start) / 20 / steps * 1e6:.2f}"
+        except Exception as error:  # a config past the shared memory limit: report, keep going
+            value = f"failed: {type(error).__name__}"
+        print(f"| {splits} | {config or 'default'} | {value} |")
+
+
 def profile(fn, name: str, calls: int = 300) -> None:
     profile = cProfile.Profile()
     profile.enable()
@@ -126,7 +301,11 @@ def profile(fn, name: str, calls: int = 300) -> None:
 
 
 def main() -> None:
+    stage_breakdown()
+    if "--stages-only" in sys.argv:
+        return
     latency_table()
+    small_cache_gpu_time()
     launch_anatomy()
     if "--no-profile" not in sys.argv:
         attend, append, _ = problem(1024, 1024)

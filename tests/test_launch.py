@@ -207,3 +207,51 @@ def test_cached_launch_matches_triton_launch_on_gpu():
             torch.cuda.synchronize()
             assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (offset, splits)
     assert len(decode_mod._launch.kernels) >= 4  # (aligned, misaligned) x (split, unsplit)
+
+
+def test_bound_launch_passes_what_the_launcher_would(monkeypatch):
+    """A Bound replay of the decode launch with new tensors hands the C launcher the values
+    Launcher's own cached path would for those tensors: pointers at the planned offsets, the
+    constants in place. Split launch, so partial buffers are views into one workspace."""
+    fn = _jit(decode_mod._decode_kernel)
+    compiled = _FakeCompiled()
+    monkeypatch.setattr(fn, "run", lambda *args, grid, warmup, **kwargs: compiled)
+    launcher = launch.Launcher(fn)
+    launcher._device, launcher._stream = (lambda: 0), (lambda device: 77)
+
+    def build():
+        args, constexprs = _decode_call()
+        # One workspace role owns the split partials (arguments 3 and 4 are views of it).
+        workspace = torch.empty(4096, dtype=torch.float32)
+        args = list(args)
+        args[3] = workspace[:1024].view(2, 2, 4, 64)
+        args[4] = workspace[1024:1040].view(2, 2, 4)
+        roles = list(dict.fromkeys(x for i, x in enumerate(args) if isinstance(x, torch.Tensor) and i not in (3, 4)))
+        return launch.Launch(launcher, (4, 2), tuple(args), constexprs, 4, 3), roles + [workspace]
+
+    planned, roles = build()
+    bound = launch.Bound(planned, roles)
+    assert all(x is None for x in (bound.launch.args[i] for i, _, _, _ in bound.slots))  # no tensor kept
+    fresh, fresh_roles = build()
+    ptrs = [t.data_ptr() for t in fresh_roles]
+    bound.go(fresh_roles, ptrs)  # first replay: Triton's path compiles, then the bound call exists
+    assert compiled.launches == [] and bound._go is not None
+    bound.go(fresh_roles, ptrs)
+    launcher(*fresh[1:])  # Launcher's cached path with the same tensors
+    assert len(compiled.launches) == 2
+    assert compiled.launches[0] == compiled.launches[1]
+    assert compiled.launches[0][9 + 3] == fresh.args[3].data_ptr()
+    assert compiled.launches[0][9 + 4] == fresh.args[4].data_ptr() != ptrs[-1]
+
+
+def test_bound_launch_refuses_ambiguous_views():
+    args, constexprs = _decode_call()
+    k = args[1]
+    roles = [x for x in dict.fromkeys(a for a in args if isinstance(a, torch.Tensor))]
+    twin = k.view(k.shape)  # a second role on k's storage: a view of it could belong to either
+    view = launch.Launch(None, (1,), (k[1:],) + tuple(args[1:]), constexprs, 4, 3)
+    with pytest.raises(launch.Unbindable):
+        launch.Bound(view, roles + [twin])
+    same = launch.Launch(None, (1,), args, constexprs, 4, 3)
+    with pytest.raises(launch.Unbindable):  # one tensor in two roles: which one moves later?
+        launch.Bound(same, roles + [k])

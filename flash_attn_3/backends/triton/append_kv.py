@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
+from .launch import Launch, Launcher
 
 
 @triton.jit
@@ -208,7 +208,23 @@ def _dense4(t: torch.Tensor) -> tuple[int, int, int]:
     return 0, t.stride(0), t.stride(1)
 
 
-def append_kv(
+def append_kv(*args, **kwargs) -> torch.Tensor:
+    """Write k_new / v_new ((B, Sn, Hk, D|Dv), or packed (total_new, Hk, D|Dv) with
+    cu_seqlens_k_new) into k_cache / v_cache ((B_c, S_c, Hk, D|Dv), or paged (num_pages,
+    page_size, Hk, D|Dv) with page_table (B_c, max_pages)) at cache_seqlens[b] + t, rotating the
+    keys when rotary_cos / rotary_sin ((S_ro, rotary_dim / 2)) are given. Arguments as
+    append_launch.
+
+    Returns q rotated (a new tensor; (B, Sq, Hq, D) or (total_q, Hq, D) with cu_seqlens_q), or q
+    itself without rotary. cache_seqlens (int or int32 (B,)) is not modified.
+    """
+    q_out, launch = append_launch(*args, **kwargs)
+    if launch is not None:
+        launch()
+    return q_out
+
+
+def append_launch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     k_new: Optional[torch.Tensor],
@@ -226,18 +242,12 @@ def append_kv(
     rotary_interleaved: bool,
     rotate_q_per_token: bool,
     max_seqlen_q: Optional[int],
-) -> torch.Tensor:
-    """Write k_new / v_new ((B, Sn, Hk, D|Dv), or packed (total_new, Hk, D|Dv) with
-    cu_seqlens_k_new) into k_cache / v_cache ((B_c, S_c, Hk, D|Dv), or paged (num_pages,
-    page_size, Hk, D|Dv) with page_table (B_c, max_pages)) at cache_seqlens[b] + t, rotating the
-    keys when rotary_cos / rotary_sin ((S_ro, rotary_dim / 2)) are given.
-
-    Returns q rotated (a new tensor; (B, Sq, Hq, D) or (total_q, Hq, D) with cu_seqlens_q), or q
-    itself without rotary. cache_seqlens (int or int32 (B,)) is not modified.
-    """
+) -> tuple[torch.Tensor, Optional[Launch]]:
+    """(q_out, the launch that writes the cache and q_out, or None when there is nothing to do)
+    for append_kv; q_out is q itself without rotary, else a new tensor."""
     del cache_leftpad  # the write position already counts the pad (see module docstring)
     if k_new is None:
-        return q
+        return q, None
     packed = cu_seqlens_k_new is not None
     batch = cu_seqlens_k_new.shape[0] - 1 if packed else k_new.shape[0]
     if not isinstance(cache_seqlens, torch.Tensor):
@@ -264,12 +274,12 @@ def append_kv(
     num_kv_programs = -(-num_kv_rows // block_r)
     num_programs = num_kv_programs - (-num_q_rows // block_r)
     if num_programs == 0:
-        return q_out
+        return q_out, None
 
     dummy = cache_seqlens
     kcb, kcs, kch = k_cache.stride()[:3]
     vcb, vcs, vch = v_cache.stride()[:3]
-    _launch((num_programs,), (
+    return q_out, Launch(_launch, (num_programs,), (
         k_cache, v_cache, k_new, v_new, q, q_out,
         rotary_cos if has_rotary else dummy, rotary_sin if has_rotary else dummy,
         cache_seqlens,
@@ -290,4 +300,3 @@ def append_kv(
         cache_batch_idx is not None, rotary_seqlens is not None,
         batch.bit_length() if packed or varlen_q else 1, block_r, block_d, block_dv,
     ), 4, 3)
-    return q_out

@@ -86,6 +86,34 @@ def _combine_kernel(
 _launch = Launcher(_combine_kernel)  # constexprs: EMPTY_LSE, HAS_SINKS, BLOCK_S, BLOCK_M, BLOCK_D
 
 
+def combine_launch(
+    out_partial: torch.Tensor,
+    lse_partial: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    empty_lse: float = float("-inf"),
+    sinks: Optional[torch.Tensor] = None,
+):
+    """(launcher, grid, runtime args, constexprs, num_warps, num_stages) of the combine_into
+    launch, or None when there is nothing to combine."""
+    num_splits, batch, seqlen, num_heads, head_dim = out_partial.shape
+    num_rows = batch * seqlen * num_heads
+    if num_rows == 0 or head_dim == 0:
+        return None
+    # An 8K-element (split, row, column) tile per load: 64 fp32 registers a thread at 4 warps.
+    # Plain int arithmetic: triton's cdiv / next_power_of_2 cost over a microsecond each on the
+    # host, and this runs once per split decode step.
+    block_s = min(16, 1 << (num_splits - 1).bit_length())
+    block_d = min(32, 1 << (head_dim - 1).bit_length())
+    block_m = 8192 // (block_s * block_d)
+    grid = (-(-num_rows // block_m), -(-head_dim // block_d))
+    return _launch, grid, (
+        out_partial, lse_partial, out, lse, sinks if sinks is not None else lse_partial,
+        num_rows, num_splits, seqlen, num_heads, head_dim,
+        *out_partial.stride()[:4], *lse_partial.stride(), *out.stride()[:3], *lse.stride(),
+    ), (empty_lse, sinks is not None, block_s, block_m, block_d), 4, 3
+
+
 def combine_into(
     out_partial: torch.Tensor,
     lse_partial: torch.Tensor,
@@ -101,22 +129,10 @@ def combine_into(
     forward's no-key convention). `sinks` (H,) fp32 adds one sink logit per head to every row
     that saw at least one key.
     """
-    num_splits, batch, seqlen, num_heads, head_dim = out_partial.shape
-    num_rows = batch * seqlen * num_heads
-    if num_rows == 0 or head_dim == 0:
-        return
-    # An 8K-element (split, row, column) tile per load: 64 fp32 registers a thread at 4 warps.
-    # Plain int arithmetic: triton's cdiv / next_power_of_2 cost over a microsecond each on the
-    # host, and this runs once per split decode step.
-    block_s = min(16, 1 << (num_splits - 1).bit_length())
-    block_d = min(32, 1 << (head_dim - 1).bit_length())
-    block_m = 8192 // (block_s * block_d)
-    grid = (-(-num_rows // block_m), -(-head_dim // block_d))
-    _launch(grid, (
-        out_partial, lse_partial, out, lse, sinks if sinks is not None else lse_partial,
-        num_rows, num_splits, seqlen, num_heads, head_dim,
-        *out_partial.stride()[:4], *lse_partial.stride(), *out.stride()[:3], *lse.stride(),
-    ), (empty_lse, sinks is not None, block_s, block_m, block_d), 4, 3)
+    launch = combine_launch(out_partial, lse_partial, out, lse, empty_lse, sinks)
+    if launch is not None:
+        launcher, *rest = launch
+        launcher(*rest)
 
 
 def combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torch.dtype):

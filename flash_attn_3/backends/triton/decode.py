@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
-from .combine import combine_into, unsplit_strides
-from .launch import Launcher
+from .combine import combine_launch, unsplit_strides
+from .launch import Launch, Launcher
 from .scheduler import decode_block_m, decode_block_n, decode_num_splits, num_sms
 
 # Beyond this many packed query rows per KV head the tiled forward kernel is the better tool.
@@ -60,7 +60,7 @@ def _floor_chunk_start(d, chunk):
 def _decode_kernel(
     Q, K, V, Out, Lse, Sinks,
     CuSeqlensQ, CuSeqlensK, SequsedK, LeftpadK, KvBatchIdx, PageTable,
-    qk_scale, softcap_in, softcap_out, window_left, window_right, chunk,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, seqused_add,
     num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -97,7 +97,8 @@ def _decode_kernel(
         end_k = seqlen_k_static
     if HAS_SEQUSED_K:
         # Never past the row (or the page table's reach): lengths are values no check can read.
-        end_k = tl.minimum(tl.load(SequsedK + batch), end_k)
+        # seqused_add: tokens an append launch just wrote, so the step needs no `lens + n` op.
+        end_k = tl.minimum(tl.load(SequsedK + batch) + seqused_add, end_k)
     leftpad = 0
     if HAS_LEFTPAD:
         leftpad = tl.load(LeftpadK + batch)
@@ -265,11 +266,41 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
     return _Plan(block_m, decode_block_n(head_dim, head_dim_v), 4, stages, splits, num_m_blocks, *dims)
 
 
-def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
-    """(out, lse) for a call `supports` accepts; conventions in backends/params.py.
+def outputs(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (out, lse) for a call, in the layouts of backends/params.py."""
+    q = a.q
+    out = torch.empty((*q.shape[:-1], a.head_dim_v), dtype=a.out_dtype, device=q.device)
+    if a.is_varlen_q:
+        lse_shape = (a.num_heads_q, q.shape[0])
+    else:
+        lse_shape = (a.batch_size, a.num_heads_q, q.shape[1])
+    return out, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
 
-    config = (BLOCK_N, num_warps, num_stages) overrides the defaults (benchmarks/tune_decode.py).
-    """
+
+def partials_numel(a: AttnArgs, config: Optional[tuple[int, int, int]] = None) -> int:
+    """fp32 elements of the split partials (out, then lse) of a call; 0 when it runs unsplit."""
+    splits = _call_plan(a, config).num_splits
+    if splits == 1:
+        return 0
+    tokens = _num_tokens(a)
+    return splits * tokens * a.num_heads_q * (a.head_dim_v + 1)
+
+
+def _num_tokens(a: AttnArgs) -> int:
+    return a.q.shape[0] if a.is_varlen_q else a.batch_size * a.q.shape[1]
+
+
+def _call_plan(a: AttnArgs, config) -> _Plan:
+    max_seqlen_q = a.max_seqlen_q if a.is_varlen_q else a.q.shape[1]
+    return _plan(a.batch_size, a.num_heads_q, a.num_heads_kv, max_seqlen_q, a.max_seqlen_k, a.head_dim,
+                 a.head_dim_v, a.page_table is not None, a.q.device, a.num_splits, config)
+
+
+def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Optional[torch.Tensor] = None,
+             seqused_add: int = 0, config: Optional[tuple[int, int, int]] = None) -> list[Launch]:
+    """The launches that fill `out` / `lse` (from `outputs`). partials: a flat fp32 buffer of at
+    least partials_numel(a) elements for split launches (allocated here when None). seqused_add:
+    added to every seqused_k entry on the device (an append launch's new tokens)."""
     q, k, v = a.q, a.k, a.v
     device = q.device
     batch, num_heads_q, num_heads_kv = a.batch_size, a.num_heads_q, a.num_heads_kv
@@ -277,19 +308,12 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
     head_dim, head_dim_v = a.head_dim, a.head_dim_v
     varlen_q = a.is_varlen_q
     seqlen_q = 0 if varlen_q else q.shape[1]
-    max_seqlen_q = a.max_seqlen_q if varlen_q else seqlen_q
-    num_tokens = q.shape[0] if varlen_q else batch * seqlen_q
-
-    out = torch.empty((*q.shape[:-1], head_dim_v), dtype=a.out_dtype, device=device)
-    lse = torch.empty((num_heads_q, num_tokens) if varlen_q else (batch, num_heads_q, seqlen_q),
-                      dtype=torch.float32, device=device)
+    num_tokens = _num_tokens(a)
     if num_tokens == 0 or batch == 0:
-        return out, lse
+        return []
 
     paged = a.page_table is not None
-    block_m, block_n, num_warps, num_stages, num_splits, num_m_blocks, block_d, block_dv = _plan(
-        batch, num_heads_q, num_heads_kv, max_seqlen_q, a.max_seqlen_k, head_dim, head_dim_v, paged,
-        device, a.num_splits, config)
+    block_m, block_n, num_warps, num_stages, num_splits, num_m_blocks, block_d, block_dv = _call_plan(a, config)
 
     # Per-token views (batch stride, token stride) of q, out and lse; varlen tokens are global.
     if varlen_q:
@@ -300,8 +324,13 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
         dst_out, dst_lse = out, lse
         o_strides, l_strides = unsplit_strides(out, lse, varlen_q)
     else:
-        dst_out = torch.empty((num_splits, num_tokens, num_heads_q, head_dim_v), dtype=torch.float32, device=device)
-        dst_lse = torch.empty((num_splits, num_tokens, num_heads_q), dtype=torch.float32, device=device)
+        out_numel = num_splits * num_tokens * num_heads_q * head_dim_v
+        if partials is None:
+            partials = torch.empty(out_numel + num_splits * num_tokens * num_heads_q, dtype=torch.float32,
+                                   device=device)
+        dst_out = partials[:out_numel].view(num_splits, num_tokens, num_heads_q, head_dim_v)
+        dst_lse = partials[out_numel:out_numel + num_splits * num_tokens * num_heads_q].view(
+            num_splits, num_tokens, num_heads_q)
         per_batch = 0 if varlen_q else seqlen_q
         o_strides = (dst_out.stride(0), per_batch * dst_out.stride(1), dst_out.stride(1), dst_out.stride(2))
         l_strides = (dst_lse.stride(0), per_batch * dst_lse.stride(1), dst_lse.stride(1), dst_lse.stride(2))
@@ -315,13 +344,13 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
     softcap = a.softcap
     dummy = lse
     grid = (batch * num_heads_kv * num_m_blocks, num_splits)
-    _launch(grid, (
+    result = [Launch(_launch, grid, (
         q, k, v, dst_out, dst_lse, a.sinks if a.sinks is not None else dummy,
         a.cu_seqlens_q if varlen_q else dummy, a.cu_seqlens_k if varlen_k else dummy,
         a.seqused_k if a.seqused_k is not None else dummy, a.leftpad_k if a.leftpad_k is not None else dummy,
         a.kv_batch_idx if a.kv_batch_idx is not None else dummy, a.page_table if paged else dummy,
         a.softmax_scale * LOG2E, a.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
-        a.window_left, a.window_right, a.attention_chunk,
+        a.window_left, a.window_right, a.attention_chunk, seqused_add,
         num_heads_kv, seqlen_q, a.page_table.shape[1] * k.shape[1] if paged else (0 if varlen_k else k.shape[1]),
         num_m_blocks, num_splits,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
@@ -333,12 +362,23 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
         paged, k.shape[1] if paged else 1, has_window,
         a.attention_chunk > 0, softcap > 0, a.sinks is not None,
         num_splits > 1,
-    ), num_warps, num_stages)
+    ), num_warps, num_stages)]
     if num_splits > 1:
         rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)
         out_view = out.unsqueeze(0) if varlen_q else out
         lse_view = lse.t().unsqueeze(0) if varlen_q else lse.transpose(1, 2)
-        combine_into(dst_out.view(num_splits, *rows, num_heads_q, head_dim_v),
-                     dst_lse.view(num_splits, *rows, num_heads_q), out_view, lse_view,
-                     empty_lse=float("inf"), sinks=a.sinks)
+        result.append(Launch(*combine_launch(
+            dst_out.view(num_splits, *rows, num_heads_q, head_dim_v), dst_lse.view(num_splits, *rows, num_heads_q),
+            out_view, lse_view, empty_lse=float("inf"), sinks=a.sinks)))
+    return result
+
+
+def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
+    """(out, lse) for a call `supports` accepts; conventions in backends/params.py.
+
+    config = (BLOCK_N, num_warps, num_stages) overrides the defaults (benchmarks/tune_decode.py).
+    """
+    out, lse = outputs(a)
+    for launch in launches(a, out, lse, config=config):
+        launch()
     return out, lse

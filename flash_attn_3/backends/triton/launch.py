@@ -20,7 +20,7 @@ and returns the kernel we cache. tests/test_launch.py checks the key against Tri
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from triton import knobs
@@ -91,22 +91,32 @@ class Launcher:
         self.kernels: dict[tuple, tuple] = {}
         self._device = self._stream = None
 
+    def _setup(self):
+        from triton.runtime.driver import driver
+
+        self._device = driver.active.get_current_device
+        self._stream = driver.active.get_current_stream
+
+    def fast(self) -> bool:
+        """Whether a cached kernel may be launched directly now (compiled kernels, no launch hooks)."""
+        return self.jit and not _launch_hooks_set()
+
+    def cache_key(self, device, spec: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> tuple:
+        # debug / instrumentation change the compiled code as the JIT path reads them per call.
+        return (device, num_warps, num_stages, constexprs, spec, knobs.runtime.debug,
+                knobs.compilation.instrumentation_mode)
+
     def __call__(self, grid, args: Sequence[Any], constexprs: tuple, num_warps: int, num_stages: int):
-        if not self.jit or _launch_hooks_set():
+        if not self.fast():
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         if self._device is None:
-            from triton.runtime.driver import driver
-
-            self._device = driver.active.get_current_device
-            self._stream = driver.active.get_current_stream
+            self._setup()
         prepared = key_and_values(args)
         if prepared is None:
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         spec, values = prepared
         device = self._device()
-        # debug / instrumentation change the compiled code as the JIT path reads them per call.
-        key = (device, num_warps, num_stages, constexprs, spec, knobs.runtime.debug,
-               knobs.compilation.instrumentation_mode)
+        key = self.cache_key(device, spec, constexprs, num_warps, num_stages)
         hit = self.kernels.get(key)
         if hit is None:
             kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
@@ -129,3 +139,106 @@ class Launcher:
             raise TypeError(f"{self.names}: got {len(args)} runtime and {len(constexprs)} constexpr values")
         named = dict(zip(self.names[len(args):], constexprs))
         return self.fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
+
+
+class Launch(NamedTuple):
+    """One launch with its arguments built but not sent (Bound replays it with other tensors)."""
+    launcher: Launcher
+    grid: tuple
+    args: tuple
+    constexprs: tuple
+    num_warps: int
+    num_stages: int
+
+    def __call__(self):
+        self.launcher(self.grid, self.args, self.constexprs, self.num_warps, self.num_stages)
+
+
+class Unbindable(ValueError):
+    """A launch argument that is no role tensor nor a view of exactly one."""
+
+
+class Bound:
+    """A Launch replayed for other tensors of the same layout: the host half of a repeat decode step.
+
+    roles: the tensors a step takes (inputs, then its allocations), None where absent. Every tensor
+    argument of the launch must be one of them, or a view into the storage of exactly one (two
+    roles on one storage would make the view's owner a guess); it is then replayed as that role's
+    pointer plus the byte offset it had. Everything else in the launch is a Python value fixed by
+    the layout, so the replay is a generated call of the C launcher with constants in place.
+    `go(ptrs)` needs each used role's pointer with the 16-byte residue it had when bound (that
+    residue fixes Triton's alignment specialization; `residues` lists them for the caller).
+    """
+
+    def __init__(self, launch: Launch, roles: Sequence[Optional[torch.Tensor]]):
+        self.launch = launch
+        self.slots = []  # (argument index, role, byte offset, (size, stride, element offset) or None)
+        for i, x in enumerate(launch.args):
+            if type(x) is not torch.Tensor:
+                if isinstance(x, torch.Tensor):
+                    raise Unbindable(f"argument {i} is a {type(x).__name__}")
+                continue
+            same = [r for r, t in enumerate(roles) if t is x]
+            if len(same) == 1:
+                self.slots.append((i, same[0], 0, None))
+                continue
+            storage = x.untyped_storage().data_ptr()
+            owners = [r for r, t in enumerate(roles)
+                      if t is not None and t.untyped_storage().data_ptr() == storage]
+            if len(same) > 1 or len(owners) != 1 or roles[owners[0]].dtype != x.dtype:
+                raise Unbindable(f"argument {i} is not a view of exactly one role")
+            role = roles[owners[0]]
+            view = (tuple(x.shape), x.stride(), x.storage_offset() - role.storage_offset())
+            self.slots.append((i, owners[0], x.data_ptr() - role.data_ptr(), view))
+        self.residues = {r: roles[r].data_ptr() % 16 for _, r, _, _ in self.slots}
+        # No tensor stays referenced: a plan must not keep a step's cache alive.
+        tensor_args = {i for i, _, _, _ in self.slots}
+        self.launch = launch._replace(args=tuple(None if i in tensor_args else x for i, x in enumerate(launch.args)))
+        self._go = None
+        self._device = None
+
+    def _tensors(self, roles):
+        args = list(self.launch.args)
+        for i, r, _, view in self.slots:
+            role = roles[r]
+            args[i] = role if view is None else role.as_strided(view[0], view[1], role.storage_offset() + view[2])
+        return args
+
+    def _bind(self, device, args):
+        """Generate go(stream, p) for the compiled kernel of these arguments, if Triton cached one."""
+        launch = self.launch
+        hit = launch.launcher.kernels.get(launch.launcher.cache_key(
+            device, key_and_values(args)[0], launch.constexprs, launch.num_warps, launch.num_stages))
+        if hit is None:
+            return
+        run, function, metadata, constexpr_slots = hit
+        grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+        names = {"run": run, "function": function, "metadata": metadata}
+        items = [repr(g) for g in grid] + ["stream", "function", "metadata", "None", "None", "None"]
+        slots = {i: (r, offset) for i, r, offset, _ in self.slots}
+        for i, x in enumerate(launch.args):
+            if i in slots:
+                r, offset = slots[i]
+                items.append(f"p[{r}] + {offset}" if offset else f"p[{r}]")
+            else:
+                names[f"c{i}"] = x
+                items.append(f"c{i}")
+        items += ["None"] * len(constexpr_slots)
+        source = f"def go(stream, p):\n    run({', '.join(items)})\n"
+        exec(source, names)  # noqa: S102 - constants and slot indices only, built above
+        self._go, self._device = names["go"], device
+
+    def go(self, roles, ptrs):
+        """Launch with `roles` (tensors) whose pointers are `ptrs` (residues checked by the caller)."""
+        launcher = self.launch.launcher
+        if self._go is not None and launcher.fast():
+            device = launcher._device()
+            if device == self._device:
+                self._go(launcher._stream(device), ptrs)
+                return
+        # First launch (compiles), interpreter, launch hooks or another device: Triton's path.
+        args = self._tensors(roles)
+        launch = self.launch
+        launcher(launch.grid, args, launch.constexprs, launch.num_warps, launch.num_stages)
+        if self._go is None and launcher.fast():
+            self._bind(launcher._device(), args)

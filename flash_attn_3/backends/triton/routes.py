@@ -60,3 +60,8 @@ def combine(out_partial, lse_partial, out_dtype):
 
 def scheduler_metadata(*args):
     return _kernel("scheduler").scheduler_metadata(*args)
+
+
+def kvcache_plan(*args):
+    """A replayable plan of an eager flash_attn_with_kvcache step (step.py), or None."""
+    return _kernel("step").plan(*args)
