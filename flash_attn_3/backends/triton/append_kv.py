@@ -160,7 +160,10 @@ def _rotate_q_rows(
     tl.store(q_out + (dst + head * stride_oh)[:, None] + cols[None, :], y.to(q_out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Token counts and lengths change between calls: not specialized, so no recompile per pattern.
+@triton.jit(do_not_specialize=[
+    "num_kv_programs", "num_kv_rows", "num_q_rows", "batch", "seqlen_new", "seqlen_q", "seqlen_ro",
+    "capacity"])
 def _append_kv_kernel(
     k_cache, v_cache, k_new, v_new, q, q_out, cos, sin, cache_seqlens, cache_batch_idx, page_table,
     cu_seqlens_k_new, cu_seqlens_q, rotary_seqlens,

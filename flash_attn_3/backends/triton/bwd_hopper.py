@@ -337,7 +337,9 @@ if _GLUON_OK:
         gl.store(dk_at, (dk * softmax_scale).to(dtype), mask=keep)
         gl.store(dv_at, dv.to(dtype), mask=keep)
 
-    @gluon.jit
+    # Lengths and block counts change between calls: triton would otherwise compile a variant
+    # per `% 16` pattern of them, with no faster code.
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_n_blocks"])
     def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc, lse2_ptr,
                     delta_ptr, dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k, num_heads_kv,
@@ -536,7 +538,7 @@ if _GLUON_OK:
                      + rows.to(gl.int64) * dk_strides[1] + cols)
             gl.store(dk_at, (acc * softmax_scale).to(dtype), mask=keep)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_n_blocks"])
     def _bwd_kernel_split(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc,
                           dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                           stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k,

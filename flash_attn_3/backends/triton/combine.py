@@ -17,7 +17,8 @@ import triton.language as tl
 from .launch import Launcher
 
 
-@triton.jit
+# Row counts and split counts change between calls: not specialized, so no recompile per pattern.
+@triton.jit(do_not_specialize=["num_rows", "num_splits", "seqlen"])
 def _combine_kernel(
     out_partial, lse_partial, out, lse, sinks,
     num_rows, num_splits, seqlen, num_heads, head_dim,

@@ -56,7 +56,11 @@ def _floor_chunk_start(d, chunk):
     return d - tl.where(rem < 0, rem + chunk, rem)
 
 
-@triton.jit
+# Lengths, windows and counts change between calls: triton would otherwise compile a variant per
+# `== 1` / `% 16` pattern of them, with no faster code.
+@triton.jit(do_not_specialize=[
+    "window_left", "window_right", "chunk", "seqused_add", "seqlen_q_static", "seqlen_k_static",
+    "num_m_blocks", "num_splits"])
 def _decode_kernel(
     Q, K, V, Out, Lse, Sinks,
     CuSeqlensQ, CuSeqlensK, SequsedK, LeftpadK, KvBatchIdx, PageTable,
