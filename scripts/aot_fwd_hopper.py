@@ -1,6 +1,6 @@
 """Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
 
-    python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
+    python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
                                      [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
 
 Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX, and
@@ -34,16 +34,25 @@ from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
     """The kernel as forward() launches it (same descriptors, constants and options)."""
-    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal))[:3]
+    fp8 = dtype == torch.float8_e4m3fn
+    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal, fp8))[:3]
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
     keys = fwd_hopper._descriptor(x, block_n)
+    out = fwd_hopper._descriptor(torch.empty(2, 256, 4, head_dim, dtype=torch.bfloat16),
+                                 fwd_hopper.ROWS_PER_WARPGROUP) if fp8 else rows
+    values = keys
+    descales = None
+    if fp8:
+        values = fwd_hopper._descriptor_of_block(torch.empty(2, 4, head_dim, 256, dtype=dtype),
+                                                 [1, 1, head_dim, block_n])
+        descales = (torch.empty(2, 4), ) * 3 + (4, 2) * 3  # 1 would be a constexpr
     # qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair
-    runtime = [rows, keys, keys, rows, torch.empty(1), 0.125, 16, 2, 4, 256, 256, 2, 0]
+    runtime = [rows, keys, values, out, torch.empty(1), 0.125, 16, 2, 4, 256, 256, 2, 0, descales]
     kernel = fwd_hopper._fwd_kernel
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
-                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages),
+                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
     signature.update({name: "constexpr" for name in constants})
@@ -82,12 +91,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
                    "default_config(head_dim, causal); PERSISTENT only changes the grid)")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config)
     with tempfile.TemporaryDirectory() as tmp:
