@@ -78,6 +78,8 @@ def report(kernel, keep: Path) -> dict:
         num_warps=kernel.metadata.num_warps,
         wgmma_ptx=ptx.count("wgmma.mma_async"),
         hgmma_sass=sass.count("HGMMA"),
+        qgmma_sass=sass.count("QGMMA"),  # fp8
+        wgmma_register_a_ptx=len(re.findall(r"wgmma\.mma_async[^;]*\}, \{", ptx)),
         tma_loads_ptx=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),
         setmaxnreg=sorted(set(int(n) for n in re.findall(
             r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),

@@ -11,6 +11,7 @@ under a time limit, so a pipeline deadlock fails this module instead of hanging 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from inputs import FP8, descales, randn
 from reference_math import attention_dense
 from tolerance import assert_lse_matches, assert_matches_reference
 
@@ -106,6 +108,17 @@ _SMOKE = textwrap.dedent("""
             torch.cuda.synchronize()
             print(head_dim, config, "causal" if causal else "full", flush=True)
 """)
+_SMOKE_FP8 = textwrap.dedent("""
+    import torch
+    from test_fwd_hopper import _fp8_inputs, make_fp8_args
+    from flash_attn_3.backends.triton import fwd_hopper
+    for head_dim in fwd_hopper.FP8_CONFIGS:
+        for causal in (False, True):
+            q, k, v, descale = _fp8_inputs(4, 1000, 900, 8, 2, head_dim, descaled=True)
+            fwd_hopper.forward(make_fp8_args(q, k, v, causal=causal, descales=descale))
+            torch.cuda.synchronize()
+            print("fp8", head_dim, "causal" if causal else "full", flush=True)
+""")
 STEP_SECONDS = 90  # one compile and one small call
 
 
@@ -113,10 +126,21 @@ STEP_SECONDS = 90  # one compile and one small call
 def kernel_terminates(tmp_path_factory):
     """Every config once, in a subprocess watched step by step: a deadlocked pipeline fails the
     module (naming the config) instead of hanging the GPU run."""
+    _run_watched(_SMOKE, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fp8_kernel_terminates(tmp_path_factory):
+    """The fp8 variants alike (their own fixture: `-k fp8` runs need not compile every bf16
+    config first)."""
+    _run_watched(_SMOKE_FP8, tmp_path_factory)
+
+
+def _run_watched(script: str, tmp_path_factory):
     stderr = (tmp_path_factory.mktemp("smoke") / "stderr.txt").open("w+")
     # The child imports the package from this checkout even where it is not installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(TESTS).parent), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", _SMOKE], cwd=TESTS, text=True, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=TESTS, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=stderr)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)),
@@ -236,3 +260,115 @@ def test_routes_short_causal_d64_to_portable():
     assert fwd_hopper.supports(make_args(q, k, v, causal=False))
     q, k, v = _qkv(1, 4096, 4096, 4, 2, 64, torch.bfloat16)
     assert fwd_hopper.supports(make_args(q, k, v, causal=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 e4m3 (out bf16; descales per (batch, KV head))
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,causal", [(128, False), (256, True), (64, True)])
+def test_fp8_compiles_for_sm90(head_dim, causal):
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"), "--dtype", "fp8",
+           "--head-dim", str(head_dim)] + (["--causal"] if causal else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    # every wgmma is an e4m3 one (QGMMA in SASS), P's from registers
+    assert got["wgmma_ptx"] > 0 and got["qgmma_sass"] == got["wgmma_ptx"], got
+    assert got["wgmma_register_a_ptx"] > 0, got
+    # no wgmma serialized: ptxas keeps the registers an in-flight PV wgmma reads
+    assert not got["ptxas_warnings"], got
+    assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+
+
+def test_fp8_values_copy_matches_the_p_operand_order():
+    """What the kernel's P reinterpretation (_p_operand) and V's copy must agree on, on the CPU:
+    operand column a holds key sigma(a) within its group of 32 (bits a3, a2, a1 = c2, c1, c3),
+    and padding keys are zero."""
+    from flash_attn_3.backends.triton.fwd_hopper import _values_keys_inner
+    for seqlen_k in (5, 32, 77, 128):
+        v = torch.randn(2, seqlen_k, 3, 16)
+        v_t = _values_keys_inner(v)
+        padded = v_t.shape[-1]
+        assert padded % 32 == 0 and padded >= seqlen_k and v_t.stride(-1) == 1
+        a = torch.arange(padded)
+        bit = [(a >> i) & 1 for i in range(5)]
+        sigma = (a & ~31) | bit[0] | bit[2] << 1 | bit[3] << 2 | bit[1] << 3 | bit[4] << 4
+        want = torch.zeros(2, 3, 16, padded)
+        want[..., :seqlen_k] = v.permute(0, 2, 3, 1)
+        assert torch.equal(v_t, want[..., sigma])
+
+
+def make_fp8_args(q, k, v, *, causal, descales):
+    q_descale, k_descale, v_descale = descales
+    return dataclasses.replace(make_args(q, k, v, causal=causal), q_descale=q_descale,
+                               k_descale=k_descale, v_descale=v_descale)
+
+
+def _fp8_inputs(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, *, descaled: bool):
+    q, k, v = (randn(batch, s, h, head_dim, dtype=FP8, device="cuda")
+               for s, h in ((seqlen_q, heads_q), (seqlen_k, heads_k), (seqlen_k, heads_k)))
+    if not descaled:
+        return q, k, v, (None, None, None)
+    # (B, Hk) views with strides of both kinds: contiguous, and a transposed (Hk, B) tensor. The
+    # tests keep B and Hk > 1, so every call shares one stride specialization (fewer compiles).
+    q_descale, k_descale, v_descale = descales(batch, heads_k, "cuda")
+    k_descale = descales(heads_k, batch, "cuda")[0].t()
+    return q, k, v, (q_descale, k_descale, v_descale)
+
+
+def run_and_check_fp8(monkeypatch, q, k, v, descale, *, causal):
+    a = make_fp8_args(q, k, v, causal=causal, descales=descale)
+    assert fwd_hopper.supports(a)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    q_descale, k_descale, v_descale = descale
+    kw = dict(causal=causal, softmax_scale=a.softmax_scale, q_descale=q_descale,
+              k_descale=k_descale, v_descale=v_descale)
+    ref, ref_lse = attention_dense(q, k, v, **kw)
+    ref_lowp, _ = attention_dense(q, k, v, lowp=True, **kw)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_matches_reference("out", out, ref, ref_lowp, fp8=True)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+FP8_SHAPES = [
+    (2, 1000, 1023, 4, 2),  # ragged tails (V's copy pads the last 31 keys), GQA
+    (2, 1023, 1000, 6, 2),  # causal rows that see no key; 8 keys in V's last group
+    (2, 77, 5, 4, 4),  # fewer keys than one group of 32
+    (4, 2000, 1999, 8, 2),  # persistent programs walk several tiles
+]
+
+
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("fp8_kernel_terminates")
+def test_fp8_matches_reference(monkeypatch, shape, causal, head_dim):
+    q, k, v, descale = _fp8_inputs(*shape, head_dim, descaled=True)
+    run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("fp8_kernel_terminates")
+def test_fp8_without_descales(monkeypatch, causal):
+    q, k, v, descale = _fp8_inputs(2, 700, 900, 8, 2, 128, descaled=False)
+    run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_fp8_routes_to_gluon():
+    from flash_attn_3.backends.triton import routes
+    q, k, v, descale = _fp8_inputs(2, 4096, 4096, 4, 2, 128, descaled=True)
+    a = make_fp8_args(q, k, v, causal=True, descales=descale)
+    assert routes.forward_kernel(a) is fwd_hopper
+    # descales belong to fp8 only
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    assert not fwd_hopper.in_scope(make_fp8_args(qb, kb, vb, causal=True, descales=descale))

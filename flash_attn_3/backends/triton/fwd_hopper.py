@@ -233,6 +233,12 @@ if _GLUON_OK:
     def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, IS_FP8: gl.constexpr):
         """P in dtype as the register A operand of the PV wgmma."""
         if IS_FP8:
+            # In each group of 32 keys a thread's S registers hold keys 2t, 2t+1 (+8, +16, +24)
+            # and an e4m3 A register must hold 4t..4t+3 (+16). Operand column bits (a3, a2, a1)
+            # taking key bits (c2, c1, c3) makes P's registers the A fragment as they are (no
+            # lane exchange; convert_layout proves it); V's copy has its keys in the same order
+            # (_values_keys_inner). The asm packs 4 registers into one (2 cvt per register; the
+            # generic fp32 -> fp8 cast went through single bytes).
             rows: gl.constexpr = p.shape[0]
             cols: gl.constexpr = p.shape[1]
             x = p.reshape([rows, cols // 32, 2, 2, 2, 2, 2]).permute((0, 1, 2, 4, 5, 3, 6))
@@ -248,10 +254,10 @@ if _GLUON_OK:
 
     @gluon.jit
     def _wait_pv(o_tok, p, IS_FP8: gl.constexpr):
-        """Retire the PV wgmma: (O, P). P stays live until then, as the wgmma reads it from
-        registers; the wait cannot carry 8-bit values (triton 3.6 lowers only 16/32/64-bit
-        deps), so fp8 relies on P's registers being redefined only after this wait (the loop's
-        P = P_next), which ptxas checks (it serializes the wgmmas, with a warning, otherwise)."""
+        """Retire the PV wgmma: (O, P). The wgmma reads P from registers, so P stays live until
+        here. triton 3.6 cannot lower an 8-bit dep (fatal "Unexpected bitwidth"): fp8 leaves P
+        out and relies on ptxas, which must not reuse registers an in-flight wgmma reads (it
+        serializes the wgmmas, with a warning, when it cannot; the sm_90 compile shows none)."""
         if IS_FP8:
             return warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, )), p
         else:
@@ -348,8 +354,9 @@ if _GLUON_OK:
                         s_tok = warpgroup_mma(
                             q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
                             use_acc=False, is_async=True)
-                        o_tok = warpgroup_mma(p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8),
-                                              acc, is_async=True)
+                        o_tok = warpgroup_mma(
+                            p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                            is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
                         # Softmax of block j overlaps the PV wgmma of block j - 1.
                         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
@@ -473,7 +480,8 @@ def _descriptor_of_block(x: torch.Tensor, block: list):
 def _values_keys_inner(v: torch.Tensor) -> torch.Tensor:
     """V (B, Sk, Hk, D) copied to (B, Hk, D, Sk rounded up to 32) with the keys contiguous (the
     fp8 PV wgmma reads V only K-major), keys reordered within each group of 32 the way
-    `_p_operand` reorders P's columns, and the padding keys zero (P is 0 there, V must be finite)."""
+    `_p_operand` reorders P's columns, and the padding keys zero (P is 0 there, so V must be
+    finite)."""
     batch, seqlen_k, heads_k, head_dim = v.shape
     full, padded = seqlen_k // 32 * 32, -(-seqlen_k // 32) * 32
     v_t = torch.empty((batch, heads_k, head_dim, padded), dtype=v.dtype, device=v.device)

@@ -17,8 +17,8 @@ def forward_kernel(a):
     """The kernel module that computes this forward call.
 
     Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the dense
-    fp16/bf16 prefill on Hopper to the warp-specialized Gluon kernel where it is the faster one
-    (0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable kernel, BENCHMARKS.md);
+    fp16/bf16/fp8 prefill on Hopper to the warp-specialized Gluon kernel where it is the faster
+    one (0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable kernel, BENCHMARKS.md);
     everything else to the portable tiled kernel.
     """
     decode = _kernel("decode")
