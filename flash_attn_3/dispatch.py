@@ -133,16 +133,30 @@ def forward_features(a: AttnArgs) -> list[str]:
     return ["dense"] + [name for name, on in flags.items() if on]
 
 
-def refusal(backend: str, features: list[str], device: torch.device) -> Optional[str]:
-    """None if `backend` runs every feature on `device`, else the first reason it refuses."""
+def refusal(backend: str, features, device: torch.device) -> Optional[str]:
+    """None if `backend` runs every feature on `device`, else the first reason it refuses.
+
+    features: a list of names, or a function returning it, called only when the backend's table
+    refuses anything (the triton and reference tables refuse nothing: a decode step skips it).
+    """
     reason = device_reason(backend, device)
     if reason:
         return reason
     table = CAPABILITIES[backend]
+    if callable(features):
+        if not any(table.values()):
+            return None
+        features = features()
     for feature in features:
         if table.get(feature):
             return f"{FEATURES[feature]}: {table[feature]}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _module(backend: str):
+    # Cached: every op call asks (twice), and importlib's lookup costs about a microsecond.
+    return importlib.import_module(_MODULES[backend])
 
 
 def _call_refusal(backend: str, a: Optional[AttnArgs], backward: bool) -> Optional[str]:
@@ -150,7 +164,7 @@ def _call_refusal(backend: str, a: Optional[AttnArgs], backward: bool) -> Option
     `unsupported_reason(a, backward)` (asked only once the device and the table allow the call)."""
     if a is None:
         return None
-    check = getattr(importlib.import_module(_MODULES[backend]), "unsupported_reason", None)
+    check = getattr(_module(backend), "unsupported_reason", None)
     return check(a, backward) if check else None
 
 
@@ -162,7 +176,7 @@ def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = N
         reason = refusal(forced, features, device) or _call_refusal(forced, a, backward)
         if reason:
             raise NotImplementedError(f"{ENV_VAR}={forced}: the {forced} backend refuses this call: {reason}")
-        return importlib.import_module(_MODULES[forced])
+        return _module(forced)
     candidates = preferred_backends(device)
     reasons = {}
     for backend in candidates:
@@ -176,16 +190,19 @@ def _choose(features: list[str], device: torch.device, a: Optional[AttnArgs] = N
                         f"flash_attn_3: falling back from the {first} backend to {backend}: {why}",
                         stacklevel=4,
                     )
-            return importlib.import_module(_MODULES[backend])
+            return _module(backend)
         reasons[backend] = reason
     detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
     raise NotImplementedError(f"flash_attn_3: no backend can run this call ({detail})")
 
 
 def backend_for(op: str, a: AttnArgs, deterministic: bool = False):
-    features = forward_features(a)
-    if op == "backward":
-        features = features + ["backward"] + (["deterministic"] if deterministic else [])
+    def features():
+        names = forward_features(a)
+        if op == "backward":
+            names += ["backward"] + (["deterministic"] if deterministic else [])
+        return names
+
     return _choose(features, a.q.device, a, op == "backward")
 
 

@@ -43,6 +43,11 @@ def _unit_stride(t):
     return t
 
 
+def _unit_strides(*tensors):
+    """_unit_stride of each; the Nones, most of a call's optional tensors, cost no call."""
+    return [t if t is None else _unit_stride(t) for t in tensors]
+
+
 def _attention(
     q, k, v, *, softmax_scale, causal, window_size, attention_chunk, softcap, deterministic,
     sm_margin, qv=None, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
@@ -51,12 +56,13 @@ def _attention(
     pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
     k_name="k", v_name="v", public_names=None, validated=False,
 ):
-    """Validate (unless the caller just did), normalize and run the forward op; returns (out, lse)."""
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
-    cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k = (
-        _unit_stride(t) for t in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k)
-    )
-    cp_tot_seqused_k, scheduler_metadata = _unit_stride(cp_tot_seqused_k), _unit_stride(scheduler_metadata)
+    """Normalize, validate and run the forward op; returns (out, lse). validated: the caller has
+    already made the tensors unit-stride and validated them (flash_attn_with_kvcache)."""
+    if not validated:
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k, \
+            cp_tot_seqused_k, scheduler_metadata = _unit_strides(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k,
+                cp_tot_seqused_k, scheduler_metadata)
     if isinstance(q, torch.Tensor) and q.dtype != torch.float8_e4m3fn:
         # The official forward reads descales only for fp8 inputs and ignores them otherwise.
         q_descale = k_descale = v_descale = None
@@ -336,11 +342,10 @@ def flash_attn_with_kvcache(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         checks.check_tensor(name, t, device=q.device)
         checks.check_last_dim_contiguous(name, t)
-    q, k, v, rotary_cos, rotary_sin = (_unit_stride(t) for t in (q, k, v, rotary_cos, rotary_sin))
-    cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens = (
-        _unit_stride(t) for t in (cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens)
-    )
-    cache_seqlens, scheduler_metadata = _unit_stride(cache_seqlens), _unit_stride(scheduler_metadata)
+    q, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, \
+        rotary_seqlens, cache_seqlens, scheduler_metadata, cp_tot_seqused_k = _unit_strides(
+            q, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, page_table, cu_seqlens_q,
+            cu_seqlens_k_new, rotary_seqlens, cache_seqlens, scheduler_metadata, cp_tot_seqused_k)
     # The official forward reads these only with what they describe, and ignores them otherwise.
     if rotary_cos is None and rotary_sin is None:
         rotary_seqlens = None
@@ -361,20 +366,19 @@ def flash_attn_with_kvcache(
         cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k_new=cu_seqlens_k_new,
         rotary_seqlens=rotary_seqlens, page_table=page_table, batch_size=batch_size,
     )
+    # Validated here once, for both paths: before the append writes into the cache.
+    checks.check_attention_inputs(
+        q, k_cache, v_cache, qv=qv, out=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None,
+        seqused_q=None, seqused_k=cache_seqlens, max_seqlen_q=max_seqlen_q, max_seqlen_k=None,
+        page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad,
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=sinks,
+        cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k,
+        scheduler_metadata=scheduler_metadata, attention_chunk=attention_chunk, softcap=softcap,
+        num_splits=num_splits, sm_margin=sm_margin, k_name="k_cache", v_name="v_cache",
+        public_names=_KVCACHE_NAMES,
+    )
     seqused_k = cache_seqlens
     if k is not None:
-        # Validate the attention arguments before the append writes into the cache.
-        attention_args = dict(
-            q=q, k=k_cache, v=v_cache, qv=qv, out=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None,
-            seqused_q=None, seqused_k=cache_seqlens, max_seqlen_q=max_seqlen_q, max_seqlen_k=None,
-            page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad,
-            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=sinks,
-            cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k,
-            scheduler_metadata=scheduler_metadata, attention_chunk=attention_chunk, softcap=softcap,
-            num_splits=num_splits, sm_margin=sm_margin, k_name="k_cache", v_name="v_cache",
-            public_names=_KVCACHE_NAMES,
-        )
-        checks.check_attention_inputs(**attention_args)
         left, right = checks.check_window(window_size)
         rotate_q_per_token = bool(causal) or left >= 0 or right >= 0 or attention_chunk > 0
         q_rotated = ops.append_kv(
@@ -397,7 +401,7 @@ def flash_attn_with_kvcache(
         attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
         deterministic=False, sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank,
         cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
-        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES, validated=k is not None,
+        k_name="k_cache", v_name="v_cache", public_names=_KVCACHE_NAMES, validated=True,
     )
     if not return_softmax_lse:
         return out

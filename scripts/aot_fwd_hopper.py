@@ -1,7 +1,12 @@
 """Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
+                                     [--varlen] [--seqused]
                                      [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
+
+--varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
+that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
+fp8 is dense only (forward() sends fp8 varlen to the portable kernel).
 
 Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX, and
 ptxas' register and spill figures. --keep DIR writes the .ptx, .ttgir and .sass there.
@@ -32,26 +37,37 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 
 
-def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
+def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None,
+                     varlen: bool = False, seqused: bool = False):
     """The kernel as forward() launches it (same descriptors, constants and options)."""
     fp8 = dtype == torch.float8_e4m3fn
+    if fp8 and (varlen or seqused):
+        raise SystemExit("fp8 is dense only")
     block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal, fp8))[:3]
-    x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
+    x = torch.empty(512, 4, head_dim, dtype=dtype)
+    if not varlen:
+        x = x.view(2, 256, 4, head_dim)
     rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
     keys = fwd_hopper._descriptor(x, block_n)
-    out = fwd_hopper._descriptor(torch.empty(2, 256, 4, head_dim, dtype=torch.bfloat16),
-                                 fwd_hopper.ROWS_PER_WARPGROUP) if fp8 else rows
+    o = torch.empty(x.shape, dtype=torch.bfloat16) if fp8 else x
+    out = fwd_hopper._descriptor(o, fwd_hopper.ROWS_PER_WARPGROUP)
     values = keys
     descales = None
     if fp8:
         values = fwd_hopper._descriptor_of_block(torch.empty(2, 4, head_dim, 256, dtype=dtype),
                                                  [1, 1, head_dim, block_n])
         descales = (torch.empty(2, 4), ) * 3 + (4, 2) * 3  # 1 would be a constexpr
-    # qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair
-    runtime = [rows, keys, values, out, torch.empty(1), 0.125, 16, 2, 4, 256, 256, 2, 0, descales]
+    lengths = torch.empty(3, dtype=torch.int32)
+    # forward() passes None for the index tensors a call lacks: the JIT makes them constexprs.
+    index = [lengths if varlen else None] * 2 + [lengths if seqused else None] * 2
+    # o_ptr, lse_ptr, cu_seqlens_q/k, seqused_q/k, qk_scale, num_units, num_m_blocks,
+    # num_heads_q, seqlen_q, seqlen_k, group_size, pair, descales
+    runtime = [rows, keys, values, out, o, torch.empty(1), *index, 0.125, 16, 2, 4, 256, 256, 2,
+               0, descales]
     kernel = fwd_hopper._fwd_kernel
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
-    constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
+    constants = {name: None for name, value in zip(kernel.arg_names, runtime) if value is None}
+    constants.update(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
                      SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
@@ -96,11 +112,14 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
                    "default_config(head_dim, causal); PERSISTENT only changes the grid)")
+    p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
+    p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config)
+    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config, args.varlen,
+                              args.seqused)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,15 @@
 #   gpu     pytest -m gpu only
 #   suite   the whole test suite with FLASH_ATTN_3_BACKEND=triton (not -m gpu: already run)
 #   fwd bwd decode   benchmarks/bench_*.py --quick (tables + JSON + PNG)
+#   profile scripts/profile_decode_step.py (host time of an eager decode step)
+#   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
 #
 # Every part runs under its own cap and a global deadline (GPU_CHECK_SECONDS, default 520), and a
 # part that fails or hits its cap does not stop the next. A single bench part gets the whole
 # deadline. Environment knobs: PYTHON (default python3), BENCH_ARGS (added to every bench, e.g.
 # "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
-# (added to the `gpu` and `suite` pytest runs, e.g. "-n 6": the GPU tests are compile-bound and the device has 16
-# cores, so pytest-xdist workers cut the wall time several-fold).
+# (added to the `gpu` and `suite` pytest runs, e.g. "-n 8": the GPU tests are compile-bound and the
+# device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11).
 #
 # What comes back in $OUT (the device tool returns at most 8 files): gpu_check.log (everything),
 # summary.md (versions, part results, failing tests, bench tables), bench_{fwd,bwd,decode}.json
@@ -34,8 +36,8 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|profile) ;;
-    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode or profile"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|profile|compile) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, profile or compile"; exit 2 ;;
   esac
 done
 want() {
@@ -124,6 +126,12 @@ EOF
   fi
   read -r -a PYTEST_GPU_EXTRA <<< "${PYTEST_GPU_ARGS:-}"
   want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${PYTEST_GPU_EXTRA[@]}" tests
+  if want compile; then
+    run_capped 240 "compile_cost" "$WORK/compile_cost.log" "$PY" scripts/compile_cost.py --out "$WORK"
+    [[ -f $WORK/compile_cost.json ]] && cp "$WORK/compile_cost.json" "$OUT/"
+    [[ -f $WORK/compile_cost.md ]] && printf '\n## compile_cost\n\n%s\n' \
+      "$(cat "$WORK/compile_cost.md")" >> "$WORK/tables.md"
+  fi
   want fwd && bench_part fwd 110
   want bwd && bench_part bwd 90
   want decode && bench_part decode 50

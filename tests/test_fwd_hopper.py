@@ -4,7 +4,8 @@ Anywhere: the kernel compiles ahead of time for sm_90 (the triton wheel ships pt
 register reallocation between the partitions and no spills, so a drift in triton's experimental
 Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): out and LSE over the kernel's
 scope (head dims 64/128/256, causal or not, GQA/MQA, seqlen_q != seqlen_k, ragged tails, rows that
-see no key, strided q/k/v) judged by the spec's rule (sec 8), with every buffer the kernel allocates
+see no key, strided q/k/v; packed varlen q/k/v with empty and one-token sequences, seqused_q/k,
+dense with seqused) judged by the spec's rule (sec 8), with every buffer the kernel allocates
 starting as NaN and fresh random inputs each run. The first GPU test runs one call in a subprocess
 under a time limit, so a pipeline deadlock fails this module instead of hanging the GPU run.
 """
@@ -25,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inputs import FP8, descales, randn
-from reference_math import attention_dense
+from inputs import FP8, cu_seqlens, descales, randn
+from reference_math import attention_dense, attention_varlen
 from tolerance import assert_lse_matches, assert_matches_reference
 
 from flash_attn_3.backends.params import AttnArgs
@@ -52,10 +53,15 @@ SHAPES = [
 ]
 
 
-def make_args(q, k, v, *, causal: bool, softmax_scale=None) -> AttnArgs:
+def make_args(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,
+              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_q=None,
+              seqused_k=None) -> AttnArgs:
+    """Dense (B, S, H, D) q/k/v, or packed (total, H, D) ones with their cu_seqlens and max."""
     return AttnArgs(
-        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-        seqused_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
+        q=q, k=k, v=v, qv=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q, seqused_k=seqused_k,
+        max_seqlen_q=q.shape[1] if max_seqlen_q is None else max_seqlen_q,
+        max_seqlen_k=k.shape[1] if max_seqlen_k is None else max_seqlen_k, page_table=None,
         kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
         sinks=None, softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]), window_left=-1,
         window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
@@ -68,11 +74,13 @@ def make_args(q, k, v, *, causal: bool, softmax_scale=None) -> AttnArgs:
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)])
-def test_compiles_for_sm90(head_dim, causal):
+@pytest.mark.parametrize("head_dim,causal,variant", [(128, True, []), (64, False, []),
+                                                     (128, True, ["--varlen", "--seqused"]),
+                                                     (256, False, ["--varlen"])], ids=str)
+def test_compiles_for_sm90(head_dim, causal, variant):
     # A subprocess: the compiler must not run under the interpreter switch conftest sets.
     cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"),
-           "--head-dim", str(head_dim)] + (["--causal"] if causal else [])
+           "--head-dim", str(head_dim)] + (["--causal"] if causal else []) + variant
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.splitlines()[-1])
@@ -81,8 +89,9 @@ def test_compiles_for_sm90(head_dim, causal):
     # the producer partition hands its registers to the consumer warpgroups
     assert fwd_hopper._PRODUCER_REGS in got["setmaxnreg"], got
     assert fwd_hopper._CONSUMER_REGS in got["setmaxnreg"], got
-    # ptxas parks a few per-tile scalars in local memory across the KV loop (104 bytes at D=128
-    # causal, none inside the loop); a spilled loop value would cost far more than this bound
+    # ptxas parks a few per-tile scalars in local memory across the KV loop (108 bytes at D=128
+    # causal, 100 varlen with seqused, none inside the loop); a spilled loop value would cost far
+    # more than this bound
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
 
 
@@ -97,6 +106,7 @@ def test_refuses_without_hopper():
 
 _SMOKE = textwrap.dedent("""
     import torch
+    from inputs import cu_seqlens
     from test_fwd_hopper import ALT_CONFIGS, make_args
     from flash_attn_3.backends.triton import fwd_hopper
     for head_dim, config in [(d, None) for d in fwd_hopper.CONFIGS] + ALT_CONFIGS:
@@ -107,6 +117,20 @@ _SMOKE = textwrap.dedent("""
             fwd_hopper.forward(make_args(q, k, v, causal=causal), config)
             torch.cuda.synchronize()
             print(head_dim, config, "causal" if causal else "full", flush=True)
+    # Packed, where producer and consumers must agree on the blocks they skip.
+    for head_dim in fwd_hopper.CONFIGS:
+        for causal in (False, True):
+            lens_q, lens_k = [700, 0, 1, 1300, 200], [500, 3, 0, 1300, 900]
+            q = torch.randn(sum(lens_q), 8, head_dim, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(sum(lens_k), 2, head_dim, device="cuda", dtype=torch.bfloat16)
+                    for _ in "kv")
+            cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
+            used = torch.tensor([600, 0, 1, 1000, 200], dtype=torch.int32, device="cuda")
+            fwd_hopper.forward(make_args(q, k, v, causal=causal, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k, max_seqlen_q=1300, max_seqlen_k=1300,
+                                         seqused_q=used, seqused_k=used))
+            torch.cuda.synchronize()
+            print(head_dim, "varlen", "causal" if causal else "full", flush=True)
 """)
 _SMOKE_FP8 = textwrap.dedent("""
     import torch
@@ -240,7 +264,8 @@ def test_scope():
     out_of_scope = [
         dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
         dict(sinks=torch.zeros(4, device="cuda")), dict(num_splits=2),
-        dict(seqused_k=torch.full((1,), 100, dtype=torch.int32, device="cuda")),
+        dict(leftpad_k=torch.zeros(1, dtype=torch.int32, device="cuda")),
+        dict(kv_batch_idx=torch.zeros(1, dtype=torch.int32, device="cuda")),
     ]
     for change in out_of_scope:
         assert not fwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
@@ -260,6 +285,178 @@ def test_routes_short_causal_d64_to_portable():
     assert fwd_hopper.supports(make_args(q, k, v, causal=False))
     q, k, v = _qkv(1, 4096, 4096, 4, 2, 64, torch.bfloat16)
     assert fwd_hopper.supports(make_args(q, k, v, causal=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed varlen and seqused
+
+# (lengths_q, lengths_k, heads_q, heads_k)
+VARLEN_SHAPES = [
+    ([1024] * 4, [1024] * 4, 8, 2),  # equal lengths, whole tiles: every O store goes by TMA
+    # ragged, with empty and one-token sequences on both sides: tiles that cross a sequence's
+    # end (masked O store), key blocks that reach into the next sequence
+    ([300, 0, 1, 777, 128, 65, 1], [300, 5, 0, 900, 1, 64, 130], 4, 2),
+    ([200, 1000, 64], [1000, 200, 64], 6, 1),  # seqlen_q != seqlen_k per sequence, MQA
+    ([1500, 37, 900, 1999, 640, 5, 1200, 1024], [1500, 4000, 17, 1999, 640, 70, 1200, 3],
+     8, 4),  # 1024 tiles: persistent programs walk several; causal pairs across short sequences
+]
+
+
+def _varlen_qkv(lens_q, lens_k, heads_q, heads_k, head_dim, dtype=torch.bfloat16, extra_q=0,
+                extra_k=0):
+    """Packed q/k/v; extra_q / extra_k rows after the last sequence belong to none: the keys
+    there are NaN, which no output may see (TMA reads them, the kernel must clear them)."""
+    q = torch.randn(sum(lens_q) + extra_q, heads_q, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lens_k) + extra_k, heads_k, head_dim, device="cuda", dtype=dtype)
+            for _ in "kv")
+    k[sum(lens_k):] = float("nan")
+    v[sum(lens_k):] = float("nan")
+    return q, k, v, cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
+
+
+def _used(lens):
+    """seqused: a random length up to each sequence's (0 and the full length included)."""
+    used = [int(torch.randint(0, n + 1, ())) for n in lens]
+    used[0] = lens[0]
+    return torch.tensor(used, dtype=torch.int32, device="cuda")
+
+
+def _poison_unused(x, starts, used, lens):
+    """NaN in the rows of each sequence past its seqused (a KV cache's unfilled tail)."""
+    for start, n, length in zip(starts, used.tolist(), lens):
+        x[start + n:start + length] = float("nan")
+
+
+def run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, *, causal, seqused_q=None,
+                         seqused_k=None):
+    """Every row of every sequence is checked (rows past seqused_q: out 0, lse +inf); rows after
+    the last sequence (q rows past total_q) must stay unwritten."""
+    lens_q, lens_k = (cu[1:] - cu[:-1] for cu in (cu_q, cu_k))
+    a = make_args(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                  max_seqlen_q=int(lens_q.max()), max_seqlen_k=int(lens_k.max()),
+                  seqused_q=seqused_q, seqused_k=seqused_k)
+    assert fwd_hopper.in_scope(a)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    kw = dict(seqused_q=seqused_q, seqused_k=seqused_k, causal=causal,
+              softmax_scale=a.softmax_scale)
+    ref, ref_lse = attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    ref_lowp, _ = attention_varlen(q, k, v, cu_q, cu_k, lowp=True, **kw)
+    assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    total_q = int(cu_q[-1])
+    rows = torch.arange(q.shape[0]) < total_q
+    assert_matches_reference("out", out, ref, ref_lowp, rows=rows)
+    assert_lse_matches("lse", lse, ref_lse, rows=rows)
+    assert out[total_q:].isnan().all() and lse[:, total_q:].isnan().all(), "rows past the end"
+
+
+@pytest.mark.parametrize("shape", VARLEN_SHAPES, ids=lambda s: f"{len(s[0])}seqs-{s[2]}x{s[3]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_varlen_matches_reference(monkeypatch, shape, causal, head_dim):
+    lens_q, lens_k, heads_q, heads_k = shape
+    run_varlen_and_check(monkeypatch, *_varlen_qkv(lens_q, lens_k, heads_q, heads_k, head_dim,
+                                                   extra_q=70, extra_k=50),
+                         causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_varlen_seqused(monkeypatch, causal, head_dim):
+    """Rows past seqused hold NaN: unused queries still give out 0 / lse +inf, unused keys
+    nothing."""
+    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
+    q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, head_dim)
+    used_q, used_k = _used(lens_q), _used(lens_k)
+    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
+    for x in (k, v):
+        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
+    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=causal, seqused_q=used_q,
+                         seqused_k=used_k)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_varlen_fp16(monkeypatch, causal):
+    run_varlen_and_check(monkeypatch, *_varlen_qkv([513, 90, 1], [257, 300, 40], 6, 3, 128,
+                                                   torch.float16), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_dense_seqused(monkeypatch, causal, head_dim):
+    """Dense q/k/v cut short per row (a KV cache's filled length; the rest NaN): rows past
+    seqused_q inside Sq are written as out 0, lse +inf."""
+    q, k, v = _qkv(5, 700, 900, 8, 2, head_dim, torch.bfloat16)
+    used_q, used_k = _used([700] * 5), _used([900] * 5)
+    _poison_unused(q.flatten(0, 1), range(0, 5 * 700, 700), used_q, [700] * 5)
+    for x in (k, v):
+        _poison_unused(x.flatten(0, 1), range(0, 5 * 900, 900), used_k, [900] * 5)
+    a = make_args(q, k, v, causal=causal, seqused_q=used_q, seqused_k=used_k)
+    assert fwd_hopper.in_scope(a)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    kw = dict(seqlens_q=used_q.tolist(), seqlens_k=used_k.tolist(), causal=causal,
+              softmax_scale=a.softmax_scale)
+    ref, ref_lse = attention_dense(q, k, v, **kw)
+    ref_lowp, _ = attention_dense(q, k, v, lowp=True, **kw)
+    assert_matches_reference("out", out, ref, ref_lowp)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_packed_q_dense_kv(monkeypatch):
+    """Packed queries over a dense K/V cache cut by seqused_k (flash_attn_with_kvcache's shape)."""
+    lens_q, heads_q, heads_k, head_dim = [300, 1, 0, 513], 8, 2, 128
+    q = torch.randn(sum(lens_q), heads_q, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(4, 1000, heads_k, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in "kv")
+    cu_q, used_k = cu_seqlens(lens_q, "cuda"), _used([1000] * 4)
+    a = make_args(q, k, v, causal=True, cu_seqlens_q=cu_q, max_seqlen_q=max(lens_q),
+                  seqused_k=used_k)
+    assert fwd_hopper.in_scope(a)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    # The same keys packed: row b of the cache is sequence b.
+    cu_k = cu_seqlens([1000] * 4, "cuda")
+    kw = dict(seqused_k=used_k, causal=True, softmax_scale=a.softmax_scale)
+    ref, ref_lse = attention_varlen(q, k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, **kw)
+    ref_lowp, _ = attention_varlen(q, k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, lowp=True,
+                                   **kw)
+    assert_matches_reference("out", out, ref, ref_lowp)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_varlen_routes_here():
+    """flash_attn_varlen_func's prefill reaches this kernel (issue 3: it ran fwd.py before)."""
+    from flash_attn_3.backends.triton import routes
+
+    q, k, v, cu_q, cu_k = _varlen_qkv([4096] * 2, [4096] * 2, 16, 16, 128)
+    a = make_args(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4096,
+                  max_seqlen_k=4096)
+    assert routes.forward_kernel(a) is fwd_hopper
+    q, k, v, cu_q, cu_k = _varlen_qkv([1024] * 2, [1024] * 2, 4, 2, 64)
+    short_causal = make_args(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                             max_seqlen_q=1024, max_seqlen_k=1024)
+    assert fwd_hopper.in_scope(short_causal) and not fwd_hopper.supports(short_causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,3 +569,18 @@ def test_fp8_routes_to_gluon():
     # descales belong to fp8 only
     qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
     assert not fwd_hopper.in_scope(make_fp8_args(qb, kb, vb, causal=True, descales=descale))
+    # V's keys-inner copy assumes dense (B, S, H, D) with every key used: fp8 varlen and seqused
+    # go to the portable kernel, while their bf16 twins stay here.
+    used = torch.tensor([4000, 3000], dtype=torch.int32, device="cuda")
+    cu = cu_seqlens([4096] * 2, "cuda")
+    for x, y, z in ((q, k, v), (qb, kb, vb)):
+        packed = make_args(x.flatten(0, 1), y.flatten(0, 1), z.flatten(0, 1), causal=True,
+                           cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4096,
+                           max_seqlen_k=4096)
+        for variant in (packed, make_args(x, y, z, causal=True, seqused_k=used),
+                        make_args(x, y, z, causal=True, seqused_q=used)):
+            if x.dtype == FP8:
+                variant = dataclasses.replace(variant, q_descale=descale[0],
+                                              k_descale=descale[1], v_descale=descale[2])
+            assert fwd_hopper.in_scope(variant) == (x.dtype != FP8)
+            assert (routes.forward_kernel(variant) is fwd_hopper) == (x.dtype != FP8)

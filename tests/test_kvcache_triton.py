@@ -272,6 +272,17 @@ def test_choose_num_splits_fills_the_gpu_without_tiny_splits():
     assert scheduler.choose_num_splits(1, 1, 1, 10, 132) == 1
 
 
+def test_decode_leaves_short_caches_unsplit():
+    """A cache of at most DECODE_UNSPLIT_MAX_BLOCKS blocks gets one launch (no combine) whatever the
+    batch; one block more is split as before; a forced count still wins."""
+    block_n = scheduler.decode_block_n(128, 128)
+    short = scheduler.DECODE_UNSPLIT_MAX_BLOCKS * block_n
+    assert scheduler.decode_num_splits(1, 32, 8, 1, short, 128, 128, torch.device("cpu")) == 1
+    assert scheduler.decode_num_splits(1, 8, 1, 1, short, 128, 128, torch.device("cpu")) == 1
+    assert scheduler.decode_num_splits(1, 32, 8, 1, short + block_n, 128, 128, torch.device("cpu")) > 1
+    assert scheduler.decode_num_splits(1, 32, 8, 1, short, 128, 128, torch.device("cpu"), num_splits=3) == 3
+
+
 def test_scheduler_metadata_layout():
     batch, block_n = 5, scheduler.decode_block_n(64, 64)
     cache_seqlens = torch.randint(0, 3000, (batch,), dtype=torch.int32, device=DEVICE)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
+
 
 @triton.jit
 def _batch_of(token, cu_seqlens, fixed_len, batch, PACKED: tl.constexpr, LOG_BATCH: tl.constexpr):
@@ -194,6 +196,11 @@ def _append_kv_kernel(
             )
 
 
+# Constexprs: HAS_ROTARY, INTERLEAVED, Q_PER_TOKEN, PACKED_K, VARLEN_Q, PAGED, HAS_BATCH_IDX,
+# HAS_ROTARY_SEQLENS, LOG_BATCH, BLOCK_R, BLOCK_D, BLOCK_DV.
+_launch = Launcher(_append_kv_kernel)
+
+
 def _dense4(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, head) strides of a (B, S, H, D) tensor or of a packed (T, H, D) one."""
     if t.dim() == 4:
@@ -248,19 +255,21 @@ def append_kv(
     capacity = page_table.shape[1] * page_size if paged else k_cache.shape[1]
 
     q_out = torch.empty_like(q) if has_rotary else q
-    block_d = triton.next_power_of_2(head_dim)
-    block_dv = triton.next_power_of_2(head_dim_v)
+    # Plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds each on the host
+    # (constexpr-function wrappers), and this runs once per decode step.
+    block_d = 1 << (head_dim - 1).bit_length()
+    block_dv = 1 << (head_dim_v - 1).bit_length()
     # ~4K elements per program: enough bytes in flight per program, few programs for decode appends.
     block_r = max(1, min(64, 4096 // max(block_d, block_dv)))
-    num_kv_programs = triton.cdiv(num_kv_rows, block_r)
-    num_programs = num_kv_programs + triton.cdiv(num_q_rows, block_r)
+    num_kv_programs = -(-num_kv_rows // block_r)
+    num_programs = num_kv_programs - (-num_q_rows // block_r)
     if num_programs == 0:
         return q_out
 
     dummy = cache_seqlens
     kcb, kcs, kch = k_cache.stride()[:3]
     vcb, vcs, vch = v_cache.stride()[:3]
-    _append_kv_kernel[(num_programs,)](
+    _launch((num_programs,), (
         k_cache, v_cache, k_new, v_new, q, q_out,
         rotary_cos if has_rotary else dummy, rotary_sin if has_rotary else dummy,
         cache_seqlens,
@@ -276,9 +285,9 @@ def append_kv(
         *_dense4(k_new), *_dense4(v_new), *_dense4(q), *_dense4(q_out),
         page_table.stride(0) if paged else 0,
         rotary_cos.stride(0) if has_rotary else 0, rotary_sin.stride(0) if has_rotary else 0,
-        HAS_ROTARY=has_rotary, INTERLEAVED=rotary_interleaved, Q_PER_TOKEN=rotate_q_per_token,
-        PACKED_K=packed, VARLEN_Q=varlen_q, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
-        HAS_ROTARY_SEQLENS=rotary_seqlens is not None, LOG_BATCH=batch.bit_length() if packed or varlen_q else 1,
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4,
-    )
+    ), (
+        has_rotary, rotary_interleaved, rotate_q_per_token, packed, varlen_q, paged,
+        cache_batch_idx is not None, rotary_seqlens is not None,
+        batch.bit_length() if packed or varlen_q else 1, block_r, block_d, block_dv,
+    ), 4, 3)
     return q_out

@@ -431,6 +431,90 @@ def _lse_strides(x: torch.Tensor):
     return 0, x.stride(0), x.stride(1)
 
 
+class _Call:
+    """What every launch of one backward call shares: lengths, flags, strides, tuning keys."""
+
+    def __init__(self, q, k, v, a: AttnArgs, configs=None):
+        self.a = a
+        self.varlen_q = a.cu_seqlens_q is not None
+        self.varlen_k = a.cu_seqlens_k is not None
+        self.batch = a.batch_size
+        self.heads_q, self.heads_kv = q.shape[-2], k.shape[-2]
+        head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+        self.max_q = a.max_seqlen_q if self.varlen_q else q.shape[1]
+        self.max_k = a.max_seqlen_k if self.varlen_k else k.shape[1]
+        self.empty = (self.batch == 0 or self.max_q == 0 or self.max_k == 0 or q.numel() == 0
+                      or k.numel() == 0)
+        self.block_d = max(16, triton.next_power_of_2(head_dim))
+        self.block_dv = max(16, triton.next_power_of_2(head_dim_v))
+        self.width = _width_class(self.block_d, self.block_dv)
+        self.tune = self.batch * self.heads_q * self.max_q * self.max_k >= _TUNE_MIN_SCORES
+        self.configs = configs or {}
+        unbounded = self.max_q + self.max_k  # a window side of -1: wider than any sequence
+        window_left = a.window_left if a.window_left >= 0 else unbounded
+        window_right = a.window_right if a.window_right >= 0 else unbounded
+        self.has_softcap = a.softcap > 0.0
+        softcap = a.softcap if self.has_softcap else 1.0
+        self.seq = (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, self.max_q,
+                    self.max_k)
+        self.flags = dict(IS_VARLEN_Q=self.varlen_q, IS_VARLEN_K=self.varlen_k,
+                          HAS_SEQUSED_Q=a.seqused_q is not None,
+                          HAS_SEQUSED_K=a.seqused_k is not None)
+        self.dims = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=self.block_d,
+                         BLOCK_DV=self.block_dv)
+        # Batch rides on grid axis 2, which CUDA caps at 65535 programs: larger batches go in
+        # slices.
+        self.slices = [(b0, min(_MAX_GRID_Z, self.batch - b0))
+                       for b0 in range(0, self.batch, _MAX_GRID_Z)]
+        self.scalars = (a.softmax_scale, softcap, window_left, window_right,
+                        self.heads_q // self.heads_kv)
+        self.tune_key = (triton.next_power_of_2(max(self.max_q, self.max_k)), int(a.is_local))
+
+    def prep(self, out, dout, lse):
+        """(lse * log2(e), delta = rowsum(dout * out)): fp32, contiguous, shaped like lse."""
+        lse2 = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+        delta = torch.empty_like(lse2)
+        # ~8k elements per (rows, Dv) tile: the whole tile sits in registers for the row sums
+        prep_block = 16 if _interpreting() else max(16, 8192 // self.block_dv)
+        for b0, nb in self.slices:
+            _bwd_prep_kernel[(triton.cdiv(self.max_q, prep_block), self.heads_q, nb)](
+                out, dout, lse, lse2, delta, self.a.cu_seqlens_q, self.a.seqused_q, self.max_q,
+                b0, *_rows_strides(out), *_rows_strides(dout), *_lse_strides(lse),
+                *_lse_strides(lse2)[:2], HEAD_DIM_V=self.dims["HEAD_DIM_V"],
+                BLOCK_DV=self.block_dv, BLOCK_M=prep_block, IS_VARLEN_Q=self.varlen_q,
+                HAS_SEQUSED_Q=self.a.seqused_q is not None,
+            )
+        return lse2, delta
+
+    def common(self, q, k, v, dout, lse2):
+        return (*self.scalars, *_rows_strides(q), *_rows_strides(k), *_rows_strides(v),
+                *_rows_strides(dout), *_lse_strides(lse2)[:2])
+
+    def dq(self, dout, q, k, v, lse2, delta):
+        """dq by the atomic-free kernel (recomputes P and dP per query block)."""
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        kernel, launch = _launcher("dq", self.width, self.tune, self.configs.get("dq"))
+        for b0, nb in self.slices:
+            kernel[lambda meta, nb=nb: (triton.cdiv(self.max_q, meta["BLOCK_M"]), self.heads_q,
+                                        nb)](
+                q, k, v, dout, lse2, delta, dq, *self.seq, b0, *self.common(q, k, v, dout, lse2),
+                *_rows_strides(dq), *self.tune_key, **self.dims, SOFTCAP=self.has_softcap,
+                **self.flags, **launch,
+            )
+        return dq
+
+
+def prep(out, dout, lse, a: AttnArgs):
+    """(lse * log2(e), delta) for a backward kernel elsewhere (bwd_hopper.py): fp32, contiguous,
+    shaped like lse."""
+    return _Call(a.q, a.k, a.v, a).prep(out, dout, lse)
+
+
+def dq_only(dout, q, k, v, lse2, delta, a: AttnArgs):
+    """dq alone (atomic-free kernel), from prep()'s lse2 and delta."""
+    return _Call(q, k, v, a).dq(dout, q, k, v, lse2, delta)
+
+
 def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=None):
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group).
 
@@ -440,72 +524,26 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
     instead of the default / autotuned ones (benchmarks/tune_bwd.py sweeps them).
     """
     _refuse_unsupported(a)
-    varlen_q = a.cu_seqlens_q is not None
-    varlen_k = a.cu_seqlens_k is not None
-    batch = a.batch_size
-    heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    max_q = a.max_seqlen_q if varlen_q else q.shape[1]
-    max_k = a.max_seqlen_k if varlen_k else k.shape[1]
+    call = _Call(q, k, v, a, configs)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if batch == 0 or max_q == 0 or max_k == 0 or q.numel() == 0 or k.numel() == 0:
+    if call.empty:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
         dout = dout.contiguous()
-
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
-    width = _width_class(block_d, block_dv)
-    tune = batch * heads_q * max_q * max_k >= _TUNE_MIN_SCORES
-    configs = configs or {}
-    unbounded = max_q + max_k  # a window side of -1 becomes one wider than any sequence
-    window_left = a.window_left if a.window_left >= 0 else unbounded
-    window_right = a.window_right if a.window_right >= 0 else unbounded
-    has_softcap = a.softcap > 0.0
-    softcap = a.softcap if has_softcap else 1.0
-    seq = (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, max_q, max_k)
-    flags = dict(IS_VARLEN_Q=varlen_q, IS_VARLEN_K=varlen_k,
-                 HAS_SEQUSED_Q=a.seqused_q is not None, HAS_SEQUSED_K=a.seqused_k is not None)
-    dims = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv)
-
-    # delta and lse*log2(e), contiguous in the LSE's logical layout
-    lse2 = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    delta = torch.empty_like(lse2)
-    x_strides = _lse_strides(lse2)[:2]
-    # ~8k elements per (rows, Dv) tile: the whole tile sits in registers for the row sums
-    prep_block = 16 if _interpreting() else max(16, 8192 // block_dv)
-    # Batch rides on grid axis 2, which CUDA caps at 65535 programs: larger batches go in slices.
-    slices = [(b0, min(_MAX_GRID_Z, batch - b0)) for b0 in range(0, batch, _MAX_GRID_Z)]
-    for b0, nb in slices:
-        _bwd_prep_kernel[(triton.cdiv(max_q, prep_block), heads_q, nb)](
-            out, dout, lse, lse2, delta, a.cu_seqlens_q, a.seqused_q, max_q, b0,
-            *_rows_strides(out), *_rows_strides(dout), *_lse_strides(lse), *x_strides,
-            HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_M=prep_block,
-            IS_VARLEN_Q=varlen_q, HAS_SEQUSED_Q=a.seqused_q is not None,
-        )
+    lse2, delta = call.prep(out, dout, lse)
 
     atomic_dq = ATOMIC_DQ_BY_DEFAULT and not deterministic
     # without atomics the dK/dV kernel never touches DQ_ACC; dk stands in (fully overwritten)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dk
-    common = (a.softmax_scale, softcap, window_left, window_right, heads_q // heads_kv,
-              *_rows_strides(q), *_rows_strides(k), *_rows_strides(v), *_rows_strides(dout),
-              *x_strides)
-    tune_key = (triton.next_power_of_2(max(max_q, max_k)), int(a.is_local))
-    kernel, launch = _launcher("dkdv", width, tune, configs.get("dkdv"))
-    for b0, nb in slices:
-        kernel[lambda meta, nb=nb: (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, nb)](
-            q, k, v, dout, lse2, delta, dq_acc, dk, dv, *seq, b0, *common,
-            *_rows_strides(dq_acc), *_rows_strides(dk), *_rows_strides(dv), *tune_key,
-            **dims, SOFTCAP=has_softcap, ATOMIC_DQ=atomic_dq, **flags, **launch,
+    kernel, launch = _launcher("dkdv", call.width, call.tune, call.configs.get("dkdv"))
+    for b0, nb in call.slices:
+        kernel[lambda meta, nb=nb: (triton.cdiv(call.max_k, meta["BLOCK_N"]), call.heads_kv, nb)](
+            q, k, v, dout, lse2, delta, dq_acc, dk, dv, *call.seq, b0,
+            *call.common(q, k, v, dout, lse2), *_rows_strides(dq_acc), *_rows_strides(dk),
+            *_rows_strides(dv), *call.tune_key, **call.dims, SOFTCAP=call.has_softcap,
+            ATOMIC_DQ=atomic_dq, **call.flags, **launch,
         )
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    kernel, launch = _launcher("dq", width, tune, configs.get("dq"))
-    for b0, nb in slices:
-        kernel[lambda meta, nb=nb: (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, nb)](
-            q, k, v, dout, lse2, delta, dq, *seq, b0, *common, *_rows_strides(dq), *tune_key,
-            **dims, SOFTCAP=has_softcap, **flags, **launch,
-        )
-    return dq, dk, dv
+    return call.dq(dout, q, k, v, lse2, delta), dk, dv

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
+
 
 @triton.jit
 def _combine_kernel(
@@ -81,6 +83,9 @@ def _combine_kernel(
         tl.store(lse + batch * stride_lb + pos * stride_ll + head * stride_lh, final_lse, mask=row_ok)
 
 
+_launch = Launcher(_combine_kernel)  # constexprs: EMPTY_LSE, HAS_SINKS, BLOCK_S, BLOCK_M, BLOCK_D
+
+
 def combine_into(
     out_partial: torch.Tensor,
     lse_partial: torch.Tensor,
@@ -107,13 +112,11 @@ def combine_into(
     block_d = min(32, 1 << (head_dim - 1).bit_length())
     block_m = 8192 // (block_s * block_d)
     grid = (-(-num_rows // block_m), -(-head_dim // block_d))
-    _combine_kernel[grid](
+    _launch(grid, (
         out_partial, lse_partial, out, lse, sinks if sinks is not None else lse_partial,
         num_rows, num_splits, seqlen, num_heads, head_dim,
         *out_partial.stride()[:4], *lse_partial.stride(), *out.stride()[:3], *lse.stride(),
-        EMPTY_LSE=empty_lse, HAS_SINKS=sinks is not None, BLOCK_S=block_s, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=4,
-    )
+    ), (empty_lse, sinks is not None, block_s, block_m, block_d), 4, 3)
 
 
 def combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out_dtype: torch.dtype):

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..params import AttnArgs
 from .combine import combine_into, unsplit_strides
+from .launch import Launcher
 from .scheduler import decode_block_m, decode_block_n, decode_num_splits, num_sms
 
 # Beyond this many packed query rows per KV head the tiled forward kernel is the better tool.
@@ -207,6 +208,12 @@ def _decode_kernel(
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
+# Constexpr order: GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, VARLEN_Q,
+# VARLEN_K, HAS_SEQUSED_K, HAS_LEFTPAD, HAS_KV_BATCH_IDX, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK,
+# HAS_SOFTCAP, HAS_SINKS, SPLIT.
+_launch = Launcher(_decode_kernel)
+
+
 def supports(a: AttnArgs) -> Optional[str]:
     """None when the decode kernel computes this call, else the reason it does not."""
     if a.qv is not None:
@@ -308,7 +315,7 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
     softcap = a.softcap
     dummy = lse
     grid = (batch * num_heads_kv * num_m_blocks, num_splits)
-    _decode_kernel[grid](
+    _launch(grid, (
         q, k, v, dst_out, dst_lse, a.sinks if a.sinks is not None else dummy,
         a.cu_seqlens_q if varlen_q else dummy, a.cu_seqlens_k if varlen_k else dummy,
         a.seqused_k if a.seqused_k is not None else dummy, a.leftpad_k if a.leftpad_k is not None else dummy,
@@ -319,14 +326,14 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int]] = None):
         num_m_blocks, num_splits,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
         a.page_table.stride(0) if paged else 0,
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv,
-        VARLEN_Q=varlen_q, VARLEN_K=varlen_k and not paged, HAS_SEQUSED_K=a.seqused_k is not None,
-        HAS_LEFTPAD=a.leftpad_k is not None, HAS_KV_BATCH_IDX=a.kv_batch_idx is not None,
-        PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1, HAS_WINDOW=has_window,
-        HAS_CHUNK=a.attention_chunk > 0, HAS_SOFTCAP=softcap > 0, HAS_SINKS=a.sinks is not None,
-        SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
-    )
+    ), (
+        group, head_dim, head_dim_v, block_m, block_n, block_d, block_dv,
+        varlen_q, varlen_k and not paged, a.seqused_k is not None,
+        a.leftpad_k is not None, a.kv_batch_idx is not None,
+        paged, k.shape[1] if paged else 1, has_window,
+        a.attention_chunk > 0, softcap > 0, a.sinks is not None,
+        num_splits > 1,
+    ), num_warps, num_stages)
     if num_splits > 1:
         rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)
         out_view = out.unsqueeze(0) if varlen_q else out

@@ -15,14 +15,22 @@ all units cost the same) with its CTA split into partitions:
   barriers complete on the TMA byte count, empty barriers take one arrive from each consumer.
 Scores stay in the log2 domain (softmax scale and log2(e) folded into one multiply, exp2), m and l
 in fp32. Blocks fully below the causal diagonal and inside seqlen_k skip the mask; the edge blocks
-(diagonal, sequence end: TMA zero-fills past it) take it. Tensors are addressed through rank-4
-descriptors over (B, S, H, D), so a tile never crosses a batch boundary and the O store clips at
-seqlen_q by itself.
+(diagonal, sequence end) take it. Tensors are addressed through rank-4 descriptors over
+(B, S, H, D): dense, a tile never crosses a batch boundary, TMA zero-fills keys past seqlen_k and
+the O store clips at seqlen_q by itself.
 
-fp8 e4m3 (IS_FP8): q and k as given, V as a copy with the keys contiguous, (B, Hk, D, Sk), because
-fp8 wgmma reads both shared-memory operands only K-major and the K of P @ V is the key axis. The
-descales fold into the score scale per (batch, KV head) (q's and k's) and into the epilogue (v's);
-P is shifted to [0, 256] before its e4m3 cast, and the output is bf16.
+Varlen: packed (total, H, D) tensors get the same descriptors over (1, total, H, D), and each tile
+reads its sequence's first row and length from cu_seqlens (and seqused) on the device; the grid
+covers max_seqlen_q and tiles past a shorter sequence exit at once. A tile may then reach past its
+sequence into the next one (or a KV cache's unused tail): those keys are masked and their V rows
+cleared in shared memory, and a query tile that crosses its sequence's end stores O from
+registers, row-masked, instead of by TMA. None index tensors are constexprs, so the dense kernel
+is compiled without any of it.
+
+fp8 e4m3 (IS_FP8, dense only): q and k as given, V as a copy with the keys contiguous,
+(B, Hk, D, Sk), because fp8 wgmma reads both shared-memory operands only K-major and the K of
+P @ V is the key axis. The descales fold into the score scale per (batch, KV head) (q's and k's)
+and into the epilogue (v's); P is shifted to [0, 256] before its e4m3 cast, and the output is bf16.
 """
 
 from __future__ import annotations
@@ -120,26 +128,53 @@ if _GLUON_OK:
         return u // units_per_head, heavy, light, num
 
     @gluon.jit
-    def _tile(bh, m_block, num_heads_q, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """Query block m_block of head bh -> (b, h, first query row, key blocks to visit, key
-        blocks needing no mask)."""
+    def _tile(bh, m_block, shape, seqs, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr):
+        """Query block m_block of head bh -> (b, h, q_batch, q_start, k_batch, k_start, first query
+        row of the tile, query rows written, query rows used, keys, key blocks to visit, key
+        blocks needing no mask). (x_batch, x_start) is the descriptor coordinate of the
+        sequence's first token: (b, 0) dense, (0, cu_seqlens[b]) packed."""
+        num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
+        cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k = seqs
+        b = bh // num_heads_q
+        # Dense, the batch coordinate picks the sequence; packed, the first row does.
+        q_batch, q_start, q_rows = b, 0, seqlen_q
+        if cu_seqlens_q is not None:
+            q_start = gl.load(cu_seqlens_q + b)
+            q_batch, q_rows = 0, gl.load(cu_seqlens_q + b + 1) - q_start
+        k_batch, k_start, k_rows = b, 0, seqlen_k
+        if cu_seqlens_k is not None:
+            k_start = gl.load(cu_seqlens_k + b)
+            k_batch, k_rows = 0, gl.load(cu_seqlens_k + b + 1) - k_start
+        # seqused never reaches past the sequence: a length the checks cannot read must not turn
+        # into reads of the next sequence (or past the tensor).
+        used_q = q_rows
+        if seqused_q is not None:
+            used_q = gl.minimum(gl.load(seqused_q + b), q_rows)
+        if seqused_k is not None:
+            k_rows = gl.minimum(gl.load(seqused_k + b), k_rows)
         m0 = m_block * BLOCK_M
         if CAUSAL:
             # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
-            m_end = gl.minimum(m0 + BLOCK_M, seqlen_q)
-            n_end = gl.maximum(gl.minimum(seqlen_k, m_end + seqlen_k - seqlen_q), 0)
+            m_end = gl.minimum(m0 + BLOCK_M, used_q)
+            n_end = gl.maximum(gl.minimum(k_rows, m_end + k_rows - used_q), 0)
             # Blocks whose last key is on or below the diagonal of the tile's first row.
-            num_unmasked = gl.maximum(m0 + seqlen_k - seqlen_q + 1, 0) // BLOCK_N
-            num_unmasked = gl.minimum(num_unmasked, seqlen_k // BLOCK_N)
+            num_unmasked = gl.maximum(m0 + k_rows - used_q + 1, 0) // BLOCK_N
+            num_unmasked = gl.minimum(num_unmasked, k_rows // BLOCK_N)
         else:
-            n_end = seqlen_k
-            num_unmasked = seqlen_k // BLOCK_N
-        return bh // num_heads_q, bh % num_heads_q, m0, gl.cdiv(n_end, BLOCK_N), num_unmasked
+            n_end = k_rows
+            num_unmasked = k_rows // BLOCK_N
+        num_blocks = gl.cdiv(n_end, BLOCK_N)
+        if seqused_q is not None:
+            # Rows past seqused_q but inside the sequence are written (out 0, lse +inf) without
+            # visiting any key.
+            num_blocks = gl.where(m0 < used_q, num_blocks, 0)
+        return (b, bh % num_heads_q, q_batch, q_start, k_batch, k_start, m0, q_rows, used_q,
+                k_rows, num_blocks, num_unmasked)
 
     @gluon.jit
-    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, j, kv, STAGES: gl.constexpr,
-                 IS_FP8: gl.constexpr):
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j, kv,
+                 STAGES: gl.constexpr, IS_FP8: gl.constexpr):
         """Block j of a tile's keys and values into ring slot kv % STAGES."""
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -148,19 +183,19 @@ if _GLUON_OK:
         phase = ((kv // STAGES) & 1) ^ 1
         mbarrier.wait(k_empty.index(stage), phase)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(stage),
-                                        k_smem.index(stage))
+        tma.async_copy_global_to_shared(k_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
+                                        k_ready.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), phase)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        if IS_FP8:  # V copied to (B, Hk, D, Sk)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, 0, j * BLOCK_N], v_ready.index(stage),
-                                            v_smem.index(stage))
+        if IS_FP8:  # V copied to (B, Hk, D, Sk); dense only, so k_start is 0
+            tma.async_copy_global_to_shared(v_desc, [k_batch, hk, 0, j * BLOCK_N],
+                                            v_ready.index(stage), v_smem.index(stage))
         else:
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(stage),
-                                            v_smem.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
+                                            v_ready.index(stage), v_smem.index(stage))
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, IS_FP8: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
@@ -171,25 +206,31 @@ if _GLUON_OK:
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
             bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
             for i in range(0, num):
-                b, h, m0, num_blocks, _ = _tile(bh, heavy - i * (heavy - light), num_heads_q,
-                                                seqlen_q, seqlen_k, 2 * BLOCK_MW, BLOCK_N, CAUSAL)
-                hk = h // group_size
-                # The first K/V block goes out before Q, whose buffers wait for the previous
-                # tile: so the next tile's loads overlap that tile's end.
-                if num_blocks > 0:
-                    _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, 0, kv, STAGES, IS_FP8)
-                for w in gl.static_range(2):
-                    # A consumer frees its Q buffer after its last QK wgmma, or, where O is staged
-                    # in that buffer, once the O store has read it.
-                    mbarrier.wait(q_empty.index(w), (done & 1) ^ 1)
-                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [b, m0 + w * BLOCK_MW, h, 0],
-                                                    q_ready.index(w), q_smem.index(w))
-                for j in range(1, num_blocks):
-                    _load_kv(k_desc, v_desc, k_smem, v_smem, bars, b, hk, j, kv + j, STAGES,
-                             IS_FP8)
-                kv += num_blocks
-                done += 1
+                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, _, _, num_blocks,
+                 _) = _tile(bh, heavy - i * (heavy - light), shape, seqs, 2 * BLOCK_MW, BLOCK_N,
+                            CAUSAL)
+                # Packed, the grid covers max_seqlen_q: blocks past a shorter sequence are skipped
+                # here and by the consumers alike.
+                if seqs[0] is None or m0 < q_rows:
+                    hk = h // group_size
+                    # The first K/V block goes out before Q, whose buffers wait for the previous
+                    # tile: so the next tile's loads overlap that tile's end.
+                    if num_blocks > 0:
+                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, 0, kv,
+                                 STAGES, IS_FP8)
+                    for w in gl.static_range(2):
+                        # A consumer frees its Q buffer after its last QK wgmma, or, where O is
+                        # staged in that buffer, once the O store has read it.
+                        mbarrier.wait(q_empty.index(w), (done & 1) ^ 1)
+                        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(
+                            q_desc, [q_batch, q_start + m0 + w * BLOCK_MW, h, 0],
+                            q_ready.index(w), q_smem.index(w))
+                    for j in range(1, num_blocks):
+                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j,
+                                 kv + j, STAGES, IS_FP8)
+                    kv += num_blocks
+                    done += 1
 
     @gluon.jit
     def _masked(s, j, diag, seqlen_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
@@ -200,6 +241,25 @@ if _GLUON_OK:
         else:
             ok = cols < seqlen_k
         return gl.where(ok, s, float("-inf"))
+
+    @gluon.jit
+    def _clear_tail(v_tile, first_row):
+        """Zero rows first_row.. of a V tile in shared memory. Their P is 0, but rows past a
+        sequence's keys are whatever memory holds there (a KV cache's unused tail, the next
+        sequence) and 0 * NaN is NaN in the PV wgmma; TMA zero-fills only past the tensor.
+        Both consumer warpgroups clear the same tile: the second rewrites the bits the first
+        left, so its stores cannot change what the first one's wgmma reads."""
+        BLOCK_N: gl.constexpr = v_tile.shape[0]
+        HEAD_DIM: gl.constexpr = v_tile.shape[1]
+        CHUNK: gl.constexpr = 16
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        for c in gl.static_range(BLOCK_N // CHUNK):
+            if (c + 1) * CHUNK > first_row:
+                chunk = v_tile.slice(c * CHUNK, CHUNK)
+                rows = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+                x = chunk.load(layout)
+                chunk.store(gl.where(gl.expand_dims(rows < first_row, 1), x, gl.zeros_like(x)))
+        fence_async_shared()
 
     @gluon.jit
     def _online_softmax(s, m_i, l_i, qk_scale, IS_FP8: gl.constexpr):
@@ -287,9 +347,10 @@ if _GLUON_OK:
             return qk_scale, 1.0
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, lse_ptr, qk_scale, shape,
-                  descales, CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr, WG: gl.constexpr):
+    def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
+                  seqs, descales, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
+                  WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
@@ -318,114 +379,148 @@ if _GLUON_OK:
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
             bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
             for i in range(0, num):
-                b, h, m0, num_blocks, num_unmasked = _tile(
-                    bh, heavy - i * (heavy - light), num_heads_q, seqlen_q, seqlen_k,
-                    2 * BLOCK_MW, BLOCK_N, CAUSAL)
-                row0 = m0 + WG * BLOCK_MW
-                diag = row0 + gl.arange(0, BLOCK_MW, layout=row_layout) + (seqlen_k - seqlen_q)
-                m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
-                l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
-                acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
-                tile_scale, v_scale = _tile_scales(qk_scale, descales, b, h // group_size, IS_FP8)
-                mbarrier.wait(q_ready.index(WG), done & 1)
+                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, used_q, k_rows, num_blocks,
+                 num_unmasked) = _tile(bh, heavy - i * (heavy - light), shape, seqs, 2 * BLOCK_MW,
+                                       BLOCK_N, CAUSAL)
+                if seqs[0] is None or m0 < q_rows:
+                    row0 = m0 + WG * BLOCK_MW
+                    rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
+                    diag = rows + (k_rows - used_q)
+                    m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
+                    l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
+                    acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
+                    tile_scale, v_scale = _tile_scales(qk_scale, descales, b, h // group_size,
+                                                       IS_FP8)
+                    mbarrier.wait(q_ready.index(WG), done & 1)
 
-                if num_blocks > 0:
-                    stage = kv % STAGES
-                    mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
-                    _take_turn(turn, issue, WG, PINGPONG)
-                    s_tok = warpgroup_mma(
-                        q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                        gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                        is_async=True)
-                    _pass_turn(turn, WG, PINGPONG)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-                    mbarrier.arrive(k_empty.index(stage))
-                    if num_unmasked == 0:
-                        s = _masked(s, 0, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
-                    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
-                    p = _p_operand(p, p_dtype, p_layout, IS_FP8)
-
-                    for j in range(1, num_blocks):
-                        stage = (kv + j) % STAGES
-                        prev = (kv + j - 1) % STAGES
-                        mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
-                        mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
-                        _take_turn(turn, issue + j, WG, PINGPONG)
-                        # The dead S registers serve as the accumulator: use_acc=False ignores them.
+                    if num_blocks > 0:
+                        stage = kv % STAGES
+                        mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
+                        _take_turn(turn, issue, WG, PINGPONG)
                         s_tok = warpgroup_mma(
-                            q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s,
-                            use_acc=False, is_async=True)
-                        o_tok = warpgroup_mma(
-                            p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                            q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                            gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
                             is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
-                        # Softmax of block j overlaps the PV wgmma of block j - 1.
-                        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                         mbarrier.arrive(k_empty.index(stage))
-                        if j >= num_unmasked:
-                            s = _masked(s, j, diag, seqlen_k, BLOCK_N, CAUSAL, col_layout)
-                        p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
-                        p_next = _p_operand(p_next, p_dtype, p_layout, IS_FP8)
-                        # The running PV reads the previous P from registers: keep it alive until
-                        # the wgmma retires.
+                        if num_unmasked == 0:
+                            s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
+                        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
+                        p = _p_operand(p, p_dtype, p_layout, IS_FP8)
+
+                        for j in range(1, num_blocks):
+                            stage = (kv + j) % STAGES
+                            prev = (kv + j - 1) % STAGES
+                            mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
+                            mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
+                            _take_turn(turn, issue + j, WG, PINGPONG)
+                            # The dead S registers serve as the accumulator: use_acc=False
+                            # ignores them.
+                            s_tok = warpgroup_mma(
+                                q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                                s, use_acc=False, is_async=True)
+                            o_tok = warpgroup_mma(
+                                p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                                is_async=True)
+                            _pass_turn(turn, WG, PINGPONG)
+                            # Softmax of block j overlaps the PV wgmma of block j - 1.
+                            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                            mbarrier.arrive(k_empty.index(stage))
+                            if j >= num_unmasked:
+                                s = _masked(s, j, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
+                            p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
+                                                                      IS_FP8)
+                            p_next = _p_operand(p_next, p_dtype, p_layout, IS_FP8)
+                            # The running PV reads the previous P from registers: keep it alive
+                            # until the wgmma retires.
+                            acc, p = _wait_pv(o_tok, p, IS_FP8)
+                            mbarrier.arrive(v_empty.index(prev))
+                            acc = acc * gl.expand_dims(
+                                gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
+                            p = p_next
+
+                        if SEPARATE_O:
+                            # Every QK wgmma has retired: the next tile's Q lands while the last
+                            # PV and the epilogue run, instead of after them (a bubble per tile
+                            # that short causal rows, a few key blocks long, feel most).
+                            mbarrier.arrive(q_empty.index(WG))
+                        last = kv + num_blocks - 1
+                        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                        # Only the last key block can reach past the keys (dense without
+                        # seqused_k, only past the tensor, which TMA zero-filled).
+                        if seqs[1] is not None or seqs[3] is not None:
+                            if num_blocks * BLOCK_N > k_rows:
+                                _clear_tail(v_smem.index(last % STAGES).reshape(
+                                    [BLOCK_N, HEAD_DIM]), k_rows - (num_blocks - 1) * BLOCK_N)
+                        _take_turn(turn, issue + num_blocks, WG, PINGPONG)
+                        o_tok = warpgroup_mma(
+                            p, _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                            is_async=True)
+                        _pass_turn(turn, WG, PINGPONG)
                         acc, p = _wait_pv(o_tok, p, IS_FP8)
-                        mbarrier.arrive(v_empty.index(prev))
-                        acc = acc * gl.expand_dims(
-                            gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
-                        p = p_next
+                        mbarrier.arrive(v_empty.index(last % STAGES))
+                        issue += num_blocks + 1
+                    else:
+                        if SEPARATE_O:
+                            mbarrier.arrive(q_empty.index(WG))
+                    kv += num_blocks
 
-                    if SEPARATE_O:
-                        # Every QK wgmma has retired: the next tile's Q lands while the last PV
-                        # and the epilogue run, instead of after them (a bubble per tile that
-                        # short causal rows, a few key blocks long, feel most).
-                        mbarrier.arrive(q_empty.index(WG))
-                    last = kv + num_blocks - 1
-                    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-                    _take_turn(turn, issue + num_blocks, WG, PINGPONG)
-                    o_tok = warpgroup_mma(
-                        p, _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
-                        is_async=True)
-                    _pass_turn(turn, WG, PINGPONG)
-                    acc, p = _wait_pv(o_tok, p, IS_FP8)
-                    mbarrier.arrive(v_empty.index(last % STAGES))
-                    issue += num_blocks + 1
-                else:
-                    if SEPARATE_O:
-                        mbarrier.arrive(q_empty.index(WG))
-                kv += num_blocks
+                    # Rows with no allowed key (l = 0): out 0, lse +inf (spec); so are the rows
+                    # past seqused_q.
+                    empty = l_i == 0.0
+                    if seqs[2] is not None:
+                        empty = empty | (rows >= used_q)
+                    l_safe = gl.where(empty, 1.0, l_i)
+                    inv_l = gl.convert_layout(v_scale / l_safe, o_row_layout, assert_trivial=True)
+                    out = acc * gl.expand_dims(inv_l, 1)
+                    if seqs[2] is not None:
+                        # Those rows ran over whatever q holds there: select, not scale (NaN * 0).
+                        empty_o = gl.convert_layout(empty, o_row_layout, assert_trivial=True)
+                        out = gl.where(gl.expand_dims(empty_o, 1), 0.0, out)
+                    out = out.to(dtype)
+                    m_lse = m_i
+                    if IS_FP8:
+                        m_lse = m_i - P_SHIFT
+                    lse = gl.where(empty, float("inf"), (m_lse + gl.log2(l_safe)) * LN2)
+                    # seqlen_q is the LSE's row stride: (B, Hq, Sq) dense, (Hq, total_q) packed.
+                    gl.store(lse_ptr + (q_batch * num_heads_q + h).to(gl.int64) * seqlen_q
+                             + q_start + rows, lse, mask=rows < q_rows)
 
-                # Rows with no allowed key (l = 0): out 0, lse +inf (spec).
-                empty = l_i == 0.0
-                l_safe = gl.where(empty, 1.0, l_i)
-                inv_l = gl.convert_layout(v_scale / l_safe, o_row_layout, assert_trivial=True)
-                out = acc * gl.expand_dims(inv_l, 1)
-                m_lse = m_i
-                if IS_FP8:
-                    m_lse = m_i - P_SHIFT
-                lse = gl.where(empty, float("inf"), (m_lse + gl.log2(l_safe)) * LN2)
-                rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
-                gl.store(lse_ptr + (b * num_heads_q + h).to(gl.int64) * seqlen_q + rows, lse,
-                         mask=rows < seqlen_q)
-
-                # O leaves by TMA, which clips the rows past seqlen_q. Without a buffer of its
-                # own it goes through Q's (free once the last QK wgmma retired), which the
-                # producer refills once the store has read it.
-                if SEPARATE_O:
-                    tma.store_wait(pendings=0)  # the previous tile's O has left the buffer
-                o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out.to(dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], o_smem)
-                if not SEPARATE_O:
-                    tma.store_wait(pendings=0)
-                    mbarrier.arrive(q_empty.index(WG))
-                done += 1
+                    # O leaves by TMA, which clips the rows past the tensor's end: dense, that
+                    # is the sequence's. Packed, a tile that crosses the sequence's end would
+                    # write into the next one's rows, so it stores from registers, row-masked.
+                    if seqs[0] is None or row0 + BLOCK_MW <= q_rows:
+                        # Without a buffer of its own O goes through Q's (free once the last QK
+                        # wgmma retired), which the producer refills once the store has read it.
+                        if SEPARATE_O:
+                            tma.store_wait(pendings=0)  # the previous tile's O has left the buffer
+                        o_smem.reshape([BLOCK_MW, HEAD_DIM]).store(out)
+                        fence_async_shared()
+                        tma.async_copy_shared_to_global(o_desc, [q_batch, q_start + row0, h, 0],
+                                                        o_smem)
+                        if not SEPARATE_O:
+                            tma.store_wait(pendings=0)
+                            mbarrier.arrive(q_empty.index(WG))
+                    else:
+                        o_rows = q_start + row0 + gl.arange(0, BLOCK_MW, layout=o_row_layout)
+                        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+                        # out is (total_q, Hq, D), contiguous.
+                        row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * HEAD_DIM
+                        offs = gl.expand_dims(row_offs, 1) + gl.expand_dims(cols, 0)
+                        gl.store(o_ptr + offs, out,
+                                 mask=gl.expand_dims(o_rows < q_start + q_rows, 1))
+                        if not SEPARATE_O:
+                            mbarrier.arrive(q_empty.index(WG))
+                    done += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, num_units, num_m_blocks,
-                    num_heads_q, seqlen_q, seqlen_k, group_size, pair, descales,
-                    CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                    SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, cu_seqlens_q, cu_seqlens_k,
+                    seqused_q, seqused_k, qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q,
+                    seqlen_k, group_size, pair, descales, CAUSAL: gl.constexpr,
+                    STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
+                    IS_FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -459,17 +554,23 @@ if _GLUON_OK:
         # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
         # tensors.
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, lse_ptr, qk_scale, shape,
-                         descales, CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 0)),
-            (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, lse_ptr, qk_scale, shape,
-                         descales, CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 1)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, CAUSAL,
-                         STAGES, IS_FP8)),
+            (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
+                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), descales,
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 0)),
+            (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
+                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), descales,
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 1)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
+                         IS_FP8)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def _descriptor(x: torch.Tensor, rows: int):
-    """Rank-4 TMA descriptor over (B, S, H, D) reading one (rows x D) tile of one head."""
+    """Rank-4 TMA descriptor over (B, S, H, D), or over a packed (total, H, D) seen as
+    (1, total, H, D), reading one (rows x D) tile of one head."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
     return _descriptor_of_block(x, [1, rows, 1, x.shape[-1]])
 
 
@@ -531,13 +632,15 @@ def _portable_faster(a: AttnArgs) -> bool:
     # H100, bf16, B·N = 32k, H·D = 2048 (docs/perf-notes.md, run 2): causal D = 64 at N = 1k ran
     # 237 TFLOP/s here against 286 for fwd.py (per-tile prologue/epilogue over 4.5 key blocks on
     # average); at N = 4k the two tied (381 vs 382), at 16k this kernel led (418 vs 410).
-    return a.window_right == 0 and a.q.shape[-1] == 64 and a.k.shape[1] <= 1024
+    seqlen_k = a.max_seqlen_k if a.cu_seqlens_k is not None else a.k.shape[1]
+    return a.window_right == 0 and a.q.shape[-1] == 64 and seqlen_k <= 1024
 
 
 def in_scope(a: AttnArgs) -> bool:
-    """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 or fp8
-    e4m3 (with or without descales) dense (B, S, H, D) q/k/v with head dim 64/128/256, causal or
-    not, GQA; nothing else.
+    """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 q/k/v,
+    each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
+    fp8 e4m3 (with or without descales) dense q/k/v only; head dim 64/128/256, causal or not,
+    GQA; nothing else.
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
     q, k, v = a.q, a.k, a.v
     if not (_GLUON_OK and q.is_cuda and os.environ.get("FLASH_ATTN_3_GLUON", "1") != "0"
@@ -545,23 +648,37 @@ def in_scope(a: AttnArgs) -> bool:
         return False
     if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
-        return False
-    extras = (a.qv, a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, a.page_table,
-              a.kv_batch_idx, a.leftpad_k, a.sinks)
+    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k, a.sinks)
     if any(x is not None for x in extras):
         return False
-    descales = [x for x in (a.q_descale, a.k_descale, a.v_descale) if x is not None]
-    if descales and not a.is_fp8:
+    if a.is_fp8:
+        # V's keys-inner copy (_values_keys_inner) assumes dense (B, S, H, D) with every key used.
+        if any(x is not None for x in (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q,
+                                       a.seqused_k)):
+            return False
+    elif any(x is not None for x in (a.q_descale, a.k_descale, a.v_descale)):
         return False
     if a.softcap != 0.0 or a.attention_chunk != 0 or a.cp_world_size != 1 or a.num_splits > 1:
         return False
     if a.window_left != -1 or a.window_right not in (-1, 0) or not a.softmax_scale > 0:
         return False
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    if k.shape[0] != batch or head_dim not in CONFIGS or k.shape[-1] != head_dim:
+    if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape != v.shape:
         return False
-    if q.numel() == 0 or k.numel() == 0 or heads_q % k.shape[2] != 0:
+    if k.dim() != (3 if a.cu_seqlens_k is not None else 4):
+        return False
+    batch = a.batch_size
+    if k.dim() == 4 and k.shape[0] != batch:
+        return False
+    if a.cu_seqlens_k is not None and a.cu_seqlens_k.shape[0] != batch + 1:
+        return False
+    # The kernel reads the index tensors at b and b + 1.
+    if not all(t is None or t.is_contiguous() for t in (a.cu_seqlens_q, a.cu_seqlens_k,
+                                                          a.seqused_q, a.seqused_k)):
+        return False
+    head_dim = q.shape[-1]
+    if head_dim not in CONFIGS or k.shape[-1] != head_dim:
+        return False
+    if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False
     # fp8 V is read through its copy, which any layout can feed.
     return all(_tma_ok(x) for x in ((q, k) if a.is_fp8 else (q, k, v)))
@@ -579,17 +696,29 @@ def _num_sms(device_index: int) -> int:
 
 
 def forward(a: AttnArgs, config=None):
-    """(out (B, Sq, Hq, D) in q's dtype (bf16 for fp8), lse (B, Hq, Sq) fp32); config overrides
-    default_config (the tuning bench uses it)."""
+    """(out like q in q's dtype (bf16 for fp8), lse fp32 (B, Hq, Sq) dense or (Hq, total_q)
+    packed); config
+    overrides default_config (the tuning bench uses it). Packed rows outside every sequence
+    (past cu_seqlens_q[-1]) stay unwritten, as officially."""
     q, k, v = a.q, a.k, a.v
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k, heads_k = k.shape[1], k.shape[2]
+    heads_q, head_dim = q.shape[-2:]
+    heads_k = k.shape[-2]
+    batch = a.batch_size
     causal = a.window_right == 0
     fp8 = a.is_fp8
     block_n, stages, pingpong, persistent = config or default_config(head_dim, causal, fp8)
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=a.out_dtype, device=q.device)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    num_m_blocks = triton.cdiv(seqlen_q, 2 * ROWS_PER_WARPGROUP)
+    out = torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
+    if a.cu_seqlens_q is not None:
+        # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
+        max_seqlen_q, seqlen_q = a.max_seqlen_q, q.shape[0]
+        lse = torch.empty((heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    else:
+        max_seqlen_q = seqlen_q = q.shape[1]
+        lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    if max_seqlen_q <= 0 or batch == 0:
+        return out, lse
+    seqlen_k = 0 if a.cu_seqlens_k is not None else k.shape[1]
+    num_m_blocks = triton.cdiv(max_seqlen_q, 2 * ROWS_PER_WARPGROUP)
     num_tiles = num_m_blocks * heads_q * batch
     # Causal pairs (see _unit) only where a persistent program walks more than one tile: with
     # fewer tiles than SMs they would halve the programs, and one program per unit leaves the
@@ -606,8 +735,9 @@ def forward(a: AttnArgs, config=None):
         v_desc, descales = _descriptor(v, block_n), None
     _fwd_kernel[(programs, )](
         _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), v_desc,
-        _descriptor(out, ROWS_PER_WARPGROUP), lse, a.softmax_scale * LOG2E, num_units,
-        num_m_blocks, heads_q, seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, causal,
-        stages, bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8,
-        _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+        _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
+        a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
+        seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, causal, stages, bool(pingpong),
+        separate_o(head_dim, block_n, stages, fp8), fp8, _CONSUMER_REGS, _PRODUCER_REGS,
+        num_warps=4, maxnreg=_MAXNREG)
     return out, lse

@@ -6,20 +6,23 @@ imports triton on machines that will not use it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(name: str):
+    # Cached: importlib's lookup costs about a microsecond, and a decode step asks several times.
     return importlib.import_module(f"{__package__}.{name}")
 
 
 def forward_kernel(a):
     """The kernel module that computes this forward call.
 
-    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the dense
-    fp16/bf16/fp8 prefill on Hopper to the warp-specialized Gluon kernel where it is the faster
-    one (0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable kernel, BENCHMARKS.md);
-    everything else to the portable tiled kernel.
+    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the prefill on
+    Hopper (fp16/bf16 dense or varlen, fp8 e4m3 dense) to the warp-specialized Gluon kernel where
+    it is the faster one (dense: 0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable
+    kernel, BENCHMARKS.md); everything else to the portable tiled kernel.
     """
     decode = _kernel("decode")
     if decode.supports(a) is None:
@@ -34,8 +37,17 @@ def forward(a):
     return forward_kernel(a).forward(a)
 
 
+def backward_kernel(a, deterministic: bool):
+    """The kernel module that computes this backward call: the warp-specialized Gluon kernel for
+    the dense fp16/bf16 case on Hopper (deterministic or not), else the portable kernels."""
+    hopper = _kernel("bwd_hopper")
+    if hopper.supports(a, deterministic):
+        return hopper
+    return _kernel("bwd")
+
+
 def backward(dout, q, k, v, out, lse, a, deterministic):
-    return _kernel("bwd").backward(dout, q, k, v, out, lse, a, deterministic)
+    return backward_kernel(a, deterministic).backward(dout, q, k, v, out, lse, a, deterministic)
 
 
 def append_kv(*args):

@@ -1,0 +1,79 @@
+"""Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
+
+    python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
+                                     [--config BLOCK_M,STAGES,DQ_IN_KERNEL] [--keep DIR]
+
+Prints one JSON object: shared memory bytes, warps, wgmma / TMA / TMA-reduce instructions in the
+PTX, HGMMA in the SASS, and ptxas' register and spill figures. --keep DIR writes the .ptx,
+.ttgir and .sass there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+# The compiler path must not see the interpreter switch the CPU test suite sets.
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
+
+from flash_attn_3.backends.triton import bwd_hopper  # noqa: E402
+from scripts.aot_fwd_hopper import report  # noqa: E402
+
+
+def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
+    """The kernel as backward() launches it (same descriptors, constants and options)."""
+    block_m, stages, dq_in_kernel = config or bwd_hopper.CONFIGS[head_dim]
+    x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
+    rows = bwd_hopper._descriptor(x, block_m)
+    keys = bwd_hopper._key_descriptor(x)
+    dq = (bwd_hopper._descriptor(x.float(), block_m, bwd_hopper.DQ_REDUCE_COLS) if dq_in_kernel
+          else rows)
+    ptr = torch.empty(1)
+    # lse2, delta, dk, dv, dk / dv strides, softmax_scale, seqlen_q, seqlen_k, heads_kv,
+    # num_n_blocks, group
+    runtime = [rows, rows, keys, keys, dq, ptr, ptr, x, x, *x.stride()[:3], *x.stride()[:3],
+               0.125, 256, 256, 2, 2, 2]
+    kernel = bwd_hopper._bwd_kernel
+    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
+    constants = dict(CAUSAL=causal, STAGES=stages, DQ_IN_KERNEL=bool(dq_in_kernel),
+                     CONSUMER_REGS=bwd_hopper._CONSUMER_REGS,
+                     PRODUCER_REGS=bwd_hopper._PRODUCER_REGS)
+    signature.update({name: "constexpr" for name in constants})
+    return triton.compile(GluonASTSource(kernel, signature, constants),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, maxnreg=bwd_hopper._MAXNREG))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--config", help="BLOCK_M,STAGES,DQ_IN_KERNEL (default: CONFIGS[head_dim])")
+    p.add_argument("--keep", type=Path)
+    args = p.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        keep = args.keep or Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
+        got = report(kernel, keep)
+        got["tma_reduce_ptx"] = kernel.asm["ptx"].count("cp.reduce.async.bulk.tensor")
+        print(json.dumps(got))
+
+
+if __name__ == "__main__":
+    main()

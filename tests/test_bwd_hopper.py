@@ -1,0 +1,277 @@
+"""Gluon Hopper backward (flash_attn_3/backends/triton/bwd_hopper.py) against float64 autograd of
+tests/reference_math.py, judged by the spec's gradient rule (sec 8, tests/tolerance.py).
+
+Anywhere: the kernel compiles ahead of time for sm_90 (the triton wheel ships ptxas) into wgmma
+with register reallocation between the partitions and TMA reduce-adds for dQ, so a drift in
+triton's experimental Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): dq,
+dk, dv over the kernel's scope (head dims 64/128, causal or not, GQA/MQA, seqlen_q != seqlen_k,
+ragged tails, rows that see no key, strided q/k/v, fp16) with every buffer the backward allocates
+starting as NaN and fresh random inputs each run. The first GPU test runs every config once in a
+subprocess under a time limit, so a pipeline deadlock fails this module instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import reference_math as rm
+from tolerance import assert_grad_matches
+
+from flash_attn_3.backends.params import AttnArgs
+from flash_attn_3.backends.triton import bwd_hopper, routes
+
+TESTS = Path(__file__).resolve().parent
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+needs_gluon = pytest.mark.skipif(not bwd_hopper._GLUON_OK, reason="needs triton 3.6 with Gluon")
+# (head_dim, (BLOCK_M, STAGES, DQ_IN_KERNEL)): the configs the tuning bench times besides the
+# defaults, so none of its figures comes from a wrong kernel.
+ALT_CONFIGS = [(d, c) for d, cs in bwd_hopper.CANDIDATES.items() for c in cs]
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_k)
+SHAPES = [
+    (2, 1000, 1023, 4, 2),  # ragged tails on both sides, GQA
+    (1, 1023, 1000, 6, 1),  # seqlen_q > seqlen_k: causal rows above the diagonal see no key; MQA
+    (3, 128, 384, 2, 2),  # whole blocks only
+    (1, 1, 700, 8, 2),  # a single query row
+    (2, 77, 5, 4, 4),  # fewer keys than one block
+    (2, 640, 700, 8, 2),  # a group of 4 query heads per KV head over several blocks
+]
+
+
+def make_args(q, k, v, *, causal: bool, softmax_scale=None) -> AttnArgs:
+    return AttnArgs(
+        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+        seqused_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
+        kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
+        sinks=None, softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]), window_left=-1,
+        window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
+        pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
+        scheduler_metadata=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90 (no GPU needed)
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False)])
+def test_compiles_for_sm90(head_dim, causal):
+    # A subprocess: the compiler must not run under the interpreter switch conftest sets.
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", str(head_dim)] + (["--causal"] if causal else [])
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    # per consumer warpgroup: S^T, dP^T (K = D), dV, dK (K = BLOCK_M), dQ (K = 128 keys)
+    block_m = bwd_hopper.CONFIGS[head_dim][0]
+    per_warpgroup = 2 * head_dim // 16 + 2 * block_m // 16 + bwd_hopper.BLOCK_N // 16
+    assert got["wgmma_ptx"] == 2 * per_warpgroup and got["hgmma_sass"] == got["wgmma_ptx"], got
+    # dQ leaves by TMA reduce-add, one per 128-byte chunk of each warpgroup's half
+    chunks = head_dim // 2 // bwd_hopper.DQ_REDUCE_COLS
+    assert got["tma_reduce_ptx"] == 2 * chunks and got["tma_loads_ptx"] > 0, got
+    assert got["num_warps"] == 12, got
+    assert bwd_hopper._PRODUCER_REGS in got["setmaxnreg"], got
+    assert bwd_hopper._CONSUMER_REGS in got["setmaxnreg"], got
+    # D = 128 parks a few scalars (addresses, loop bounds) in local memory; a spilled
+    # accumulator would be kilobytes
+    assert got["spill_bytes"] <= 512 and got["shared_bytes"] <= 227 * 1024, got
+
+
+def test_refuses_without_hopper():
+    q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
+    assert not bwd_hopper.supports(make_args(q, q, q, causal=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU
+
+
+_SMOKE = textwrap.dedent("""
+    import torch
+    from test_bwd_hopper import ALT_CONFIGS, make_args
+    from flash_attn_3.backends.triton import bwd_hopper
+    # what the tests below compile: the defaults both ways; causal only, the alternatives and
+    # the deterministic variant (the default with dQ left to bwd.py)
+    det = [(d, c[:2] + (False, )) for d, c in bwd_hopper.CONFIGS.items()]
+    for head_dim, config in [(d, None) for d in bwd_hopper.CONFIGS] + ALT_CONFIGS + det:
+        for causal in (True, ) if config else (False, True):
+            q, do = (torch.randn(2, 1000, 8, head_dim, device="cuda", dtype=torch.bfloat16)
+                     for _ in "qo")
+            k, v = (torch.randn(2, 900, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+                    for _ in "kv")
+            lse = torch.randn(2, 8, 1000, device="cuda") + 10
+            bwd_hopper.backward(do, q, k, v, do, lse, make_args(q, k, v, causal=causal),
+                                config=config)
+            torch.cuda.synchronize()
+            print(head_dim, config, "causal" if causal else "full", flush=True)
+""")
+STEP_SECONDS = 120  # one compile and one small call
+
+
+@pytest.fixture(scope="module")
+def kernel_terminates(tmp_path_factory):
+    """Every config once, in a subprocess watched step by step: a deadlocked pipeline fails the
+    module (naming the config) instead of hanging the GPU run."""
+    stderr = (tmp_path_factory.mktemp("smoke") / "stderr.txt").open("w+")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", _SMOKE], cwd=TESTS, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=stderr)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)),
+                     daemon=True).start()
+    last = "the start"
+    while True:
+        try:
+            line = lines.get(timeout=STEP_SECONDS)
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"bwd_hopper made no progress for {STEP_SECONDS} s after {last}: "
+                        "pipeline deadlock?")
+        if line is None:
+            break
+        last = line.strip()
+    if proc.wait() != 0:
+        stderr.seek(0)
+        pytest.fail(f"bwd_hopper smoke call failed after {last}:\n{stderr.read()[-3000:]}")
+
+
+def _poison_new_buffers(monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _reference(q, k, v, dout, *, causal, softmax_scale):
+    """out and lse of the float64 forward, and {exact: (dq, dk, dv)} from float64 autograd
+    (exact) and autograd in the input precision (the rounding a kernel is allowed 2x of)."""
+    out = torch.empty_like(dout)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device)
+    grads = {}
+    for exact in (True, False):
+        dtype = torch.float64 if exact else q.dtype
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        for b in range(q.shape[0]):
+            o, l = rm.attention(*(t[b] for t in leaves), softmax_scale=softmax_scale,
+                                causal=causal, lowp=not exact)
+            o.backward(dout[b].to(o.dtype))
+            if exact:
+                out[b] = o.detach().to(q.dtype)
+                lse[b] = l.detach().float()
+        grads[exact] = [t.grad for t in leaves]
+    return out, lse, grads
+
+
+def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None, config=None,
+                  deterministic=False):
+    a = make_args(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    assert bwd_hopper.supports(a)
+    dout = torch.randn_like(q)
+    out, lse, grads = _reference(q, k, v, dout, causal=causal, softmax_scale=a.softmax_scale)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        got = bwd_hopper.backward(dout, q, k, v, out, lse, a, deterministic, config=config)
+    for name, g, ref, lowp, x in zip(("dq", "dk", "dv"), got, grads[True], grads[False],
+                                     (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert_grad_matches(name, g, ref, lowp)
+    return got, (dout, q, k, v, out, lse, a)
+
+
+def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, device="cuda", dtype=dtype)
+            for _ in "kv")
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_matches_reference(monkeypatch, shape, causal, head_dim):
+    run_and_check(monkeypatch, *_qkv(*shape, head_dim, torch.bfloat16), causal=causal)
+
+
+@pytest.mark.parametrize("head_dim,config", ALT_CONFIGS, ids=str)
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_alternative_configs(monkeypatch, head_dim, config):
+    """The configs the tuning bench measures, causal (every code path)."""
+    q, k, v = _qkv(2, 700, 900, 8, 4, head_dim, torch.bfloat16)
+    run_and_check(monkeypatch, q, k, v, causal=True, config=config)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_fp16(monkeypatch, causal):
+    run_and_check(monkeypatch, *_qkv(2, 513, 257, 6, 3, 128, torch.float16), causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_strided_qkv_and_scale(monkeypatch):
+    """q/k/v as views of one packed (B, S, 3, H, D) tensor, and a softmax_scale of the caller's."""
+    qkv = torch.randn(2, 600, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("kernel_terminates")
+def test_deterministic_path_is_bitwise_stable(monkeypatch, head_dim):
+    """deterministic=True: dK/dV here, dQ by bwd.py's atomic-free kernel; two runs agree bit for
+    bit (the router sends deterministic calls here too, see supports())."""
+    q, k, v = _qkv(2, 1000, 1000, 8, 2, head_dim, torch.bfloat16)
+    got, call = run_and_check(monkeypatch, q, k, v, causal=True, deterministic=True)
+    again = bwd_hopper.backward(*call, True)
+    for name, x, y in zip(("dq", "dk", "dv"), got, again):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_scope_and_routing(monkeypatch):
+    q, k, v = _qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
+    base = make_args(q, k, v, causal=False)
+    assert bwd_hopper.supports(make_args(q, k, v, causal=True)) and bwd_hopper.supports(base)
+    assert routes.backward_kernel(base, False) is bwd_hopper
+    assert routes.backward_kernel(base, True) is bwd_hopper
+    monkeypatch.setenv("FLASH_ATTN_3_GLUON", "0")
+    assert routes.backward_kernel(base, False) is not bwd_hopper
+    monkeypatch.delenv("FLASH_ATTN_3_GLUON")
+    out_of_scope = [
+        dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
+        dict(sinks=torch.zeros(4, device="cuda")),
+        dict(seqused_k=torch.full((1,), 100, dtype=torch.int32, device="cuda")),
+    ]
+    for change in out_of_scope:
+        assert not bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    for head_dim in (96, 256):
+        x = torch.randn(1, 256, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+        assert not bwd_hopper.supports(make_args(x, x, x, causal=False)), head_dim
