@@ -89,15 +89,85 @@ def test_compiles_for_sm90(head_dim, causal, variant):
     # the producer partition hands its registers to the consumer warpgroups
     assert fwd_hopper._PRODUCER_REGS in got["setmaxnreg"], got
     assert fwd_hopper._CONSUMER_REGS in got["setmaxnreg"], got
-    # ptxas parks a few per-tile scalars in local memory across the KV loop (108 bytes at D=128
-    # causal, 100 varlen with seqused, none inside the loop); a spilled loop value would cost far
+    # ptxas parks a few per-tile scalars in local memory across the KV loop (104 bytes at D=128
+    # causal, 68 varlen with seqused, none inside the loop); a spilled loop value would cost far
     # more than this bound
+    assert all(loop["local"] == 0 for loop in got["kv_loops"]) and got["kv_loops"], got
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
 
 
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not fwd_hopper.supports(make_args(q, q, q, causal=False))
+
+
+def _launch_keys(monkeypatch, calls, kernel, kernel_params):
+    """The specialization Triton's binder derives from the arguments forward() would launch
+    _fwd_kernel with, for each call (a function returning AttnArgs on the CPU): the key its
+    kernel cache looks up, so two equal keys mean one compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    monkeypatch.setattr(fwd_hopper, "_fwd_kernel", Recorder())
+    monkeypatch.setattr(fwd_hopper, "_num_sms", lambda device_index: 132)  # an H100's
+    for call in calls:
+        fwd_hopper.forward(call())
+    binder = create_function_from_signature(kernel.signature, kernel_params,
+                                            make_backend(GPUTarget("cuda", 90, 32)))
+    return [str(binder(*args, **kwargs)[1]) for args, kwargs in launches]
+
+
+def _dense_call(batch, seqlen, fp8=False):
+    def call():
+        q, k, v = (torch.randn(batch, seqlen, 16, 128, dtype=torch.bfloat16) for _ in "qkv")
+        if not fp8:
+            return make_args(q, k, v, causal=True)
+        # descales as a transposed (Hk, B) view: its stride follows the batch
+        q_descale, k_descale, v_descale = (torch.rand(16, batch).t() for _ in "qkv")
+        return dataclasses.replace(
+            make_args(*(x.to(FP8) for x in (q, k, v)), causal=True), q_descale=q_descale,
+            k_descale=k_descale, v_descale=v_descale)
+    return call
+
+
+def _varlen_call(lengths):
+    def call():
+        q, k, v = (torch.randn(sum(lengths), 16, 128, dtype=torch.bfloat16) for _ in "qkv")
+        cu = cu_seqlens(lengths, "cpu")
+        return make_args(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                         max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    return call
+
+
+@needs_gluon
+@pytest.mark.parametrize("calls", [
+    # lengths and batches that differ mod 16 and in 1 vs not 1; causal pairs on (many tiles)
+    # and off (fewer tiles than SMs)
+    [_dense_call(2, 5120), _dense_call(3, 1000), _dense_call(1, 17)],
+    [_dense_call(2, 5120, fp8=True), _dense_call(3, 1000, fp8=True),
+     _dense_call(1, 17, fp8=True)],
+    [_varlen_call([2560, 2560]), _varlen_call([700, 300, 9]), _varlen_call([17])],
+], ids=["dense", "fp8", "varlen"])
+def test_lengths_do_not_recompile(monkeypatch, calls):
+    """The GPU run of 15:13 compiled the forward again for seqlen 1000 after 5120 (Triton
+    specializes ints on divisibility by 16). Calls that differ only in lengths and batch must
+    bind to one specialization key."""
+    from triton.runtime.jit import KernelParam
+
+    kernel = fwd_hopper._fwd_kernel
+    keys = _launch_keys(monkeypatch, calls, kernel, kernel.params)
+    assert len(set(keys)) == 1, keys
+    # The calls do reach the specialization: with every argument specialized, they would not
+    # share a key.
+    specialized = [KernelParam(p.num, p._param, False, False) for p in kernel.params]
+    assert len(set(_launch_keys(monkeypatch, calls, kernel, specialized))) == len(calls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,14 @@ _MAXNREG = 168
 _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
 _SMEM_BUDGET = 220 * 1024  # of the 227 KB, leaving room for barriers
+# _fwd_kernel's arguments whose values follow sequence lengths or batch size (the descales'
+# strides: a transposed (Hk, B) view's follow the batch). Triton would specialize them (multiple
+# of 16, or 1 as a constant) and compile a kernel per class: seqlen 5120 and 1000 compiled twice
+# on the H100 (scripts/compile_cost.py). Head counts and group size follow the model and stay
+# specialized. The strides are arguments of their own because Triton specializes the members of
+# a tuple argument whatever do_not_specialize says.
+UNSPECIALIZED = ("num_units", "num_m_blocks", "seqlen_q", "seqlen_k", "pair", "q_descale_sb",
+                 "q_descale_sh", "k_descale_sb", "k_descale_sh", "v_descale_sb", "v_descale_sh")
 
 
 def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> bool:
@@ -115,7 +123,8 @@ if _GLUON_OK:
         where the hardware balances): one tile, longest first. Without causality every tile
         costs the same and a unit is one tile."""
         if CAUSAL:
-            units_per_head = (num_m_blocks + pair) // (1 + pair)
+            # pair is 0 or 1 and not a constant (UNSPECIALIZED): a shift, not a division.
+            units_per_head = (num_m_blocks + pair) >> pair
             j = u % units_per_head
             heavy = num_m_blocks - 1 - j
             light = heavy - pair * (heavy - j)
@@ -339,7 +348,9 @@ if _GLUON_OK:
         """(score scale in the log2 domain, output scale) of a tile: fp8 folds q's and k's descale
         into the first and v's into the second, each per (batch, KV head)."""
         if IS_FP8:
-            q_descale, k_descale, v_descale, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh = descales
+            pointers, strides = descales
+            q_descale, k_descale, v_descale = pointers
+            q_sb, q_sh, k_sb, k_sh, v_sb, v_sh = strides
             q_descale = gl.load(q_descale + b * q_sb + hk * q_sh)
             k_descale = gl.load(k_descale + b * k_sb + hk * k_sh)
             return qk_scale * q_descale * k_descale, gl.load(v_descale + b * v_sb + hk * v_sh)
@@ -515,10 +526,11 @@ if _GLUON_OK:
                     done += 1
         tma.store_wait(pendings=0)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=UNSPECIALIZED)
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, cu_seqlens_q, cu_seqlens_k,
                     seqused_q, seqused_k, qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q,
-                    seqlen_k, group_size, pair, descales, CAUSAL: gl.constexpr,
+                    seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
+                    k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
                     IS_FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr):
@@ -555,10 +567,14 @@ if _GLUON_OK:
         # tensors.
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
-                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), descales,
+                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
+                                     v_descale_sb, v_descale_sh)),
                          CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
-                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), descales,
+                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
+                                     v_descale_sb, v_descale_sh)),
                          CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
@@ -608,12 +624,12 @@ def _ones(device: torch.device) -> torch.Tensor:
 
 
 def _descale_args(a: AttnArgs) -> tuple:
-    """(q, k, v descale pointers, then their (batch, head) strides); an absent descale is 1."""
+    """((q, k, v descale pointers), their six (batch, head) strides); an absent descale is 1."""
     tensors, strides = [], []
     for t in (a.q_descale, a.k_descale, a.v_descale):
         tensors.append(_ones(a.q.device) if t is None else t)
         strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
-    return (*tensors, *strides)
+    return tuple(tensors), strides
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -728,16 +744,16 @@ def forward(a: AttnArgs, config=None):
     programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
     if fp8:
         v_desc = _descriptor_of_block(_values_keys_inner(v), [1, 1, head_dim, block_n])
-        descales = _descale_args(a)
+        descales, descale_strides = _descale_args(a)
         if not separate_o(head_dim, block_n, stages, fp8):
             raise ValueError(f"fp8 config {config} leaves no room for the bf16 O buffers")
     else:
-        v_desc, descales = _descriptor(v, block_n), None
+        v_desc, descales, descale_strides = _descriptor(v, block_n), None, [None] * 6
     _fwd_kernel[(programs, )](
         _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), v_desc,
         _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
-        seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, causal, stages, bool(pingpong),
-        separate_o(head_dim, block_n, stages, fp8), fp8, _CONSUMER_REGS, _PRODUCER_REGS,
-        num_warps=4, maxnreg=_MAXNREG)
+        seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, causal, stages,
+        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, _CONSUMER_REGS,
+        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
