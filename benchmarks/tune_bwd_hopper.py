@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                             lambda: gluon_call(case, inputs(), None, deterministic=True),
                             flops=flops)
                 if case["N"] == 4096:
-                    for config in bwd_hopper.CANDIDATES[case["D"]]:
+                    for config in bwd_hopper.CANDIDATES.get(case["D"], []):
                         name = "gluon " + ",".join(str(int(x)) for x in config)
                         run.measure("bwd", case, name,
                                     lambda c=config: gluon_call(case, inputs(), c), flops=flops)

@@ -34,7 +34,8 @@ from scripts.aot_fwd_hopper import report  # noqa: E402
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
     """The kernel as backward() launches it (same descriptors, constants and options)."""
-    cfg = bwd_hopper.Config(*config) if config else bwd_hopper.CONFIGS[head_dim]
+    cfg = (bwd_hopper.Config(*config) if config else bwd_hopper.CONFIGS.get(head_dim)
+           or bwd_hopper.TMA_STATS_VARIANTS[head_dim][0])
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     rows = bwd_hopper._descriptor(x, cfg.block_m)
     keys = bwd_hopper._key_descriptor(x)
@@ -68,7 +69,7 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
+    p.add_argument("--head-dim", type=int, default=128, choices=sorted({*bwd_hopper.CONFIGS, *bwd_hopper.SPLIT_HEAD_DIMS}))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S] "

@@ -4,9 +4,9 @@ tests/reference_math.py, judged by the spec's gradient rule (sec 8, tests/tolera
 Anywhere: the kernel compiles ahead of time for sm_90 (the triton wheel ships ptxas) into wgmma
 with register reallocation between the partitions and TMA reduce-adds for dQ, so a drift in
 triton's experimental Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): dq,
-dk, dv over the kernel's scope (head dims 64/128/256, causal or not, GQA/MQA, seqlen_q != seqlen_k,
-ragged tails, rows that see no key, strided q/k/v, fp16) with every buffer the backward allocates
-starting as NaN and fresh random inputs each run. The first GPU test runs every config once in a
+dk, dv over the kernel's scope (head dims 64/128; 256 is compile-checked only), causal or not,
+GQA/MQA, seqlen_q != seqlen_k, ragged tails, rows that see no key, strided q/k/v, fp16) with
+every buffer the backward allocates starting as NaN and fresh random inputs each run. The first GPU test runs every config once in a
 subprocess under a time limit, so a pipeline deadlock fails this module instead of hanging the run.
 """
 
@@ -91,8 +91,8 @@ def test_compiles_for_sm90(head_dim, causal):
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,config", [(d, c) for d, c in ALT_CONFIGS if c.prefetch_s],
-                         ids=str)
+@pytest.mark.parametrize("head_dim,config", [
+    (d, c) for d, cs in bwd_hopper.TMA_STATS_VARIANTS.items() for c in cs if c.prefetch_s], ids=str)
 def test_candidates_compile_for_sm90(head_dim, config):
     """The round-2 variants (statistics by TMA, S^T of the next block issued early): one more
     S^T issue than the loop holds (the prologue's), both statistics loads per stage, registers
@@ -247,7 +247,7 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
@@ -265,7 +265,7 @@ def test_alternative_configs(monkeypatch, head_dim, config):
     run_and_check(monkeypatch, q, k, v, causal=True, config=config)
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.gpu
 @on_hopper
@@ -284,7 +284,7 @@ def test_strided_qkv_and_scale(monkeypatch):
     run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
@@ -318,5 +318,6 @@ def test_scope_and_routing(monkeypatch):
         assert not bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
     x = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(x, x, x, causal=False))
+    # head dim 256 waits for the statistics-by-TMA fix (bwd_hopper.TMA_STATS_VARIANTS)
     x = torch.randn(1, 256, 4, 256, device="cuda", dtype=torch.bfloat16)
-    assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is bwd_hopper
+    assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is not bwd_hopper

@@ -587,7 +587,8 @@ def _fp8_inputs(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, *, descal
 
 def run_and_check_fp8(monkeypatch, q, k, v, descale, *, causal):
     a = make_fp8_args(q, k, v, causal=causal, descales=descale)
-    assert fwd_hopper.supports(a)
+    # in_scope, not supports: short causal D=64 is routed to fwd.py, the kernel must still be right
+    assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
         _poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a)
