@@ -137,6 +137,10 @@ def rotating(make_call: Callable[[], Callable[[], object]], set_bytes: int) -> C
 
 
 def _git_commit() -> Optional[str]:
+    # The device gets a copy of the working tree whose .git may lag behind: the caller can name
+    # the commit it sent (scripts/gpu_check.sh passes FLASH_ATTN_3_COMMIT through).
+    if os.environ.get("FLASH_ATTN_3_COMMIT"):
+        return os.environ["FLASH_ATTN_3_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=5, check=True).stdout.strip() or None
