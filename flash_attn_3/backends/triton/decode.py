@@ -227,7 +227,8 @@ def _decode_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == num_splits - 1:
-            _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v, num_splits,
+            _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v,
+                          num_splits,
                           stride_o_split, stride_ob, stride_os, stride_oh,
                           stride_l_split, stride_lb, stride_ls, stride_lh,
                           stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
