@@ -1,14 +1,16 @@
 """Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
 
-    python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
+    python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
                                      [--varlen] [--seqused]
                                      [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
 
 --varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
 that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
+fp8 is dense only (forward() sends fp8 varlen to the portable kernel).
 
-Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX, and
-ptxas' register and spill figures. --keep DIR writes the .ptx, .ttgir and .sass there.
+Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX,
+ptxas' register and spill figures, and the size of the SASS KV loops. --keep DIR writes the .ptx,
+.ttgir and .sass there.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import mangle_type  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 
@@ -39,30 +42,67 @@ from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None,
                      varlen: bool = False, seqused: bool = False):
     """The kernel as forward() launches it (same descriptors, constants and options)."""
-    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal))[:3]
+    fp8 = dtype == torch.float8_e4m3fn
+    if fp8 and (varlen or seqused):
+        raise SystemExit("fp8 is dense only")
+    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal, fp8))[:3]
     x = torch.empty(512, 4, head_dim, dtype=dtype)
     if not varlen:
         x = x.view(2, 256, 4, head_dim)
     rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
     keys = fwd_hopper._descriptor(x, block_n)
+    o = torch.empty(x.shape, dtype=torch.bfloat16) if fp8 else x
+    out = fwd_hopper._descriptor(o, fwd_hopper.ROWS_PER_WARPGROUP)
+    values = keys
+    descales, descale_strides = None, [None] * 6
+    if fp8:
+        values = fwd_hopper._descriptor_of_block(torch.empty(2, 4, head_dim, 256, dtype=dtype),
+                                                 [1, 1, head_dim, block_n])
+        descales, descale_strides = (torch.empty(2, 4), ) * 3, [4, 1] * 3
     lengths = torch.empty(3, dtype=torch.int32)
     # forward() passes None for the index tensors a call lacks: the JIT makes them constexprs.
     index = [lengths if varlen else None] * 2 + [lengths if seqused else None] * 2
     # o_ptr, lse_ptr, cu_seqlens_q/k, seqused_q/k, qk_scale, num_units, num_m_blocks,
-    # num_heads_q, seqlen_q, seqlen_k, group_size, pair
-    runtime = [rows, keys, keys, rows, x, torch.empty(1), *index, 0.125, 16, 2, 4, 256, 256, 2,
-               0]
-    kernel = fwd_hopper._fwd_kernel
-    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
-    constants = {name: None for name, value in zip(kernel.arg_names, runtime) if value is None}
-    constants.update(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
-                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages),
+    # num_heads_q, seqlen_q, seqlen_k, group_size, pair, descales and their strides. Lengths that
+    # are multiples of 16 and causal pairs on: what a launch whose ints were specialized would
+    # get at best.
+    runtime = [rows, keys, values, out, o, torch.empty(1), *index, 0.125, 16, 2, 4, 256, 256, 2,
+               int(causal), descales, *descale_strides]
+    constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
+                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
-    signature.update({name: "constexpr" for name in constants})
-    return triton.compile(GluonASTSource(kernel, signature, constants),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG))
+    launch = dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG)
+    kernel = fwd_hopper._fwd_kernel
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    # Triton's own binder makes the signature, the constexprs (None arguments, ints of 1) and the
+    # divisibility attributes, as at a launch: do_not_specialize is honoured.
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*runtime, **constants, **launch)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch, bound,
+                                                              specialization, options)
+    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def kv_loops(sass: str) -> list:
+    """The innermost SASS loops holding wgmmas (the KV loops of the two consumer warpgroups):
+    instructions from the loop head to its conditional backward branch (the masked path
+    included), and the GMMA and local memory ones among them. What a change costs the loop,
+    without a GPU. Unconditional backward branches are the out-of-line mbarrier retry stubs."""
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = []
+    for a, op in code:
+        target = re.search(r"^\s*@!?U?P\d+ BRA (?:!?U?P\d, )?0x([0-9a-f]+)", op)
+        if target and int(target.group(1), 16) < a:
+            body = [o for x, o in code if int(target.group(1), 16) <= x <= a]
+            if any("GMMA" in o for o in body):
+                spans.append((int(target.group(1), 16), a, body))
+    return [dict(instructions=len(body), gmma=sum("GMMA" in o for o in body),
+                 local=sum(bool(re.search(r"\b(LDL|STL)\b", o)) for o in body))
+            for head, tail, body in spans
+            if not any(head <= h and t <= tail and (h, t) != (head, tail) for h, t, _ in spans)]
 
 
 def report(kernel, keep: Path) -> dict:
@@ -82,12 +122,15 @@ def report(kernel, keep: Path) -> dict:
         num_warps=kernel.metadata.num_warps,
         wgmma_ptx=ptx.count("wgmma.mma_async"),
         hgmma_sass=sass.count("HGMMA"),
+        qgmma_sass=sass.count("QGMMA"),  # fp8
+        wgmma_register_a_ptx=len(re.findall(r"wgmma\.mma_async[^;]*\}, \{", ptx)),
         tma_loads_ptx=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),
         setmaxnreg=sorted(set(int(n) for n in re.findall(
             r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
         ptxas_registers=int(registers.group(1)) if registers else None,
         spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", ptxas.stderr)),
         ptxas_warnings=[line for line in ptxas.stderr.splitlines() if "arning" in line],
+        kv_loops=kv_loops(sass),
     )
 
 
@@ -95,14 +138,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
                    "default_config(head_dim, causal); PERSISTENT only changes the grid)")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config, args.varlen,
                               args.seqused)

@@ -12,6 +12,7 @@ under a time limit, so a pipeline deadlock fails this module instead of hanging 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inputs import cu_seqlens
+from inputs import FP8, cu_seqlens, descales, randn
 from reference_math import attention_dense, attention_varlen
 from tolerance import assert_lse_matches, assert_matches_reference
 
@@ -88,15 +89,85 @@ def test_compiles_for_sm90(head_dim, causal, variant):
     # the producer partition hands its registers to the consumer warpgroups
     assert fwd_hopper._PRODUCER_REGS in got["setmaxnreg"], got
     assert fwd_hopper._CONSUMER_REGS in got["setmaxnreg"], got
-    # ptxas parks a few per-tile scalars in local memory across the KV loop (108 bytes at D=128
-    # causal, 100 varlen with seqused, none inside the loop); a spilled loop value would cost far
+    # ptxas parks a few per-tile scalars in local memory across the KV loop (104 bytes at D=128
+    # causal, 68 varlen with seqused, none inside the loop); a spilled loop value would cost far
     # more than this bound
+    assert all(loop["local"] == 0 for loop in got["kv_loops"]) and got["kv_loops"], got
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
 
 
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not fwd_hopper.supports(make_args(q, q, q, causal=False))
+
+
+def _launch_keys(monkeypatch, calls, kernel, kernel_params):
+    """The specialization Triton's binder derives from the arguments forward() would launch
+    _fwd_kernel with, for each call (a function returning AttnArgs on the CPU): the key its
+    kernel cache looks up, so two equal keys mean one compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    monkeypatch.setattr(fwd_hopper, "_fwd_kernel", Recorder())
+    monkeypatch.setattr(fwd_hopper, "_num_sms", lambda device_index: 132)  # an H100's
+    for call in calls:
+        fwd_hopper.forward(call())
+    binder = create_function_from_signature(kernel.signature, kernel_params,
+                                            make_backend(GPUTarget("cuda", 90, 32)))
+    return [str(binder(*args, **kwargs)[1]) for args, kwargs in launches]
+
+
+def _dense_call(batch, seqlen, fp8=False):
+    def call():
+        q, k, v = (torch.randn(batch, seqlen, 16, 128, dtype=torch.bfloat16) for _ in "qkv")
+        if not fp8:
+            return make_args(q, k, v, causal=True)
+        # descales as a transposed (Hk, B) view: its stride follows the batch
+        q_descale, k_descale, v_descale = (torch.rand(16, batch).t() for _ in "qkv")
+        return dataclasses.replace(
+            make_args(*(x.to(FP8) for x in (q, k, v)), causal=True), q_descale=q_descale,
+            k_descale=k_descale, v_descale=v_descale)
+    return call
+
+
+def _varlen_call(lengths):
+    def call():
+        q, k, v = (torch.randn(sum(lengths), 16, 128, dtype=torch.bfloat16) for _ in "qkv")
+        cu = cu_seqlens(lengths, "cpu")
+        return make_args(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                         max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    return call
+
+
+@needs_gluon
+@pytest.mark.parametrize("calls", [
+    # lengths and batches that differ mod 16 and in 1 vs not 1; causal pairs on (many tiles)
+    # and off (fewer tiles than SMs)
+    [_dense_call(2, 5120), _dense_call(3, 1000), _dense_call(1, 17)],
+    [_dense_call(2, 5120, fp8=True), _dense_call(3, 1000, fp8=True),
+     _dense_call(1, 17, fp8=True)],
+    [_varlen_call([2560, 2560]), _varlen_call([700, 300, 9]), _varlen_call([17])],
+], ids=["dense", "fp8", "varlen"])
+def test_lengths_do_not_recompile(monkeypatch, calls):
+    """The GPU run of 15:13 compiled the forward again for seqlen 1000 after 5120 (Triton
+    specializes ints on divisibility by 16). Calls that differ only in lengths and batch must
+    bind to one specialization key."""
+    from triton.runtime.jit import KernelParam
+
+    kernel = fwd_hopper._fwd_kernel
+    keys = _launch_keys(monkeypatch, calls, kernel, kernel.params)
+    assert len(set(keys)) == 1, keys
+    # The calls do reach the specialization: with every argument specialized, they would not
+    # share a key.
+    specialized = [KernelParam(p.num, p._param, False, False) for p in kernel.params]
+    assert len(set(_launch_keys(monkeypatch, calls, kernel, specialized))) == len(calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +202,17 @@ _SMOKE = textwrap.dedent("""
             torch.cuda.synchronize()
             print(head_dim, "varlen", "causal" if causal else "full", flush=True)
 """)
+_SMOKE_FP8 = textwrap.dedent("""
+    import torch
+    from test_fwd_hopper import _fp8_inputs, make_fp8_args
+    from flash_attn_3.backends.triton import fwd_hopper
+    for head_dim in fwd_hopper.FP8_CONFIGS:
+        for causal in (False, True):
+            q, k, v, descale = _fp8_inputs(4, 1000, 900, 8, 2, head_dim, descaled=True)
+            fwd_hopper.forward(make_fp8_args(q, k, v, causal=causal, descales=descale))
+            torch.cuda.synchronize()
+            print("fp8", head_dim, "causal" if causal else "full", flush=True)
+""")
 STEP_SECONDS = 90  # one compile and one small call
 
 
@@ -138,10 +220,21 @@ STEP_SECONDS = 90  # one compile and one small call
 def kernel_terminates(tmp_path_factory):
     """Every config once, in a subprocess watched step by step: a deadlocked pipeline fails the
     module (naming the config) instead of hanging the GPU run."""
+    _run_watched(_SMOKE, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fp8_kernel_terminates(tmp_path_factory):
+    """The fp8 variants alike (their own fixture: `-k fp8` runs need not compile every bf16
+    config first)."""
+    _run_watched(_SMOKE_FP8, tmp_path_factory)
+
+
+def _run_watched(script: str, tmp_path_factory):
     stderr = (tmp_path_factory.mktemp("smoke") / "stderr.txt").open("w+")
     # The child imports the package from this checkout even where it is not installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(TESTS).parent), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", _SMOKE], cwd=TESTS, text=True, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=TESTS, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=stderr)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)),
@@ -434,3 +527,130 @@ def test_varlen_routes_here():
     short_causal = make_args(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                              max_seqlen_q=1024, max_seqlen_k=1024)
     assert fwd_hopper.in_scope(short_causal) and not fwd_hopper.supports(short_causal)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 e4m3 (out bf16; descales per (batch, KV head))
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,causal", [(128, False), (256, True), (64, True)])
+def test_fp8_compiles_for_sm90(head_dim, causal):
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"), "--dtype", "fp8",
+           "--head-dim", str(head_dim)] + (["--causal"] if causal else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    # every wgmma is an e4m3 one (QGMMA in SASS), P's from registers
+    assert got["wgmma_ptx"] > 0 and got["qgmma_sass"] == got["wgmma_ptx"], got
+    assert got["wgmma_register_a_ptx"] > 0, got
+    # no wgmma serialized: ptxas keeps the registers an in-flight PV wgmma reads
+    assert not got["ptxas_warnings"], got
+    assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+
+
+def test_fp8_values_copy_matches_the_p_operand_order():
+    """What the kernel's P reinterpretation (_p_operand) and V's copy must agree on, on the CPU:
+    operand column a holds key sigma(a) within its group of 32 (bits a3, a2, a1 = c2, c1, c3),
+    and padding keys are zero."""
+    from flash_attn_3.backends.triton.fwd_hopper import _values_keys_inner
+    for seqlen_k in (5, 32, 77, 128):
+        v = torch.randn(2, seqlen_k, 3, 16)
+        v_t = _values_keys_inner(v)
+        padded = v_t.shape[-1]
+        assert padded % 32 == 0 and padded >= seqlen_k and v_t.stride(-1) == 1
+        a = torch.arange(padded)
+        bit = [(a >> i) & 1 for i in range(5)]
+        sigma = (a & ~31) | bit[0] | bit[2] << 1 | bit[3] << 2 | bit[1] << 3 | bit[4] << 4
+        want = torch.zeros(2, 3, 16, padded)
+        want[..., :seqlen_k] = v.permute(0, 2, 3, 1)
+        assert torch.equal(v_t, want[..., sigma])
+
+
+def make_fp8_args(q, k, v, *, causal, descales):
+    q_descale, k_descale, v_descale = descales
+    return dataclasses.replace(make_args(q, k, v, causal=causal), q_descale=q_descale,
+                               k_descale=k_descale, v_descale=v_descale)
+
+
+def _fp8_inputs(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, *, descaled: bool):
+    q, k, v = (randn(batch, s, h, head_dim, dtype=FP8, device="cuda")
+               for s, h in ((seqlen_q, heads_q), (seqlen_k, heads_k), (seqlen_k, heads_k)))
+    if not descaled:
+        return q, k, v, (None, None, None)
+    # (B, Hk) views with strides of both kinds: contiguous, and a transposed (Hk, B) tensor. The
+    # tests keep B and Hk > 1, so every call shares one stride specialization (fewer compiles).
+    q_descale, k_descale, v_descale = descales(batch, heads_k, "cuda")
+    k_descale = descales(heads_k, batch, "cuda")[0].t()
+    return q, k, v, (q_descale, k_descale, v_descale)
+
+
+def run_and_check_fp8(monkeypatch, q, k, v, descale, *, causal):
+    a = make_fp8_args(q, k, v, causal=causal, descales=descale)
+    assert fwd_hopper.supports(a)
+    with monkeypatch.context() as patch:
+        _poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    q_descale, k_descale, v_descale = descale
+    kw = dict(causal=causal, softmax_scale=a.softmax_scale, q_descale=q_descale,
+              k_descale=k_descale, v_descale=v_descale)
+    ref, ref_lse = attention_dense(q, k, v, **kw)
+    ref_lowp, _ = attention_dense(q, k, v, lowp=True, **kw)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_matches_reference("out", out, ref, ref_lowp, fp8=True)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+FP8_SHAPES = [
+    (2, 1000, 1023, 4, 2),  # ragged tails (V's copy pads the last 31 keys), GQA
+    (2, 1023, 1000, 6, 2),  # causal rows that see no key; 8 keys in V's last group
+    (2, 77, 5, 4, 4),  # fewer keys than one group of 32
+    (4, 2000, 1999, 8, 2),  # persistent programs walk several tiles
+]
+
+
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("fp8_kernel_terminates")
+def test_fp8_matches_reference(monkeypatch, shape, causal, head_dim):
+    q, k, v, descale = _fp8_inputs(*shape, head_dim, descaled=True)
+    run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("fp8_kernel_terminates")
+def test_fp8_without_descales(monkeypatch, causal):
+    q, k, v, descale = _fp8_inputs(2, 700, 900, 8, 2, 128, descaled=False)
+    run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_fp8_routes_to_gluon():
+    from flash_attn_3.backends.triton import routes
+    q, k, v, descale = _fp8_inputs(2, 4096, 4096, 4, 2, 128, descaled=True)
+    a = make_fp8_args(q, k, v, causal=True, descales=descale)
+    assert routes.forward_kernel(a) is fwd_hopper
+    # descales belong to fp8 only
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    assert not fwd_hopper.in_scope(make_fp8_args(qb, kb, vb, causal=True, descales=descale))
+    # V's keys-inner copy assumes dense (B, S, H, D) with every key used: fp8 varlen and seqused
+    # go to the portable kernel, while their bf16 twins stay here.
+    used = torch.tensor([4000, 3000], dtype=torch.int32, device="cuda")
+    cu = cu_seqlens([4096] * 2, "cuda")
+    for x, y, z in ((q, k, v), (qb, kb, vb)):
+        packed = make_args(x.flatten(0, 1), y.flatten(0, 1), z.flatten(0, 1), causal=True,
+                           cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4096,
+                           max_seqlen_k=4096)
+        for variant in (packed, make_args(x, y, z, causal=True, seqused_k=used),
+                        make_args(x, y, z, causal=True, seqused_q=used)):
+            if x.dtype == FP8:
+                variant = dataclasses.replace(variant, q_descale=descale[0],
+                                              k_descale=descale[1], v_descale=descale[2])
+            assert fwd_hopper.in_scope(variant) == (x.dtype != FP8)
+            assert (routes.forward_kernel(variant) is fwd_hopper) == (x.dtype != FP8)

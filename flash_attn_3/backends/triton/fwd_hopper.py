@@ -26,6 +26,11 @@ sequence into the next one (or a KV cache's unused tail): those keys are masked 
 cleared in shared memory, and a query tile that crosses its sequence's end stores O from
 registers, row-masked, instead of by TMA. None index tensors are constexprs, so the dense kernel
 is compiled without any of it.
+
+fp8 e4m3 (IS_FP8, dense only): q and k as given, V as a copy with the keys contiguous,
+(B, Hk, D, Sk), because fp8 wgmma reads both shared-memory operands only K-major and the K of
+P @ V is the key axis. The descales fold into the score scale per (batch, KV head) (q's and k's)
+and into the epilogue (v's); P is shifted to [0, 256] before its e4m3 cast, and the output is bf16.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     _GLUON_OK = triton.__version__.startswith("3.6.")
+    _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+                  torch.float8_e4m3fn: gl.float8e4nv}
 except ImportError:  # no triton, or a triton without Gluon's Hopper ops
     _GLUON_OK = False
 
@@ -61,6 +68,9 @@ CONFIGS = {64: (128, 3, True, True), 128: (128, 2, True, True), 256: (64, 2, Fal
 # Causal overrides. D = 64 without ping-pong: 394 against 381 TFLOP/s at N = 4k on the H100
 # (non-causal: 465 against 463, a tie).
 CAUSAL_CONFIGS = {64: (128, 3, False, True)}
+# fp8: half the bytes per K/V tile, but O (bf16) always needs its own buffers; at D = 256
+# BLOCK_N 128 does not fit with them (224 KB), 64 with 3 stages does (197 KB). Not yet tuned.
+FP8_CONFIGS = {64: (128, 4, True, True), 128: (128, 3, True, True), 256: (64, 3, False, True)}
 # The alternatives benchmarks/tune_fwd_hopper.py times against the defaults (and the tests check).
 CANDIDATES = {
     64: [(128, 3, True, False), (128, 3, False, True), (128, 3, True, True), (128, 2, True, True),
@@ -75,17 +85,29 @@ _MAXNREG = 168
 _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
 _SMEM_BUDGET = 220 * 1024  # of the 227 KB, leaving room for barriers
+# _fwd_kernel's arguments whose values follow sequence lengths or batch size (the descales'
+# strides: a transposed (Hk, B) view's follow the batch). Triton would specialize them (multiple
+# of 16, or 1 as a constant) and compile a kernel per class: seqlen 5120 and 1000 compiled twice
+# on the H100 (scripts/compile_cost.py). Head counts and group size follow the model and stay
+# specialized. The strides are arguments of their own because Triton specializes the members of
+# a tuple argument whatever do_not_specialize says.
+UNSPECIALIZED = ("num_units", "num_m_blocks", "seqlen_q", "seqlen_k", "pair", "q_descale_sb",
+                 "q_descale_sh", "k_descale_sb", "k_descale_sh", "v_descale_sb", "v_descale_sh")
 
 
-def separate_o(head_dim: int, block_n: int, stages: int) -> bool:
+def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> bool:
     """Whether O gets its own staging buffers (else it goes out through Q's): where they fit in
-    shared memory next to Q and the K/V ring (D = 64 and 128 at the default configs, not 256)."""
-    tile_bytes = 2 * ROWS_PER_WARPGROUP * head_dim * 2  # two warpgroups' rows, 2-byte elements
-    return 2 * tile_bytes + stages * 2 * block_n * head_dim * 2 <= _SMEM_BUDGET
+    shared memory next to Q and the K/V ring (D = 64 and 128 at the default configs, not 256).
+    fp8 needs them (bf16 O is twice the size of e4m3 Q): its configs must fit."""
+    in_bytes = 1 if fp8 else 2
+    rows = 2 * ROWS_PER_WARPGROUP  # two warpgroups' rows
+    need = rows * head_dim * (in_bytes + 2) + stages * 2 * block_n * head_dim * in_bytes
+    return need <= _SMEM_BUDGET
 
 
 if _GLUON_OK:
     LN2 = gl.constexpr(0.6931471805599453)
+    P_SHIFT = gl.constexpr(8.0)  # log2 of fp8 P's scale
 
     @gluon.jit
     def _unit(u, num_m_blocks, pair, CAUSAL: gl.constexpr):
@@ -101,7 +123,8 @@ if _GLUON_OK:
         where the hardware balances): one tile, longest first. Without causality every tile
         costs the same and a unit is one tile."""
         if CAUSAL:
-            units_per_head = (num_m_blocks + pair) // (1 + pair)
+            # pair is 0 or 1 and not a constant (UNSPECIALIZED): a shift, not a division.
+            units_per_head = (num_m_blocks + pair) >> pair
             j = u % units_per_head
             heavy = num_m_blocks - 1 - j
             light = heavy - pair * (heavy - j)
@@ -160,7 +183,7 @@ if _GLUON_OK:
 
     @gluon.jit
     def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j, kv,
-                 STAGES: gl.constexpr):
+                 STAGES: gl.constexpr, IS_FP8: gl.constexpr):
         """Block j of a tile's keys and values into ring slot kv % STAGES."""
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -173,12 +196,16 @@ if _GLUON_OK:
                                         k_ready.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), phase)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
-                                        v_ready.index(stage), v_smem.index(stage))
+        if IS_FP8:  # V copied to (B, Hk, D, Sk); dense only, so k_start is 0
+            tma.async_copy_global_to_shared(v_desc, [k_batch, hk, 0, j * BLOCK_N],
+                                            v_ready.index(stage), v_smem.index(stage))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
+                                            v_ready.index(stage), v_smem.index(stage))
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, IS_FP8: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
@@ -199,7 +226,7 @@ if _GLUON_OK:
                     # tile: so the next tile's loads overlap that tile's end.
                     if num_blocks > 0:
                         _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, 0, kv,
-                                 STAGES)
+                                 STAGES, IS_FP8)
                     for w in gl.static_range(2):
                         # A consumer frees its Q buffer after its last QK wgmma, or, where O is
                         # staged in that buffer, once the O store has read it.
@@ -210,7 +237,7 @@ if _GLUON_OK:
                             q_ready.index(w), q_smem.index(w))
                     for j in range(1, num_blocks):
                         _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j,
-                                 kv + j, STAGES)
+                                 kv + j, STAGES, IS_FP8)
                     kv += num_blocks
                     done += 1
 
@@ -244,13 +271,18 @@ if _GLUON_OK:
         fence_async_shared()
 
     @gluon.jit
-    def _online_softmax(s, m_i, l_i, qk_scale):
+    def _online_softmax(s, m_i, l_i, qk_scale, IS_FP8: gl.constexpr):
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         # A row that has seen no allowed key keeps m = -inf; subtracting 0 instead keeps its
         # probabilities at exp2(-inf) = 0 rather than NaN.
         m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_sub)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_sub, 1))
+        m_p = m_sub
+        if IS_FP8:
+            # p in [0, 256] instead of [0, 1]: small probabilities stay out of e4m3's subnormals
+            # (FA3 does the same); l carries the factor, the epilogue's division and lse drop it.
+            m_p = m_sub - P_SHIFT
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_p, 1))
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
 
@@ -268,22 +300,84 @@ if _GLUON_OK:
             mbarrier.arrive(turn.index(1 - WG))
 
     @gluon.jit
+    def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, IS_FP8: gl.constexpr):
+        """P in dtype as the register A operand of the PV wgmma."""
+        if IS_FP8:
+            # In each group of 32 keys a thread's S registers hold keys 2t, 2t+1 (+8, +16, +24)
+            # and an e4m3 A register must hold 4t..4t+3 (+16). Operand column bits (a3, a2, a1)
+            # taking key bits (c2, c1, c3) makes P's registers the A fragment as they are (no
+            # lane exchange; convert_layout proves it); V's copy has its keys in the same order
+            # (_values_keys_inner). The asm packs 4 registers into one (2 cvt per register; the
+            # generic fp32 -> fp8 cast went through single bytes).
+            rows: gl.constexpr = p.shape[0]
+            cols: gl.constexpr = p.shape[1]
+            x = p.reshape([rows, cols // 32, 2, 2, 2, 2, 2]).permute((0, 1, 2, 4, 5, 3, 6))
+            x = gl.convert_layout(x.reshape([rows, cols]), p_layout, assert_trivial=True)
+            return gl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi;\n"
+                "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+                "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+                "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=gl.float8e4nv, is_pure=True,
+                pack=4)
+        else:
+            return gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _wait_pv(o_tok, p, IS_FP8: gl.constexpr):
+        """Retire the PV wgmma: (O, P). The wgmma reads P from registers, so P stays live until
+        here. triton 3.6 cannot lower an 8-bit dep (fatal "Unexpected bitwidth"): fp8 leaves P
+        out and relies on ptxas, which must not reuse registers an in-flight wgmma reads (it
+        serializes the wgmmas, with a warning, when it cannot; the sm_90 compile shows none)."""
+        if IS_FP8:
+            return warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, )), p
+        else:
+            return warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+
+    @gluon.jit
+    def _v_operand(v_smem, stage, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   IS_FP8: gl.constexpr):
+        """V tile of a ring slot as the (BLOCK_N, HEAD_DIM) B operand of the PV wgmma."""
+        if IS_FP8:
+            # Stored (HEAD_DIM, BLOCK_N), keys contiguous: the K-major B operand fp8 needs.
+            return v_smem.index(stage).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0))
+        else:
+            return v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
+
+    @gluon.jit
+    def _tile_scales(qk_scale, descales, b, hk, IS_FP8: gl.constexpr):
+        """(score scale in the log2 domain, output scale) of a tile: fp8 folds q's and k's descale
+        into the first and v's into the second, each per (batch, KV head)."""
+        if IS_FP8:
+            pointers, strides = descales
+            q_descale, k_descale, v_descale = pointers
+            q_sb, q_sh, k_sb, k_sh, v_sb, v_sh = strides
+            q_descale = gl.load(q_descale + b * q_sb + hk * q_sh)
+            k_descale = gl.load(k_descale + b * k_sb + hk * k_sh)
+            return qk_scale * q_descale * k_descale, gl.load(v_descale + b * v_sb + hk * v_sh)
+        else:
+            return qk_scale, 1.0
+
+    @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
-                  seqs, CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  SEPARATE_O: gl.constexpr, WG: gl.constexpr):
+                  seqs, descales, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
+                  WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
         dtype: gl.constexpr = o_desc.dtype
+        p_dtype: gl.constexpr = k_smem.dtype
+        MMA_K: gl.constexpr = 32 if IS_FP8 else 16  # a wgmma reads 32 bytes of each row
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, MMA_K])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, MMA_K])
         # P feeds the PV wgmma from registers: S's accumulator fragment is already that operand's
         # fragment, so these conversions (and the row-vector ones) move no data.
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=4 if IS_FP8 else 2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -306,6 +400,8 @@ if _GLUON_OK:
                     m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
                     l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
                     acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
+                    tile_scale, v_scale = _tile_scales(qk_scale, descales, b, h // group_size,
+                                                       IS_FP8)
                     mbarrier.wait(q_ready.index(WG), done & 1)
 
                     if num_blocks > 0:
@@ -321,8 +417,8 @@ if _GLUON_OK:
                         mbarrier.arrive(k_empty.index(stage))
                         if num_unmasked == 0:
                             s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
-                        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-                        p = gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
+                        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
+                        p = _p_operand(p, p_dtype, p_layout, IS_FP8)
 
                         for j in range(1, num_blocks):
                             stage = (kv + j) % STAGES
@@ -336,7 +432,7 @@ if _GLUON_OK:
                                 q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                 s, use_acc=False, is_async=True)
                             o_tok = warpgroup_mma(
-                                p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                                 is_async=True)
                             _pass_turn(turn, WG, PINGPONG)
                             # Softmax of block j overlaps the PV wgmma of block j - 1.
@@ -344,12 +440,12 @@ if _GLUON_OK:
                             mbarrier.arrive(k_empty.index(stage))
                             if j >= num_unmasked:
                                 s = _masked(s, j, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
-                            p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-                            p_next = gl.convert_layout(p_next.to(dtype), p_layout,
-                                                       assert_trivial=True)
+                            p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
+                                                                      IS_FP8)
+                            p_next = _p_operand(p_next, p_dtype, p_layout, IS_FP8)
                             # The running PV reads the previous P from registers: keep it alive
                             # until the wgmma retires.
-                            acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+                            acc, p = _wait_pv(o_tok, p, IS_FP8)
                             mbarrier.arrive(v_empty.index(prev))
                             acc = acc * gl.expand_dims(
                                 gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
@@ -370,10 +466,10 @@ if _GLUON_OK:
                                     [BLOCK_N, HEAD_DIM]), k_rows - (num_blocks - 1) * BLOCK_N)
                         _take_turn(turn, issue + num_blocks, WG, PINGPONG)
                         o_tok = warpgroup_mma(
-                            p, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc,
+                            p, _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                             is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
-                        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p))
+                        acc, p = _wait_pv(o_tok, p, IS_FP8)
                         mbarrier.arrive(v_empty.index(last % STAGES))
                         issue += num_blocks + 1
                     else:
@@ -387,14 +483,17 @@ if _GLUON_OK:
                     if seqs[2] is not None:
                         empty = empty | (rows >= used_q)
                     l_safe = gl.where(empty, 1.0, l_i)
-                    inv_l = gl.convert_layout(1.0 / l_safe, o_row_layout, assert_trivial=True)
+                    inv_l = gl.convert_layout(v_scale / l_safe, o_row_layout, assert_trivial=True)
                     out = acc * gl.expand_dims(inv_l, 1)
                     if seqs[2] is not None:
                         # Those rows ran over whatever q holds there: select, not scale (NaN * 0).
                         empty_o = gl.convert_layout(empty, o_row_layout, assert_trivial=True)
                         out = gl.where(gl.expand_dims(empty_o, 1), 0.0, out)
                     out = out.to(dtype)
-                    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+                    m_lse = m_i
+                    if IS_FP8:
+                        m_lse = m_i - P_SHIFT
+                    lse = gl.where(empty, float("inf"), (m_lse + gl.log2(l_safe)) * LN2)
                     # seqlen_q is the LSE's row stride: (B, Hq, Sq) dense, (Hq, total_q) packed.
                     gl.store(lse_ptr + (q_batch * num_heads_q + h).to(gl.int64) * seqlen_q
                              + q_start + rows, lse, mask=rows < q_rows)
@@ -427,16 +526,19 @@ if _GLUON_OK:
                     done += 1
         tma.store_wait(pendings=0)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=UNSPECIALIZED)
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, cu_seqlens_q, cu_seqlens_k,
                     seqused_q, seqused_k, qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q,
-                    seqlen_k, group_size, pair, CAUSAL: gl.constexpr,
+                    seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
+                    k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    IS_FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         if SEPARATE_O:
-            o_bufs = gl.allocate_shared_memory(dtype, [2] + o_desc.block_type.shape, o_desc.layout)
+            o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape,
+                                               o_desc.layout)
         else:
             o_bufs = q_smem
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -465,13 +567,18 @@ if _GLUON_OK:
         # tensors.
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
-                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
-                         PINGPONG, SEPARATE_O, 0)),
+                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
+                                     v_descale_sb, v_descale_sh)),
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
-                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
-                         PINGPONG, SEPARATE_O, 1)),
+                         shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
+                                     v_descale_sb, v_descale_sh)),
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
-                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES)),
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
+                         IS_FP8)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -480,10 +587,49 @@ def _descriptor(x: torch.Tensor, rows: int):
     (1, total, H, D), reading one (rows x D) tile of one head."""
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    block = [1, rows, 1, x.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if x.dtype == torch.float16
-                                                  else gl.bfloat16)
+    return _descriptor_of_block(x, [1, rows, 1, x.shape[-1]])
+
+
+def _descriptor_of_block(x: torch.Tensor, block: list):
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[x.dtype])
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def _values_keys_inner(v: torch.Tensor) -> torch.Tensor:
+    """V (B, Sk, Hk, D) copied to (B, Hk, D, Sk rounded up to 32) with the keys contiguous (the
+    fp8 PV wgmma reads V only K-major), keys reordered within each group of 32 the way
+    `_p_operand` reorders P's columns, and the padding keys zero (P is 0 there, so V must be
+    finite)."""
+    batch, seqlen_k, heads_k, head_dim = v.shape
+    full, padded = seqlen_k // 32 * 32, -(-seqlen_k // 32) * 32
+    v_t = torch.empty((batch, heads_k, head_dim, padded), dtype=v.dtype, device=v.device)
+    # Indexed by the key's bits (c4, c3, c2, c1, c0) within its group: position bits
+    # (a4, a3, a2, a1, a0) = (c4, c2, c1, c3, c0).
+    by_key = v_t.unflatten(-1, (padded // 32, 2, 2, 2, 2, 2)).permute(0, 1, 2, 3, 4, 7, 5, 6, 8)
+    keys_inner = v.permute(0, 2, 3, 1)
+    if full:
+        by_key[:, :, :, :full // 32].copy_(
+            keys_inner[..., :full].unflatten(-1, (full // 32, 2, 2, 2, 2, 2)))
+    if full < seqlen_k:
+        tail = v.new_zeros((batch, heads_k, head_dim, 32))
+        tail[..., :seqlen_k - full] = keys_inner[..., full:]
+        by_key[:, :, :, full // 32:].copy_(tail.unflatten(-1, (1, 2, 2, 2, 2, 2)))
+    return v_t
+
+
+@functools.lru_cache(maxsize=None)
+def _ones(device: torch.device) -> torch.Tensor:
+    """Stand-in for an absent fp8 descale, read with zero strides."""
+    return torch.ones((1, 1), dtype=torch.float32, device=device)
+
+
+def _descale_args(a: AttnArgs) -> tuple:
+    """((q, k, v descale pointers), their six (batch, head) strides); an absent descale is 1."""
+    tensors, strides = [], []
+    for t in (a.q_descale, a.k_descale, a.v_descale):
+        tensors.append(_ones(a.q.device) if t is None else t)
+        strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
+    return tuple(tensors), strides
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -508,18 +654,25 @@ def _portable_faster(a: AttnArgs) -> bool:
 
 def in_scope(a: AttnArgs) -> bool:
     """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 q/k/v,
-    each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, head
-    dim 64/128/256, causal or not, GQA; nothing else.
+    each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
+    fp8 e4m3 (with or without descales) dense q/k/v only; head dim 64/128/256, causal or not,
+    GQA; nothing else.
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
     q, k, v = a.q, a.k, a.v
     if not (_GLUON_OK and q.is_cuda and os.environ.get("FLASH_ATTN_3_GLUON", "1") != "0"
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k, a.q_descale, a.k_descale,
-              a.v_descale, a.sinks)
+    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k, a.sinks)
     if any(x is not None for x in extras):
+        return False
+    if a.is_fp8:
+        # V's keys-inner copy (_values_keys_inner) assumes dense (B, S, H, D) with every key used.
+        if any(x is not None for x in (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q,
+                                       a.seqused_k)):
+            return False
+    elif any(x is not None for x in (a.q_descale, a.k_descale, a.v_descale)):
         return False
     if a.softcap != 0.0 or a.attention_chunk != 0 or a.cp_world_size != 1 or a.num_splits > 1:
         return False
@@ -543,10 +696,13 @@ def in_scope(a: AttnArgs) -> bool:
         return False
     if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False
-    return all(_tma_ok(x) for x in (q, k, v))
+    # fp8 V is read through its copy, which any layout can feed.
+    return all(_tma_ok(x) for x in ((q, k) if a.is_fp8 else (q, k, v)))
 
 
-def default_config(head_dim: int, causal: bool) -> tuple:
+def default_config(head_dim: int, causal: bool, fp8: bool = False) -> tuple:
+    if fp8:
+        return FP8_CONFIGS[head_dim]
     return CAUSAL_CONFIGS.get(head_dim, CONFIGS[head_dim]) if causal else CONFIGS[head_dim]
 
 
@@ -556,7 +712,8 @@ def _num_sms(device_index: int) -> int:
 
 
 def forward(a: AttnArgs, config=None):
-    """(out like q in q's dtype, lse fp32 (B, Hq, Sq) dense or (Hq, total_q) packed); config
+    """(out like q in q's dtype (bf16 for fp8), lse fp32 (B, Hq, Sq) dense or (Hq, total_q)
+    packed); config
     overrides default_config (the tuning bench uses it). Packed rows outside every sequence
     (past cu_seqlens_q[-1]) stay unwritten, as officially."""
     q, k, v = a.q, a.k, a.v
@@ -564,8 +721,9 @@ def forward(a: AttnArgs, config=None):
     heads_k = k.shape[-2]
     batch = a.batch_size
     causal = a.window_right == 0
-    block_n, stages, pingpong, persistent = config or default_config(head_dim, causal)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    fp8 = a.is_fp8
+    block_n, stages, pingpong, persistent = config or default_config(head_dim, causal, fp8)
+    out = torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
         max_seqlen_q, seqlen_q = a.max_seqlen_q, q.shape[0]
@@ -584,11 +742,18 @@ def forward(a: AttnArgs, config=None):
     pair = int(causal and persistent and num_tiles > _num_sms(q.device.index))
     num_units = (num_m_blocks + pair) // (1 + pair) * heads_q * batch
     programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
+    if fp8:
+        v_desc = _descriptor_of_block(_values_keys_inner(v), [1, 1, head_dim, block_n])
+        descales, descale_strides = _descale_args(a)
+        if not separate_o(head_dim, block_n, stages, fp8):
+            raise ValueError(f"fp8 config {config} leaves no room for the bf16 O buffers")
+    else:
+        v_desc, descales, descale_strides = _descriptor(v, block_n), None, [None] * 6
     _fwd_kernel[(programs, )](
-        _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), _descriptor(v, block_n),
+        _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), v_desc,
         _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
-        seqlen_q, seqlen_k, heads_q // heads_k, pair, causal, stages, bool(pingpong),
-        separate_o(head_dim, block_n, stages), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4,
-        maxnreg=_MAXNREG)
+        seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, causal, stages,
+        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, _CONSUMER_REGS,
+        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse

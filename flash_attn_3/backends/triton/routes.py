@@ -19,10 +19,10 @@ def _kernel(name: str):
 def forward_kernel(a):
     """The kernel module that computes this forward call.
 
-    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the fp16/bf16
-    prefill on Hopper, dense or varlen, to the warp-specialized Gluon kernel where it is the
-    faster one (dense: 0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable kernel,
-    BENCHMARKS.md); everything else to the portable tiled kernel.
+    Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the prefill on
+    Hopper (fp16/bf16 dense or varlen, fp8 e4m3 dense) to the warp-specialized Gluon kernel where
+    it is the faster one (dense: 0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable
+    kernel, BENCHMARKS.md); everything else to the portable tiled kernel.
     """
     decode = _kernel("decode")
     if decode.supports(a) is None:
