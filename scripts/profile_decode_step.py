@@ -235,7 +235,7 @@ def launch_anatomy() -> None:
             slow = per_call_us(lambda: decode.forward(a))
         finally:
             decode._launch, combine._launch = saved
-        launches = "decode" if splits == 1 else "decode + combine"
+        launches = "decode" if splits == 1 else "decode, merge in place"
         print(f"decode.forward, {splits} split(s) ({launches}): cached launch {fast:.1f}, Triton's path {slow:.1f}")
     print(f"torch.empty (1,1,32,128) bf16: {per_call_us(lambda: torch.empty((1, 1, HQ, D), dtype=DT, device=DEV)):.1f}")
     print(f"lens + 1 (the append path's seqused_k): {per_call_us(lambda: lens + 1):.1f}")
@@ -243,9 +243,9 @@ def launch_anatomy() -> None:
 
 def small_cache_gpu_time(steps: int = 32) -> None:
     """GPU time of the decode launches alone at B=1 ctx 1k (capacity 1k, 16 KV blocks), per call
-    of a CUDA graph of `steps` calls: unsplit (the scheduler's choice there) in a few configs
-    against split launches with their combine. Decides DECODE_UNSPLIT_MAX_BLOCKS once the host
-    path is cheap (docs/perf-notes.md, KV section)."""
+    of a CUDA graph of `steps` calls: unsplit in two configs against split launches that merge
+    in place (one launch) and with combine.py's separate merge (two), so the in-place merge's
+    cost or gain reads directly (docs/perf-notes.md, KV section)."""
     import dataclasses
 
     from flash_attn_3.backends.params import AttnArgs
@@ -262,11 +262,13 @@ def small_cache_gpu_time(steps: int = 32) -> None:
                     num_splits=0, pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
                     scheduler_metadata=None)
     print(f"## GPU time, B=1 ctx 1k decode launches only (CUDA graph of {steps} calls, us per call)")
-    print("| splits | config (BLOCK_N, warps, stages) | us |")
-    print("| --- | --- | --- |")
-    for splits, config in ((1, None), (1, (128, 4, 3)), (1, (128, 8, 3)), (1, (64, 4, 4)), (1, (64, 8, 3)),
-                           (2, None), (4, None), (8, None)):
+    print("| splits | config (BLOCK_N, warps, stages) | merge | us |")
+    print("| --- | --- | --- | --- |")
+    ring = decode.ticket_ring
+    for splits, config, in_place in ((1, None, True), (1, (128, 4, 3), True), (2, None, True), (4, None, True),
+                                     (4, None, False), (8, None, True), (8, None, False), (16, None, True)):
         calls = [dataclasses.replace(base, k=k, v=v, num_splits=splits) for k, v in caches]
+        decode.ticket_ring = ring if in_place else (lambda device: None)
         try:
             for a in calls[:2]:
                 decode.forward(a, config)
@@ -284,7 +286,10 @@ def small_cache_gpu_time(steps: int = 32) -> None:
             value = f"{(time.perf_counter() - start) / 20 / steps * 1e6:.2f}"
         except Exception as error:  # a config past the shared memory limit: report, keep going
             value = f"failed: {type(error).__name__}"
-        print(f"| {splits} | {config or 'default'} | {value} |")
+        finally:
+            decode.ticket_ring = ring
+        merge = "-" if splits == 1 else ("in place" if in_place else "combine launch")
+        print(f"| {splits} | {config or 'default'} | {merge} | {value} |")
 
 
 def profile(fn, name: str, calls: int = 300) -> None:

@@ -272,15 +272,16 @@ def test_choose_num_splits_fills_the_gpu_without_tiny_splits():
     assert scheduler.choose_num_splits(1, 1, 1, 10, 132) == 1
 
 
-def test_decode_leaves_short_caches_unsplit():
-    """A cache of at most DECODE_UNSPLIT_MAX_BLOCKS blocks gets one launch (no combine) whatever the
-    batch; one block more is split as before; a forced count still wins."""
+def test_decode_splits_small_caches():
+    """The merge runs in the decode launch, so a small cache splits like a long one: B=1 ctx 1k
+    GQA 32/8 takes 4 splits (the best measured GPU time), a forced count still wins, and a cache
+    of under MIN_BLOCKS_PER_SPLIT * 2 blocks stays whole."""
     block_n = scheduler.decode_block_n(128, 128)
-    short = scheduler.DECODE_UNSPLIT_MAX_BLOCKS * block_n
-    assert scheduler.decode_num_splits(1, 32, 8, 1, short, 128, 128, torch.device("cpu")) == 1
-    assert scheduler.decode_num_splits(1, 8, 1, 1, short, 128, 128, torch.device("cpu")) == 1
-    assert scheduler.decode_num_splits(1, 32, 8, 1, short + block_n, 128, 128, torch.device("cpu")) > 1
-    assert scheduler.decode_num_splits(1, 32, 8, 1, short, 128, 128, torch.device("cpu"), num_splits=3) == 3
+    cpu = torch.device("cpu")
+    assert scheduler.decode_num_splits(1, 32, 8, 1, 16 * block_n, 128, 128, cpu) == 4
+    assert scheduler.decode_num_splits(1, 32, 8, 1, 16 * block_n, 128, 128, cpu, num_splits=3) == 3
+    assert scheduler.decode_num_splits(1, 32, 8, 1, (2 * scheduler.MIN_BLOCKS_PER_SPLIT - 1) * block_n, 128, 128,
+                                       cpu) == 1
 
 
 def test_scheduler_metadata_layout():
@@ -442,6 +443,133 @@ def test_decode_split_count_and_metadata_do_not_change_results():
     assert torch.equal(out4, out4m) and torch.equal(lse4, lse4m)
     torch.testing.assert_close(out4, out1, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse4, lse1, atol=1e-4, rtol=1e-4)
+
+
+def _poisoned_launch(a: AttnArgs, config=None):
+    """decode.launches into NaN-filled out / lse / partials: every element read must be written."""
+    out, lse = decode_mod.outputs(a)
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    partials = torch.full((max(1, decode_mod.partials_numel(a, config)),), float("nan"), device=a.q.device)
+    launches = decode_mod.launches(a, out, lse, partials, config=config)
+    for launch in launches:
+        launch()
+    return out, lse, launches
+
+
+def _ring_is_zero(device):
+    return not any(bool(ring.slots.any()) for ring in decode_mod._RINGS.values())
+
+
+def _fused_merge_case(device, batch, hq, hk, capacity, config, splits_list, page_size=None):
+    case = dict(page_size=page_size, seqlen_q=2, hq=hq, hk=hk, d=32 if device == "cpu" else 128,
+                dv=32 if device == "cpu" else 128, splits=1, causal=True, sinks=True, q_scale=3.0)
+    a = _decode_inputs(case, torch.bfloat16, batch=batch, capacity=capacity, device=device)
+    a.seqused_k[-1] = 3  # a short row: most of its splits are empty (lse -inf, out 0)
+    ref, ref_lse = decode_reference(a, lowp=False)
+    ref_lowp, _ = decode_reference(a, lowp=True)
+    for splits in splits_list:
+        a_s = AttnArgs(**{**a.__dict__, "num_splits": splits})
+        out, lse, launches = _poisoned_launch(a_s, config)
+        # One launch whatever the split count: the last split program of a tile merges.
+        assert len(launches) == 1, (splits, len(launches))
+        tol.assert_matches_reference(f"decode out, {splits} splits", out, ref, ref_lowp)
+        tol.assert_lse_matches(f"decode lse, {splits} splits", lse, ref_lse)
+        assert _ring_is_zero(device), f"{splits} splits left ticket counters set"
+
+
+def test_decode_fused_merge_every_split_count():
+    """Splits 1..16 merge in the decode launch to the reference (sinks, causal rows, a row with an
+    empty cache, a short row with empty splits) and leave the ticket counters at 0. BLOCK_N 16 so
+    300 keys hold 16 non-empty splits on the interpreter."""
+    _fused_merge_case(DEVICE, batch=3, hq=4, hk=2, capacity=300, config=(16, 4, 1), splits_list=range(1, 17))
+
+
+def test_decode_without_ring_merges_in_a_second_launch(monkeypatch):
+    """No ring (a graph capture of the first call): the split launch writes partials and
+    combine.py merges them in a second launch, to the same reference."""
+    case = dict(page_size=None, seqlen_q=1, hq=4, hk=2, d=32, dv=32, splits=3, sinks=True)
+    a = _decode_inputs(case, torch.bfloat16, batch=2, capacity=200, device=DEVICE)
+    monkeypatch.setattr(decode_mod, "ticket_ring", lambda device: None)
+    out, lse, launches = _poisoned_launch(a, (16, 4, 1))
+    assert len(launches) == 2
+    ref, ref_lse = decode_reference(a, lowp=False)
+    tol.assert_matches_reference("decode out, separate merge", out, ref, decode_reference(a, lowp=True)[0])
+    tol.assert_lse_matches("decode lse, separate merge", lse, ref_lse)
+
+
+def test_ticket_ring_takes_aligned_slots_and_wraps():
+    ring = decode_mod.TicketRing(torch.device("cpu"))
+    offsets = [ring.take(5) for _ in range(3)]
+    assert offsets == [0, 8, 16]  # 16-byte multiples: Triton's alignment class of the pointer
+    ring.cursor = decode_mod.TICKET_SLOTS - 4
+    assert ring.take(4) == decode_mod.TICKET_SLOTS - 4
+    assert ring.take(1) == 0  # no room left: wraps
+    assert ring.pointer(1) == ring.base + 4 * 4
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_fused_merge_every_split_count():
+    """As the CPU test at GPU size: GQA 32/8, 3000 keys, paged, splits 1..16 and 64 and 128."""
+    _fused_merge_case(DEVICE, batch=3, hq=32, hk=8, capacity=3000, config=None,
+                      splits_list=[*range(1, 17), 64, 128], page_size=16)
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_fused_merge_is_deterministic_under_load():
+    """512 tiles of 16 splits (4 waves of racing tickets), 20 back-to-back launches on one stream:
+    identical bits every time and counters left at 0 (a lost release / acquire shows as a stale
+    partial in some repeat)."""
+    case = dict(page_size=None, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=16)
+    a = _decode_inputs(case, torch.bfloat16, batch=64, capacity=2048, device=DEVICE)
+    first, first_lse = decode_mod.forward(a)
+    for _ in range(20):
+        out, lse = decode_mod.forward(a)
+        assert torch.equal(out, first) and torch.equal(lse, first_lse)
+    torch.cuda.synchronize()
+    assert _ring_is_zero(DEVICE)
+    ref, ref_lse = decode_reference(a, lowp=False)
+    tol.assert_matches_reference("decode out, 64 x 16 splits", first, ref, decode_reference(a, lowp=True)[0])
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_graph_capture_of_a_first_split_call(monkeypatch):
+    """A split call captured before any ring exists makes none (no allocation or zeroing inside
+    the capture): it merges in a second launch; replays match the reference. A later eager call
+    makes the ring and merges in place; a capture then replays the fused launch bit for bit."""
+    case = dict(page_size=None, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=0)
+    a = _decode_inputs(case, torch.bfloat16, batch=1, capacity=4096, device=DEVICE)
+    ref, ref_lse = decode_reference(a, lowp=False)
+    ref_lowp, _ = decode_reference(a, lowp=True)
+    decode_mod.forward(a)  # compile both variants outside the capture
+    monkeypatch.setattr(decode_mod, "ticket_ring", lambda device: None)
+    decode_mod.forward(a)
+    monkeypatch.undo()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(decode_mod, "_RINGS", {})
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for fused in (False, True):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            out, lse = decode_mod.forward(a)
+        assert bool(decode_mod._RINGS) == fused, "a ring was made during the capture"
+        for _ in range(2):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            tol.assert_matches_reference("captured decode out", out, ref, ref_lowp)
+            tol.assert_lse_matches("captured decode lse", lse, ref_lse)
+        if not fused:
+            eager, eager_lse = decode_mod.forward(a)  # makes the ring
+            torch.cuda.synchronize()
+            assert decode_mod._RINGS
+        else:
+            assert torch.equal(out, eager) and torch.equal(lse, eager_lse)
+    assert _ring_is_zero(DEVICE)
 
 
 def test_decode_refuses_long_queries():

@@ -2,8 +2,15 @@
 
 Memory-bound by design: the query heads that share a KV head are packed into the M dimension
 (pack GQA), so each K/V row is read from HBM once per KV head, and when batch * KV heads cannot
-fill the GPU the KV sequence is split across programs whose fp32 partials combine.py merges by
-log-sum-exp. Paged caches are read through the page table row by row, so any page size works.
+fill the GPU the KV sequence is split across programs whose fp32 partials merge by log-sum-exp.
+Paged caches are read through the page table row by row, so any page size works.
+
+Split launches merge in the same launch (a launch costs the eager host ~18 us, a graph a gap):
+each split program writes its partial, then takes a ticket from its tile's int32 counter; the
+program that takes the last ticket merges all the tile's partials into out / lse and puts the
+counter back to 0. Counters come from a per-device ring (`TicketRing`) zeroed once outside any
+graph capture; where none exists yet (the first call is being captured) the launch falls back
+to combine.py's separate merge.
 
 Grid: (batch * num_heads_kv * m_blocks, num_splits). A program owns BLOCK_M packed rows
 (row m = query token m // G, query head hk * G + m % G) and one split's slice of the KV blocks
@@ -62,7 +69,7 @@ def _floor_chunk_start(d, chunk):
     "window_left", "window_right", "chunk", "seqused_add", "seqlen_q_static", "seqlen_k_static",
     "num_m_blocks", "num_splits"])
 def _decode_kernel(
-    Q, K, V, Out, Lse, Sinks,
+    Q, K, V, Out, Lse, Final, FinalLse, Tickets, Sinks,
     CuSeqlensQ, CuSeqlensK, SequsedK, LeftpadK, KvBatchIdx, PageTable,
     qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, seqused_add,
     num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits,
@@ -71,13 +78,15 @@ def _decode_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_o_split, stride_ob, stride_os, stride_oh,
     stride_l_split, stride_lb, stride_ls, stride_lh,
+    stride_fb, stride_fs, stride_fh,
+    stride_flb, stride_fls, stride_flh,
     stride_pt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -212,11 +221,139 @@ def _decode_kernel(
     l_ptrs = Lse + split.to(tl.int64) * stride_l_split + batch.to(tl.int64) * stride_lb + tok * stride_ls + head_q * stride_lh
     tl.store(l_ptrs, lse, mask=row_ok)
 
+    if FUSED_COMBINE:
+        # Every thread's partial stores precede the CTA barrier, the barrier precedes thread 0's
+        # release (the ticket): the last program's acquire then sees all of the tile's partials.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:
+            _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v,
+                          num_splits,
+                          stride_o_split, stride_ob, stride_os, stride_oh,
+                          stride_l_split, stride_lb, stride_ls, stride_lh,
+                          stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
+                          HEAD_DIM_V, BLOCK_M, BLOCK_DV, HAS_SINKS, MERGE_S)
+            # Back to 0 for the next launch on this slot (kernel boundaries order it).
+            tl.store(Tickets + tile, 0)
+
+
+@triton.jit
+def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v, num_splits,
+                  stride_o_split, stride_ob, stride_os, stride_oh,
+                  stride_l_split, stride_lb, stride_ls, stride_lh,
+                  stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  HAS_SINKS: tl.constexpr, MERGE_S: tl.constexpr):
+    """combine.py's math for one tile's rows, in one pass: MERGE_S splits' lse and partial outputs
+    per load (independent loads: one memory round trip per MERGE_S splits), rescaled online.
+    Every split of a fused launch wrote its partial (an empty one: out 0, lse -inf), so all are
+    read. .cg loads: the partials were written by other SMs in this launch (L2, not this L1)."""
+    splits = tl.arange(0, MERGE_S)
+    col_ok = cols_v < HEAD_DIM_V
+    batch = batch.to(tl.int64)
+    lse_in = (Lse + batch * stride_lb + tok[:, None] * stride_ls + head_q[:, None] * stride_lh
+              + splits.to(tl.int64)[None, :] * stride_l_split)
+    out_in = (Out + batch * stride_ob + tok[:, None, None] * stride_os + head_q[:, None, None] * stride_oh
+              + splits.to(tl.int64)[None, :, None] * stride_o_split + cols_v[None, None, :])
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for s0 in range(0, num_splits, MERGE_S):
+        ok = row_ok[:, None] & ((s0 + splits) < num_splits)[None, :]
+        base = tl.cast(s0, tl.int64)
+        lse_s = tl.load(lse_in + base * stride_l_split, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(out_in + base * stride_o_split, mask=ok[:, :, None] & col_ok[None, None, :], other=0.0,
+                       cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse_s, 1))
+        # Rows with no key yet keep m = -inf: pivot on 0 so every term is exp(-inf) = 0, not NaN.
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - pivot)
+        weight = tl.exp(lse_s - pivot[:, None])
+        total = total * scale + tl.sum(weight, 1)
+        acc = acc * scale[:, None] + tl.sum(weight[:, :, None] * part, 1)
+        m = m_new
+    empty = total == 0.0
+    if HAS_SINKS:
+        # The sink logit joins the denominator only of rows that saw a key (spec: empty rows stay empty).
+        sink = tl.load(Sinks + head_q, mask=row_ok & ~empty, other=float("-inf")).to(tl.float32)
+        m_fin = tl.maximum(m, sink)
+        pivot = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+        scale = tl.exp(m - pivot)
+        total = total * scale + tl.exp(sink - pivot)
+        acc = acc * scale[:, None]
+        m = m_fin
+    pivot = tl.where(m == float("-inf"), 0.0, m)
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    lse = tl.where(empty, float("inf"), tl.log(tl.where(empty, 1.0, total)) + pivot)
+    f_ptrs = Final + batch * stride_fb + tok[:, None] * stride_fs + head_q[:, None] * stride_fh + cols_v[None, :]
+    tl.store(f_ptrs, out.to(Final.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(FinalLse + batch * stride_flb + tok * stride_fls + head_q * stride_flh, lse, mask=row_ok)
+
 
 # Constexpr order: GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, VARLEN_Q,
 # VARLEN_K, HAS_SEQUSED_K, HAS_LEFTPAD, HAS_KV_BATCH_IDX, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK,
-# HAS_SOFTCAP, HAS_SINKS, SPLIT.
+# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S.
 _launch = Launcher(_decode_kernel)
+
+# Counter slots of a device's ring: 256 KB. A split launch has at most a few hundred tiles (the
+# heuristic splits only grids that cannot fill the GPU), so the ring wraps after hundreds of calls.
+TICKET_SLOTS = 1 << 16
+
+
+class TicketRing:
+    """int32 ticket counters of fused split launches on one device, all 0 between launches.
+
+    Each launch takes the next `tiles` slots (a 16-byte multiple, so the pointer keeps Triton's
+    alignment class) and leaves them 0. Launches on one stream may share slots (stream order);
+    two launches in flight at once on different streams share slots only if the ring wrapped
+    between them (hundreds of calls), which would corrupt both: a caller that keeps decode
+    launches of one device on two concurrent streams for that long needs its own ordering.
+    A CUDA graph keeps the slots it was captured with; its replays follow the same rule.
+    """
+
+    def __init__(self, device: torch.device):
+        self.slots = torch.zeros(TICKET_SLOTS, dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            # Zeroed on the current stream: make it visible to launches on any other stream.
+            torch.cuda.synchronize(device)
+        self.base = self.slots.data_ptr()
+        self.cursor = 0
+
+    def take(self, tiles: int) -> int:
+        """Element offset of `tiles` free slots."""
+        count = -(-tiles // 4) * 4
+        if self.cursor + count > TICKET_SLOTS:
+            self.cursor = 0
+        offset = self.cursor
+        self.cursor += count
+        return offset
+
+    def pointer(self, tiles: int) -> int:
+        return self.base + 4 * self.take(tiles)
+
+
+_RINGS: dict = {}
+
+
+def ticket_ring(device: torch.device) -> Optional[TicketRing]:
+    """The device's ring, made on first use; None while a graph capture is under way and there is
+    none yet (its zeroing would only be recorded, not run, and an allocation would land in the
+    graph's private pool)."""
+    ring = _RINGS.get(device)
+    if ring is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        ring = _RINGS[device] = TicketRing(device)
+    return ring
+
+
+def _merge_splits_per_load(block_m: int, block_dv: int, num_splits: int) -> int:
+    """Splits one merge load covers: an 8K-element (row, split, column) tile, 64 fp32 registers
+    a thread at 4 warps, power of two, no more than the splits."""
+    per_load = 1
+    while per_load * 2 * block_m * block_dv <= 8192 and per_load < num_splits:
+        per_load *= 2
+    return per_load
 
 
 def supports(a: AttnArgs) -> Optional[str]:
@@ -290,6 +427,14 @@ def partials_numel(a: AttnArgs, config: Optional[tuple[int, int, int]] = None) -
     return splits * tokens * a.num_heads_q * (a.head_dim_v + 1)
 
 
+def fused_tiles(a: AttnArgs, config: Optional[tuple[int, int, int]] = None) -> int:
+    """Ticket counters a call's launch needs to merge its splits in place; 0 when it runs unsplit
+    or has more tiles than a ring holds (then the merge is a second launch)."""
+    plan = _call_plan(a, config)
+    tiles = a.batch_size * a.num_heads_kv * plan.num_m_blocks
+    return tiles if plan.num_splits > 1 and tiles <= TICKET_SLOTS else 0
+
+
 def _num_tokens(a: AttnArgs) -> int:
     return a.q.shape[0] if a.is_varlen_q else a.batch_size * a.q.shape[1]
 
@@ -301,10 +446,13 @@ def _call_plan(a: AttnArgs, config) -> _Plan:
 
 
 def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Optional[torch.Tensor] = None,
-             seqused_add: int = 0, config: Optional[tuple[int, int, int]] = None) -> list[Launch]:
+             seqused_add: int = 0, config: Optional[tuple[int, int, int]] = None,
+             tickets: Optional[torch.Tensor] = None) -> list[Launch]:
     """The launches that fill `out` / `lse` (from `outputs`). partials: a flat fp32 buffer of at
     least partials_numel(a) elements for split launches (allocated here when None). seqused_add:
-    added to every seqused_k entry on the device (an append launch's new tokens)."""
+    added to every seqused_k entry on the device (an append launch's new tokens). tickets: zeroed
+    int32 counters, one per tile (`fused_tiles`), for a split launch that merges in place (default:
+    slots of the device's ring; without a ring the merge is a second launch)."""
     q, k, v = a.q, a.k, a.v
     device = q.device
     batch, num_heads_q, num_heads_kv = a.batch_size, a.num_heads_q, a.num_heads_kv
@@ -347,9 +495,20 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
     has_window = a.window_left >= 0 or a.window_right >= 0
     softcap = a.softcap
     dummy = lse
-    grid = (batch * num_heads_kv * num_m_blocks, num_splits)
+    tiles = batch * num_heads_kv * num_m_blocks
+    grid = (tiles, num_splits)
+    fused = False
+    if num_splits > 1 and tiles <= TICKET_SLOTS:
+        if tickets is None:
+            ring = ticket_ring(device)
+            if ring is not None:
+                offset = ring.take(tiles)
+                tickets = ring.slots[offset:offset + tiles]
+        fused = tickets is not None
+    f_strides = unsplit_strides(out, lse, varlen_q)
     result = [Launch(_launch, grid, (
-        q, k, v, dst_out, dst_lse, a.sinks if a.sinks is not None else dummy,
+        q, k, v, dst_out, dst_lse, out, lse, tickets if fused else dummy,
+        a.sinks if a.sinks is not None else dummy,
         a.cu_seqlens_q if varlen_q else dummy, a.cu_seqlens_k if varlen_k else dummy,
         a.seqused_k if a.seqused_k is not None else dummy, a.leftpad_k if a.leftpad_k is not None else dummy,
         a.kv_batch_idx if a.kv_batch_idx is not None else dummy, a.page_table if paged else dummy,
@@ -357,7 +516,7 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         a.window_left, a.window_right, a.attention_chunk, seqused_add,
         num_heads_kv, seqlen_q, a.page_table.shape[1] * k.shape[1] if paged else (0 if varlen_k else k.shape[1]),
         num_m_blocks, num_splits,
-        *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
+        *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *f_strides[0][1:], *f_strides[1][1:],
         a.page_table.stride(0) if paged else 0,
     ), (
         group, head_dim, head_dim_v, block_m, block_n, block_d, block_dv,
@@ -365,9 +524,9 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         a.leftpad_k is not None, a.kv_batch_idx is not None,
         paged, k.shape[1] if paged else 1, has_window,
         a.attention_chunk > 0, softcap > 0, a.sinks is not None,
-        num_splits > 1,
+        num_splits > 1, fused, _merge_splits_per_load(block_m, block_dv, num_splits) if fused else 1,
     ), num_warps, num_stages)]
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)
         out_view = out.unsqueeze(0) if varlen_q else out
         lse_view = lse.t().unsqueeze(0) if varlen_q else lse.transpose(1, 2)

@@ -34,13 +34,6 @@ DECODE_PROGRAMS_PER_SM = 1
 DECODE_MIN_EFFICIENCY = 0.95
 # A split shorter than this many KV blocks costs more in partial writes than it gains.
 MIN_BLOCKS_PER_SPLIT = 4
-# Decode leaves a cache of at most this many KV blocks (capacity, the host knows no lengths)
-# unsplit. A split launch needs a second one, the combine: tens of microseconds of host time in
-# an eager step (B=1 ctx 1k was host-bound: 194 us per call for ~10 us of GPU work,
-# docs/perf-notes.md), a launch gap plus a pass under CUDA-graph replay. Unsplit, one program
-# streams the 16 blocks (1024 keys at D=128: 512 KB of bf16 K+V) alone: at 64 KB in flight and
-# ~1 us of latency, ~6 us, about what 4 splits (~2 us) and the combine (~2 us + gap) take.
-DECODE_UNSPLIT_MAX_BLOCKS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,9 +108,10 @@ def decode_num_splits(batch: int, num_heads_q: int, num_heads_kv: int, max_seqle
     """The split count the decode kernel launches with: num_splits if > 0, else the heuristic."""
     if num_splits > 0:
         return min(num_splits, MAX_SPLITS)
+    # Small caches split too: the merge runs in the same launch (decode.py), and at B=1 ctx 1k
+    # (16 blocks) 4 splits took 11.0 us of GPU time per graph-replayed step against 16.9 unsplit
+    # (H100, with a separate combine launch then; docs/perf-notes.md).
     block_n = decode_block_n(head_dim, head_dim_v)
-    if -(-max_seqlen_k // block_n) <= DECODE_UNSPLIT_MAX_BLOCKS:
-        return 1
     rows = max_seqlen_q * (num_heads_q // num_heads_kv)
     return choose_num_splits(
         batch, num_heads_kv, rows, max_seqlen_k, num_sms(device, sm_margin),

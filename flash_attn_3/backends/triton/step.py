@@ -9,7 +9,8 @@ same kernels with the same arguments, except that the decode kernel adds the app
 count to seqused_k itself (`seqused_add`) instead of a `cache_seqlens + n` op.
 
 Allocations: `out`, the lse (its own tensor only when the caller returns it; else it shares one
-fp32 workspace with the split partials) and the rotated q.
+fp32 workspace with the split partials) and the rotated q. A split launch that merges in place
+takes its ticket counters from the device's ring (decode.TicketRing) on every call.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ class StepPlan:
     the planned one (Triton compiled for that alignment: the caller takes the slow path; nothing
     has been written then)."""
 
-    def __init__(self, num_inputs: int, allocs, bounds: Sequence[Bound], out_role: int, lse_role: Optional[int]):
+    def __init__(self, num_inputs: int, allocs, bounds: Sequence[Bound], out_role: int, lse_role: Optional[int],
+                 tickets: Optional[tuple] = None):
         self.num_inputs = num_inputs
         self.allocs = allocs  # (size, stride, dtype, device) per allocated role, after the inputs
+        self.tickets = tickets  # (ring, tiles): the last role, its pointer taken per call
         self.bounds = bounds
         residues = {}
         for bound in bounds:
@@ -45,6 +48,10 @@ class StepPlan:
         for size, stride, dtype, device in self.allocs:
             roles.append(torch.empty_strided(size, stride, dtype=dtype, device=device))
         ptrs = [0 if t is None else t.data_ptr() for t in roles]
+        if self.tickets is not None:
+            ring, tiles = self.tickets
+            roles.append(ring.slots)
+            ptrs.append(ring.pointer(tiles))
         for role, residue in self.residues:
             if ptrs[role] & 15 != residue:
                 return None
@@ -89,11 +96,14 @@ def plan(inputs: Sequence[Optional[torch.Tensor]], append_args: Optional[tuple],
             lse = workspace[:lse_numel].view(lse.shape)
     if need_lse:
         allocated.insert(1, lse)
-    launches += decode.launches(a, out, lse, partials, seqused_add)
-    roles = list(inputs) + allocated
+    tiles = decode.fused_tiles(a)
+    # Without a ring yet (this first call is being captured) the plan merges in a second launch.
+    ring = decode.ticket_ring(a.q.device) if tiles else None
+    launches += decode.launches(a, out, lse, partials, seqused_add, tickets=ring.slots if ring else None)
+    roles = list(inputs) + allocated + ([ring.slots] if ring else [])
     try:
         bounds = [Bound(launch, roles) for launch in launches]
     except Unbindable:
         return None
     return StepPlan(len(inputs), [_alloc(t) for t in allocated], bounds, len(inputs),
-                    len(inputs) + 1 if need_lse else None)
+                    len(inputs) + 1 if need_lse else None, (ring, tiles) if ring else None)
