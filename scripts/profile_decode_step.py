@@ -190,7 +190,13 @@ def stage_breakdown(calls: int = 2000) -> None:
     ]
     if not stubbed:
         bound = plan.bounds[0]
-        ptrs = [0 if t is None else t.data_ptr() for t in list(inputs) + [out, lse]]
+        # the plan's roles: the inputs, its allocations, then the ticket ring when it splits
+        roles = list(inputs) + [torch.empty_strided(size, stride, dtype=dtype, device=device)
+                                for size, stride, dtype, device in plan.allocs]
+        ptrs = [0 if t is None else t.data_ptr() for t in roles]
+        if plan.tickets:
+            ring, tiles = plan.tickets
+            ptrs.append(ring.pointer(tiles))
         stream = torch.cuda.current_stream().cuda_stream
         rows.append(("C launch alone (bound, pointers ready)", lambda: bound._go(stream, ptrs)))
     print(f"## stage breakdown, attend-only ctx 1k, us per call over {calls} calls"
