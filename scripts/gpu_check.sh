@@ -16,7 +16,10 @@
 # deadline. Environment knobs: PYTHON (default python3), BENCH_ARGS (added to every bench, e.g.
 # "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
 # (added to the `gpu` and `suite` pytest runs, e.g. "-n 8": the GPU tests are compile-bound and the
-# device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11).
+# device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11),
+# FLASH_ATTN_3_COMMIT (the commit the bench JSON records: set it on the caller's side, e.g.
+# `FLASH_ATTN_3_COMMIT=abc1234 bash scripts/gpu_check.sh ...`, since the device's copy of .git can
+# lag behind the working tree it receives).
 #
 # What comes back in $OUT (the device tool returns at most 8 files): gpu_check.log (everything),
 # summary.md (versions, part results, failing tests, bench tables), bench_{fwd,bwd,decode}.json
