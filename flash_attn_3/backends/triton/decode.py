@@ -64,6 +64,81 @@ def _floor_chunk_start(d, chunk):
     return d - tl.where(rem < 0, rem + chunk, rem)
 
 
+@triton.jit
+def _new_token(KNew, VNew, Cos, Sin, batch, head_kv, rot0, cols, cols_v,
+               stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin, rotary_dim, seqlen_ro,
+               k_dtype: tl.constexpr, v_dtype: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The (1, D) key, rotated at rot0, and the (1, Dv) value of a fused append, in the cache's
+    dtypes: the values append_kv stores."""
+    kn_ptrs = (KNew + batch.to(tl.int64) * stride_knb + head_kv.to(tl.int64) * stride_knh + cols)[None, :]
+    k_new = tl.load(kn_ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    if HAS_ROTARY:
+        one = tl.arange(0, 1)
+        k_new = _rotate(kn_ptrs, k_new, cols, rot0 + one, Cos, Sin, stride_cos, stride_sin, rotary_dim, seqlen_ro,
+                        one == 0, INTERLEAVED)
+    v_new = tl.load((VNew + batch.to(tl.int64) * stride_vnb + head_kv.to(tl.int64) * stride_vnh + cols_v)[None, :],
+                    mask=(cols_v < HEAD_DIM_V)[None, :], other=0.0)
+    return k_new.to(k_dtype), v_new.to(v_dtype)
+
+
+@triton.jit
+def _attend_block(blk, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad, seqlen_k, diag, cols, cols_v,
+                  qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, PageTable, stride_pt,
+                  stride_kb, stride_ks, stride_vb, stride_vs, new_key, k_new, v_new,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN_K: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, FRESH: tl.constexpr):
+    """One KV block of the online softmax. FRESH: key new_key of the block is k_new / v_new (a
+    fused append's token) instead of its cache row, which this launch may be writing."""
+    keys = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < seqlen_k
+    load_ok = key_ok
+    if FRESH:
+        fresh = keys == new_key
+        load_ok = key_ok & ~fresh
+    pos = leftpad + keys
+    if PAGED:
+        page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + pos // PAGE_SIZE, mask=load_ok, other=0)
+        k_off = page.to(tl.int64) * stride_kb + (pos % PAGE_SIZE).to(tl.int64) * stride_ks
+        v_off = page.to(tl.int64) * stride_vb + (pos % PAGE_SIZE).to(tl.int64) * stride_vs
+    elif VARLEN_K:
+        k_off = (k_tok0 + pos).to(tl.int64) * stride_ks
+        v_off = (k_tok0 + pos).to(tl.int64) * stride_vs
+    else:
+        k_off = kv_row.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_ks
+        v_off = kv_row.to(tl.int64) * stride_vb + pos.to(tl.int64) * stride_vs
+    k = tl.load(k_head + k_off[:, None] + cols[None, :], mask=load_ok[:, None] & (cols < HEAD_DIM)[None, :],
+                other=0.0)
+    if FRESH:
+        k = tl.where(fresh[:, None], k_new, k)
+    qk = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        s = _tanh(qk * softcap_in) * softcap_out
+    else:
+        s = qk * qk_scale
+    allowed = key_ok[None, :]
+    if HAS_WINDOW:
+        allowed = allowed & ((window_left < 0) | (keys[None, :] >= diag[:, None] - window_left))
+        allowed = allowed & ((window_right < 0) | (keys[None, :] <= diag[:, None] + window_right))
+    if HAS_CHUNK:
+        start = _floor_chunk_start(diag, chunk)
+        allowed = allowed & (keys[None, :] >= start[:, None]) & (keys[None, :] < start[:, None] + chunk)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing allowed yet keep m = -inf; pivot on 0 so exp2 sees -inf, not NaN.
+    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - pivot[:, None])
+    alpha = tl.exp2(m_i - pivot)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_head + v_off[:, None] + cols_v[None, :],
+                mask=load_ok[:, None] & (cols_v < HEAD_DIM_V)[None, :], other=0.0)
+    if FRESH:
+        v = tl.where(fresh[:, None], v_new, v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 # Lengths, windows and counts change between calls: triton would otherwise compile a variant per
 # `== 1` / `% 16` pattern of them, with no faster code.
 @triton.jit(do_not_specialize=[
@@ -130,7 +205,7 @@ def _decode_kernel(
 
     if APPEND:
         # The step's one new token (SequsedK holds the cache lengths, seqused_add is 1) lands at
-        # cache row new_pos: key new_pos - leftpad, the sequence's last. Every program that sees
+        # cache row new_pos: key new_pos - leftpad, the sequence's last. The program that sees
         # that key takes it from k_new / v_new (rotated here, rounded as append_kv rounds it)
         # instead of from the cache, and program (m_block 0, split 0) of the tile writes it: no
         # program reads a row that another program of the launch writes.
@@ -138,20 +213,14 @@ def _decode_kernel(
         # Past the capacity append_kv writes nothing and the attention reads only the cache.
         new_ok = new_pos < seqlen_k_static
         new_key = tl.where(new_ok, new_pos - leftpad, -1)
-        kn_ptrs = (KNew + batch.to(tl.int64) * stride_knb + head_kv.to(tl.int64) * stride_knh + cols)[None, :]
-        k_new = tl.load(kn_ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
-        if HAS_ROTARY:
-            if HAS_ROTARY_SEQLENS:
-                rot0 = tl.load(RotarySeqlens + batch)
-            else:
-                rot0 = new_pos
-            one = tl.arange(0, 1)
-            k_new = _rotate(kn_ptrs, k_new, cols, rot0 + one, Cos, Sin, stride_cos, stride_sin, rotary_dim,
-                            seqlen_ro, one == 0, INTERLEAVED)
-        k_new = k_new.to(K.dtype.element_ty)
-        v_new = tl.load((VNew + batch.to(tl.int64) * stride_vnb + head_kv.to(tl.int64) * stride_vnh + cols_v)[None, :],
-                        mask=(cols_v < HEAD_DIM_V)[None, :], other=0.0).to(V.dtype.element_ty)
+        rot0 = new_pos
+        if HAS_ROTARY_SEQLENS:
+            rot0 = tl.load(RotarySeqlens + batch)
         if (m_block == 0) & (split == 0):
+            k_new, v_new = _new_token(KNew, VNew, Cos, Sin, batch, head_kv, rot0, cols, cols_v,
+                                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
+                                      rotary_dim, seqlen_ro, K.dtype.element_ty, V.dtype.element_ty,
+                                      HEAD_DIM, HEAD_DIM_V, HAS_ROTARY, INTERLEAVED)
             if PAGED:
                 page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + new_pos // PAGE_SIZE, mask=new_ok,
                                other=0).to(tl.int64)
@@ -201,54 +270,30 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for blk in range(blk_start, blk_end):
-        keys = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = keys < seqlen_k
-        if APPEND:
-            fresh = keys == new_key
-            load_ok = key_ok & ~fresh
-        else:
-            load_ok = key_ok
-        pos = leftpad + keys
-        if PAGED:
-            page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + pos // PAGE_SIZE, mask=key_ok, other=0)
-            k_off = page.to(tl.int64) * stride_kb + (pos % PAGE_SIZE).to(tl.int64) * stride_ks
-            v_off = page.to(tl.int64) * stride_vb + (pos % PAGE_SIZE).to(tl.int64) * stride_vs
-        elif VARLEN_K:
-            k_off = (k_tok0 + pos).to(tl.int64) * stride_ks
-            v_off = (k_tok0 + pos).to(tl.int64) * stride_vs
-        else:
-            k_off = kv_row.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_ks
-            v_off = kv_row.to(tl.int64) * stride_vb + pos.to(tl.int64) * stride_vs
-        k = tl.load(k_head + k_off[:, None] + cols[None, :], mask=load_ok[:, None] & (cols < HEAD_DIM)[None, :],
-                    other=0.0)
-        if APPEND:
-            k = tl.where(fresh[:, None], k_new, k)
-        qk = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP:
-            s = _tanh(qk * softcap_in) * softcap_out
-        else:
-            s = qk * qk_scale
-        allowed = key_ok[None, :]
-        if HAS_WINDOW:
-            allowed = allowed & ((window_left < 0) | (keys[None, :] >= diag[:, None] - window_left))
-            allowed = allowed & ((window_right < 0) | (keys[None, :] <= diag[:, None] + window_right))
-        if HAS_CHUNK:
-            start = _floor_chunk_start(diag, chunk)
-            allowed = allowed & (keys[None, :] >= start[:, None]) & (keys[None, :] < start[:, None] + chunk)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing allowed yet keep m = -inf; pivot on 0 so exp2 sees -inf, not NaN.
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - pivot[:, None])
-        alpha = tl.exp2(m_i - pivot)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + v_off[:, None] + cols_v[None, :],
-                    mask=load_ok[:, None] & (cols_v < HEAD_DIM_V)[None, :], other=0.0)
-        if APPEND:
-            v = tl.where(fresh[:, None], v_new, v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    loop_end = blk_end
+    if APPEND:
+        # The new key's block is the last of the sequence, so the last of any range holding it:
+        # it leaves the pipelined loop for one pass with the new row put in (in the loop the
+        # select would cost every block a shared-memory round trip and ~70 registers, sm_90 ptxas).
+        owns_new = (new_key >= blk_start * BLOCK_N) & (new_key < blk_end * BLOCK_N)
+        loop_end = tl.where(owns_new, blk_end - 1, blk_end)
+    for blk in range(blk_start, loop_end):
+        m_i, l_i, acc = _attend_block(
+            blk, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad, seqlen_k, diag, cols, cols_v,
+            qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, PageTable, stride_pt,
+            stride_kb, stride_ks, stride_vb, stride_vs, -1, q, q,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, VARLEN_K, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, False)
+    if APPEND:
+        if owns_new:
+            k_new, v_new = _new_token(KNew, VNew, Cos, Sin, batch, head_kv, rot0, cols, cols_v,
+                                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
+                                      rotary_dim, seqlen_ro, K.dtype.element_ty, V.dtype.element_ty,
+                                      HEAD_DIM, HEAD_DIM_V, HAS_ROTARY, INTERLEAVED)
+            m_i, l_i, acc = _attend_block(
+                blk_end - 1, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad, seqlen_k, diag, cols,
+                cols_v, qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, PageTable, stride_pt,
+                stride_kb, stride_ks, stride_vb, stride_vs, new_key, k_new, v_new,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_N, VARLEN_K, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, True)
 
     empty = l_i == 0.0
     if HAS_SINKS:
@@ -445,11 +490,18 @@ class Append(NamedTuple):
 
 def fusable_append(a: AttnArgs, k_new: Optional[torch.Tensor], cu_seqlens_k_new: Optional[torch.Tensor]) -> bool:
     """Whether the decode launch of `a` (seqused_k: the cache lengths before the append, q not
-    yet rotated) can write these new keys itself: one dense new token per row, dense q with at
-    least one token (a launch with nothing to attend is skipped, the append must still happen)."""
-    return (k_new is not None and cu_seqlens_k_new is None and k_new.dim() == 4 and k_new.shape[1] == 1
+    yet rotated) should write these new keys itself: one dense new token per row, dense q with
+    at least one token (a launch with nothing to attend is skipped, the append must still
+    happen), and at most one program per SM. The new key's block runs outside the pipelined loop
+    with its tiles in registers: 182 -> 200 registers at B=1 (4 splits), 112 -> 192 for the
+    2-stage launch of B=64 ctx 4k (sm_90 ptxas, scripts/aot_decode.py), which would halve the
+    programs an SM holds where residency hides the latency (Run 3: 2.94 vs 2.72 TB/s)."""
+    if not (k_new is not None and cu_seqlens_k_new is None and k_new.dim() == 4 and k_new.shape[1] == 1
             and not a.is_varlen_q and a.cu_seqlens_k is None and a.seqused_k is not None
-            and a.batch_size > 0 and a.q.shape[1] > 0 and supports(a) is None)
+            and a.batch_size > 0 and a.q.shape[1] > 0 and supports(a) is None):
+        return False
+    plan = _call_plan(a, None)
+    return a.batch_size * a.num_heads_kv * plan.num_m_blocks * plan.num_splits <= num_sms(a.q.device)
 
 
 class _Plan(NamedTuple):
