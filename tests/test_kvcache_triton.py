@@ -880,19 +880,23 @@ def test_decode_fused_append_only_at_one_program_per_sm():
 
 GPU_FUSED_APPEND_CASES = [
     dict(page_size=None, rotary="half", rotary_dim=128, splits=0, causal=True),
+    dict(page_size=None, rotary="interleaved", rotary_dim=128, splits=0, causal=True, dtype=torch.float16),
     dict(page_size=16, rotary="interleaved", rotary_dim=64, splits=0, causal=True, batch_idx=True, leftpad=True),
     dict(page_size=None, rotary=None, splits=1, causal=True, sinks=True),
-    dict(page_size=256, rotary="half", rotary_dim=128, splits=7, seqlen_q=2, causal=True, rot_seqlens=True),
+    dict(page_size=256, rotary="half", rotary_dim=128, splits=3, seqlen_q=2, causal=True, rot_seqlens=True),
     dict(page_size=1, rotary="interleaved", rotary_dim=128, splits=0, window=(300, 0), softcap=30.0),
 ]
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("capacity", [1024, 4096])
 @pytest.mark.parametrize("case", GPU_FUSED_APPEND_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_decode_gpu_fused_append(case, capacity, dtype):
-    """At decode size (GQA 32/8, D 128, racing split programs): the one-launch step equals the
-    two-launch step bit for bit (caches included) and matches the reference."""
+def test_decode_gpu_fused_append(case, capacity):
+    """At decode size (GQA 32/8, D 128; split programs race the writer of the new row): the
+    one-launch step equals the two-launch step bit for bit (caches included) and matches the
+    reference. The interpreter runs programs one after another, so only this test would see a
+    program that read the new row back from the cache before its writer stored it."""
+    case = dict(case)
+    dtype = case.pop("dtype", torch.bfloat16)
     _check_fused_append(case, dtype, batch=4, hq=32, hk=8, d=128, capacity=capacity, config=None)

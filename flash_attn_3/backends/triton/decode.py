@@ -12,6 +12,14 @@ counter back to 0. Counters come from a per-device ring (`TicketRing`) zeroed on
 graph capture; where none exists yet (the first call is being captured) the launch falls back
 to combine.py's separate merge.
 
+A decode step that appends one token per row can be one launch too (`Append`, used by the
+planned fast path, step.py): program (m_block 0, split 0) of each (batch, KV head) writes the
+new key (rotated) and value into the cache, every program rotates its q rows, and the one
+program whose split holds the new key takes it from k_new / v_new rather than from the cache.
+No program reads a cache row another program writes (cache_batch_idx rows that repeat are the
+caller's race, as in the official kernel), so the launch needs no ordering between programs,
+and the results are append_kv + decode's bit for bit.
+
 Grid: (batch * num_heads_kv * m_blocks, num_splits). A program owns BLOCK_M packed rows
 (row m = query token m // G, query head hk * G + m % G) and one split's slice of the KV blocks
 those rows may see. Split s of a tile covers blocks [lo + s * per, lo + (s + 1) * per) with
