@@ -2,7 +2,11 @@
 made of it: the launch exactly as decode.launches builds it for one case.
 
     python scripts/aot_decode.py [--d 128] [--heads 32,8] [--batch 1] [--ctx 1024] [--paged PAGE]
-        [--splits N] [--sinks] [--config BLOCK_N,WARPS,STAGES] [--keep DIR]
+        [--splits N] [--sinks] [--append] [--rotary half|interleaved] [--config BLOCK_N,WARPS,STAGES]
+        [--keep DIR]
+
+--append compiles the launch that also writes the step's one new token (decode.Append, the
+planned fast path of a one-token append); --rotary adds rotary of q and that token (dim D).
 
 Prints one JSON object per launch: constexprs, shared memory, ptxas registers and spills, and
 the atomics / barriers in the PTX (the in-place merge's ticket).
@@ -51,6 +55,8 @@ def main() -> None:
     p.add_argument("--paged", type=int, default=0)
     p.add_argument("--splits", type=int, default=0)
     p.add_argument("--sinks", action="store_true")
+    p.add_argument("--append", action="store_true")
+    p.add_argument("--rotary", choices=("half", "interleaved"))
     p.add_argument("--config")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
@@ -70,8 +76,13 @@ def main() -> None:
         window_left=-1, window_right=-1, attention_chunk=0, softcap=0.0, num_splits=args.splits, pack_gqa=None,
         cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    append = None
+    if args.append or args.rotary:
+        cos = torch.empty(args.ctx, d // 2, dtype=dt) if args.rotary else None
+        append = decode.Append(torch.empty(b, 1, hk, d, dtype=dt), torch.empty(b, 1, hk, d, dtype=dt), cos, cos,
+                               None, args.rotary == "interleaved", True)
     out, lse = decode.outputs(a)
-    for launch in decode.launches(a, out, lse, config=config):
+    for launch in decode.launches(a, out, lse, config=config, seqused_add=1 if append else 0, append=append):
         kernel = compile_launch(launch)
         with tempfile.TemporaryDirectory() as tmp:
             keep = args.keep or Path(tmp)

@@ -2,9 +2,12 @@
 
 Eager decode at small batch is bound by host work, not by the GPU. One run prints:
 1. per-call latency (wall clock over back-to-back calls, median of 5 runs of 300): ours attend
-   only and append+attend (the planned fast path, and the slow path with plans off), cuDNN SDPA
-   (attention only) on the same cache, at context 1k and 64k (cache capacity = context, as in
-   bench_decode), plus the 1k-context / 4k-capacity call (64 blocks: split);
+   only and append+attend (the planned fast path: one launch, the decode kernel writes the new
+   token; the same plan as two launches, append_kv + decode; the slow path with plans off),
+   cuDNN SDPA (attention only) on the same cache, at context 1k and 64k (cache capacity =
+   context, as in bench_decode), plus the 1k-context / 4k-capacity call (64 blocks: split);
+   then the GPU time of one append+attend step (with and without rotary) in a CUDA graph, one
+   launch against two;
 2. stage breakdown: each layer of one attend-only ctx-1k call timed alone over 2000 calls, no
    profiler: the slow path's layers (normalization, checks, AttnArgs, dispatch, decode host
    prep, launch key, C launch, allocation) and the fast path's (plan key, replay);
@@ -18,6 +21,7 @@ On a machine without CUDA, `--stages-only` runs the breakdown on CPU tensors wit
 launch stubbed (TRITON_INTERPRET=1): the host layers only, for comparing branches.
 """
 
+import contextlib
 import cProfile
 import importlib
 import io
@@ -82,7 +86,28 @@ def _plans_off():
     return off()
 
 
-def problem(ctx: int, capacity: int):
+def _two_launch_appends():
+    """A context in which planned appends keep append_kv's launch (step.FUSE_APPEND off)."""
+    import contextlib
+
+    from flash_attn_3 import interface
+
+    step = importlib.import_module("flash_attn_3.backends.triton.step")
+
+    @contextlib.contextmanager
+    def two():
+        step.FUSE_APPEND = False
+        interface._KVCACHE_PLANS.clear()
+        try:
+            yield
+        finally:
+            step.FUSE_APPEND = True
+            interface._KVCACHE_PLANS.clear()
+
+    return two()
+
+
+def problem(ctx: int, capacity: int, rotary: bool = False):
     q = torch.randn(1, 1, HQ, D, device=DEV, dtype=DT)
     k_cache = torch.randn(1, capacity, HK, D, device=DEV, dtype=DT)
     v_cache = torch.randn_like(k_cache)
@@ -91,8 +116,10 @@ def problem(ctx: int, capacity: int):
     lens_attend = torch.full((1,), ctx, dtype=torch.int32, device=DEV)
     lens_append = torch.full((1,), ctx - 1, dtype=torch.int32, device=DEV)
     attend = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens_attend, causal=True)  # noqa: E731
-    append = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,  # noqa: E731
-                                                cache_seqlens=lens_append, causal=True)
+    angle = torch.rand(capacity, D // 2, device=DEV) * 6.28
+    cos, sin = (torch.cos(angle).to(DT), torch.sin(angle).to(DT)) if rotary else (None, None)
+    append = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=cos,  # noqa: E731
+                                                rotary_sin=sin, cache_seqlens=lens_append, causal=True)
     if capacity == ctx:
         cudnn = sdpa(q, k_cache, v_cache, causal=False)
     else:
@@ -104,19 +131,53 @@ def latency_table() -> None:
     from flash_attn_3.backends.triton import scheduler
 
     print("## per-call latency, eager (us; slow = plans off)")
-    print("| ctx | capacity | splits | ours attend | ours append+attend | slow attend | slow append+attend "
-          "| cudnn | attend/cudnn |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| ctx | capacity | splits | ours attend | ours append+attend | same, 2 launches | slow attend "
+          "| slow append+attend | cudnn | attend/cudnn |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for ctx, capacity in ((1024, 1024), (1024, 4096), (65536, 65536)):
         attend, append, cudnn = problem(ctx, capacity)
         splits = scheduler.decode_num_splits(1, HQ, HK, 1, capacity, D, D, torch.device(DEV))
         ours_attend, ours_append = per_call_us(attend), per_call_us(append)
+        with _two_launch_appends():
+            two_append = per_call_us(append)
         with _plans_off():
             slow_attend, slow_append = per_call_us(attend), per_call_us(append)
         with sdpa_context("cudnn"):
             peer = per_call_us(cudnn)
-        print(f"| {ctx} | {capacity} | {splits} | {ours_attend:.1f} | {ours_append:.1f} | {slow_attend:.1f} | "
-              f"{slow_append:.1f} | {peer:.1f} | {ours_attend / peer:.2f} |")
+        print(f"| {ctx} | {capacity} | {splits} | {ours_attend:.1f} | {ours_append:.1f} | {two_append:.1f} | "
+              f"{slow_attend:.1f} | {slow_append:.1f} | {peer:.1f} | {ours_attend / peer:.2f} |")
+
+
+def append_step_gpu_time(steps: int = 32) -> None:
+    """GPU time of one planned append+attend step at B=1 ctx 1k, per call of a CUDA graph of
+    `steps` calls on distinct caches (16 MB of K+V: not from L2): one launch (the decode kernel
+    writes the token) against two (append_kv, then decode)."""
+    print(f"## GPU time, B=1 ctx 1k append+attend step (CUDA graph of {steps} calls, us per call)")
+    print("| rotary | capacity | one launch | two launches |")
+    print("| --- | --- | --- | --- |")
+    for rotary in (False, True):
+        for capacity in (1024, 4096):
+            calls = [problem(1024, capacity, rotary)[1] for _ in range(steps)]
+            row = []
+            for fused in (True, False):
+                with contextlib.ExitStack() as stack:
+                    if not fused:
+                        stack.enter_context(_two_launch_appends())
+                    for call in calls[:2]:  # compile, plan, ticket ring: outside the capture
+                        call()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for call in calls:
+                            call()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                    row.append(f"{(time.perf_counter() - start) / 20 / steps * 1e6:.2f}")
+            print(f"| {rotary} | {capacity} | {row[0]} | {row[1]} |")
 
 
 def stage_breakdown(calls: int = 2000) -> None:
@@ -316,6 +377,7 @@ def main() -> None:
     if "--stages-only" in sys.argv:
         return
     latency_table()
+    append_step_gpu_time()
     small_cache_gpu_time()
     launch_anatomy()
     if "--no-profile" not in sys.argv:

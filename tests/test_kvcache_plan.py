@@ -38,7 +38,8 @@ def _triton(monkeypatch):
 
 
 def _problem(batch=2, hq=4, hk=2, d=32, capacity=96, page=0, append=False, rotary=False, batch_idx=False,
-             leftpad=False, sinks=False, lse=False, aliased_kv=False, **scalars):
+             leftpad=False, sinks=False, lse=False, aliased_kv=False, seqlen_new=1, interleaved=False,
+             rot_seqlens=False, **scalars):
     """Tensors and keywords of one flash_attn_with_kvcache call; caches under 'k_cache', 'v_cache'."""
     dt = torch.bfloat16
     rows = batch + 1 if batch_idx else batch
@@ -62,11 +63,14 @@ def _problem(batch=2, hq=4, hk=2, d=32, capacity=96, page=0, append=False, rotar
         page_table=page_table, return_softmax_lse=lse, **scalars,
     )
     if append:
-        kw["k"] = torch.randn(batch, 1, hk, d, device=DEVICE, dtype=dt)
-        kw["v"] = torch.randn(batch, 1, hk, d, device=DEVICE, dtype=dt)
+        kw["k"] = torch.randn(batch, seqlen_new, hk, d, device=DEVICE, dtype=dt)
+        kw["v"] = torch.randn(batch, seqlen_new, hk, d, device=DEVICE, dtype=dt)
     if rotary:
         angle = torch.rand(capacity, d // 4, device=DEVICE) * 6.28
-        kw.update(rotary_cos=torch.cos(angle).to(dt), rotary_sin=torch.sin(angle).to(dt), rotary_interleaved=False)
+        kw.update(rotary_cos=torch.cos(angle).to(dt), rotary_sin=torch.sin(angle).to(dt),
+                  rotary_interleaved=interleaved)
+        if rot_seqlens:
+            kw["rotary_seqlens"] = torch.randint(0, capacity - 1, (batch,), dtype=torch.int32, device=DEVICE)
     if batch_idx:
         kw["cache_batch_idx"] = torch.randperm(rows, device=DEVICE)[:batch].to(torch.int32)
     if leftpad:
@@ -118,6 +122,9 @@ CASES = {
     "append-batchidx-leftpad-window-softcap-sinks": dict(
         append=True, batch_idx=True, leftpad=True, window_size=(20, 0), softcap=5.0, sinks=True),
     "aliased-kv-views": dict(aliased_kv=True, append=True, causal=True),
+    "append-interleaved-rotary-seqlens-noncausal": dict(
+        append=True, rotary=True, interleaved=True, rot_seqlens=True, num_splits=2, leftpad=True),
+    "append-two-tokens-rotary": dict(append=True, seqlen_new=2, rotary=True, causal=True, page=4),
 }
 
 
@@ -146,6 +153,21 @@ def test_plan_replays_the_slow_path_bit_for_bit(case, monkeypatch):
 def test_plan_replays_the_slow_path_bit_for_bit_gpu(capacity, page, append, monkeypatch):
     kw = _problem(batch=1, hq=32, hk=8, d=128, capacity=capacity, page=page, append=append, causal=True)
     _replays_slow_path_bit_for_bit(kw, monkeypatch)
+
+
+@pytest.mark.parametrize("case,launches", [("append", 1), ("append-paged-rotary-split", 1),
+                                           ("append-two-tokens-rotary", 2)])
+def test_a_one_token_append_is_one_launch(case, launches, monkeypatch):
+    """A one-token step plans one launch (the decode kernel writes the token: decode.Append);
+    longer appends keep append_kv's launch before it. With fusion off the same step plans two
+    launches and gives the same bits (the slow path never fuses)."""
+    kw = _problem(**CASES[case])
+    fa.flash_attn_with_kvcache(**_fresh(kw))
+    assert len(_plan_of(kw).bounds) == launches
+    monkeypatch.setattr(step_mod, "FUSE_APPEND", False)
+    interface._KVCACHE_PLANS.clear()
+    _replays_slow_path_bit_for_bit(kw, monkeypatch)
+    assert len(_plan_of(kw).bounds) == 2
 
 
 def test_other_layouts_are_validated_before_anything_is_written(monkeypatch):

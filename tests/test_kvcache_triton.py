@@ -113,8 +113,11 @@ def rotate_reference(x, cos, sin, interleaved):
 
 def append_reference(k_cache, v_cache, k_new, v_new, q, cos, sin, cache_seqlens, cache_batch_idx,
                      page_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens, interleaved, per_token):
-    """Token-by-token loop: caches after the append (k in float64) and q rotated (float64)."""
+    """Token-by-token loop: caches after the append (k in float64) and q rotated (float64).
+    Positions past the cache's capacity are not written (the kernels cannot refuse them: the
+    lengths live on the device)."""
     k_ref, v_ref = k_cache.double().clone(), v_cache.clone()
+    capacity = page_table.shape[1] * k_cache.shape[1] if page_table is not None else k_cache.shape[1]
     q_ref = q.double().clone()
     batch = cache_seqlens.shape[0]
     for b in range(batch):
@@ -127,6 +130,8 @@ def append_reference(k_cache, v_cache, k_new, v_new, q, cos, sin, cache_seqlens,
             kb, vb = k_new[b], v_new[b]
         for t in range(kb.shape[0]):
             pos = int(cache_seqlens[b]) + t
+            if pos >= capacity:
+                continue
             kt = kb[t].double()
             if cos is not None:
                 kt = rotate_reference(kt, cos[start_r + t].double(), sin[start_r + t].double(), interleaved)
@@ -723,3 +728,175 @@ def _clamped_call(fa, q, k, v, table, length, kernel):
             del os.environ["FLASH_ATTN_3_BACKEND"]
         else:
             os.environ["FLASH_ATTN_3_BACKEND"] = old_env
+
+
+# ---------------------------------------------------------------------------------------------
+# one-token append inside the decode launch (decode.Append: the planned one-launch decode step)
+
+
+FUSED_APPEND_CASES = [
+    # plain append into a dense cache, unsplit
+    dict(page_size=None, rotary=None, splits=1, causal=True),
+    # rotary_dim < d (half pairs), cache_batch_idx, split launch that merges in place
+    dict(page_size=None, rotary="half", rotary_dim=16, splits=3, causal=True, batch_idx=True),
+    # page size 1, interleaved, rotary_seqlens, leftpad, non-causal (q rotated at r_b)
+    dict(page_size=1, rotary="interleaved", rotary_dim=32, splits=2, rot_seqlens=True, leftpad=True),
+    # two q tokens per new key (per-token q rotation), sinks and softcap, odd page size
+    dict(page_size=3, rotary="half", rotary_dim=32, splits=2, seqlen_q=2, causal=True, sinks=True, softcap=3.0),
+    # sliding window, heuristic splits, interleaved with rotary_dim < d, MQA
+    dict(page_size=16, rotary="interleaved", rotary_dim=16, splits=0, window=(6, 0), batch_idx=True, hk=1),
+    # attention chunk, dv != d
+    dict(page_size=None, rotary="half", rotary_dim=32, splits=4, chunk=8, causal=True, dv=64),
+]
+
+
+def _fused_append_problem(case, dtype, batch, hq, hk, d, capacity, device):
+    """(AttnArgs over the cache before the append with q unrotated and seqused_k the cache
+    lengths, decode.Append, append_kv's keyword arguments)."""
+    hk = case.get("hk", hk)
+    dv = case.get("dv", d)
+    rows = batch + 1
+    page_size = case["page_size"]
+    if page_size is not None:
+        pages_per_row = -(-capacity // page_size)
+        num_pages = rows * pages_per_row + 2
+        page_table = torch.randperm(num_pages, device=device)[: rows * pages_per_row].view(rows, -1).to(torch.int32)
+        k_cache = torch.randn(num_pages, page_size, hk, d, device=device).to(dtype)
+        v_cache = torch.randn(num_pages, page_size, hk, dv, device=device).to(dtype)
+        capacity = pages_per_row * page_size
+    else:
+        page_table = None
+        k_cache = torch.randn(rows, capacity, hk, d, device=device).to(dtype)
+        v_cache = torch.randn(rows, capacity, hk, dv, device=device).to(dtype)
+    cache_seqlens = torch.randint(0, capacity, (batch,), dtype=torch.int32, device=device)
+    cache_seqlens[0] = capacity  # a full cache: nothing written, the attention reads only the cache
+    if batch > 2:
+        cache_seqlens[2] = 0  # the new token is the only key
+    leftpad = None
+    if case.get("leftpad"):
+        leftpad = torch.minimum(torch.randint(0, 6, (batch,), device=device), cache_seqlens.long()).to(torch.int32)
+    kv_batch_idx = None
+    if case.get("batch_idx") or page_table is not None:
+        kv_batch_idx = torch.randperm(rows, device=device)[:batch].to(torch.int32)
+    seqlen_q = case.get("seqlen_q", 1)
+    q = (torch.randn(batch, seqlen_q, hq, d, device=device) * 2).to(dtype)
+    k_new = torch.randn(batch, 1, hk, d, device=device).to(dtype)
+    v_new = torch.randn(batch, 1, hk, dv, device=device).to(dtype)
+    cos = sin = rotary_seqlens = None
+    if case["rotary"]:
+        seqlen_ro = capacity + 8
+        angle = torch.rand(seqlen_ro, case["rotary_dim"] // 2, device=device) * 2 * math.pi
+        cos, sin = torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+        if case.get("rot_seqlens"):
+            rotary_seqlens = torch.randint(0, seqlen_ro - seqlen_q, (batch,), dtype=torch.int32, device=device)
+    window = case.get("window", (-1, 0 if case.get("causal") else -1))
+    per_token = window[0] >= 0 or window[1] >= 0 or case.get("chunk", 0) > 0
+    interleaved = case["rotary"] == "interleaved"
+    a = _attn_args(q, k_cache, v_cache, seqused_k=cache_seqlens, max_seqlen_k=capacity, page_table=page_table,
+                   kv_batch_idx=kv_batch_idx, leftpad_k=leftpad, window_left=window[0], window_right=window[1],
+                   attention_chunk=case.get("chunk", 0), softcap=case.get("softcap", 0.0), num_splits=case["splits"],
+                   sinks=torch.randn(hq, device=device) if case.get("sinks") else None)
+    append = decode_mod.Append(k_new, v_new, cos, sin, rotary_seqlens, interleaved, per_token)
+    append_kwargs = dict(k_new=k_new, v_new=v_new, q=q, rotary_cos=cos, rotary_sin=sin, cache_seqlens=cache_seqlens,
+                         cache_batch_idx=kv_batch_idx, cache_leftpad=leftpad, page_table=page_table, cu_seqlens_q=None,
+                         cu_seqlens_k_new=None, rotary_seqlens=rotary_seqlens, rotary_interleaved=interleaved,
+                         rotate_q_per_token=per_token, max_seqlen_q=None)
+    return a, append, append_kwargs
+
+
+def _run_poisoned(a, config, **launch_kwargs):
+    out, lse = decode_mod.outputs(a)
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    partials = torch.full((max(1, decode_mod.partials_numel(a, config)),), float("nan"), device=a.q.device)
+    launches = decode_mod.launches(a, out, lse, partials, seqused_add=1, config=config, **launch_kwargs)
+    for launch in launches:
+        launch()
+    return out, lse, launches
+
+
+def _check_fused_append(case, dtype, batch, hq, hk, d, capacity, config):
+    """The one-launch step against the two-launch step (append_kv, then decode): caches, out and
+    lse bit for bit; and both against the float64 reference of spec sec 5."""
+    a, append, append_kwargs = _fused_append_problem(case, dtype, batch, hq, hk, d, capacity, DEVICE)
+    assert decode_mod.fusable_append(a, append.k_new, None)
+    k0, v0 = a.k.clone(), a.v.clone()
+
+    fused = AttnArgs(**{**a.__dict__, "k": k0.clone(), "v": v0.clone()})
+    out, lse, launches = _run_poisoned(fused, config, append=append)
+    assert len(launches) == 1
+
+    ku, vu = k0.clone(), v0.clone()
+    q_rot = append_mod.append_kv(k_cache=ku, v_cache=vu, **append_kwargs)
+    two = AttnArgs(**{**a.__dict__, "q": q_rot, "k": ku, "v": vu})
+    out2, lse2, _ = _run_poisoned(two, config)
+    assert torch.equal(fused.k, ku) and torch.equal(fused.v, vu), "cache differs from the two-launch step"
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "output differs from the two-launch step"
+
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    k_ref, v_ref, q_ref = append_reference(
+        k0, v0, append.k_new, append.v_new, a.q, append.rotary_cos, append.rotary_sin, a.seqused_k.cpu(),
+        cpu(a.kv_batch_idx), cpu(a.page_table), None, None, cpu(append.rotary_seqlens),
+        append.rotary_interleaved, append.rotate_q_per_token)
+    assert torch.equal(fused.v, v_ref)
+    assert_rotated_close(fused.k, k_ref)
+    seqused = torch.clamp(a.seqused_k + 1, max=a.max_seqlen_k).to(torch.int32)
+    ref, _ = decode_reference(AttnArgs(**{**a.__dict__, "q": q_ref, "k": k_ref, "v": v_ref.double(),
+                                          "seqused_k": seqused}), lowp=False)
+    rounded = AttnArgs(**{**two.__dict__, "seqused_k": seqused})  # rotated q and k as stored (input dtype)
+    ref_lowp, _ = decode_reference(rounded, lowp=True)
+    tol.assert_matches_reference("fused append out", out, ref, ref_lowp, softcap=a.softcap > 0)
+    # The lse's 1e-3 bound is tighter than the rounding of rotated q and k to the input dtype: it
+    # checks the attention over the operands as stored.
+    tol.assert_lse_matches("fused append lse", lse, decode_reference(rounded, lowp=False)[1])
+    assert _ring_is_zero(DEVICE)
+
+
+@pytest.mark.parametrize("case", FUSED_APPEND_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_decode_fused_append(case):
+    # BLOCK_N 16: 40 keys are several blocks, so splits hold blocks before the new key's.
+    _check_fused_append(case, torch.bfloat16, batch=3, hq=4, hk=2, d=32, capacity=40, config=(16, 4, 1))
+
+
+def test_decode_fused_append_only_at_one_program_per_sm():
+    """Launches with more programs than SMs keep the append launch (the fused kernel's registers
+    would halve their residency); two new tokens, packed k_new or varlen q never fuse."""
+    def args(batch, capacity):
+        q = torch.empty(batch, 1, 32, 128, dtype=torch.bfloat16)
+        k = torch.empty(batch, capacity, 8, 128, dtype=torch.bfloat16)
+        return _attn_args(q, k, k, seqused_k=torch.zeros(batch, dtype=torch.int32), max_seqlen_k=capacity)
+
+    k_new = torch.empty(1, 1, 8, 128, dtype=torch.bfloat16)
+    assert decode_mod.fusable_append(args(1, 1024), k_new, None)
+    assert decode_mod.fusable_append(args(16, 8192), k_new.expand(16, -1, -1, -1), None)
+    assert not decode_mod.fusable_append(args(64, 4096), k_new.expand(64, -1, -1, -1), None)
+    assert not decode_mod.fusable_append(args(1, 1024), torch.empty(1, 2, 8, 128, dtype=torch.bfloat16), None)
+    assert not decode_mod.fusable_append(args(1, 1024), k_new[0], torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqused_add"):
+        a = args(1, 64)
+        decode_mod.launches(a, *decode_mod.outputs(a), seqused_add=0, append=decode_mod.Append(
+            k_new, k_new, None, None, None, False, True))
+
+
+GPU_FUSED_APPEND_CASES = [
+    dict(page_size=None, rotary="half", rotary_dim=128, splits=0, causal=True),
+    dict(page_size=None, rotary="interleaved", rotary_dim=128, splits=0, causal=True, dtype=torch.float16),
+    dict(page_size=16, rotary="interleaved", rotary_dim=64, splits=0, causal=True, batch_idx=True, leftpad=True),
+    dict(page_size=None, rotary=None, splits=1, causal=True, sinks=True),
+    dict(page_size=256, rotary="half", rotary_dim=128, splits=3, seqlen_q=2, causal=True, rot_seqlens=True),
+    dict(page_size=1, rotary="interleaved", rotary_dim=128, splits=0, window=(300, 0), softcap=30.0),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity", [1024, 4096])
+@pytest.mark.parametrize("case", GPU_FUSED_APPEND_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_decode_gpu_fused_append(case, capacity):
+    """At decode size (GQA 32/8, D 128; split programs race the writer of the new row): the
+    one-launch step equals the two-launch step bit for bit (caches included) and matches the
+    reference. The interpreter runs programs one after another, so only this test would see a
+    program that read the new row back from the cache before its writer stored it."""
+    case = dict(case)
+    dtype = case.pop("dtype", torch.bfloat16)
+    _check_fused_append(case, dtype, batch=4, hq=32, hk=8, d=128, capacity=capacity, config=None)

@@ -12,6 +12,14 @@ counter back to 0. Counters come from a per-device ring (`TicketRing`) zeroed on
 graph capture; where none exists yet (the first call is being captured) the launch falls back
 to combine.py's separate merge.
 
+A decode step that appends one token per row can be one launch too (`Append`, used by the
+planned fast path, step.py): program (m_block 0, split 0) of each (batch, KV head) writes the
+new key (rotated) and value into the cache, every program rotates its q rows, and the one
+program whose split holds the new key takes it from k_new / v_new rather than from the cache.
+No program reads a cache row another program writes (cache_batch_idx rows that repeat are the
+caller's race, as in the official kernel), so the launch needs no ordering between programs,
+and the results are append_kv + decode's bit for bit.
+
 Grid: (batch * num_heads_kv * m_blocks, num_splits). A program owns BLOCK_M packed rows
 (row m = query token m // G, query head hk * G + m % G) and one split's slice of the KV blocks
 those rows may see. Split s of a tile covers blocks [lo + s * per, lo + (s + 1) * per) with
@@ -29,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
+from .append_kv import _rotate
 from .combine import combine_launch, unsplit_strides
 from .launch import Launch, Launcher
 from .scheduler import decode_block_m, decode_block_n, decode_num_splits, num_sms
@@ -63,16 +72,92 @@ def _floor_chunk_start(d, chunk):
     return d - tl.where(rem < 0, rem + chunk, rem)
 
 
+@triton.jit
+def _new_token(KNew, VNew, Cos, Sin, batch, head_kv, rot0, cols, cols_v,
+               stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin, rotary_dim, seqlen_ro,
+               k_dtype: tl.constexpr, v_dtype: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The (1, D) key, rotated at rot0, and the (1, Dv) value of a fused append, in the cache's
+    dtypes: the values append_kv stores."""
+    kn_ptrs = (KNew + batch.to(tl.int64) * stride_knb + head_kv.to(tl.int64) * stride_knh + cols)[None, :]
+    k_new = tl.load(kn_ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    if HAS_ROTARY:
+        one = tl.arange(0, 1)
+        k_new = _rotate(kn_ptrs, k_new, cols, rot0 + one, Cos, Sin, stride_cos, stride_sin, rotary_dim, seqlen_ro,
+                        one == 0, INTERLEAVED)
+    v_new = tl.load((VNew + batch.to(tl.int64) * stride_vnb + head_kv.to(tl.int64) * stride_vnh + cols_v)[None, :],
+                    mask=(cols_v < HEAD_DIM_V)[None, :], other=0.0)
+    return k_new.to(k_dtype), v_new.to(v_dtype)
+
+
+@triton.jit
+def _attend_block(blk, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad, seqlen_k, diag, cols, cols_v,
+                  qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, PageTable, stride_pt,
+                  stride_kb, stride_ks, stride_vb, stride_vs, new_key, k_new, v_new,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN_K: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, FRESH: tl.constexpr):
+    """One KV block of the online softmax. FRESH: key new_key of the block is k_new / v_new (a
+    fused append's token) instead of its cache row, which this launch may be writing."""
+    keys = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < seqlen_k
+    load_ok = key_ok
+    if FRESH:
+        fresh = keys == new_key
+        load_ok = key_ok & ~fresh
+    pos = leftpad + keys
+    if PAGED:
+        page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + pos // PAGE_SIZE, mask=load_ok, other=0)
+        k_off = page.to(tl.int64) * stride_kb + (pos % PAGE_SIZE).to(tl.int64) * stride_ks
+        v_off = page.to(tl.int64) * stride_vb + (pos % PAGE_SIZE).to(tl.int64) * stride_vs
+    elif VARLEN_K:
+        k_off = (k_tok0 + pos).to(tl.int64) * stride_ks
+        v_off = (k_tok0 + pos).to(tl.int64) * stride_vs
+    else:
+        k_off = kv_row.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_ks
+        v_off = kv_row.to(tl.int64) * stride_vb + pos.to(tl.int64) * stride_vs
+    k = tl.load(k_head + k_off[:, None] + cols[None, :], mask=load_ok[:, None] & (cols < HEAD_DIM)[None, :],
+                other=0.0)
+    if FRESH:
+        k = tl.where(fresh[:, None], k_new, k)
+    qk = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        s = _tanh(qk * softcap_in) * softcap_out
+    else:
+        s = qk * qk_scale
+    allowed = key_ok[None, :]
+    if HAS_WINDOW:
+        allowed = allowed & ((window_left < 0) | (keys[None, :] >= diag[:, None] - window_left))
+        allowed = allowed & ((window_right < 0) | (keys[None, :] <= diag[:, None] + window_right))
+    if HAS_CHUNK:
+        start = _floor_chunk_start(diag, chunk)
+        allowed = allowed & (keys[None, :] >= start[:, None]) & (keys[None, :] < start[:, None] + chunk)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing allowed yet keep m = -inf; pivot on 0 so exp2 sees -inf, not NaN.
+    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - pivot[:, None])
+    alpha = tl.exp2(m_i - pivot)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_head + v_off[:, None] + cols_v[None, :],
+                mask=load_ok[:, None] & (cols_v < HEAD_DIM_V)[None, :], other=0.0)
+    if FRESH:
+        v = tl.where(fresh[:, None], v_new, v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 # Lengths, windows and counts change between calls: triton would otherwise compile a variant per
 # `== 1` / `% 16` pattern of them, with no faster code.
 @triton.jit(do_not_specialize=[
     "window_left", "window_right", "chunk", "seqused_add", "seqlen_q_static", "seqlen_k_static",
-    "num_m_blocks", "num_splits"])
+    "num_m_blocks", "num_splits", "seqlen_ro"])
 def _decode_kernel(
     Q, K, V, Out, Lse, Final, FinalLse, Tickets, Sinks,
     CuSeqlensQ, CuSeqlensK, SequsedK, LeftpadK, KvBatchIdx, PageTable,
+    KNew, VNew, Cos, Sin, RotarySeqlens,
     qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, seqused_add,
-    num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits,
+    num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits, rotary_dim, seqlen_ro,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -80,13 +165,15 @@ def _decode_kernel(
     stride_l_split, stride_lb, stride_ls, stride_lh,
     stride_fb, stride_fs, stride_fh,
     stride_flb, stride_fls, stride_flh,
-    stride_pt,
+    stride_pt, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr,
+    APPEND: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, Q_PER_TOKEN: tl.constexpr,
+    HAS_ROTARY_SEQLENS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -119,6 +206,40 @@ def _decode_kernel(
     kv_row = batch
     if HAS_KV_BATCH_IDX:
         kv_row = tl.load(KvBatchIdx + batch)
+    k_head = K + head_kv.to(tl.int64) * stride_kh
+    v_head = V + head_kv.to(tl.int64) * stride_vh
+    cols = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+
+    if APPEND:
+        # The step's one new token (SequsedK holds the cache lengths, seqused_add is 1) lands at
+        # cache row new_pos: key new_pos - leftpad, the sequence's last. The program that sees
+        # that key takes it from k_new / v_new (rotated here, rounded as append_kv rounds it)
+        # instead of from the cache, and program (m_block 0, split 0) of the tile writes it: no
+        # program reads a row that another program of the launch writes.
+        new_pos = tl.load(SequsedK + batch)
+        # Past the capacity append_kv writes nothing and the attention reads only the cache.
+        new_ok = new_pos < seqlen_k_static
+        new_key = tl.where(new_ok, new_pos - leftpad, -1)
+        rot0 = new_pos
+        if HAS_ROTARY_SEQLENS:
+            rot0 = tl.load(RotarySeqlens + batch)
+        if (m_block == 0) & (split == 0):
+            k_new, v_new = _new_token(KNew, VNew, Cos, Sin, batch, head_kv, rot0, cols, cols_v,
+                                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
+                                      rotary_dim, seqlen_ro, K.dtype.element_ty, V.dtype.element_ty,
+                                      HEAD_DIM, HEAD_DIM_V, HAS_ROTARY, INTERLEAVED)
+            if PAGED:
+                page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + new_pos // PAGE_SIZE, mask=new_ok,
+                               other=0).to(tl.int64)
+                slot = (new_pos % PAGE_SIZE).to(tl.int64)
+                k_dst = page * stride_kb + slot * stride_ks
+                v_dst = page * stride_vb + slot * stride_vs
+            else:
+                k_dst = kv_row.to(tl.int64) * stride_kb + new_pos.to(tl.int64) * stride_ks
+                v_dst = kv_row.to(tl.int64) * stride_vb + new_pos.to(tl.int64) * stride_vs
+            tl.store(k_head + k_dst + cols[None, :], k_new, mask=new_ok & (cols < HEAD_DIM)[None, :])
+            tl.store(v_head + v_dst + cols_v[None, :], v_new, mask=new_ok & (cols_v < HEAD_DIM_V)[None, :])
 
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_idx = rows // GROUP
@@ -143,56 +264,44 @@ def _decode_kernel(
     blk_start = blk_lo + split * per_split
     blk_end = tl.minimum(blk_start + per_split, blk_lo + n_blocks)
 
-    cols = tl.arange(0, BLOCK_D)
-    cols_v = tl.arange(0, BLOCK_DV)
     q_ptrs = (Q + batch.to(tl.int64) * stride_qb + (tok0 + q_idx).to(tl.int64)[:, None] * stride_qs
               + head_q[:, None] * stride_qh + cols[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    if HAS_ROTARY:
+        if Q_PER_TOKEN:
+            rot_q = rot0 + q_idx
+        else:
+            rot_q = rot0 + q_idx * 0
+        q = _rotate(q_ptrs, q, cols, rot_q, Cos, Sin, stride_cos, stride_sin, rotary_dim, seqlen_ro, row_ok,
+                    INTERLEAVED).to(Q.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    k_head = K + head_kv.to(tl.int64) * stride_kh
-    v_head = V + head_kv.to(tl.int64) * stride_vh
-    for blk in range(blk_start, blk_end):
-        keys = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = keys < seqlen_k
-        pos = leftpad + keys
-        if PAGED:
-            page = tl.load(PageTable + kv_row.to(tl.int64) * stride_pt + pos // PAGE_SIZE, mask=key_ok, other=0)
-            k_off = page.to(tl.int64) * stride_kb + (pos % PAGE_SIZE).to(tl.int64) * stride_ks
-            v_off = page.to(tl.int64) * stride_vb + (pos % PAGE_SIZE).to(tl.int64) * stride_vs
-        elif VARLEN_K:
-            k_off = (k_tok0 + pos).to(tl.int64) * stride_ks
-            v_off = (k_tok0 + pos).to(tl.int64) * stride_vs
-        else:
-            k_off = kv_row.to(tl.int64) * stride_kb + pos.to(tl.int64) * stride_ks
-            v_off = kv_row.to(tl.int64) * stride_vb + pos.to(tl.int64) * stride_vs
-        k = tl.load(k_head + k_off[:, None] + cols[None, :], mask=key_ok[:, None] & (cols < HEAD_DIM)[None, :],
-                    other=0.0)
-        qk = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP:
-            s = _tanh(qk * softcap_in) * softcap_out
-        else:
-            s = qk * qk_scale
-        allowed = key_ok[None, :]
-        if HAS_WINDOW:
-            allowed = allowed & ((window_left < 0) | (keys[None, :] >= diag[:, None] - window_left))
-            allowed = allowed & ((window_right < 0) | (keys[None, :] <= diag[:, None] + window_right))
-        if HAS_CHUNK:
-            start = _floor_chunk_start(diag, chunk)
-            allowed = allowed & (keys[None, :] >= start[:, None]) & (keys[None, :] < start[:, None] + chunk)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing allowed yet keep m = -inf; pivot on 0 so exp2 sees -inf, not NaN.
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - pivot[:, None])
-        alpha = tl.exp2(m_i - pivot)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + v_off[:, None] + cols_v[None, :],
-                    mask=key_ok[:, None] & (cols_v < HEAD_DIM_V)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    loop_end = blk_end
+    if APPEND:
+        # The new key's block is the last of the sequence, so the last of any range holding it:
+        # it leaves the pipelined loop for one pass with the new row put in (in the loop the
+        # select would cost every block a shared-memory round trip and ~70 registers, sm_90 ptxas).
+        owns_new = (new_key >= blk_start * BLOCK_N) & (new_key < blk_end * BLOCK_N)
+        loop_end = tl.where(owns_new, blk_end - 1, blk_end)
+    for blk in range(blk_start, loop_end):
+        m_i, l_i, acc = _attend_block(
+            blk, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad, seqlen_k, diag, cols, cols_v,
+            qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, PageTable, stride_pt,
+            stride_kb, stride_ks, stride_vb, stride_vs, -1, q, q,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, VARLEN_K, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, False)
+    if APPEND:
+        if owns_new:
+            k_new, v_new = _new_token(KNew, VNew, Cos, Sin, batch, head_kv, rot0, cols, cols_v,
+                                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
+                                      rotary_dim, seqlen_ro, K.dtype.element_ty, V.dtype.element_ty,
+                                      HEAD_DIM, HEAD_DIM_V, HAS_ROTARY, INTERLEAVED)
+            m_i, l_i, acc = _attend_block(
+                blk_end - 1, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad, seqlen_k, diag, cols,
+                cols_v, qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, PageTable, stride_pt,
+                stride_kb, stride_ks, stride_vb, stride_vs, new_key, k_new, v_new,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_N, VARLEN_K, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, True)
 
     empty = l_i == 0.0
     if HAS_SINKS:
@@ -292,7 +401,8 @@ def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, 
 
 # Constexpr order: GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, VARLEN_Q,
 # VARLEN_K, HAS_SEQUSED_K, HAS_LEFTPAD, HAS_KV_BATCH_IDX, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK,
-# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S.
+# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S, APPEND, HAS_ROTARY, INTERLEAVED,
+# Q_PER_TOKEN, HAS_ROTARY_SEQLENS.
 _launch = Launcher(_decode_kernel)
 
 # Counter slots of a device's ring: 256 KB. A split launch has at most a few hundred tiles (the
@@ -373,6 +483,35 @@ def supports(a: AttnArgs) -> Optional[str]:
     return None
 
 
+class Append(NamedTuple):
+    """One new token per batch row that the decode launch writes into the cache itself (with
+    rotary on it and on q, spec sec 5) instead of a separate append_kv launch before it: each
+    eager launch costs the host ~18 us on the H100 host. append_kv's arguments of the same name."""
+    k_new: torch.Tensor  # (B, 1, Hk, D)
+    v_new: torch.Tensor  # (B, 1, Hk, Dv)
+    rotary_cos: Optional[torch.Tensor]
+    rotary_sin: Optional[torch.Tensor]
+    rotary_seqlens: Optional[torch.Tensor]
+    rotary_interleaved: bool
+    rotate_q_per_token: bool
+
+
+def fusable_append(a: AttnArgs, k_new: Optional[torch.Tensor], cu_seqlens_k_new: Optional[torch.Tensor]) -> bool:
+    """Whether the decode launch of `a` (seqused_k: the cache lengths before the append, q not
+    yet rotated) should write these new keys itself: one dense new token per row, dense q with
+    at least one token (a launch with nothing to attend is skipped, the append must still
+    happen), and at most one program per SM. The new key's block runs outside the pipelined loop
+    with its tiles in registers: 182 -> 200 registers at B=1 (4 splits), 112 -> 192 for the
+    2-stage launch of B=64 ctx 4k (sm_90 ptxas, scripts/aot_decode.py), which would halve the
+    programs an SM holds where residency hides the latency (Run 3: 2.94 vs 2.72 TB/s)."""
+    if not (k_new is not None and cu_seqlens_k_new is None and k_new.dim() == 4 and k_new.shape[1] == 1
+            and not a.is_varlen_q and a.cu_seqlens_k is None and a.seqused_k is not None
+            and a.batch_size > 0 and a.q.shape[1] > 0 and supports(a) is None):
+        return False
+    plan = _call_plan(a, None)
+    return a.batch_size * a.num_heads_kv * plan.num_m_blocks * plan.num_splits <= num_sms(a.q.device)
+
+
 class _Plan(NamedTuple):
     block_m: int
     block_n: int
@@ -447,12 +586,15 @@ def _call_plan(a: AttnArgs, config) -> _Plan:
 
 def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Optional[torch.Tensor] = None,
              seqused_add: int = 0, config: Optional[tuple[int, int, int]] = None,
-             tickets: Optional[torch.Tensor] = None) -> list[Launch]:
+             tickets: Optional[torch.Tensor] = None, append: Optional[Append] = None) -> list[Launch]:
     """The launches that fill `out` / `lse` (from `outputs`). partials: a flat fp32 buffer of at
     least partials_numel(a) elements for split launches (allocated here when None). seqused_add:
     added to every seqused_k entry on the device (an append launch's new tokens). tickets: zeroed
     int32 counters, one per tile (`fused_tiles`), for a split launch that merges in place (default:
-    slots of the device's ring; without a ring the merge is a second launch)."""
+    slots of the device's ring; without a ring the merge is a second launch). append: the step's
+    new token, written by the decode launch (`fusable_append` must hold; seqused_add 1)."""
+    if append is not None and seqused_add != 1:
+        raise ValueError(f"a fused append adds one token to the cache lengths; got seqused_add={seqused_add}")
     q, k, v = a.q, a.k, a.v
     device = q.device
     batch, num_heads_q, num_heads_kv = a.batch_size, a.num_heads_q, a.num_heads_kv
@@ -506,18 +648,29 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
                 tickets = ring.slots[offset:offset + tiles]
         fused = tickets is not None
     f_strides = unsplit_strides(out, lse, varlen_q)
+    rotary = append is not None and append.rotary_cos is not None
+    if append is not None:
+        k_new, v_new = append.k_new, append.v_new
+        new_strides = (k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2))
+    else:
+        k_new = v_new = dummy
+        new_strides = (0, 0, 0, 0)
     result = [Launch(_launch, grid, (
         q, k, v, dst_out, dst_lse, out, lse, tickets if fused else dummy,
         a.sinks if a.sinks is not None else dummy,
         a.cu_seqlens_q if varlen_q else dummy, a.cu_seqlens_k if varlen_k else dummy,
         a.seqused_k if a.seqused_k is not None else dummy, a.leftpad_k if a.leftpad_k is not None else dummy,
         a.kv_batch_idx if a.kv_batch_idx is not None else dummy, a.page_table if paged else dummy,
+        k_new, v_new, append.rotary_cos if rotary else dummy, append.rotary_sin if rotary else dummy,
+        append.rotary_seqlens if rotary and append.rotary_seqlens is not None else dummy,
         a.softmax_scale * LOG2E, a.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
         a.window_left, a.window_right, a.attention_chunk, seqused_add,
         num_heads_kv, seqlen_q, a.page_table.shape[1] * k.shape[1] if paged else (0 if varlen_k else k.shape[1]),
         num_m_blocks, num_splits,
+        2 * append.rotary_cos.shape[1] if rotary else 0, append.rotary_cos.shape[0] if rotary else 0,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *f_strides[0][1:], *f_strides[1][1:],
-        a.page_table.stride(0) if paged else 0,
+        a.page_table.stride(0) if paged else 0, *new_strides,
+        append.rotary_cos.stride(0) if rotary else 0, append.rotary_sin.stride(0) if rotary else 0,
     ), (
         group, head_dim, head_dim_v, block_m, block_n, block_d, block_dv,
         varlen_q, varlen_k and not paged, a.seqused_k is not None,
@@ -525,6 +678,8 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         paged, k.shape[1] if paged else 1, has_window,
         a.attention_chunk > 0, softcap > 0, a.sinks is not None,
         num_splits > 1, fused, _merge_splits_per_load(block_m, block_dv, num_splits) if fused else 1,
+        append is not None, rotary, rotary and append.rotary_interleaved,
+        rotary and append.rotate_q_per_token, rotary and append.rotary_seqlens is not None,
     ), num_warps, num_stages)]
     if num_splits > 1 and not fused:
         rows = (1, num_tokens) if varlen_q else (batch, seqlen_q)

@@ -8,9 +8,14 @@ every other argument fixed when planned (launch.Bound). Results are those of the
 same kernels with the same arguments, except that the decode kernel adds the appended token
 count to seqused_k itself (`seqused_add`) instead of a `cache_seqlens + n` op.
 
+A step that appends one dense token per row (the decode step of a serving loop) is one launch:
+the decode kernel writes the new row into the cache and rotates q and the new key itself
+(decode.Append). Longer or packed appends keep the append_kv launch before the decode launch.
+
 Allocations: `out`, the lse (its own tensor only when the caller returns it; else it shares one
-fp32 workspace with the split partials) and the rotated q. A split launch that merges in place
-takes its ticket counters from the device's ring (decode.TicketRing) on every call.
+fp32 workspace with the split partials) and the rotated q (two-launch steps with rotary). A split
+launch that merges in place takes its ticket counters from the device's ring (decode.TicketRing)
+on every call.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from ..params import AttnArgs
 from . import decode
 from .append_kv import append_launch
 from .launch import Bound, Unbindable
+
+# One-token appends run inside the decode launch; False plans them as append_kv + decode (the
+# profile script times both; the tests compare them bit for bit).
+FUSE_APPEND = True
 
 
 class StepPlan:
@@ -74,7 +83,13 @@ def plan(inputs: Sequence[Optional[torch.Tensor]], append_args: Optional[tuple],
         return None
     allocated = []
     launches = []
-    if append_args is not None:
+    fused = None
+    if append_args is not None and FUSE_APPEND:
+        (_, _, k_new, v_new, _, cos, sin, _, _, _, _, _, cu_seqlens_k_new, rotary_seqlens, interleaved, per_token,
+         _) = append_args
+        if decode.fusable_append(a, k_new, cu_seqlens_k_new):
+            fused = decode.Append(k_new, v_new, cos, sin, rotary_seqlens, interleaved, per_token)
+    if append_args is not None and fused is None:
         q_out, append = append_launch(*append_args)
         if q_out is not a.q:
             allocated.append(q_out)
@@ -99,7 +114,8 @@ def plan(inputs: Sequence[Optional[torch.Tensor]], append_args: Optional[tuple],
     tiles = decode.fused_tiles(a)
     # Without a ring yet (this first call is being captured) the plan merges in a second launch.
     ring = decode.ticket_ring(a.q.device) if tiles else None
-    launches += decode.launches(a, out, lse, partials, seqused_add, tickets=ring.slots if ring else None)
+    launches += decode.launches(a, out, lse, partials, seqused_add, tickets=ring.slots if ring else None,
+                                append=fused)
     roles = list(inputs) + allocated + ([ring.slots] if ring else [])
     try:
         bounds = [Bound(launch, roles) for launch in launches]
