@@ -323,6 +323,27 @@ if _GLUON_OK:
             return gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
 
     @gluon.jit
+    def _p_carried(p, dtype: gl.constexpr, p_layout: gl.constexpr, IS_FP8: gl.constexpr):
+        """P as the KV loop carries it to the next PV wgmma: fp16/bf16 already the operand; fp8
+        still fp32, cast by _p_issued next to the wgmma. An e4m3 tensor carried across the loop's
+        back edge is 64 single bytes a thread (16-bit registers) that the wgmma repacks 4 to a
+        register: 128 PRMT and 64 LOP3 per warp and key block (sm_90 SASS), ~30 % of the loop.
+        Cast where the wgmma reads it, the packed registers go straight in. Same registers: 64
+        fp32 values against 64 bytes in 16-bit registers."""
+        if IS_FP8:
+            return p
+        else:
+            return _p_operand(p, dtype, p_layout, IS_FP8)
+
+    @gluon.jit
+    def _p_issued(p, dtype: gl.constexpr, p_layout: gl.constexpr, IS_FP8: gl.constexpr):
+        """The PV wgmma's A operand from what _p_carried kept."""
+        if IS_FP8:
+            return _p_operand(p, dtype, p_layout, IS_FP8)
+        else:
+            return p
+
+    @gluon.jit
     def _wait_pv(o_tok, p, IS_FP8: gl.constexpr):
         """Retire the PV wgmma: (O, P). The wgmma reads P from registers, so P stays live until
         here. triton 3.6 cannot lower an 8-bit dep (fatal "Unexpected bitwidth"): fp8 leaves P
@@ -418,11 +439,14 @@ if _GLUON_OK:
                         if num_unmasked == 0:
                             s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
                         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
-                        p = _p_operand(p, p_dtype, p_layout, IS_FP8)
+                        p = _p_carried(p, p_dtype, p_layout, IS_FP8)
 
                         for j in range(1, num_blocks):
                             stage = (kv + j) % STAGES
                             prev = (kv + j - 1) % STAGES
+                            # Before the QK wgmma, whose accumulator must not share the registers
+                            # with fp8's fp32 P (ptxas spilled when the cast sat between the two).
+                            p_op = _p_issued(p, p_dtype, p_layout, IS_FP8)
                             mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
                             mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
                             _take_turn(turn, issue + j, WG, PINGPONG)
@@ -432,7 +456,7 @@ if _GLUON_OK:
                                 q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                 s, use_acc=False, is_async=True)
                             o_tok = warpgroup_mma(
-                                p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                                p_op, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                                 is_async=True)
                             _pass_turn(turn, WG, PINGPONG)
                             # Softmax of block j overlaps the PV wgmma of block j - 1.
@@ -442,7 +466,7 @@ if _GLUON_OK:
                                 s = _masked(s, j, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
                             p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
                                                                       IS_FP8)
-                            p_next = _p_operand(p_next, p_dtype, p_layout, IS_FP8)
+                            p_next = _p_carried(p_next, p_dtype, p_layout, IS_FP8)
                             # The running PV reads the previous P from registers: keep it alive
                             # until the wgmma retires.
                             acc, p = _wait_pv(o_tok, p, IS_FP8)
@@ -466,7 +490,8 @@ if _GLUON_OK:
                                     [BLOCK_N, HEAD_DIM]), k_rows - (num_blocks - 1) * BLOCK_N)
                         _take_turn(turn, issue + num_blocks, WG, PINGPONG)
                         o_tok = warpgroup_mma(
-                            p, _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                            _p_issued(p, p_dtype, p_layout, IS_FP8),
+                            _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                             is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
                         acc, p = _wait_pv(o_tok, p, IS_FP8)
