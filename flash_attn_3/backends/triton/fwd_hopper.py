@@ -44,6 +44,7 @@ from ..params import AttnArgs
 
 try:
     import triton
+    import triton.language as tl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -620,26 +621,51 @@ def _descriptor_of_block(x: torch.Tensor, block: list):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
+# The copy is a byte transpose: torch's strided copy reads one byte per 2 KB row stride and took
+# an estimated ~0.5 ms per call at 64 MB of V (fitted from the 15:53 run's fp8 timings at 4k and
+# 16k, B*N fixed), a quarter of the 4k forward. Tiles of keys x head dims move whole rows instead.
+_VT_BLOCK_K = 128
+_VT_BLOCK_D = 64
+# Same bits, integer type: the interpreter (CPU tests) has no fp8, and the move needs none.
+_AS_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 def _values_keys_inner(v: torch.Tensor) -> torch.Tensor:
     """V (B, Sk, Hk, D) copied to (B, Hk, D, Sk rounded up to 32) with the keys contiguous (the
     fp8 PV wgmma reads V only K-major), keys reordered within each group of 32 the way
     `_p_operand` reorders P's columns, and the padding keys zero (P is 0 there, so V must be
     finite)."""
     batch, seqlen_k, heads_k, head_dim = v.shape
-    full, padded = seqlen_k // 32 * 32, -(-seqlen_k // 32) * 32
+    padded = -(-seqlen_k // 32) * 32
     v_t = torch.empty((batch, heads_k, head_dim, padded), dtype=v.dtype, device=v.device)
-    # Indexed by the key's bits (c4, c3, c2, c1, c0) within its group: position bits
-    # (a4, a3, a2, a1, a0) = (c4, c2, c1, c3, c0).
-    by_key = v_t.unflatten(-1, (padded // 32, 2, 2, 2, 2, 2)).permute(0, 1, 2, 3, 4, 7, 5, 6, 8)
-    keys_inner = v.permute(0, 2, 3, 1)
-    if full:
-        by_key[:, :, :, :full // 32].copy_(
-            keys_inner[..., :full].unflatten(-1, (full // 32, 2, 2, 2, 2, 2)))
-    if full < seqlen_k:
-        tail = v.new_zeros((batch, heads_k, head_dim, 32))
-        tail[..., :seqlen_k - full] = keys_inner[..., full:]
-        by_key[:, :, :, full // 32:].copy_(tail.unflatten(-1, (1, 2, 2, 2, 2, 2)))
+    grid = (triton.cdiv(padded, _VT_BLOCK_K), batch * heads_k, triton.cdiv(head_dim, _VT_BLOCK_D))
+    as_int = _AS_INT[v.element_size()]
+    _values_keys_inner_kernel[grid](
+        v.view(as_int), v_t.view(as_int), seqlen_k, padded, heads_k, head_dim, *v.stride(),
+        BLOCK_K=_VT_BLOCK_K, BLOCK_D=_VT_BLOCK_D, num_warps=4)
     return v_t
+
+
+if _GLUON_OK:
+    @triton.jit(do_not_specialize=("seqlen_k", ))
+    def _values_keys_inner_kernel(v, v_t, seqlen_k, padded, heads_k, head_dim, stride_b, stride_s,
+                                  stride_h, stride_d, BLOCK_K: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
+        """One (BLOCK_K keys, BLOCK_D dims) tile of one (batch, KV head): rows of V in, rows of
+        V^T out. Output column a holds key sigma(a): within a group of 32, key bits
+        (c4, c3, c2, c1, c0) = (a4, a1, a3, a2, a0)."""
+        bh = tl.program_id(1)
+        b = bh // heads_k
+        h = bh % heads_k
+        a = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        key = ((a & -32) | (a & 17) | ((a >> 2) & 1) << 1 | ((a >> 3) & 1) << 2
+               | ((a >> 1) & 1) << 3)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        src = (v + b.to(tl.int64) * stride_b + h * stride_h
+               + key[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d)
+        x = tl.load(src, mask=(key[:, None] < seqlen_k) & (d[None, :] < head_dim), other=0)
+        dst = v_t + (bh.to(tl.int64) * head_dim + d[:, None]) * padded + a[None, :]
+        tl.store(dst, tl.trans(x), mask=(d[:, None] < head_dim) & (a[None, :] < padded))
 
 
 @functools.lru_cache(maxsize=None)
