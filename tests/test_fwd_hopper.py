@@ -554,17 +554,22 @@ def test_fp8_values_copy_matches_the_p_operand_order():
     operand column a holds key sigma(a) within its group of 32 (bits a3, a2, a1 = c2, c1, c3),
     and padding keys are zero."""
     from flash_attn_3.backends.triton.fwd_hopper import _values_keys_inner
-    for seqlen_k in (5, 32, 77, 128):
-        v = torch.randn(2, seqlen_k, 3, 16)
+    # Lengths around the kernel's 128-key tiles, head dims over one 64-wide tile, fp8 as the
+    # forward copies it, and V as a strided slice of a packed qkv.
+    for seqlen_k, head_dim, dtype in ((5, 16, torch.float32), (32, 16, FP8), (77, 80, FP8),
+                                      (128, 16, torch.float32), (200, 64, FP8)):
+        qkv = torch.randn(2, seqlen_k, 3, 3, head_dim).to(dtype)
+        v = qkv[:, :, 2]
         v_t = _values_keys_inner(v)
         padded = v_t.shape[-1]
         assert padded % 32 == 0 and padded >= seqlen_k and v_t.stride(-1) == 1
+        assert v_t.dtype == dtype
         a = torch.arange(padded)
         bit = [(a >> i) & 1 for i in range(5)]
         sigma = (a & ~31) | bit[0] | bit[2] << 1 | bit[3] << 2 | bit[1] << 3 | bit[4] << 4
-        want = torch.zeros(2, 3, 16, padded)
-        want[..., :seqlen_k] = v.permute(0, 2, 3, 1)
-        assert torch.equal(v_t, want[..., sigma])
+        want = torch.zeros(2, 3, head_dim, padded)
+        want[..., :seqlen_k] = v.float().permute(0, 2, 3, 1)
+        assert torch.equal(v_t.float(), want[..., sigma])
 
 
 def make_fp8_args(q, k, v, *, causal, descales):

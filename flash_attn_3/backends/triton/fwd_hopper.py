@@ -44,6 +44,7 @@ from ..params import AttnArgs
 
 try:
     import triton
+    import triton.language as tl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -323,6 +324,27 @@ if _GLUON_OK:
             return gl.convert_layout(p.to(dtype), p_layout, assert_trivial=True)
 
     @gluon.jit
+    def _p_carried(p, dtype: gl.constexpr, p_layout: gl.constexpr, IS_FP8: gl.constexpr):
+        """P as the KV loop carries it to the next PV wgmma: fp16/bf16 already the operand; fp8
+        still fp32, cast by _p_issued next to the wgmma. An e4m3 tensor carried across the loop's
+        back edge is 64 single bytes a thread (16-bit registers) that the wgmma repacks 4 to a
+        register: 128 PRMT and 64 LOP3 per warp and key block (sm_90 SASS), ~30 % of the loop.
+        Cast where the wgmma reads it, the packed registers go straight in. Same registers: 64
+        fp32 values against 64 bytes in 16-bit registers."""
+        if IS_FP8:
+            return p
+        else:
+            return _p_operand(p, dtype, p_layout, IS_FP8)
+
+    @gluon.jit
+    def _p_issued(p, dtype: gl.constexpr, p_layout: gl.constexpr, IS_FP8: gl.constexpr):
+        """The PV wgmma's A operand from what _p_carried kept."""
+        if IS_FP8:
+            return _p_operand(p, dtype, p_layout, IS_FP8)
+        else:
+            return p
+
+    @gluon.jit
     def _wait_pv(o_tok, p, IS_FP8: gl.constexpr):
         """Retire the PV wgmma: (O, P). The wgmma reads P from registers, so P stays live until
         here. triton 3.6 cannot lower an 8-bit dep (fatal "Unexpected bitwidth"): fp8 leaves P
@@ -418,11 +440,14 @@ if _GLUON_OK:
                         if num_unmasked == 0:
                             s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
                         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
-                        p = _p_operand(p, p_dtype, p_layout, IS_FP8)
+                        p = _p_carried(p, p_dtype, p_layout, IS_FP8)
 
                         for j in range(1, num_blocks):
                             stage = (kv + j) % STAGES
                             prev = (kv + j - 1) % STAGES
+                            # Before the QK wgmma, whose accumulator must not share the registers
+                            # with fp8's fp32 P (ptxas spilled when the cast sat between the two).
+                            p_op = _p_issued(p, p_dtype, p_layout, IS_FP8)
                             mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
                             mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
                             _take_turn(turn, issue + j, WG, PINGPONG)
@@ -432,7 +457,7 @@ if _GLUON_OK:
                                 q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                 s, use_acc=False, is_async=True)
                             o_tok = warpgroup_mma(
-                                p, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                                p_op, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                                 is_async=True)
                             _pass_turn(turn, WG, PINGPONG)
                             # Softmax of block j overlaps the PV wgmma of block j - 1.
@@ -442,7 +467,7 @@ if _GLUON_OK:
                                 s = _masked(s, j, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
                             p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
                                                                       IS_FP8)
-                            p_next = _p_operand(p_next, p_dtype, p_layout, IS_FP8)
+                            p_next = _p_carried(p_next, p_dtype, p_layout, IS_FP8)
                             # The running PV reads the previous P from registers: keep it alive
                             # until the wgmma retires.
                             acc, p = _wait_pv(o_tok, p, IS_FP8)
@@ -466,7 +491,8 @@ if _GLUON_OK:
                                     [BLOCK_N, HEAD_DIM]), k_rows - (num_blocks - 1) * BLOCK_N)
                         _take_turn(turn, issue + num_blocks, WG, PINGPONG)
                         o_tok = warpgroup_mma(
-                            p, _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
+                            _p_issued(p, p_dtype, p_layout, IS_FP8),
+                            _v_operand(v_smem, last % STAGES, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                             is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
                         acc, p = _wait_pv(o_tok, p, IS_FP8)
@@ -595,26 +621,51 @@ def _descriptor_of_block(x: torch.Tensor, block: list):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
+# The copy is a byte transpose: torch's strided copy reads one byte per 2 KB row stride and took
+# an estimated ~0.5 ms per call at 64 MB of V (fitted from the 15:53 run's fp8 timings at 4k and
+# 16k, B*N fixed), a quarter of the 4k forward. Tiles of keys x head dims move whole rows instead.
+_VT_BLOCK_K = 128
+_VT_BLOCK_D = 64
+# Same bits, integer type: the interpreter (CPU tests) has no fp8, and the move needs none.
+_AS_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 def _values_keys_inner(v: torch.Tensor) -> torch.Tensor:
     """V (B, Sk, Hk, D) copied to (B, Hk, D, Sk rounded up to 32) with the keys contiguous (the
     fp8 PV wgmma reads V only K-major), keys reordered within each group of 32 the way
     `_p_operand` reorders P's columns, and the padding keys zero (P is 0 there, so V must be
     finite)."""
     batch, seqlen_k, heads_k, head_dim = v.shape
-    full, padded = seqlen_k // 32 * 32, -(-seqlen_k // 32) * 32
+    padded = -(-seqlen_k // 32) * 32
     v_t = torch.empty((batch, heads_k, head_dim, padded), dtype=v.dtype, device=v.device)
-    # Indexed by the key's bits (c4, c3, c2, c1, c0) within its group: position bits
-    # (a4, a3, a2, a1, a0) = (c4, c2, c1, c3, c0).
-    by_key = v_t.unflatten(-1, (padded // 32, 2, 2, 2, 2, 2)).permute(0, 1, 2, 3, 4, 7, 5, 6, 8)
-    keys_inner = v.permute(0, 2, 3, 1)
-    if full:
-        by_key[:, :, :, :full // 32].copy_(
-            keys_inner[..., :full].unflatten(-1, (full // 32, 2, 2, 2, 2, 2)))
-    if full < seqlen_k:
-        tail = v.new_zeros((batch, heads_k, head_dim, 32))
-        tail[..., :seqlen_k - full] = keys_inner[..., full:]
-        by_key[:, :, :, full // 32:].copy_(tail.unflatten(-1, (1, 2, 2, 2, 2, 2)))
+    grid = (triton.cdiv(padded, _VT_BLOCK_K), batch * heads_k, triton.cdiv(head_dim, _VT_BLOCK_D))
+    as_int = _AS_INT[v.element_size()]
+    _values_keys_inner_kernel[grid](
+        v.view(as_int), v_t.view(as_int), seqlen_k, padded, heads_k, head_dim, *v.stride(),
+        BLOCK_K=_VT_BLOCK_K, BLOCK_D=_VT_BLOCK_D, num_warps=4)
     return v_t
+
+
+if _GLUON_OK:
+    @triton.jit(do_not_specialize=("seqlen_k", ))
+    def _values_keys_inner_kernel(v, v_t, seqlen_k, padded, heads_k, head_dim, stride_b, stride_s,
+                                  stride_h, stride_d, BLOCK_K: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
+        """One (BLOCK_K keys, BLOCK_D dims) tile of one (batch, KV head): rows of V in, rows of
+        V^T out. Output column a holds key sigma(a): within a group of 32, key bits
+        (c4, c3, c2, c1, c0) = (a4, a1, a3, a2, a0)."""
+        bh = tl.program_id(1)
+        b = bh // heads_k
+        h = bh % heads_k
+        a = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        key = ((a & -32) | (a & 17) | ((a >> 2) & 1) << 1 | ((a >> 3) & 1) << 2
+               | ((a >> 1) & 1) << 3)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        src = (v + b.to(tl.int64) * stride_b + h * stride_h
+               + key[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d)
+        x = tl.load(src, mask=(key[:, None] < seqlen_k) & (d[None, :] < head_dim), other=0)
+        dst = v_t + (bh.to(tl.int64) * head_dim + d[:, None]) * padded + a[None, :]
+        tl.store(dst, tl.trans(x), mask=(d[:, None] < head_dim) & (a[None, :] < padded))
 
 
 @functools.lru_cache(maxsize=None)
