@@ -34,14 +34,14 @@ from scripts.aot_fwd_hopper import report  # noqa: E402
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
     """The kernel as backward() launches it (same descriptors, constants and options)."""
-    cfg = (bwd_hopper.Config(*config) if config else bwd_hopper.CONFIGS.get(head_dim)
-           or bwd_hopper.TMA_STATS_VARIANTS[head_dim][0])
+    cfg = bwd_hopper.Config(*config) if config else bwd_hopper.CONFIGS[head_dim]
     x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     rows = bwd_hopper._descriptor(x, cfg.block_m)
     keys = bwd_hopper._key_descriptor(x)
     dq = (bwd_hopper._descriptor(x.float(), cfg.block_m, bwd_hopper.DQ_REDUCE_COLS)
           if cfg.dq_in_kernel else rows)
-    ptr = torch.empty(2 * 4 * 256)
+    # prep()'s layout: (B, H, S) rows padded to STATS_PAD
+    ptr = torch.empty(2, 4, 256 + bwd_hopper.STATS_PAD)[..., :256]
     stats = bwd_hopper._stats_descriptor(ptr, cfg.block_m)
     constants = dict(CAUSAL=causal, STAGES=cfg.stages, DQ_IN_KERNEL=bool(cfg.dq_in_kernel),
                      CONSUMER_REGS=bwd_hopper._CONSUMER_REGS,
@@ -69,7 +69,7 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=128, choices=sorted({*bwd_hopper.CONFIGS, *bwd_hopper.SPLIT_HEAD_DIMS}))
+    p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S] "
@@ -84,8 +84,8 @@ def main() -> None:
         keep.mkdir(parents=True, exist_ok=True)
         got = report(kernel, keep)
         got["tma_reduce_ptx"] = kernel.asm["ptx"].count("cp.reduce.async.bulk.tensor")
-        # the row statistics' loads (stats_smem): the only rank-1 TMA copies
-        got["tma_loads_1d_ptx"] = kernel.asm["ptx"].count("cp.async.bulk.tensor.1d.shared")
+        # the row statistics' loads (stats_smem): the only rank-2 TMA copies
+        got["tma_loads_2d_ptx"] = kernel.asm["ptx"].count("cp.async.bulk.tensor.2d.shared")
         print(json.dumps(got))
 
 

@@ -4,10 +4,13 @@ tests/reference_math.py, judged by the spec's gradient rule (sec 8, tests/tolera
 Anywhere: the kernel compiles ahead of time for sm_90 (the triton wheel ships ptxas) into wgmma
 with register reallocation between the partitions and TMA reduce-adds for dQ, so a drift in
 triton's experimental Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): dq,
-dk, dv over the kernel's scope (head dims 64/128; 256 is compile-checked only), causal or not,
-GQA/MQA, seqlen_q != seqlen_k, ragged tails, rows that see no key, strided q/k/v, fp16) with
-every buffer the backward allocates starting as NaN and fresh random inputs each run. The first GPU test runs every config once in a
-subprocess under a time limit, so a pipeline deadlock fails this module instead of hanging the run.
+dk, dv over the kernel's scope (head dims 64/128/256, causal or not, GQA/MQA, seqlen_q !=
+seqlen_k, ragged tails, rows that see no key, strided q/k/v, fp16) with every buffer the backward
+allocates starting as NaN and fresh random inputs each run. The first GPU test runs every config
+once in a subprocess under a time limit, so a pipeline deadlock or a crash fails this module
+(naming the config) instead of hanging the run or poisoning the process. Query lengths that are
+not a multiple of 4 are in every list: they put the statistics' TMA boxes off 16 bytes unless
+prep() pads the rows (an illegal instruction on the H100, 15:40 UTC).
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def test_compiles_for_sm90(head_dim, causal):
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,config", [
-    (d, c) for d, cs in bwd_hopper.TMA_STATS_VARIANTS.items() for c in cs if c.prefetch_s], ids=str)
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d, c in ALT_CONFIGS if c.prefetch_s],
+                         ids=str)
 def test_candidates_compile_for_sm90(head_dim, config):
     """The round-2 variants (statistics by TMA, S^T of the next block issued early): one more
     S^T issue than the loop holds (the prologue's), both statistics loads per stage, registers
@@ -110,8 +113,8 @@ def test_candidates_compile_for_sm90(head_dim, config):
     per_warpgroup = (2 * head_dim // 16 + 2 * block_m // 16
                      + block_m // 64 * bwd_hopper.BLOCK_N // 16 + head_dim // 16)
     assert got["wgmma_ptx"] == 2 * per_warpgroup and got["hgmma_sass"] == got["wgmma_ptx"], got
-    # lse2 and delta: one rank-1 copy each
-    assert got["tma_loads_1d_ptx"] == 2, got
+    # lse2 and delta: one rank-2 copy each (a row of the (B * H, S) statistics)
+    assert got["tma_loads_2d_ptx"] == 2, got
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
 
 
@@ -129,13 +132,47 @@ def test_split_kernel_compiles_for_sm90():
     per_side = 256 // 16 + 64 // 16 + 64 // 16
     assert got["wgmma_ptx"] == 2 * per_side and got["hgmma_sass"] == got["wgmma_ptx"], got
     assert got["tma_reduce_ptx"] == 2 * 128 // bwd_hopper.DQ_REDUCE_COLS, got
-    assert got["tma_loads_1d_ptx"] == 2 and got["num_warps"] == 12, got
+    assert got["tma_loads_2d_ptx"] == 2 and got["num_warps"] == 12, got
     assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
 
 
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(q, q, q, causal=False))
+
+
+@needs_gluon
+@pytest.mark.parametrize("seqlen_q", [1, 77, 640, 1023])
+def test_statistics_rows_start_on_16_bytes(seqlen_q):
+    """A TMA copy must start on a 16-byte aligned global address once its coordinates are applied
+    (H100: an illegal instruction otherwise). The statistics' boxes start at (row, m0), m0 a
+    multiple of BLOCK_M, so every row of prep()'s lse2 / delta must start on 16 bytes whatever
+    seqlen_q is, and the descriptor must step by that padded stride. prep() runs under the
+    interpreter here (tiny shapes) and must still write every real row."""
+    from flash_attn_3.backends.triton import bwd
+
+    batch, heads, head_dim = 2, 3, 64
+    q = torch.randn(batch, seqlen_q, heads, head_dim)
+    out, dout = torch.randn_like(q), torch.randn_like(q)
+    lse = torch.randn(batch, heads, seqlen_q)
+    lse2, delta = bwd.prep(out, dout, lse, make_args(q, q, q, causal=False),
+                           pad=bwd_hopper.STATS_PAD)
+    torch.testing.assert_close(lse2, lse * bwd_hopper.LOG2E)
+    torch.testing.assert_close(delta, (out * dout).sum(-1).transpose(1, 2))
+    for block_m in sorted({c.block_m for c in bwd_hopper.CONFIGS.values()}
+                          | {c.block_m for _, c in ALT_CONFIGS}):
+        for x in (lse2, delta):
+            desc = bwd_hopper._stats_descriptor(x, block_m)
+            assert desc.shape == [batch * heads, seqlen_q] and desc.block_shape == [1, block_m]
+            assert x.data_ptr() % 16 == 0 and desc.strides[0] * x.element_size() % 16 == 0
+            assert block_m * x.element_size() % 16 == 0
+            # the element the producer's box for (b, h, m0) starts at is where prep wrote it
+            flat = torch.as_strided(x, (x.untyped_storage().nbytes() // 4, ), (1, ))
+            for bh in range(batch * heads):
+                for m0 in range(0, seqlen_q, block_m):
+                    at = bh * desc.strides[0] + m0
+                    assert at * x.element_size() % 16 == 0, (bh, m0)
+                    assert flat[at] == x[bh // heads, bh % heads, m0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,15 +184,16 @@ _SMOKE = textwrap.dedent("""
     from test_bwd_hopper import ALT_CONFIGS, make_args
     from flash_attn_3.backends.triton import bwd_hopper
     # what the tests below compile: the defaults both ways; causal only, the alternatives and
-    # the deterministic variant (the default with dQ left to bwd.py)
+    # the deterministic variant (the default with dQ left to bwd.py). seqlen_q = 1001: the
+    # statistics' rows are not a whole number of 16 bytes long.
     det = [(d, c._replace(dq_in_kernel=False)) for d, c in bwd_hopper.CONFIGS.items()]
     for head_dim, config in [(d, None) for d in bwd_hopper.CONFIGS] + ALT_CONFIGS + det:
         for causal in (True, ) if config else (False, True):
-            q, do = (torch.randn(2, 1000, 8, head_dim, device="cuda", dtype=torch.bfloat16)
+            q, do = (torch.randn(2, 1001, 8, head_dim, device="cuda", dtype=torch.bfloat16)
                      for _ in "qo")
             k, v = (torch.randn(2, 900, 2, head_dim, device="cuda", dtype=torch.bfloat16)
                     for _ in "kv")
-            lse = torch.randn(2, 8, 1000, device="cuda") + 10
+            lse = torch.randn(2, 8, 1001, device="cuda") + 10
             bwd_hopper.backward(do, q, k, v, do, lse, make_args(q, k, v, causal=causal),
                                 config=config)
             torch.cuda.synchronize()
@@ -247,7 +285,7 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
@@ -255,17 +293,20 @@ def test_matches_reference(monkeypatch, shape, causal, head_dim):
     run_and_check(monkeypatch, *_qkv(*shape, head_dim, torch.bfloat16), causal=causal)
 
 
+@pytest.mark.parametrize("shape", [(2, 701, 900, 8, 4), (2, 77, 5, 4, 4), (1, 1023, 1000, 6, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("head_dim,config", ALT_CONFIGS, ids=str)
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
-def test_alternative_configs(monkeypatch, head_dim, config):
-    """The configs the tuning bench measures, causal (every code path)."""
-    q, k, v = _qkv(2, 700, 900, 8, 4, head_dim, torch.bfloat16)
-    run_and_check(monkeypatch, q, k, v, causal=True, config=config)
+def test_alternative_configs(monkeypatch, head_dim, config, shape):
+    """The configs the tuning bench measures, causal (every code path), at query lengths that
+    are not a multiple of 4 (the statistics' TMA boxes at every row offset mod 16 bytes)."""
+    run_and_check(monkeypatch, *_qkv(*shape, head_dim, torch.bfloat16), causal=True,
+                  config=config)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.gpu
 @on_hopper
@@ -284,7 +325,7 @@ def test_strided_qkv_and_scale(monkeypatch):
     run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
@@ -318,6 +359,5 @@ def test_scope_and_routing(monkeypatch):
         assert not bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
     x = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(x, x, x, causal=False))
-    # head dim 256 waits for the statistics-by-TMA fix (bwd_hopper.TMA_STATS_VARIANTS)
     x = torch.randn(1, 256, 4, 256, device="cuda", dtype=torch.bfloat16)
-    assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is not bwd_hopper
+    assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is bwd_hopper

@@ -477,11 +477,12 @@ class _Call:
         self.tune_key = (triton.next_power_of_2(max(self.max_q, self.max_k)), int(a.is_local))
 
     def prep(self, out, dout, lse, pad: int = 1):
-        """(lse * log2(e), delta = rowsum(dout * out)): fp32, contiguous, shaped like lse; their
-        storage runs on to a multiple of `pad` elements (not written)."""
-        size = -(-lse.numel() // pad) * pad
-        lse2, delta = (torch.empty(size, dtype=torch.float32, device=lse.device)[:lse.numel()]
-                       .view(lse.shape) for _ in range(2))
+        """(lse * log2(e), delta = rowsum(dout * out)): fp32, shaped like lse, unit stride along
+        the queries; each (batch, head) row starts a multiple of `pad` elements after the
+        previous one (the gap is not written)."""
+        rows = -(-lse.shape[-1] // pad) * pad
+        lse2, delta = (torch.empty(*lse.shape[:-1], rows, dtype=torch.float32,
+                                   device=lse.device)[..., :lse.shape[-1]] for _ in range(2))
         # ~8k elements per (rows, Dv) tile: the whole tile sits in registers for the row sums
         prep_block = 16 if _interpreting() else max(16, 8192 // self.block_dv)
         for b0, nb in self.slices:
@@ -513,8 +514,8 @@ class _Call:
 
 
 def prep(out, dout, lse, a: AttnArgs, pad: int = 1):
-    """(lse * log2(e), delta) for a backward kernel elsewhere (bwd_hopper.py): fp32, contiguous,
-    shaped like lse, storage padded to a multiple of `pad` elements."""
+    """(lse * log2(e), delta) for a backward kernel elsewhere (bwd_hopper.py): fp32, shaped like
+    lse, each (batch, head) row padded to a multiple of `pad` elements."""
     return _Call(a.q, a.k, a.v, a).prep(out, dout, lse, pad)
 
 

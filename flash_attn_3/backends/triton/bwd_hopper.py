@@ -74,29 +74,27 @@ class Config(NamedTuple):
 # accumulators 64 + 64, S^T and dP^T 32 + 32, dQ (half the head dim) 32, the row statistics
 # 2 x 16 (none held with stats_smem). Shared memory (D = 128): K, V 64 KB, Q and dO 32 KB per
 # stage, dS^T two 16 KB buffers, the dQ staging 32 KB.
-CONFIGS = {64: Config(64, 3), 128: Config(64, 2)}
+CONFIGS = {64: Config(64, 3), 128: Config(64, 2), 256: Config(64, 1, True, True)}
 # Head dims computed by _bwd_kernel_split (64 keys a program, warpgroups split by role); its
 # Config's stats_smem must be on (the statistics always come by TMA) and prefetch_s off.
 SPLIT_HEAD_DIMS = (256, )
 # What benchmarks/tune_bwd_hopper.py times besides the defaults and the deterministic variant
-# (the default with dq_in_kernel off), and the GPU tests check.
-CANDIDATES = {64: [Config(128, 2)], 128: []}
-# Round 2's variants: lse2/delta by rank-1 TMA (stats_smem), the next block's S^T issued early
-# (prefetch_s), and head dim 256 (_bwd_kernel_split, which always takes the statistics by TMA).
-# On the H100 (15:40 UTC) every config with the statistics by TMA stopped the GPU with an illegal
-# instruction at ragged lengths (N = 4096 ran and matched cuDNN: D=64 394 vs 331 TFLOP/s, D=256
-# 345-369 vs bwd.py's 175). Not routed, not benchmarked: the AOT compile tests keep them building
-# until the statistics load is fixed (docs/perf-notes.md, backward section).
-TMA_STATS_VARIANTS = {
-    64: [Config(64, 3, True, True), Config(64, 3, True, True, True),
+# (the default with dq_in_kernel off), and the GPU tests check: round 2's levers one at a time,
+# lse2/delta by TMA (stats_smem) and the next block's S^T issued early (prefetch_s). D = 64 at
+# BLOCK_M = 128 spilled ~570 bytes with the statistics in registers but does twice the work per
+# meeting. D = 256: the deterministic path's shape (dQ left to bwd.py) with the second stage that
+# frees.
+CANDIDATES = {
+    64: [Config(128, 2), Config(64, 3, True, True), Config(64, 3, True, True, True),
          Config(128, 2, True, True), Config(128, 2, True, True, True)],
     128: [Config(64, 2, True, True), Config(64, 2, True, True, True)],
-    256: [Config(64, 1, True, True), Config(64, 2, False, True)],
+    256: [Config(64, 2, False, True)],
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
-# prep()'s lse2 / delta storage in whole 16-byte units: the extent of their rank-1 TMA
-# descriptors
+# prep()'s lse2 / delta rows (one per batch and query head) start on 16 bytes: a TMA copy must
+# start on a 16-byte aligned global address (coordinates applied; anything else is an illegal
+# instruction on the H100) and the descriptor's row stride must be a multiple of 16 bytes.
 STATS_PAD = 4
 _MAXNREG = 168
 _CONSUMER_REGS = 240
@@ -168,12 +166,13 @@ if _GLUON_OK:
             tma.async_copy_global_to_shared(do_desc, [b, m0, hq, 0], q_ready.index(stage),
                                             do_smem.index(stage))
             if STATS_SMEM:
-                # The flat (B * Hq * Sq) statistics: a block's tail may read the next head's
-                # rows (or zeros past the end); the consumers select them away.
-                row = (b * num_heads_kv * group + hq) * seqlen_q + m0
-                tma.async_copy_global_to_shared(lse2_desc, [row], q_ready.index(stage),
+                # One row of the (B * Hq, Sq) statistics from query m0 on: 16-byte aligned since
+                # rows are padded to 16 bytes and m0 is a multiple of BLOCK_M; the box is
+                # zero-filled past seqlen_q (the consumers select those rows away).
+                bh = b * num_heads_kv * group + hq
+                tma.async_copy_global_to_shared(lse2_desc, [bh, m0], q_ready.index(stage),
                                                 lse2_smem.index(stage))
-                tma.async_copy_global_to_shared(delta_desc, [row], q_ready.index(stage),
+                tma.async_copy_global_to_shared(delta_desc, [bh, m0], q_ready.index(stage),
                                                 delta_smem.index(stage))
 
     @gluon.jit
@@ -262,14 +261,16 @@ if _GLUON_OK:
                                    use_acc=False, is_async=True)
             if STATS_SMEM:
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
-                lse2 = gl.where(in_q, lse2_smem.index(stage).load(query_layout), float("inf"))
+                lse2 = gl.where(in_q, lse2_smem.index(stage).reshape([BLOCK_M]).load(
+                    query_layout), float("inf"))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
             if m0 < m_full:
                 ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
                 p = gl.where(ok, p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             if STATS_SMEM:
-                delta = gl.where(in_q, delta_smem.index(stage).load(query_layout), 0.0)
+                delta = gl.where(in_q, delta_smem.index(stage).reshape([BLOCK_M]).load(
+                    query_layout), 0.0)
             ds = p * (dp - gl.expand_dims(delta, 0))
             p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout, assert_trivial=True)
@@ -361,9 +362,9 @@ if _GLUON_OK:
         k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
         if STATS_SMEM:
-            lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M],
+            lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M],
                                                   lse2_desc.layout)
-            delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M],
+            delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M],
                                                    delta_desc.layout)
         else:  # not touched: stand-ins for the arguments
             lse2_smem = k_smem
@@ -476,7 +477,8 @@ if _GLUON_OK:
                     k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
                     use_acc=False, is_async=True), ))
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
-                lse2 = gl.where(in_q, lse2_smem.index(stage).load(query_layout), float("inf"))
+                lse2 = gl.where(in_q, lse2_smem.index(stage).reshape([BLOCK_M]).load(
+                    query_layout), float("inf"))
                 p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
                 if m0 < m_full:
                     ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
@@ -494,7 +496,8 @@ if _GLUON_OK:
                 dp = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
                     v_all, do.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
                     use_acc=False, is_async=True), ))
-                delta = gl.where(in_q, delta_smem.index(stage).load(query_layout), 0.0)
+                delta = gl.where(in_q, delta_smem.index(stage).reshape([BLOCK_M]).load(
+                    query_layout), 0.0)
                 mbarrier.wait(p_ready.index(buf), (it // 2) & 1)
                 p = p_smem.index(buf).load(s_layout).to(gl.float32)
                 ds16 = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
@@ -559,8 +562,9 @@ if _GLUON_OK:
                                             do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
-        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], lse2_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M],
+                                               delta_desc.layout)
         p_smem = gl.allocate_shared_memory(
             dtype, [2, KEYS, BLOCK_M], gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M],
                                                                              dtype))
@@ -625,12 +629,12 @@ def _key_descriptor(x: torch.Tensor):
 
 
 def _stats_descriptor(x: torch.Tensor, rows: int):
-    """Rank-1 TMA descriptor over a flat (B * H * S) fp32 statistic, `rows` entries a box: one
-    dimension has no stride to align, whatever seqlen_q is. Its extent is the storage's, which
-    prep(pad=STATS_PAD) rounds to 16 bytes."""
-    layout = gl.NVMMASharedLayout(0, 32, rank=1)
-    size = x.untyped_storage().nbytes() // x.element_size()
-    return TensorDescriptor(torch.as_strided(x, (size, ), (1, )), [size], [1], [rows], layout)
+    """TMA descriptor over a (B, H, S) fp32 statistic from prep(pad=STATS_PAD) as (B * H, S)
+    with the padded row stride; a box is `rows` queries of one row."""
+    batch, heads, seqlen = x.shape
+    assert x.stride() == (heads * x.stride(1), x.stride(1), 1), x.stride()
+    layout = gl.NVMMASharedLayout(0, 32, rank=2)
+    return TensorDescriptor(x, [batch * heads, seqlen], [x.stride(1), 1], [1, rows], layout)
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -667,9 +671,6 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
         return False
     if q.numel() == 0 or k.numel() == 0 or heads_q % k.shape[2] != 0:
         return False
-    # the flat statistics' row index (the stats_smem TMA coordinate) is a 32-bit int
-    if batch * heads_q * seqlen_q >= 2**31 - 2**16:
-        return False
     return all(_tma_ok(x) for x in (q, k, v))
 
 
@@ -687,7 +688,10 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
         raise ValueError(f"{cfg}: prefetch_s needs stats_smem")
     if dout.stride(-1) != 1 or not _tma_ok(dout):
         dout = dout.contiguous()
-    lse2, delta = bwd.prep(out, dout, lse, a, pad=STATS_PAD)
+    # Padded rows only where TMA reads them: the kernel's global loads (stats_smem off) take
+    # the row stride to be seqlen_q, an extra argument that cost the D = 128 default 24 bytes
+    # more spills.
+    lse2, delta = bwd.prep(out, dout, lse, a, pad=STATS_PAD if cfg.stats_smem else 1)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq_in_kernel:
