@@ -96,12 +96,12 @@ def _two_launch_appends():
 
     @contextlib.contextmanager
     def two():
-        step.FUSE_APPEND = False
+        before, step.FUSE_APPEND = step.FUSE_APPEND, False
         interface._KVCACHE_PLANS.clear()
         try:
             yield
         finally:
-            step.FUSE_APPEND = True
+            step.FUSE_APPEND = before
             interface._KVCACHE_PLANS.clear()
 
     return two()
@@ -373,6 +373,8 @@ def profile(fn, name: str, calls: int = 300) -> None:
 
 
 def main() -> None:
+    # Times the fused one-token append, off by default until validated (step.FUSE_APPEND).
+    importlib.import_module("flash_attn_3.backends.triton.step").FUSE_APPEND = True
     stage_breakdown()
     if "--stages-only" in sys.argv:
         return

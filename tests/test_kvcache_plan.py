@@ -141,8 +141,15 @@ def _replays_slow_path_bit_for_bit(kw, monkeypatch):
             _same(fa.flash_attn_with_kvcache(**again), again, expected, expected_call)
 
 
+def _fuse(monkeypatch, on: bool):
+    monkeypatch.setattr(step_mod, "FUSE_APPEND", on)
+    interface._KVCACHE_PLANS.clear()
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["two-launch-append", "fused-append"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_plan_replays_the_slow_path_bit_for_bit(case, monkeypatch):
+def test_plan_replays_the_slow_path_bit_for_bit(case, fuse, monkeypatch):
+    _fuse(monkeypatch, fuse)
     _replays_slow_path_bit_for_bit(_problem(**CASES[case]), monkeypatch)
 
 
@@ -150,7 +157,9 @@ def test_plan_replays_the_slow_path_bit_for_bit(case, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("capacity,page,append", [(1024, 0, False), (1024, 0, True), (4096, 0, True),
                                                   (4096, 16, True), (65536, 0, False)])
-def test_plan_replays_the_slow_path_bit_for_bit_gpu(capacity, page, append, monkeypatch):
+@pytest.mark.parametrize("fuse", [False, True], ids=["two-launch-append", "fused-append"])
+def test_plan_replays_the_slow_path_bit_for_bit_gpu(capacity, page, append, fuse, monkeypatch):
+    _fuse(monkeypatch, fuse)
     kw = _problem(batch=1, hq=32, hk=8, d=128, capacity=capacity, page=page, append=append, causal=True)
     _replays_slow_path_bit_for_bit(kw, monkeypatch)
 
@@ -161,6 +170,7 @@ def test_a_one_token_append_is_one_launch(case, launches, monkeypatch):
     """A one-token step plans one launch (the decode kernel writes the token: decode.Append);
     longer appends keep append_kv's launch before it. With fusion off the same step plans two
     launches and gives the same bits (the slow path never fuses)."""
+    _fuse(monkeypatch, True)
     kw = _problem(**CASES[case])
     fa.flash_attn_with_kvcache(**_fresh(kw))
     assert len(_plan_of(kw).bounds) == launches

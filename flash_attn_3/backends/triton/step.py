@@ -30,9 +30,11 @@ from . import decode
 from .append_kv import append_launch
 from .launch import Bound, Unbindable
 
-# One-token appends run inside the decode launch; False plans them as append_kv + decode (the
-# profile script times both; the tests compare them bit for bit).
-FUSE_APPEND = True
+# True: one-token appends run inside the decode launch; False plans them as append_kv + decode
+# (the profile script times both; the tests compare them bit for bit). Off until the fused
+# kernel's GPU tests have run: it was written after the last GPU run of its session
+# (docs/perf-notes.md, lead item 13).
+FUSE_APPEND = False
 
 
 class StepPlan:
