@@ -344,6 +344,8 @@ def flash_attn_with_kvcache(
     """
     inputs = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
               page_table, rotary_seqlens, sinks, scheduler_metadata)
+    if type(window_size) is list:  # the same window as the tuple, and hashable for the plan key
+        window_size = tuple(window_size)
     key = None
     if (qv is None and cu_seqlens_q is None and cu_seqlens_k_new is None and max_seqlen_q is None
             and q_descale is None and k_descale is None and v_descale is None and s_aux is None
@@ -398,6 +400,8 @@ def flash_attn_with_kvcache(
         num_splits=num_splits, sm_margin=sm_margin, k_name="k_cache", v_name="v_cache",
         public_names=_KVCACHE_NAMES,
     )
+    # The attention half converts it after append_kv has written: a bad one must fail first.
+    softmax_scale = _default_scale(q, qv, softmax_scale)
     append_args = None
     if k is not None:
         left, right = checks.check_window(window_size)
@@ -476,6 +480,8 @@ def _plan_key(inputs, scalars):
         return None
     window_size = scalars[2]
     if type(window_size) is tuple and not _PLAIN.issuperset(map(type, window_size)):
+        return None
+    if inputs[0] is None:  # no q: the slow path says so
         return None
     try:
         tensors = tuple(map(_tensor_key, inputs))

@@ -232,3 +232,120 @@ def test_a_plan_keeps_no_tensor_alive():
     del kw
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+# Adversarial calls from the review of the fast path (docs/perf-notes.md, review section).
+
+
+def test_a_bad_softmax_scale_raises_before_the_append_writes():
+    """softmax_scale was converted to a float only by the attention half, which ran after
+    append_kv had written the cache: the call raised with the new token already stored. (Such a
+    scale gets no plan key: this is the slow path's order.)"""
+    for scale in ([0.1], "not a number", torch.tensor([0.1, 0.2])):
+        kw = _fresh(_problem(append=True, causal=True))
+        before = kw["k_cache"].clone(), kw["v_cache"].clone()
+        with pytest.raises((TypeError, ValueError, RuntimeError)):
+            fa.flash_attn_with_kvcache(**dict(kw, softmax_scale=scale))
+        assert torch.equal(kw["k_cache"], before[0]) and torch.equal(kw["v_cache"], before[1]), scale
+
+
+def test_q_none_is_refused_as_on_the_slow_path():
+    kw = _problem()
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        fa.flash_attn_with_kvcache(**dict(kw, q=None))
+
+
+@pytest.mark.parametrize("change", ["noncontiguous-q", "expanded-seqlens", "list-window", "int-flags"])
+def test_normalized_inputs_replay_the_slow_path(change, monkeypatch):
+    """Inputs the interface rewrites before the kernels see them: a q whose last dimension is
+    strided (copied), cache_seqlens broadcast from one value (copied), window_size as a list,
+    flags given as ints. Every call, planned or not, matches the slow path bit for bit."""
+    kw = _problem(append=True, rotary=True, causal=change != "list-window", num_splits=2)
+    if change == "noncontiguous-q":
+        wide = torch.randn(*kw["q"].shape[:-1], 2 * kw["q"].shape[-1], device=DEVICE, dtype=kw["q"].dtype)
+        kw["q"] = wide[..., ::2]
+    elif change == "expanded-seqlens":
+        kw["cache_seqlens"] = kw["cache_seqlens"][:1].expand(kw["q"].shape[0])
+    elif change == "list-window":
+        kw["window_size"] = [20, 0]
+    else:
+        kw.update(causal=1, return_softmax_lse=1)
+    expected, expected_call = _slow(kw, monkeypatch)
+    for _ in range(3):
+        call = _fresh(kw)
+        if change == "noncontiguous-q":
+            call["q"] = kw["q"]  # _fresh's clone would make it contiguous
+        elif change == "expanded-seqlens":
+            call["cache_seqlens"] = kw["cache_seqlens"].clone()[:1].expand(kw["q"].shape[0])
+        _same(fa.flash_attn_with_kvcache(**call), call, expected, expected_call)
+    if change == "list-window":
+        assert _plan_of(kw) is not None  # a list is the same window as a tuple: it gets a plan
+
+
+def test_cache_lengths_changed_in_place_between_replays(monkeypatch):
+    """A serving loop bumps cache_seqlens in place: each replay reads the lengths of its own
+    call on the device, never those of the call that made the plan."""
+    kw = _fresh(_problem(append=True, causal=True, num_splits=2))
+    ref = _fresh(kw)
+    monkeypatch.setattr(ops, "kvcache_plan", lambda *args: None)
+    expected = [fa.flash_attn_with_kvcache(**ref)]
+    ref["cache_seqlens"] += 1
+    expected.append(fa.flash_attn_with_kvcache(**ref))
+    monkeypatch.undo()
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "triton")
+    interface._KVCACHE_PLANS.clear()  # the slow calls above stored "no plan" for this key
+    got = [fa.flash_attn_with_kvcache(**kw)]
+    kw["cache_seqlens"] += 1
+    got.append(fa.flash_attn_with_kvcache(**kw))
+    assert _plan_of(kw) is not None
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    assert torch.equal(kw["k_cache"], ref["k_cache"]) and torch.equal(kw["v_cache"], ref["v_cache"])
+
+
+def test_a_changed_scheduler_metadata_dtype_is_validated(monkeypatch):
+    kw = _problem(append=True, causal=True)
+    kw["scheduler_metadata"] = torch.zeros(kw["q"].shape[0] + 1, dtype=torch.int32, device=DEVICE)
+    fa.flash_attn_with_kvcache(**_fresh(kw))
+    assert _plan_of(kw) is not None
+    bad = _fresh(kw)
+    bad["scheduler_metadata"] = kw["scheduler_metadata"].long()
+    before = bad["k_cache"].clone()
+    with pytest.raises(TypeError, match="scheduler_metadata"):
+        fa.flash_attn_with_kvcache(**bad)
+    assert torch.equal(bad["k_cache"], before)
+
+
+def test_a_backend_flip_is_not_served_by_the_old_plan(monkeypatch):
+    """FLASH_ATTN_3_BACKEND=reference after a triton plan: the reference backend runs (its
+    result differs from triton's in the last bits; equality with it proves which one ran)."""
+    kw = _problem(append=True, causal=True)
+    fa.flash_attn_with_kvcache(**_fresh(kw))
+    assert _plan_of(kw) is not None
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "reference")
+    interface._KVCACHE_PLANS.clear()
+    reference_call = _fresh(kw)
+    reference = fa.flash_attn_with_kvcache(**reference_call)  # no triton plan exists yet
+    fa.flash_attn_with_kvcache(**_fresh(kw))
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "triton")
+    fa.flash_attn_with_kvcache(**_fresh(kw))  # a triton plan again, beside the reference key
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "reference")
+    call = _fresh(kw)
+    _same(fa.flash_attn_with_kvcache(**call), call, reference, reference_call)
+
+
+def test_grad_modes(monkeypatch):
+    """requires_grad inputs never replay a plan (it bypasses autograd); no_grad and
+    inference_mode calls replay the slow path's bits."""
+    kw = _problem(append=True, causal=True)
+    expected, expected_call = _slow(kw, monkeypatch)
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with mode():
+            for _ in range(2):
+                call = _fresh(kw)
+                _same(fa.flash_attn_with_kvcache(**call), call, expected, expected_call)
+    grad_call = _fresh(kw)
+    grad_call["q"].requires_grad_(True)
+    with torch.no_grad():
+        _same(fa.flash_attn_with_kvcache(**grad_call), grad_call, expected, expected_call)
+    assert [p for p in interface._KVCACHE_PLANS.values() if p is None]  # the requires_grad key has none
