@@ -6,8 +6,22 @@ imports triton on machines that will not use it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+
+import torch
+
+
+def on_device(t: torch.Tensor):
+    """A context making t's CUDA device current when it is not: Triton launches on the current
+    device's stream, so tensors on another GPU (transformers' device_map="auto" puts layers on
+    several) would otherwise be read from the wrong device. The official wrapper guards alike."""
+    if t.is_cuda:
+        index = t.device.index
+        if index is not None and index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +48,8 @@ def forward_kernel(a):
 
 
 def forward(a):
-    return forward_kernel(a).forward(a)
+    with on_device(a.q):
+        return forward_kernel(a).forward(a)
 
 
 def backward_kernel(a, deterministic: bool):
@@ -47,15 +62,18 @@ def backward_kernel(a, deterministic: bool):
 
 
 def backward(dout, q, k, v, out, lse, a, deterministic):
-    return backward_kernel(a, deterministic).backward(dout, q, k, v, out, lse, a, deterministic)
+    with on_device(q):
+        return backward_kernel(a, deterministic).backward(dout, q, k, v, out, lse, a, deterministic)
 
 
 def append_kv(*args):
-    return _kernel("append_kv").append_kv(*args)
+    with on_device(args[0]):  # the cache
+        return _kernel("append_kv").append_kv(*args)
 
 
 def combine(out_partial, lse_partial, out_dtype):
-    return _kernel("combine").combine(out_partial, lse_partial, out_dtype)
+    with on_device(out_partial):
+        return _kernel("combine").combine(out_partial, lse_partial, out_dtype)
 
 
 def scheduler_metadata(*args):
@@ -64,4 +82,5 @@ def scheduler_metadata(*args):
 
 def kvcache_plan(*args):
     """A replayable plan of an eager flash_attn_with_kvcache step (step.py), or None."""
-    return _kernel("step").plan(*args)
+    with on_device(args[0][0]):  # q
+        return _kernel("step").plan(*args)

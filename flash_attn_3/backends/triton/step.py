@@ -55,6 +55,13 @@ class StepPlan:
         self.out_role, self.lse_role = out_role, lse_role
 
     def __call__(self, inputs: Sequence[Optional[torch.Tensor]]):
+        device = self.allocs[0][3]  # out's, which is q's
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # as routes.on_device: launches use the current device
+                return self._replay(inputs)
+        return self._replay(inputs)
+
+    def _replay(self, inputs: Sequence[Optional[torch.Tensor]]):
         roles = list(inputs)
         for size, stride, dtype, device in self.allocs:
             roles.append(torch.empty_strided(size, stride, dtype=dtype, device=device))
