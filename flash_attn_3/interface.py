@@ -350,7 +350,7 @@ def flash_attn_with_kvcache(
     if (qv is None and cu_seqlens_q is None and cu_seqlens_k_new is None and max_seqlen_q is None
             and q_descale is None and k_descale is None and v_descale is None and s_aux is None
             and cp_tot_seqused_k is None and type(cache_seqlens) is torch.Tensor
-            and not torch.compiler.is_compiling()):
+            and ops.plain_context()):
         key = _plan_key(inputs, (
             softmax_scale, causal, window_size, attention_chunk, softcap, rotary_interleaved, num_splits,
             pack_gqa, sm_margin, return_softmax_lse, cp_world_size, cp_rank))

@@ -220,13 +220,21 @@ def _(batch_size, *rest):
     return cache_seqlens.new_empty(metadata_shape(batch_size), dtype=torch.int32)
 
 
+def plain_context() -> bool:
+    """False under torch.compile, torch.jit.trace, make_fx and dispatch modes (FlopCounterMode,
+    ...): they see only the custom ops, so a direct kernel call would leave their program or
+    count without the attention."""
+    return not (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or torch._C._len_torch_dispatch_stack())
+
+
 def _eager(tensors) -> bool:
     """True when no autograd graph, compiler or tensor subclass needs the custom-op machinery.
 
     The torch.library wrappers cost tens of microseconds per call, which is most of a decode step
     at small batch; plain eager inference calls the implementation directly instead.
     """
-    if torch.compiler.is_compiling():
+    if not plain_context():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

@@ -349,3 +349,23 @@ def test_grad_modes(monkeypatch):
     with torch.no_grad():
         _same(fa.flash_attn_with_kvcache(**grad_call), grad_call, expected, expected_call)
     assert [p for p in interface._KVCACHE_PLANS.values() if p is None]  # the requires_grad key has none
+
+
+def test_dispatch_modes_see_the_custom_ops(monkeypatch):
+    """Under a dispatch mode (here torch's FLOP counter) neither the plan nor the direct eager
+    call may bypass the custom ops: the mode must see the attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kw = _problem(**CASES[list(CASES)[0]])
+    fa.flash_attn_with_kvcache(**_fresh(kw))  # a plan exists now
+    seen = []
+    real = ops._flash_attn_forward
+
+    def spy(*args):
+        seen.append(True)
+        return real(*args)
+
+    monkeypatch.setattr(ops, "_flash_attn_forward", spy)
+    with FlopCounterMode(display=False):
+        fa.flash_attn_with_kvcache(**_fresh(kw))
+    assert seen, "the call bypassed the custom op under a dispatch mode"
