@@ -73,3 +73,15 @@ def cp_total(local_len: int, world_size: int, rank: int) -> int:
     low = rank + (local_len - 1) * world_size + 1 if local_len > 0 else 0
     high = rank + local_len * world_size
     return int(torch.randint(max(low, 0), high + 1, (1,)).item())
+
+
+def poison_new_buffers(monkeypatch) -> None:
+    """Every float buffer a kernel wrapper allocates with torch.empty starts as NaN, so a value
+    it forgets to write shows up instead of passing as leftover memory."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(NAN_POISON) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

@@ -18,18 +18,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import reference_math as rm
+from inputs import poison_new_buffers
 from tolerance import assert_grad_matches
+from watched import run_watched
 
 from flash_attn_3.backends.params import AttnArgs
 from flash_attn_3.backends.triton import bwd_hopper, routes
@@ -206,38 +206,7 @@ STEP_SECONDS = 120  # one compile and one small call
 def kernel_terminates(tmp_path_factory):
     """Every config once, in a subprocess watched step by step: a deadlocked pipeline fails the
     module (naming the config) instead of hanging the GPU run."""
-    stderr = (tmp_path_factory.mktemp("smoke") / "stderr.txt").open("w+")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", _SMOKE], cwd=TESTS, text=True, env=env,
-                            stdout=subprocess.PIPE, stderr=stderr)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)),
-                     daemon=True).start()
-    last = "the start"
-    while True:
-        try:
-            line = lines.get(timeout=STEP_SECONDS)
-        except queue.Empty:
-            proc.kill()
-            pytest.fail(f"bwd_hopper made no progress for {STEP_SECONDS} s after {last}: "
-                        "pipeline deadlock?")
-        if line is None:
-            break
-        last = line.strip()
-    if proc.wait() != 0:
-        stderr.seek(0)
-        pytest.fail(f"bwd_hopper smoke call failed after {last}:\n{stderr.read()[-3000:]}")
-
-
-def _poison_new_buffers(monkeypatch):
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    run_watched(_SMOKE, "bwd_hopper", STEP_SECONDS, tmp_path_factory)
 
 
 def _reference(q, k, v, dout, *, causal, softmax_scale):
@@ -267,7 +236,7 @@ def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None, config=No
     dout = torch.randn_like(q)
     out, lse, grads = _reference(q, k, v, dout, causal=causal, softmax_scale=a.softmax_scale)
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         got = bwd_hopper.backward(dout, q, k, v, out, lse, a, deterministic, config=config)
     for name, g, ref, lowp, x in zip(("dq", "dk", "dv"), got, grads[True], grads[False],
                                      (q, k, v)):

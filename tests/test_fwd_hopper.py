@@ -15,20 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import queue
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from inputs import FP8, cu_seqlens, descales, randn
+from inputs import FP8, cu_seqlens, descales, poison_new_buffers, randn
 from reference_math import attention_dense, attention_varlen
 from tolerance import assert_lse_matches, assert_matches_reference
+from watched import run_watched
 
 from flash_attn_3.backends.params import AttnArgs
 from flash_attn_3.backends.triton import fwd_hopper
@@ -220,56 +218,21 @@ STEP_SECONDS = 90  # one compile and one small call
 def kernel_terminates(tmp_path_factory):
     """Every config once, in a subprocess watched step by step: a deadlocked pipeline fails the
     module (naming the config) instead of hanging the GPU run."""
-    _run_watched(_SMOKE, tmp_path_factory)
+    run_watched(_SMOKE, "fwd_hopper", STEP_SECONDS, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def fp8_kernel_terminates(tmp_path_factory):
     """The fp8 variants alike (their own fixture: `-k fp8` runs need not compile every bf16
     config first)."""
-    _run_watched(_SMOKE_FP8, tmp_path_factory)
-
-
-def _run_watched(script: str, tmp_path_factory):
-    stderr = (tmp_path_factory.mktemp("smoke") / "stderr.txt").open("w+")
-    # The child imports the package from this checkout even where it is not installed.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(TESTS).parent), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=TESTS, text=True, env=env,
-                            stdout=subprocess.PIPE, stderr=stderr)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)),
-                     daemon=True).start()
-    last = "the start"
-    while True:
-        try:
-            line = lines.get(timeout=STEP_SECONDS)
-        except queue.Empty:
-            proc.kill()
-            pytest.fail(f"fwd_hopper made no progress for {STEP_SECONDS} s after {last}: "
-                        "pipeline deadlock?")
-        if line is None:
-            break
-        last = line.strip()
-    if proc.wait() != 0:
-        stderr.seek(0)
-        pytest.fail(f"fwd_hopper smoke call failed after {last}:\n{stderr.read()[-3000:]}")
-
-
-def _poison_new_buffers(monkeypatch):
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    run_watched(_SMOKE_FP8, "fwd_hopper", STEP_SECONDS, tmp_path_factory)
 
 
 def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None, config=None):
     a = make_args(q, k, v, causal=causal, softmax_scale=softmax_scale)
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a, config)
     kw = dict(causal=causal, softmax_scale=a.softmax_scale)
     ref, ref_lse = attention_dense(q, k, v, **kw)
@@ -407,7 +370,7 @@ def run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, *, causal, seqused_q=
                   seqused_q=seqused_q, seqused_k=seqused_k)
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a)
     kw = dict(seqused_q=seqused_q, seqused_k=seqused_k, causal=causal,
               softmax_scale=a.softmax_scale)
@@ -477,7 +440,7 @@ def test_dense_seqused(monkeypatch, causal, head_dim):
     a = make_args(q, k, v, causal=causal, seqused_q=used_q, seqused_k=used_k)
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a)
     kw = dict(seqlens_q=used_q.tolist(), seqlens_k=used_k.tolist(), causal=causal,
               softmax_scale=a.softmax_scale)
@@ -501,7 +464,7 @@ def test_packed_q_dense_kv(monkeypatch):
                   seqused_k=used_k)
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a)
     # The same keys packed: row b of the cache is sequence b.
     cu_k = cu_seqlens([1000] * 4, "cuda")
@@ -612,7 +575,7 @@ def run_and_check_fp8(monkeypatch, q, k, v, descale, *, causal):
     # in_scope, not supports: short causal D=64 is routed to fwd.py, the kernel must still be right
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         out, lse = fwd_hopper.forward(a)
     q_descale, k_descale, v_descale = descale
     kw = dict(causal=causal, softmax_scale=a.softmax_scale, q_descale=q_descale,

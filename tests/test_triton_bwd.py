@@ -16,6 +16,7 @@ import torch
 import reference_math as rm
 from flash_attn_3.backends.params import AttnArgs
 from flash_attn_3.backends.triton import bwd
+from inputs import poison_new_buffers
 from tolerance import assert_grad_matches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,17 +34,6 @@ def _make_args(q, k, v, **overrides):
     )
     fields.update(overrides)
     return AttnArgs(**fields)
-
-
-def _poison_new_buffers(monkeypatch):
-    """Every float buffer the backward allocates starts as NaN."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=2, heads_kv=1, head_dim=32,
@@ -107,7 +97,7 @@ def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=2, heads_kv=1, head_d
         max_seqlen_q=max(seqlens_q), max_seqlen_k=max(seqlens_k),
     )
     with monkeypatch.context() as patch:
-        _poison_new_buffers(patch)
+        poison_new_buffers(patch)
         got = bwd.backward(dout, q, k, v, out, lse, args, deterministic)
     for name, g, ref, lowp in zip(("dq", "dk", "dv"), got, grads[True], grads[False]):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
