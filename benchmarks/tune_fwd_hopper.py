@@ -34,14 +34,7 @@ CASE_KEYS = ("D", "H", "N", "B", "causal")
 
 
 def attn_args(q, k, v, causal: bool) -> AttnArgs:
-    return AttnArgs(
-        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-        seqused_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
-        kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
-        sinks=None, softmax_scale=q.shape[-1] ** -0.5, window_left=-1,
-        window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
-        pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
-        scheduler_metadata=None)
+    return AttnArgs.plain(q, k, v, window_right=0 if causal else -1)
 
 
 def make_inputs(case: dict) -> dict:

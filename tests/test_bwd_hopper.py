@@ -54,14 +54,8 @@ SHAPES = [
 
 
 def make_args(q, k, v, *, causal: bool, softmax_scale=None) -> AttnArgs:
-    return AttnArgs(
-        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-        seqused_k=None, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
-        kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
-        sinks=None, softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]), window_left=-1,
-        window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
-        pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
-        scheduler_metadata=None)
+    return AttnArgs.plain(q, k, v, softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]),
+                          window_right=0 if causal else -1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,16 +55,12 @@ def make_args(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,
               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_q=None,
               seqused_k=None) -> AttnArgs:
     """Dense (B, S, H, D) q/k/v, or packed (total, H, D) ones with their cu_seqlens and max."""
-    return AttnArgs(
-        q=q, k=k, v=v, qv=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_q=seqused_q, seqused_k=seqused_k,
-        max_seqlen_q=q.shape[1] if max_seqlen_q is None else max_seqlen_q,
-        max_seqlen_k=k.shape[1] if max_seqlen_k is None else max_seqlen_k, page_table=None,
-        kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None,
-        sinks=None, softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]), window_left=-1,
-        window_right=0 if causal else -1, attention_chunk=0, softcap=0.0, num_splits=1,
-        pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
-        scheduler_metadata=None)
+    return AttnArgs.plain(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, max_seqlen_q=q.shape[1] if max_seqlen_q is None else max_seqlen_q,
+        max_seqlen_k=k.shape[1] if max_seqlen_k is None else max_seqlen_k,
+        softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]),
+        window_right=0 if causal else -1)
 
 
 # ---------------------------------------------------------------------------------------------

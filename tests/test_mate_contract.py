@@ -140,19 +140,6 @@ def fake_mate(monkeypatch):
 
 # ---- helpers ----
 
-def attn_args(q, k, v, **overrides) -> AttnArgs:
-    fields = dict(
-        qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
-        max_seqlen_q=q.shape[1] if q.dim() == 4 else 0, max_seqlen_k=k.shape[1] if k.dim() == 4 else 0,
-        page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None,
-        v_descale=None, sinks=None, softmax_scale=q.shape[-1] ** -0.5, window_left=-1,
-        window_right=-1, attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None,
-        cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
-    )
-    fields.update(overrides)
-    return AttnArgs(q=q, k=k, v=v, **fields)
-
-
 def rand(*shape, dtype=torch.bfloat16):
     return torch.randn(*shape, dtype=dtype)
 
@@ -173,7 +160,7 @@ def test_dense_forward_is_mates_varlen_entry_with_4d_tensors(fake_mate, dtype, m
     left, right = MASKS[mask]
     q, k, v = rand(2, 9, 4, 32, dtype=dtype), rand(2, 11, 2, 32, dtype=dtype), rand(2, 11, 2, 32, dtype=dtype)
     sinks = torch.randn(4) if with_sinks else None
-    a = attn_args(q, k, v, window_left=left, window_right=right, sinks=sinks, softcap=5.0)
+    a = AttnArgs.plain(q, k, v, window_left=left, window_right=right, sinks=sinks, softcap=5.0)
 
     out, lse = mate.forward(a)
 
@@ -201,7 +188,7 @@ def test_dense_forward_is_mates_varlen_entry_with_4d_tensors(fake_mate, dtype, m
 def test_forward_passes_tuning_fp8_and_context_parallel_arguments_by_name(fake_mate):
     q, k, v = rand(1, 4, 2, 16), rand(1, 8, 2, 16), rand(1, 8, 2, 16)
     metadata, tot = torch.arange(3, dtype=torch.int32), torch.tensor([16], dtype=torch.int32)
-    a = attn_args(q, k, v, num_splits=3, pack_gqa=True, scheduler_metadata=metadata,
+    a = AttnArgs.plain(q, k, v, num_splits=3, pack_gqa=True, scheduler_metadata=metadata,
                   cp_world_size=2, cp_rank=1, cp_tot_seqused_k=tot, attention_chunk=0)
     mate.forward(a)
     _, call = fake_mate.only_call()
@@ -220,12 +207,12 @@ def test_varlen_forward_keeps_cu_seqlens_and_sends_page_table_only_when_paged(fa
         page_size, pages_per_row = 4, 3
         k, v = rand(8, page_size, 2, 16), rand(8, page_size, 2, 16)
         page_table = torch.randperm(8)[: 2 * pages_per_row].reshape(2, pages_per_row).to(torch.int32)
-        a = attn_args(q, k, v, cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=page_table,
+        a = AttnArgs.plain(q, k, v, cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=page_table,
                       max_seqlen_q=5, max_seqlen_k=page_size * pages_per_row, window_left=-1, window_right=0)
     else:
         k, v = rand(sum(lengths_k), 2, 16), rand(sum(lengths_k), 2, 16)
         cu_k = cu_seqlens(lengths_k)
-        a = attn_args(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=9,
+        a = AttnArgs.plain(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=9,
                       window_left=-1, window_right=0)
 
     out, lse = mate.forward(a)
@@ -257,7 +244,7 @@ def test_cache_batch_idx_and_leftpad_go_to_mates_kvcache_entry(fake_mate):
     leftpad = torch.tensor([2, 0], dtype=torch.int32)
     cache_seqlens = torch.tensor([9, 12], dtype=torch.int32)
     sinks = torch.randn(4)
-    a = attn_args(q, k_cache, v_cache, seqused_k=cache_seqlens, kv_batch_idx=batch_idx, leftpad_k=leftpad,
+    a = AttnArgs.plain(q, k_cache, v_cache, seqused_k=cache_seqlens, kv_batch_idx=batch_idx, leftpad_k=leftpad,
                   sinks=sinks, window_left=-1, window_right=0)
 
     out, lse = mate.forward(a)
@@ -281,7 +268,7 @@ def test_cache_batch_idx_without_lengths_attends_to_the_whole_cache_row(fake_mat
     k_cache, v_cache = rand(3, 10, 1, 16), rand(3, 10, 1, 16)
     q = rand(2, 1, 2, 16)
     batch_idx = torch.tensor([2, 0], dtype=torch.int32)
-    out, _ = mate.forward(attn_args(q, k_cache, v_cache, kv_batch_idx=batch_idx))
+    out, _ = mate.forward(AttnArgs.plain(q, k_cache, v_cache, kv_batch_idx=batch_idx))
     _, call = fake_mate.only_call()
     assert call["cache_seqlens"].tolist() == [10, 10]
     ref_out, _, _, _ = ref.attention_kvcache(q, k_cache, v_cache, cache_batch_idx=batch_idx)
@@ -309,12 +296,12 @@ def test_backward_runs_mates_varlen_autograd(fake_mate, dtype, mask, varlen):
     if varlen:
         cu_q, cu_k = cu_seqlens([5, 2]), cu_seqlens([4, 7])
         q, k, v = rand(7, 4, 16, dtype=dtype), rand(11, 2, 16, dtype=dtype), rand(11, 2, 16, dtype=dtype)
-        a = attn_args(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=7,
+        a = AttnArgs.plain(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=7,
                       window_left=left, window_right=right, softcap=3.0)
     else:
         cu_q = cu_k = None
         q, k, v = rand(2, 6, 4, 16, dtype=dtype), rand(2, 8, 2, 16, dtype=dtype), rand(2, 8, 2, 16, dtype=dtype)
-        a = attn_args(q, k, v, window_left=left, window_right=right, softcap=3.0)
+        a = AttnArgs.plain(q, k, v, window_left=left, window_right=right, softcap=3.0)
     dout = rand(*q.shape, dtype=dtype)
 
     dq, dk, dv = mate.backward(dout, q, k, v, None, None, a, deterministic=True)
@@ -347,7 +334,7 @@ def test_backward_refuses_what_mates_backward_drops(fake_mate, case):
     }[case]
     if case == "dv_ne_d":
         v = rand(1, 4, 2, 32)
-    a = attn_args(q, k, v, **overrides)
+    a = AttnArgs.plain(q, k, v, **overrides)
     assert mate.unsupported_reason(a) is None
     assert mate.unsupported_reason(a, backward=True)
     with pytest.raises(NotImplementedError, match="mate backend backward"):
@@ -357,9 +344,9 @@ def test_backward_refuses_what_mates_backward_drops(fake_mate, case):
 
 def test_fp8_and_head_dims_past_512_are_refused():
     q = rand(1, 2, 1, 16).to(torch.float8_e4m3fn)
-    assert "fp16/bf16" in mate.unsupported_reason(attn_args(q, q, q))
+    assert "fp16/bf16" in mate.unsupported_reason(AttnArgs.plain(q, q, q))
     wide = rand(1, 2, 1, 520)
-    assert "512" in mate.unsupported_reason(attn_args(wide, wide, wide))
+    assert "512" in mate.unsupported_reason(AttnArgs.plain(wide, wide, wide))
 
 
 # ---- append, combine, scheduler metadata ----

@@ -60,6 +60,22 @@ class AttnArgs:
     cp_tot_seqused_k: Optional[torch.Tensor]
     scheduler_metadata: Optional[torch.Tensor]
 
+    @classmethod
+    def plain(cls, q, k, v, **fields) -> "AttnArgs":
+        """Dense q/k/v with every other field at its no-feature value (full attention, scale
+        1/sqrt(head_dim), one split), `fields` overriding: for tests, benchmarks and scripts,
+        which otherwise spell out all the fields. Packed q/k need their max_seqlen in fields."""
+        base = dict(
+            qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+            max_seqlen_q=q.shape[1] if q.dim() == 4 else 0,
+            max_seqlen_k=k.shape[1] if k.dim() == 4 else 0, page_table=None, kv_batch_idx=None,
+            leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
+            softmax_scale=q.shape[-1] ** -0.5, window_left=-1, window_right=-1,
+            attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, cp_world_size=1,
+            cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
+        base.update(fields)
+        return cls(q=q, k=k, v=v, **base)
+
     @property
     def is_varlen_q(self) -> bool:
         return self.cu_seqlens_q is not None
