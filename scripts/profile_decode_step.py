@@ -66,45 +66,31 @@ def per_call_us(fn, calls: int = 300, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _swapped(owner, name: str, value):
+    """owner.name = value inside the block; the kvcache plans made with either value are dropped."""
+    from flash_attn_3 import interface
+
+    before = getattr(owner, name)
+    setattr(owner, name, value)
+    interface._KVCACHE_PLANS.clear()
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+        interface._KVCACHE_PLANS.clear()
+
+
 def _plans_off():
     """A context in which flash_attn_with_kvcache takes the slow path (no plan is made)."""
-    import contextlib
+    from flash_attn_3 import ops
 
-    from flash_attn_3 import interface, ops
-
-    @contextlib.contextmanager
-    def off():
-        saved = ops.kvcache_plan
-        ops.kvcache_plan = lambda *args: None
-        interface._KVCACHE_PLANS.clear()
-        try:
-            yield
-        finally:
-            ops.kvcache_plan = saved
-            interface._KVCACHE_PLANS.clear()
-
-    return off()
+    return _swapped(ops, "kvcache_plan", lambda *args: None)
 
 
 def _two_launch_appends():
     """A context in which planned appends keep append_kv's launch (step.FUSE_APPEND off)."""
-    import contextlib
-
-    from flash_attn_3 import interface
-
-    step = importlib.import_module("flash_attn_3.backends.triton.step")
-
-    @contextlib.contextmanager
-    def two():
-        before, step.FUSE_APPEND = step.FUSE_APPEND, False
-        interface._KVCACHE_PLANS.clear()
-        try:
-            yield
-        finally:
-            step.FUSE_APPEND = before
-            interface._KVCACHE_PLANS.clear()
-
-    return two()
+    return _swapped(importlib.import_module("flash_attn_3.backends.triton.step"), "FUSE_APPEND", False)
 
 
 def problem(ctx: int, capacity: int, rotary: bool = False):
