@@ -25,9 +25,6 @@ from typing import Optional
 
 import torch
 
-# this bench times every Gluon variant, the opt-in ones too (bwd_hopper.supports)
-os.environ.setdefault("FLASH_ATTN_3_GLUON_TMA_STATS", "1")
-
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops,
                                 parse_args, sdpa, sdpa_context)
 from flash_attn_3.backends.params import AttnArgs

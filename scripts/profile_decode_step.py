@@ -359,8 +359,6 @@ def profile(fn, name: str, calls: int = 300) -> None:
 
 
 def main() -> None:
-    # Times the fused one-token append, off by default until validated (step.FUSE_APPEND).
-    importlib.import_module("flash_attn_3.backends.triton.step").FUSE_APPEND = True
     stage_breakdown()
     if "--stages-only" in sys.argv:
         return

@@ -12,12 +12,9 @@ Gluon path did before the tl kernel); and the fp8 forward less the copy. TFLOP/s
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-# the Gluon fp8 path is opt-in (fwd_hopper.in_scope) until this and its tests have run on a GPU
-os.environ.setdefault("FLASH_ATTN_3_GLUON_FP8", "1")
 
 import torch
 import triton

@@ -302,12 +302,6 @@ def test_deterministic_path_is_bitwise_stable(monkeypatch, head_dim):
         assert torch.equal(x, y), name
 
 
-@pytest.fixture(autouse=True)
-def _tma_statistics_on(monkeypatch):
-    """Head dim 256 (statistics by TMA) is opt-in (bwd_hopper.supports): these tests clear it."""
-    monkeypatch.setenv("FLASH_ATTN_3_GLUON_TMA_STATS", "1")
-
-
 @pytest.mark.gpu
 @on_hopper
 def test_scope_and_routing(monkeypatch):
@@ -330,5 +324,3 @@ def test_scope_and_routing(monkeypatch):
     assert not bwd_hopper.supports(make_args(x, x, x, causal=False))
     x = torch.randn(1, 256, 4, 256, device="cuda", dtype=torch.bfloat16)
     assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is bwd_hopper
-    monkeypatch.delenv("FLASH_ATTN_3_GLUON_TMA_STATS")
-    assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is not bwd_hopper

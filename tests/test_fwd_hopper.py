@@ -549,20 +549,14 @@ def _fp8_inputs(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, *, descal
     return q, k, v, (q_descale, k_descale, v_descale)
 
 
-@pytest.fixture(autouse=True)
-def _gluon_fp8_on(monkeypatch):
-    """The fp8 path is opt-in (fwd_hopper.in_scope): these tests are what clears it."""
-    monkeypatch.setenv("FLASH_ATTN_3_GLUON_FP8", "1")
-
-
 @pytest.mark.gpu
 @on_hopper
 @needs_gluon
-def test_fp8_is_opt_in(monkeypatch):
+def test_fp8_runs_here_unless_switched_off(monkeypatch):
     q, k, v = (randn(1, 256, 2, 64, dtype=FP8, device="cuda") for _ in range(3))
     a = make_fp8_args(q, k, v, causal=False, descales=(None,) * 3)
     assert fwd_hopper.in_scope(a)
-    monkeypatch.delenv("FLASH_ATTN_3_GLUON_FP8")
+    monkeypatch.setenv("FLASH_ATTN_3_GLUON_FP8", "0")
     assert not fwd_hopper.in_scope(a)
 
 

@@ -74,7 +74,10 @@ class Config(NamedTuple):
 # accumulators 64 + 64, S^T and dP^T 32 + 32, dQ (half the head dim) 32, the row statistics
 # 2 x 16 (none held with stats_smem). Shared memory (D = 128): K, V 64 KB, Q and dO 32 KB per
 # stage, dS^T two 16 KB buffers, the dQ staging 32 KB.
-CONFIGS = {64: Config(64, 3), 128: Config(64, 2), 256: Config(64, 1, True, True)}
+# Chosen on the H100 at N = 4k (docs/perf-notes.md, lead item 14): the statistics by TMA won at
+# every head dim, and D = 256 gains from leaving dQ to bwd.py (a second stage fits).
+CONFIGS = {64: Config(64, 3, True, True), 128: Config(64, 2, True, True),
+           256: Config(64, 2, False, True)}
 # Head dims computed by _bwd_kernel_split (64 keys a program, warpgroups split by role); its
 # Config's stats_smem must be on (the statistics always come by TMA) and prefetch_s off.
 SPLIT_HEAD_DIMS = (256, )
@@ -85,10 +88,9 @@ SPLIT_HEAD_DIMS = (256, )
 # meeting. D = 256: the deterministic path's shape (dQ left to bwd.py) with the second stage that
 # frees.
 CANDIDATES = {
-    64: [Config(128, 2), Config(64, 3, True, True), Config(64, 3, True, True, True),
-         Config(128, 2, True, True), Config(128, 2, True, True, True)],
-    128: [Config(64, 2, True, True), Config(64, 2, True, True, True)],
-    256: [Config(64, 2, False, True)],
+    64: [Config(64, 3), Config(64, 3, True, True, True), Config(128, 2, True, True)],
+    128: [Config(64, 2), Config(64, 2, True, True, True)],
+    256: [Config(64, 1, True, True)],
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
@@ -669,11 +671,6 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     batch, seqlen_q, heads_q, head_dim = q.shape
     if k.shape[0] != batch or head_dim not in CONFIGS or k.shape[-1] != head_dim:
         return False
-    if CONFIGS[head_dim].stats_smem and os.environ.get("FLASH_ATTN_3_GLUON_TMA_STATS") != "1":
-        # Opt-in until the padded statistics rows have passed their GPU tests: the unpadded
-        # rank-1 version stopped the GPU (illegal instruction) at ragged lengths, and this fix was
-        # written after the last GPU run of its session (docs/perf-notes.md, lead item 13).
-        return False
     if q.numel() == 0 or k.numel() == 0 or heads_q % k.shape[2] != 0:
         return False
     return all(_tma_ok(x) for x in (q, k, v))
@@ -720,10 +717,16 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             bool(dq_in_kernel), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     else:
         num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
+        if cfg.stats_smem:
+            stats = (_stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m))
+        else:
+            # Not read, but a descriptor needs 16-byte strides, which unpadded rows lack
+            # (seqlen_q = 1001): an aligned stand-in of the same block type.
+            stand_in = torch.empty(1, 1, cfg.block_m, dtype=torch.float32, device=q.device)
+            stats = (_stats_descriptor(stand_in, cfg.block_m), ) * 2
         _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
             _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
-            _key_descriptor(k), _key_descriptor(v), dq_desc,
-            _stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m), lse2,
+            _key_descriptor(k), _key_descriptor(v), dq_desc, *stats, lse2,
             delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
             seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0,
             cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),

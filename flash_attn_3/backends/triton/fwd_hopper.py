@@ -719,10 +719,9 @@ def in_scope(a: AttnArgs) -> bool:
     if any(x is not None for x in extras):
         return False
     if a.is_fp8:
-        # Opt-in until the reworked fp8 loop and V copy have passed their GPU tests (written after
-        # the last GPU run of their session, docs/perf-notes.md lead item 13); fwd.py's fp8 path
-        # measured the same speed.
-        if os.environ.get("FLASH_ATTN_3_GLUON_FP8", "0") != "1":
+        # FLASH_ATTN_3_GLUON_FP8=0 sends fp8 to fwd.py (A/B runs): 1.2-1.4x slower on the H100
+        # (docs/perf-notes.md, lead item 14).
+        if os.environ.get("FLASH_ATTN_3_GLUON_FP8", "1") == "0":
             return False
         # V's keys-inner copy (_values_keys_inner) assumes dense (B, S, H, D) with every key used.
         if any(x is not None for x in (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q,
