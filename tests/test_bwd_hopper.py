@@ -113,19 +113,23 @@ def test_candidates_compile_for_sm90(head_dim, config):
 
 
 @needs_gluon
-def test_split_kernel_compiles_for_sm90():
+@pytest.mark.parametrize("dq_in_kernel", [False, True], ids=["dq-by-bwd.py", "dq-in-kernel"])
+def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     """Head dim 256 (_bwd_kernel_split): each side S^T or dP^T (K = 256), dV or dK (K = 64
-    queries), dQ for half the head dim (K = 64 keys); a dQ reduce per 128-byte chunk of a half;
-    the dK/dV accumulators (128 registers a thread) not spilled."""
+    queries), and with dQ in the kernel dQ for half the head dim (K = 64 keys) and a dQ reduce
+    per 128-byte chunk of a half; the dK/dV accumulators (128 registers a thread) not spilled.
+    The default (CONFIGS[256]) leaves dQ to bwd.py with two stages; dQ in the kernel fits one."""
+    config = "64,1,1,1,0" if dq_in_kernel else "64,2,0,1,0"
     cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
-           "--head-dim", "256", "--causal"]
+           "--head-dim", "256", "--causal", "--config", config]
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.splitlines()[-1])
-    per_side = 256 // 16 + 64 // 16 + 64 // 16
+    per_side = 256 // 16 + 64 // 16 + (64 // 16 if dq_in_kernel else 0)
     assert got["wgmma_ptx"] == 2 * per_side and got["hgmma_sass"] == got["wgmma_ptx"], got
-    assert got["tma_reduce_ptx"] == 2 * 128 // bwd_hopper.DQ_REDUCE_COLS, got
+    reduces = 2 * 128 // bwd_hopper.DQ_REDUCE_COLS if dq_in_kernel else 0
+    assert got["tma_reduce_ptx"] == reduces, got
     assert got["tma_loads_2d_ptx"] == 2 and got["num_warps"] == 12, got
     assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
 
