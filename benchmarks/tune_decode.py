@@ -7,7 +7,7 @@ $OUT/tune_decode.json after every measurement (a run stopped by its cap keeps wh
 best configs feed decode.py (_CONTIGUOUS_STAGES, _CONTIGUOUS_STAGES_RESIDENT, _PAGED_STAGES) and
 scheduler.decode_block_n / DECODE_PROGRAMS_PER_SM / DECODE_MIN_EFFICIENCY.
 
-    python -m benchmarks.tune_decode [--budget SECONDS] [--out DIR]
+    python -m benchmarks.tune_decode [--budget SECONDS] [--out DIR] [--case B,CTX,PAGE ...]
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=400.0, help="stop starting cases after this many seconds")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    p.add_argument("--case", action="append", default=[], metavar="B,CTX,PAGE",
+                   help="time these cases instead of CASES (repeatable)")
     args = p.parse_args()
+    cases = [tuple(int(x) for x in c.split(",")) for c in args.case] or CASES
     args.out.mkdir(parents=True, exist_ok=True)
     started, rows = time.monotonic(), []
 
@@ -86,7 +89,7 @@ def main() -> None:
         (args.out / "tune_decode.json").write_text(json.dumps(rows, indent=1))
         print(f"{case} {what}: {value if isinstance(value, str) else f'{value:.3f} TB/s'}", flush=True)
 
-    for batch, ctx, page in CASES:
+    for batch, ctx, page in cases:
         if time.monotonic() - started > args.budget:
             break
         a = make_args(batch, ctx, page)
@@ -100,6 +103,8 @@ def main() -> None:
         if not page:
             trials.append(("cudnn", cudnn(a)))
         for what, fn in trials:
+            if time.monotonic() - started > args.budget:
+                break
             try:
                 record(case, what, tbps(fn, nbytes))
             except Exception as e:  # a config that does not compile (shared memory) is a data point

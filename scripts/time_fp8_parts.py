@@ -1,12 +1,14 @@
 """Where the fp8 Gluon forward's time goes, at bench_fwd's D = 128 dense shapes (GPU, ~15 s).
 
-    python scripts/time_fp8_parts.py
+    python scripts/time_fp8_parts.py [--configs]
 
 Per (N, causal), one process, same inputs: the whole fp8 forward and the bf16 one through
 flash_attn_func; V's keys-inner copy alone (fwd_hopper._values_keys_inner, part of every fp8
 call); torch's strided copy of the same transpose (what fwd.py's fp8 path does, and what the
 Gluon path did before the tl kernel); and the fp8 forward less the copy. TFLOP/s count
-4·B·H·N²·D, halved when causal; fp8/bf16 is the issue-3 ratio (target >= 1.4).
+4·B·H·N²·D, halved when causal; fp8/bf16 is the issue-3 ratio (target >= 1.4). --configs
+adds one line per fwd_hopper.FP8_CANDIDATES[128] config (the kernel alone, V's copy included),
+after checking its output against the default config's on the same inputs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def main() -> None:
                 v_copy_us=round(copy * 1e3, 1), torch_strided_copy_us=round(torch_copy * 1e3, 1),
                 v_copy_tbps=round(2 * v8.numel() / copy / 1e9, 2),
                 routed=fwd_hopper.supports(fa3_args(q8, k8, v8, causal)))), flush=True)
+            if "--configs" in sys.argv:
+                time_configs(fa3_args(q8, k8, v8, causal), flops)
+
+
+def time_configs(a, flops: float) -> None:
+    expected, _ = fwd_hopper.forward(a)
+    for config in [None] + fwd_hopper.FP8_CANDIDATES[D]:
+        row = dict(N=a.q.shape[1], causal=a.window_right == 0, config=config or "default")
+        try:
+            out, _ = fwd_hopper.forward(a, config)
+            err = (out.float() - expected.float()).abs().max().item()
+            if not err < 0.05:  # fp8 rounding differs by config only in the last bits
+                raise AssertionError(f"max |out - default| = {err}")
+            row["tflops"] = round(flops / bench(lambda: fwd_hopper.forward(a, config)) / 1e9)
+        except Exception as e:  # a config that fails is a row, not the end of the sweep
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(json.dumps(row), flush=True)
 
 
 def fa3_args(q, k, v, causal):

@@ -2,6 +2,11 @@
 
     python scripts/update_benchmarks.py out/gpu_check            # every bench_*.json in it
     python scripts/update_benchmarks.py bench_fwd.json --doc BENCHMARKS.md
+    python scripts/update_benchmarks.py run1/ run2/bench_bwd.json  # runs of one bench merged
+
+Several files of one bench (a run cut short by its time budget, then the missing rows) merge:
+a later file's cases replace the earlier ones whole, so every row's peers and ratio still come from
+one process; the header names each run.
 
 Each bench's tables replace what sits between `<!-- <bench>:begin -->` and `<!-- <bench>:end -->`,
 headed by the run's date, GPU, torch/triton/CUDA/cuDNN versions and the ceilings measured in the
@@ -42,6 +47,30 @@ def load_measured(path: Path) -> dict:
     return doc
 
 
+def _case_key(r: dict) -> tuple:
+    return r["section"], json.dumps(r["case"], sort_keys=True)
+
+
+def merge_runs(docs: list[dict]) -> dict:
+    """One doc of the same bench from several runs; each case keeps the rows of its last run."""
+    if len(docs) == 1:
+        return docs[0]
+    rows: dict[tuple, list] = {}
+    for doc in docs:
+        fresh: dict[tuple, list] = {}
+        for r in doc["results"]:
+            fresh.setdefault(_case_key(r), []).append(r)
+        rows.update(fresh)
+    merged = dict(docs[-1], results=[r for group in rows.values() for r in group],
+                  sections={k: v for d in docs for k, v in d["sections"].items()})
+    runs = [f"{d['meta']['date']} (commit {d['meta']['commit']})" for d in docs]
+    merged["meta"] = dict(docs[-1]["meta"], date="; ".join(runs[:-1]) + "; " + docs[-1]["meta"]["date"])
+    stops = [d.get("stop_reason") for d in docs if d.get("stop_reason")]
+    merged["stop_reason"] = ("rows merged from runs that stopped early (" + "; ".join(stops)
+                             + "), later runs filling the missing cases") if stops else None
+    return merged
+
+
 def replace_block(text: str, bench: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {bench}:begin -->\n).*?(<!-- {bench}:end -->)", re.S)
     if not pattern.search(text):
@@ -59,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         raise SystemExit("no bench_*.json found")
     text = args.doc.read_text()
+    by_bench: dict[str, list] = {}
     for path in files:
         doc = load_measured(path)
-        text = replace_block(text, doc["bench"], render_markdown(doc))
+        by_bench.setdefault(doc["bench"], []).append(doc)
         print(f"{path}: {doc['bench']} from {doc['meta']['date']} on {doc['meta']['gpu']}",
               file=sys.stderr)
+    for bench, docs in by_bench.items():
+        text = replace_block(text, bench, render_markdown(merge_runs(docs)))
     if args.stdout:
         print(text)
     else:

@@ -160,6 +160,23 @@ def test_update_benchmarks_takes_measurements_only(bench, tmp_path):
     assert fwd_block(text) == fwd_block((REPO / "BENCHMARKS.md").read_text())  # others untouched
 
 
+def test_update_benchmarks_merges_runs_case_by_case():
+    from scripts import update_benchmarks
+
+    def run(date, rows):
+        return dict(bench="bench_t", meta=dict(date=date, commit="abc"), sections={"s": {}},
+                    stop_reason=None, results=[dict(section="s", case={"N": n}, impl=impl, ms=ms)
+                                               for n, impl, ms in rows])
+
+    first = run("d1", [(1, "ours", 1.0), (1, "cudnn", 2.0), (2, "ours", 3.0)])
+    second = run("d2", [(2, "ours", 5.0), (3, "ours", 7.0)])
+    merged = update_benchmarks.merge_runs([first, second])
+    got = sorted((r["case"]["N"], r["impl"], r["ms"]) for r in merged["results"])
+    # case N=2 comes whole from the later run; N=1 keeps both rows of the first
+    assert got == [(1, "cudnn", 2.0), (1, "ours", 1.0), (2, "ours", 5.0), (3, "ours", 7.0)]
+    assert "d1" in merged["meta"]["date"] and "d2" in merged["meta"]["date"]
+
+
 def test_gpu_check_script_parses_and_refuses_unknown_parts(tmp_path):
     script = REPO / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -560,13 +560,13 @@ def test_fp8_runs_here_unless_switched_off(monkeypatch):
     assert not fwd_hopper.in_scope(a)
 
 
-def run_and_check_fp8(monkeypatch, q, k, v, descale, *, causal):
+def run_and_check_fp8(monkeypatch, q, k, v, descale, *, causal, config=None):
     a = make_fp8_args(q, k, v, causal=causal, descales=descale)
     # in_scope, not supports: short causal D=64 is routed to fwd.py, the kernel must still be right
     assert fwd_hopper.in_scope(a)
     with monkeypatch.context() as patch:
         poison_new_buffers(patch)
-        out, lse = fwd_hopper.forward(a)
+        out, lse = fwd_hopper.forward(a, config)
     q_descale, k_descale, v_descale = descale
     kw = dict(causal=causal, softmax_scale=a.softmax_scale, q_descale=q_descale,
               k_descale=k_descale, v_descale=v_descale)
@@ -603,6 +603,16 @@ def test_fp8_matches_reference(monkeypatch, shape, causal, head_dim):
 def test_fp8_without_descales(monkeypatch, causal):
     q, k, v, descale = _fp8_inputs(2, 700, 900, 8, 2, 128, descaled=False)
     run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal)
+
+
+@pytest.mark.parametrize("config", fwd_hopper.FP8_CANDIDATES[128], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("fp8_kernel_terminates")
+def test_fp8_alternative_configs(monkeypatch, causal, config):
+    q, k, v, descale = _fp8_inputs(2, 1000, 1023, 4, 2, 128, descaled=True)
+    run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal, config=config)
 
 
 @pytest.mark.gpu

@@ -88,7 +88,8 @@ SPLIT_HEAD_DIMS = (256, )
 # meeting. D = 256: the deterministic path's shape (dQ left to bwd.py) with the second stage that
 # frees.
 CANDIDATES = {
-    64: [Config(64, 3), Config(64, 3, True, True, True), Config(128, 2, True, True)],
+    64: [Config(64, 3), Config(64, 3, True, True, True), Config(128, 2, True, True),
+         Config(64, 2, True, True), Config(64, 4, True, True)],
     128: [Config(64, 2), Config(64, 2, True, True, True)],
     256: [Config(64, 1, True, True)],
 }
