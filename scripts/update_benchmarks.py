@@ -63,8 +63,10 @@ def merge_runs(docs: list[dict]) -> dict:
         rows.update(fresh)
     merged = dict(docs[-1], results=[r for group in rows.values() for r in group],
                   sections={k: v for d in docs for k, v in d["sections"].items()})
-    runs = [f"{d['meta']['date']} (commit {d['meta']['commit']})" for d in docs]
-    merged["meta"] = dict(docs[-1]["meta"], date="; ".join(runs[:-1]) + "; " + docs[-1]["meta"]["date"])
+    commits = {d["meta"]["commit"] for d in docs}
+    runs = [d["meta"]["date"] + ("" if len(commits) == 1 else f" (commit {d['meta']['commit']})")
+            for d in docs]
+    merged["meta"] = dict(docs[-1]["meta"], date="runs of " + " and ".join(runs))
     stops = [d.get("stop_reason") for d in docs if d.get("stop_reason")]
     merged["stop_reason"] = ("rows merged from runs that stopped early (" + "; ".join(stops)
                              + "), later runs filling the missing cases") if stops else None

@@ -622,7 +622,9 @@ def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
     crowded = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, False, cpu, 0, None)
     assert crowded.num_splits == 1 and crowded.num_stages == decode_mod._CONTIGUOUS_STAGES_RESIDENT
     paged = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, True, cpu, 0, None)
-    assert paged.num_stages == decode_mod._PAGED_STAGES
+    assert paged.num_stages == decode_mod._PAGED_STAGES and paged.num_warps == 4
+    alone = decode_mod._plan(1, 32, 8, 1, 131072, 128, 128, True, cpu, 0, None)
+    assert alone.num_warps == decode_mod._PAGED_WARPS_ALONE and alone.num_splits > 1
 
 
 @gpu

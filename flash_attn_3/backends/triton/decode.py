@@ -58,6 +58,10 @@ LOG2E = 1.4426950408889634
 _CONTIGUOUS_STAGES = 3
 _CONTIGUOUS_STAGES_RESIDENT = 2
 _PAGED_STAGES = 5
+# A paged launch with at most one program per SM (batch 1, long context, split) is latency-bound
+# on its gather: 8 warps keep more rows in flight. H100, B=1 ctx 64k GQA 32/8 D 128
+# (benchmarks/tune_decode.py, 17:20 UTC): 2.37 against 2.31 TB/s at pages of 16 and of 64.
+_PAGED_WARPS_ALONE = 8
 
 
 @triton.jit
@@ -537,13 +541,17 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
     dims = (triton.next_power_of_2(head_dim), triton.next_power_of_2(head_dim_v))
     if config is not None:
         return _Plan(block_m, *config, splits, num_m_blocks, *dims)
+    programs = batch * num_heads_kv * num_m_blocks * splits
+    warps = 4
     if paged:
         stages = _PAGED_STAGES
-    elif batch * num_heads_kv * num_m_blocks * splits >= 2 * num_sms(device):
+        if programs <= num_sms(device):
+            warps = _PAGED_WARPS_ALONE
+    elif programs >= 2 * num_sms(device):
         stages = _CONTIGUOUS_STAGES_RESIDENT
     else:
         stages = _CONTIGUOUS_STAGES
-    return _Plan(block_m, decode_block_n(head_dim, head_dim_v), 4, stages, splits, num_m_blocks, *dims)
+    return _Plan(block_m, decode_block_n(head_dim, head_dim_v), warps, stages, splits, num_m_blocks, *dims)
 
 
 def outputs(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
