@@ -33,18 +33,19 @@ CASES = [  # (batch, context, page size; 0 = contiguous)
     (128, 2048, 0), (128, 2048, 64),
 ]
 CONFIGS = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4, 5))]
-FORCED_SPLITS = (8, 16, 32, 64, 128)
+FORCED_SPLITS = (8, 16, 32, 48, 64, 96, 128)
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 
 
-def make_args(batch: int, ctx: int, page: int) -> AttnArgs:
-    q = torch.randn(batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+def make_args(batch: int, ctx: int, page: int, heads=(HEADS_Q, HEADS_KV)) -> AttnArgs:
+    heads_q, heads_kv = heads
+    q = torch.randn(batch, 1, heads_q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     page_table = None
     if page:
         page_table = torch.randperm(batch * ctx // page, device="cuda").to(torch.int32).view(batch, -1)
-        shape = (batch * ctx // page, page, HEADS_KV, HEAD_DIM)
+        shape = (batch * ctx // page, page, heads_kv, HEAD_DIM)
     else:
-        shape = (batch, ctx, HEADS_KV, HEAD_DIM)
+        shape = (batch, ctx, heads_kv, HEAD_DIM)
     k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     return AttnArgs(q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
                     seqused_k=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     p.add_argument("--case", action="append", default=[], metavar="B,CTX,PAGE",
                    help="time these cases instead of CASES (repeatable)")
+    p.add_argument("--heads", default=f"{HEADS_Q},{HEADS_KV}", metavar="HQ,HK")
     args = p.parse_args()
     cases = [tuple(int(x) for x in c.split(",")) for c in args.case] or CASES
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,16 +94,17 @@ def main() -> None:
     for batch, ctx, page in cases:
         if time.monotonic() - started > args.budget:
             break
-        a = make_args(batch, ctx, page)
+        a = make_args(batch, ctx, page, tuple(int(x) for x in args.heads.split(",")))
         nbytes = 2 * a.k.numel() * a.k.element_size()
-        case = f"B={batch} ctx={ctx} page={page}"
+        case = f"B={batch} ctx={ctx} page={page} heads={args.heads}"
+        # cheapest first (no compile each): a budget cut drops config rows, not the peer
         trials = [("default", lambda a=a: decode.forward(a))]
-        trials += [(f"config={c}", lambda a=a, c=c: decode.forward(a, c)) for c in CONFIGS]
+        if not page:
+            trials.append(("cudnn", cudnn(a)))
         if batch == 1:
             trials += [(f"splits={s}", lambda a=dataclasses.replace(a, num_splits=s): decode.forward(a))
                        for s in FORCED_SPLITS]
-        if not page:
-            trials.append(("cudnn", cudnn(a)))
+        trials += [(f"config={c}", lambda a=a, c=c: decode.forward(a, c)) for c in CONFIGS]
         for what, fn in trials:
             if time.monotonic() - started > args.budget:
                 break
