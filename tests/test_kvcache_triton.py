@@ -625,6 +625,9 @@ def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
     assert paged.num_stages == decode_mod._PAGED_STAGES and paged.num_warps == 4
     alone = decode_mod._plan(1, 32, 8, 1, 131072, 128, 128, True, cpu, 0, None)
     assert alone.num_warps == decode_mod._PAGED_WARPS_ALONE and alone.num_splits > 1
+    assert one_per_sm.num_warps == 4  # GQA 32/8: eight tiles
+    mqa = decode_mod._plan(1, 8, 1, 1, 131072, 128, 128, False, cpu, 0, None)
+    assert mqa.num_warps == decode_mod._CONTIGUOUS_WARPS_FEW_TILES and mqa.num_splits > 16
 
 
 @gpu

@@ -62,6 +62,11 @@ _PAGED_STAGES = 5
 # on its gather: 8 warps keep more rows in flight. H100, B=1 ctx 64k GQA 32/8 D 128
 # (benchmarks/tune_decode.py, 17:20 UTC): 2.37 against 2.31 TB/s at pages of 16 and of 64.
 _PAGED_WARPS_ALONE = 8
+# Contiguous caches too, where a few tiles are split many ways (MQA at batch 1: one tile, ~115
+# splits of ~1k keys): H100, Hq/Hk 8/1 D 128 ctx 128k, 1.06 against 0.86 TB/s (cuDNN 1.49). GQA
+# 32/8 at batch 1 (8 tiles, 16 splits) was not timed with 8 warps and keeps 4.
+_CONTIGUOUS_WARPS_FEW_TILES = 8
+_FEW_TILES = 4
 
 
 @triton.jit
@@ -551,6 +556,8 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
         stages = _CONTIGUOUS_STAGES_RESIDENT
     else:
         stages = _CONTIGUOUS_STAGES
+        if batch * num_heads_kv * num_m_blocks <= _FEW_TILES and programs <= num_sms(device):
+            warps = _CONTIGUOUS_WARPS_FEW_TILES
     return _Plan(block_m, decode_block_n(head_dim, head_dim_v), warps, stages, splits, num_m_blocks, *dims)
 
 
