@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hopper import COMMON_SHAPES, alternative_configs, gluon_required, on_hopper, qkv
 import reference_math as rm
 from inputs import poison_new_buffers
 from tolerance import assert_grad_matches
@@ -35,20 +36,9 @@ from flash_attn_3.backends.params import AttnArgs
 from flash_attn_3.backends.triton import bwd_hopper, routes
 
 TESTS = Path(__file__).resolve().parent
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-needs_gluon = pytest.mark.skipif(not bwd_hopper._GLUON_OK, reason="needs triton 3.6 with Gluon")
-# (head_dim, bwd_hopper.Config): the configs the tuning bench times besides the
-# defaults, so none of its figures comes from a wrong kernel.
-ALT_CONFIGS = [(d, c) for d, cs in bwd_hopper.CANDIDATES.items() for c in cs]
-
-# (batch, seqlen_q, seqlen_k, heads_q, heads_k)
-SHAPES = [
-    (2, 1000, 1023, 4, 2),  # ragged tails on both sides, GQA
-    (1, 1023, 1000, 6, 1),  # seqlen_q > seqlen_k: causal rows above the diagonal see no key; MQA
-    (3, 128, 384, 2, 2),  # whole blocks only
-    (1, 1, 700, 8, 2),  # a single query row
-    (2, 77, 5, 4, 4),  # fewer keys than one block
+needs_gluon = gluon_required(bwd_hopper)
+ALT_CONFIGS = alternative_configs(bwd_hopper.CANDIDATES)
+SHAPES = COMMON_SHAPES + [
     (2, 640, 700, 8, 2),  # a group of 4 query heads per KV head over several blocks
 ]
 
@@ -243,13 +233,6 @@ def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None, config=No
     return got, (dout, q, k, v, out, lse, a)
 
 
-def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
-    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device="cuda", dtype=dtype)
-    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, device="cuda", dtype=dtype)
-            for _ in "kv")
-    return q, k, v
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -257,7 +240,7 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
 def test_matches_reference(monkeypatch, shape, causal, head_dim):
-    run_and_check(monkeypatch, *_qkv(*shape, head_dim, torch.bfloat16), causal=causal)
+    run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=causal)
 
 
 @pytest.mark.parametrize("shape", [(2, 701, 900, 8, 4), (2, 77, 5, 4, 4), (1, 1023, 1000, 6, 1)],
@@ -269,7 +252,7 @@ def test_matches_reference(monkeypatch, shape, causal, head_dim):
 def test_alternative_configs(monkeypatch, head_dim, config, shape):
     """The configs the tuning bench measures, causal (every code path), at query lengths that
     are not a multiple of 4 (the statistics' TMA boxes at every row offset mod 16 bytes)."""
-    run_and_check(monkeypatch, *_qkv(*shape, head_dim, torch.bfloat16), causal=True,
+    run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=True,
                   config=config)
 
 
@@ -279,7 +262,7 @@ def test_alternative_configs(monkeypatch, head_dim, config, shape):
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
 def test_fp16(monkeypatch, causal, head_dim):
-    run_and_check(monkeypatch, *_qkv(2, 513, 257, 6, 3, head_dim, torch.float16), causal=causal)
+    run_and_check(monkeypatch, *qkv(2, 513, 257, 6, 3, head_dim, torch.float16), causal=causal)
 
 
 @pytest.mark.gpu
@@ -287,8 +270,8 @@ def test_fp16(monkeypatch, causal, head_dim):
 @pytest.mark.usefixtures("kernel_terminates")
 def test_strided_qkv_and_scale(monkeypatch):
     """q/k/v as views of one packed (B, S, 3, H, D) tensor, and a softmax_scale of the caller's."""
-    qkv = torch.randn(2, 600, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.unbind(2)
+    packed = torch.randn(2, 600, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = packed.unbind(2)
     run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
 
 
@@ -299,7 +282,7 @@ def test_strided_qkv_and_scale(monkeypatch):
 def test_deterministic_path_is_bitwise_stable(monkeypatch, head_dim):
     """deterministic=True: dK/dV here, dQ by bwd.py's atomic-free kernel; two runs agree bit for
     bit (the router sends deterministic calls here too, see supports())."""
-    q, k, v = _qkv(2, 1000, 1000, 8, 2, head_dim, torch.bfloat16)
+    q, k, v = qkv(2, 1000, 1000, 8, 2, head_dim, torch.bfloat16)
     got, call = run_and_check(monkeypatch, q, k, v, causal=True, deterministic=True)
     again = bwd_hopper.backward(*call, True)
     for name, x, y in zip(("dq", "dk", "dv"), got, again):
@@ -309,7 +292,7 @@ def test_deterministic_path_is_bitwise_stable(monkeypatch, head_dim):
 @pytest.mark.gpu
 @on_hopper
 def test_scope_and_routing(monkeypatch):
-    q, k, v = _qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
+    q, k, v = qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
     base = make_args(q, k, v, causal=False)
     assert bwd_hopper.supports(make_args(q, k, v, causal=True)) and bwd_hopper.supports(base)
     assert routes.backward_kernel(base, False) is bwd_hopper

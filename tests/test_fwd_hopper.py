@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hopper import COMMON_SHAPES, alternative_configs, gluon_required, on_hopper, qkv
 from inputs import FP8, cu_seqlens, descales, poison_new_buffers, randn
 from reference_math import attention_dense, attention_varlen
 from tolerance import assert_lse_matches, assert_matches_reference
@@ -32,20 +33,9 @@ from flash_attn_3.backends.params import AttnArgs
 from flash_attn_3.backends.triton import fwd_hopper
 
 TESTS = Path(__file__).resolve().parent
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-needs_gluon = pytest.mark.skipif(not fwd_hopper._GLUON_OK, reason="needs triton 3.6 with Gluon")
-# (head_dim, (BLOCK_N, STAGES, PINGPONG, PERSISTENT)): the configs the tuning bench times besides
-# the defaults, so none of its figures comes from a wrong kernel.
-ALT_CONFIGS = [(d, c) for d, cs in fwd_hopper.CANDIDATES.items() for c in cs]
-
-# (batch, seqlen_q, seqlen_k, heads_q, heads_k)
-SHAPES = [
-    (2, 1000, 1023, 4, 2),  # ragged tails on both sides, GQA
-    (1, 1023, 1000, 6, 1),  # seqlen_q > seqlen_k: causal rows above the diagonal see no key; MQA
-    (3, 128, 384, 2, 2),  # whole blocks only
-    (1, 1, 700, 8, 2),  # a single query row
-    (2, 77, 5, 4, 4),  # fewer keys than one block
+needs_gluon = gluon_required(fwd_hopper)
+ALT_CONFIGS = alternative_configs(fwd_hopper.CANDIDATES)
+SHAPES = COMMON_SHAPES + [
     (4, 2000, 1999, 8, 2),  # 512 tiles: a persistent program walks several
     (8, 640, 640, 4, 2),  # 160 tiles of 5 query blocks: causal pairs and a middle block alone
 ]
@@ -238,13 +228,6 @@ def run_and_check(monkeypatch, q, k, v, *, causal, softmax_scale=None, config=No
     assert_lse_matches("lse", lse, ref_lse)
 
 
-def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
-    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device="cuda", dtype=dtype)
-    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, device="cuda", dtype=dtype)
-            for _ in "kv")
-    return q, k, v
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -253,7 +236,7 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
 def test_matches_reference(monkeypatch, shape, causal, head_dim, dtype):
-    run_and_check(monkeypatch, *_qkv(*shape, head_dim, dtype), causal=causal)
+    run_and_check(monkeypatch, *qkv(*shape, head_dim, dtype), causal=causal)
 
 
 @pytest.mark.parametrize("head_dim,config", ALT_CONFIGS, ids=str)
@@ -262,7 +245,7 @@ def test_matches_reference(monkeypatch, shape, causal, head_dim, dtype):
 @pytest.mark.usefixtures("kernel_terminates")
 def test_alternative_configs(monkeypatch, head_dim, config):
     """The configs the tuning bench measures (causal: every code path), on 288 tiles."""
-    q, k, v = _qkv(3, 1500, 1700, 8, 4, head_dim, torch.bfloat16)
+    q, k, v = qkv(3, 1500, 1700, 8, 4, head_dim, torch.bfloat16)
     run_and_check(monkeypatch, q, k, v, causal=True, config=config)
 
 
@@ -271,7 +254,7 @@ def test_alternative_configs(monkeypatch, head_dim, config):
 @on_hopper
 @pytest.mark.usefixtures("kernel_terminates")
 def test_fp16(monkeypatch, causal):
-    run_and_check(monkeypatch, *_qkv(2, 513, 257, 6, 3, 128, torch.float16), causal=causal)
+    run_and_check(monkeypatch, *qkv(2, 513, 257, 6, 3, 128, torch.float16), causal=causal)
 
 
 @pytest.mark.gpu
@@ -279,15 +262,15 @@ def test_fp16(monkeypatch, causal):
 @pytest.mark.usefixtures("kernel_terminates")
 def test_strided_qkv_and_scale(monkeypatch):
     """q/k/v as views of one packed (B, S, 3, H, D) tensor, and a softmax_scale of the caller's."""
-    qkv = torch.randn(2, 600, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.unbind(2)
+    packed = torch.randn(2, 600, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = packed.unbind(2)
     run_and_check(monkeypatch, q, k, v, causal=True, softmax_scale=0.3)
 
 
 @pytest.mark.gpu
 @on_hopper
 def test_scope():
-    q, k, v = _qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
+    q, k, v = qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
     assert fwd_hopper.supports(make_args(q, k, v, causal=True))
     base = make_args(q, k, v, causal=False)
     out_of_scope = [
@@ -308,11 +291,11 @@ def test_scope():
 @on_hopper
 def test_routes_short_causal_d64_to_portable():
     """In scope, but fwd.py measured faster there (fwd_hopper._portable_faster)."""
-    q, k, v = _qkv(1, 1024, 1024, 4, 2, 64, torch.bfloat16)
+    q, k, v = qkv(1, 1024, 1024, 4, 2, 64, torch.bfloat16)
     assert fwd_hopper.in_scope(make_args(q, k, v, causal=True))
     assert not fwd_hopper.supports(make_args(q, k, v, causal=True))
     assert fwd_hopper.supports(make_args(q, k, v, causal=False))
-    q, k, v = _qkv(1, 4096, 4096, 4, 2, 64, torch.bfloat16)
+    q, k, v = qkv(1, 4096, 4096, 4, 2, 64, torch.bfloat16)
     assert fwd_hopper.supports(make_args(q, k, v, causal=True))
 
 
@@ -428,7 +411,7 @@ def test_varlen_fp16(monkeypatch, causal):
 def test_dense_seqused(monkeypatch, causal, head_dim):
     """Dense q/k/v cut short per row (a KV cache's filled length; the rest NaN): rows past
     seqused_q inside Sq are written as out 0, lse +inf."""
-    q, k, v = _qkv(5, 700, 900, 8, 2, head_dim, torch.bfloat16)
+    q, k, v = qkv(5, 700, 900, 8, 2, head_dim, torch.bfloat16)
     used_q, used_k = _used([700] * 5), _used([900] * 5)
     _poison_unused(q.flatten(0, 1), range(0, 5 * 700, 700), used_q, [700] * 5)
     for x in (k, v):
@@ -517,8 +500,8 @@ def test_fp8_values_copy_matches_the_p_operand_order():
     # forward copies it, and V as a strided slice of a packed qkv.
     for seqlen_k, head_dim, dtype in ((5, 16, torch.float32), (32, 16, FP8), (77, 80, FP8),
                                       (128, 16, torch.float32), (200, 64, FP8)):
-        qkv = torch.randn(2, seqlen_k, 3, 3, head_dim).to(dtype)
-        v = qkv[:, :, 2]
+        packed = torch.randn(2, seqlen_k, 3, 3, head_dim).to(dtype)
+        v = packed[:, :, 2]
         v_t = _values_keys_inner(v)
         padded = v_t.shape[-1]
         assert padded % 32 == 0 and padded >= seqlen_k and v_t.stride(-1) == 1

@@ -1,0 +1,39 @@
+"""What the Gluon Hopper kernel tests (test_fwd_hopper.py, test_bwd_hopper.py) share: the sm_90
+markers and the shapes every Hopper kernel must get right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+on_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+
+
+def gluon_required(kernel_module) -> pytest.MarkDecorator:
+    """Skip unless triton's Gluon API imported in kernel_module (fwd_hopper, bwd_hopper)."""
+    return pytest.mark.skipif(not kernel_module._GLUON_OK, reason="needs triton 3.6 with Gluon")
+
+
+def alternative_configs(candidates: dict) -> list:
+    """(head_dim, config) for each of a kernel's CANDIDATES: the configs its tuning bench times
+    besides the defaults, tested so that none of the bench's figures comes from a wrong kernel."""
+    return [(d, c) for d, cs in candidates.items() for c in cs]
+
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_k)
+COMMON_SHAPES = [
+    (2, 1000, 1023, 4, 2),  # ragged tails on both sides, GQA
+    (1, 1023, 1000, 6, 1),  # seqlen_q > seqlen_k: causal rows above the diagonal see no key; MQA
+    (3, 128, 384, 2, 2),  # whole blocks only
+    (1, 1, 700, 8, 2),  # a single query row
+    (2, 77, 5, 4, 4),  # fewer keys than one block
+]
+
+
+def qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype):
+    """Fresh random CUDA (B, S, H, D) q, k, v of one shape of these lists."""
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, device="cuda", dtype=dtype)
+            for _ in "kv")
+    return q, k, v
