@@ -72,7 +72,9 @@ def compile_for_sm90(args, kwargs):
                           options=options.__dict__)
 
 
-def report(kernel, keep: Path) -> dict:
+def assemble(kernel, keep: Path) -> tuple[str, str]:
+    """Writes the kernel's PTX and TTGIR under keep and assembles the PTX for sm_90a there
+    (kernel.cubin) with the ptxas the triton wheel ships: (PTX, ptxas' -v report)."""
     ptx = kernel.asm["ptx"]
     (keep / "kernel.ptx").write_text(ptx)
     (keep / "kernel.ttgir").write_text(kernel.asm["ttgir"])
@@ -80,15 +82,24 @@ def report(kernel, keep: Path) -> dict:
                             "-o", str(keep / "kernel.cubin")], capture_output=True, text=True)
     if ptxas.returncode != 0:
         raise SystemExit(ptxas.stderr)
-    registers = re.search(r"Used (\d+) registers", ptxas.stderr)
+    return ptx, ptxas.stderr
+
+
+def ptxas_figures(ptxas_report: str) -> dict:
+    registers = re.search(r"Used (\d+) registers", ptxas_report)
+    return dict(ptxas_registers=int(registers.group(1)) if registers else None,
+                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", ptxas_report)))
+
+
+def report(kernel, keep: Path) -> dict:
+    ptx, ptxas_report = assemble(kernel, keep)
     return dict(
         shared_bytes=kernel.metadata.shared,
         num_warps=kernel.metadata.num_warps,
         wgmma=ptx.count("wgmma.mma_async"),
         mma_sync=ptx.count("mma.sync"),
         cp_async=ptx.count("cp.async"),
-        ptxas_registers=int(registers.group(1)) if registers else None,
-        spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", ptxas.stderr)),
+        **ptxas_figures(ptxas_report),
     )
 
 

@@ -37,6 +37,7 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
+from scripts.aot_fwd import assemble, ptxas_figures  # noqa: E402
 
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None,
@@ -106,17 +107,10 @@ def kv_loops(sass: str) -> list:
 
 
 def report(kernel, keep: Path) -> dict:
-    ptx = kernel.asm["ptx"]
-    (keep / "kernel.ptx").write_text(ptx)
-    (keep / "kernel.ttgir").write_text(kernel.asm["ttgir"])
-    ptxas = subprocess.run([knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", str(keep / "kernel.ptx"),
-                            "-o", str(keep / "kernel.cubin")], capture_output=True, text=True)
-    if ptxas.returncode != 0:
-        raise SystemExit(ptxas.stderr)
+    ptx, ptxas_report = assemble(kernel, keep)
     sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(keep / "kernel.cubin")],
                           capture_output=True, text=True).stdout
     (keep / "kernel.sass").write_text(sass)
-    registers = re.search(r"Used (\d+) registers", ptxas.stderr)
     return dict(
         shared_bytes=kernel.metadata.shared,
         num_warps=kernel.metadata.num_warps,
@@ -127,9 +121,8 @@ def report(kernel, keep: Path) -> dict:
         tma_loads_ptx=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),
         setmaxnreg=sorted(set(int(n) for n in re.findall(
             r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
-        ptxas_registers=int(registers.group(1)) if registers else None,
-        spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", ptxas.stderr)),
-        ptxas_warnings=[line for line in ptxas.stderr.splitlines() if "arning" in line],
+        **ptxas_figures(ptxas_report),
+        ptxas_warnings=[line for line in ptxas_report.splitlines() if "arning" in line],
         kv_loops=kv_loops(sass),
     )
 
