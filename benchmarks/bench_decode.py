@@ -102,13 +102,8 @@ def kernel(module: str) -> Callable[[dict], Callable]:
         t = make_inputs(case)
         q, k, page_table = t["q"], t["k"], t["page_table"]
         capacity = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
-        a = AttnArgs(q=q, k=k, v=t["v"], qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                     seqused_q=None, seqused_k=t["cache_seqlens"], max_seqlen_q=1,
-                     max_seqlen_k=capacity, page_table=page_table, kv_batch_idx=None,
-                     leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
-                     softmax_scale=q.shape[-1] ** -0.5, window_left=-1, window_right=0,
-                     attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None,
-                     cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
+        a = AttnArgs.plain(q, k, t["v"], seqused_k=t["cache_seqlens"], max_seqlen_k=capacity,
+                           page_table=page_table, window_right=0, num_splits=0)
         forward = importlib.import_module(f"flash_attn_3.backends.triton.{module}").forward
         return lambda: forward(a)
 

@@ -47,13 +47,8 @@ def make_args(batch: int, ctx: int, page: int, heads=(HEADS_Q, HEADS_KV)) -> Att
     else:
         shape = (batch, ctx, heads_kv, HEAD_DIM)
     k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return AttnArgs(q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-                    seqused_k=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
-                    max_seqlen_q=1, max_seqlen_k=ctx, page_table=page_table, kv_batch_idx=None,
-                    leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
-                    softmax_scale=HEAD_DIM ** -0.5, window_left=-1, window_right=0,
-                    attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None, cp_world_size=1,
-                    cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
+    return AttnArgs.plain(q, k, v, seqused_k=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
+                          max_seqlen_k=ctx, page_table=page_table, window_right=0, num_splits=0)
 
 
 def tbps(fn, nbytes: int) -> float:

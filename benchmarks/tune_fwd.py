@@ -38,17 +38,6 @@ DECODE_BLOCKS = [(16, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 4)
                  (16, 128, 8, 3), (16, 256, 8, 2)]
 
 
-def attn_args(q, k, v, **kw) -> AttnArgs:
-    base = dict(qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
-                max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], page_table=None,
-                kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None,
-                v_descale=None, sinks=None, softmax_scale=q.shape[-1] ** -0.5, window_left=-1,
-                window_right=-1, attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None,
-                cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
-    base.update(kw)
-    return AttnArgs(q=q, k=k, v=v, **base)
-
-
 def bench_ms(fn) -> float:
     from triton.testing import do_bench
 
@@ -99,7 +88,7 @@ def prefill(log: Log):
             q, k, v = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
             extra = {name: torch.ones(b, h, device="cuda") for name in
                      ("q_descale", "k_descale", "v_descale")}
-        a = attn_args(q, k, v, window_right=0 if causal else -1, **extra)
+        a = AttnArgs.plain(q, k, v, window_right=0 if causal else -1, **extra)
         case = dict(part="prefill", dtype=dtype, D=d, N=n, B=b, H=h, causal=causal)
         tflop = 4 * b * h * n * n * d / (2 if causal else 1) / 1e12 * 1e3
         if dtype == "bf16":
@@ -121,13 +110,13 @@ def decode(log: Log):
             k, v = (torch.randn(pages, page, heads_kv, d, device="cuda", dtype=torch.bfloat16)
                     for _ in range(2))
             table = torch.randperm(pages, device="cuda", dtype=torch.int32).view(b, -1)
-            a = attn_args(q, k, v, page_table=table, max_seqlen_k=length,
-                          seqused_k=torch.full((b,), length, device="cuda", dtype=torch.int32),
-                          num_splits=0)
+            a = AttnArgs.plain(q, k, v, page_table=table, max_seqlen_k=length,
+                               seqused_k=torch.full((b,), length, device="cuda", dtype=torch.int32),
+                               num_splits=0)
         else:
             k, v = (torch.randn(b, length, heads_kv, d, device="cuda", dtype=torch.bfloat16)
                     for _ in range(2))
-            a = attn_args(q, k, v, num_splits=0)
+            a = AttnArgs.plain(q, k, v, num_splits=0)
         tbytes = 2 * b * length * heads_kv * d * 2 / 1e12 * 1e3
         case = dict(part="decode", B=b, L=length, paged=paged)
         if not paged:

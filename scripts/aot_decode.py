@@ -68,13 +68,10 @@ def main() -> None:
         table = torch.zeros(b, pages // b, dtype=torch.int32)
     else:
         k, table = torch.empty(b, args.ctx, hk, d, dtype=dt), None
-    a = AttnArgs(
-        q=torch.empty(b, 1, hq, d, dtype=dt), k=k, v=torch.empty_like(k), qv=None, cu_seqlens_q=None,
-        cu_seqlens_k=None, seqused_q=None, seqused_k=torch.zeros(b, dtype=torch.int32), max_seqlen_q=1,
-        max_seqlen_k=args.ctx, page_table=table, kv_batch_idx=None, leftpad_k=None, q_descale=None,
-        k_descale=None, v_descale=None, sinks=torch.zeros(hq) if args.sinks else None, softmax_scale=d ** -0.5,
-        window_left=-1, window_right=-1, attention_chunk=0, softcap=0.0, num_splits=args.splits, pack_gqa=None,
-        cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None)
+    a = AttnArgs.plain(
+        torch.empty(b, 1, hq, d, dtype=dt), k, torch.empty_like(k), seqused_k=torch.zeros(b, dtype=torch.int32),
+        max_seqlen_k=args.ctx, page_table=table, sinks=torch.zeros(hq) if args.sinks else None,
+        num_splits=args.splits)
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     append = None
     if args.append or args.rotary:

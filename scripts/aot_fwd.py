@@ -123,15 +123,9 @@ def build_args(p) -> AttnArgs:
         extra.update({n: torch.ones(batch, heads_kv) for n in ("q_descale", "k_descale",
                                                                "v_descale")})
     left, right = (int(x) for x in p.window.split(","))
-    return AttnArgs(
-        q=q, k=k, v=v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-        seqused_k=extra.pop("seqused_k", None), max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k,
-        page_table=extra.pop("page_table", None), kv_batch_idx=None, leftpad_k=None,
-        q_descale=extra.get("q_descale"), k_descale=extra.get("k_descale"),
-        v_descale=extra.get("v_descale"), sinks=None, softmax_scale=p.d ** -0.5,
-        window_left=left, window_right=0 if p.causal else right, attention_chunk=0, softcap=0.0,
-        num_splits=p.splits, pack_gqa=p.pack or None, cp_world_size=1, cp_rank=0,
-        cp_tot_seqused_k=None, scheduler_metadata=None)
+    return AttnArgs.plain(q, k, v, max_seqlen_k=seqlen_k, window_left=left,
+                          window_right=0 if p.causal else right, num_splits=p.splits,
+                          pack_gqa=p.pack or None, **extra)
 
 
 def main() -> None:

@@ -274,12 +274,7 @@ def launch_anatomy() -> None:
     lens = torch.full((1,), 1024, dtype=torch.int32, device=DEV)
     print("## launch anatomy (us per call, back-to-back, GPU work is a few us)")
     for splits in (1, 16):
-        a = AttnArgs(q=q, k=k, v=k, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-                     seqused_k=lens, max_seqlen_q=1, max_seqlen_k=4096, page_table=None, kv_batch_idx=None,
-                     leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
-                     softmax_scale=D ** -0.5, window_left=-1, window_right=0, attention_chunk=0, softcap=0.0,
-                     num_splits=splits, pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
-                     scheduler_metadata=None)
+        a = AttnArgs.plain(q, k, k, seqused_k=lens, window_right=0, num_splits=splits)
         fast = per_call_us(lambda: decode.forward(a))
         saved = decode._launch, combine._launch
         decode._launch, combine._launch = launch.Launcher(decode._decode_kernel), launch.Launcher(combine._combine_kernel)
@@ -308,12 +303,7 @@ def small_cache_gpu_time(steps: int = 32) -> None:
     caches = [(torch.randn(1, 1024, HK, D, device=DEV, dtype=DT), torch.randn(1, 1024, HK, D, device=DEV, dtype=DT))
               for _ in range(steps)]  # 16 MB of K+V: the replay does not run from L2
     lens = torch.full((1,), 1024, dtype=torch.int32, device=DEV)
-    base = AttnArgs(q=q, k=caches[0][0], v=caches[0][1], qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                    seqused_q=None, seqused_k=lens, max_seqlen_q=1, max_seqlen_k=1024, page_table=None,
-                    kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None,
-                    softmax_scale=D ** -0.5, window_left=-1, window_right=0, attention_chunk=0, softcap=0.0,
-                    num_splits=0, pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None,
-                    scheduler_metadata=None)
+    base = AttnArgs.plain(q, caches[0][0], caches[0][1], seqused_k=lens, window_right=0, num_splits=0)
     print(f"## GPU time, B=1 ctx 1k decode launches only (CUDA graph of {steps} calls, us per call)")
     print("| splits | config (BLOCK_N, warps, stages) | merge | us |")
     print("| --- | --- | --- | --- |")
