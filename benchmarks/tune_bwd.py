@@ -58,9 +58,9 @@ CANDIDATES = {
 
 
 def _args(q, k, v, causal):
-    from benchmarks.tune_fwd import attn_args
+    from flash_attn_3.backends.params import AttnArgs
 
-    return attn_args(q, k, v, window_right=0 if causal else -1)
+    return AttnArgs.plain(q, k, v, window_right=0 if causal else -1)
 
 
 def _cudnn_backward(q, k, v, dout, causal):
