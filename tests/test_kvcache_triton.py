@@ -614,6 +614,19 @@ def test_decode_gpu_long_single_sequence():
     _check_decode(a, softcap=False)
 
 
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_mqa_long_single_sequence():
+    """MQA at batch 1 over 128k keys, contiguous: one tile split ~115 ways, the 8-warp launch
+    (decode._CONTIGUOUS_WARPS_FEW_TILES), with every split merged by the last program."""
+    case = dict(page_size=None, seqlen_q=1, hq=8, hk=1, d=128, dv=128, splits=0)
+    a = _decode_inputs(case, torch.bfloat16, batch=1, capacity=131072, device=DEVICE)
+    a = AttnArgs(**{**a.__dict__, "seqused_k": torch.tensor([131072 - 5], dtype=torch.int32, device=DEVICE)})
+    plan = decode_mod._plan(1, 8, 1, 1, a.max_seqlen_k, 128, 128, False, a.q.device, 0, None)
+    assert plan.num_warps == decode_mod._CONTIGUOUS_WARPS_FEW_TILES and plan.num_splits > 16
+    _check_decode(a, softcap=False)
+
+
 def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
     cpu = torch.device("cpu")  # DEFAULT_NUM_SMS (H100) stands in for the device
     one_per_sm = decode_mod._plan(1, 32, 8, 1, 131072, 128, 128, False, cpu, 0, None)
