@@ -375,7 +375,9 @@ def render_section(doc: dict, name: str) -> str:
                 out.append(_fmt(cell[metric], metric))
         for num, den in spec["ratios"]:
             a = cells.get((label, num), {}).get(metric)
-            b = (doc["ceilings"].get(den.removeprefix("ceiling:")) if den.startswith("ceiling:")
+            # a row merged from another run (scripts/update_benchmarks.py) keeps that run's ceilings
+            own = cells.get((label, num), {}).get("ceilings") or doc["ceilings"]
+            b = (own.get(den.removeprefix("ceiling:")) if den.startswith("ceiling:")
                  else cells.get((label, den), {}).get(metric))
             # a latency ratio reads the other way round: smaller is better
             ratio = (b / a if metric == "us" else a / b) if a and b else None
@@ -387,12 +389,22 @@ def render_section(doc: dict, name: str) -> str:
     return f"**{spec['title']}**\n\n" + "\n".join(lines)
 
 
+def _ceilings_text(c: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in c.items() if isinstance(v, (int, float)))
+
+
 def run_header(doc: dict) -> str:
     m, c = doc["meta"], doc["ceilings"]
-    ceil = ", ".join(f"{k} {v:.3g}" for k, v in c.items() if isinstance(v, (int, float)))
-    head = (f"{m['date']}, {m['gpu']}, torch {m['torch']}, triton {m['triton']}, "
-            f"CUDA {m['cuda']}, cuDNN {m['cudnn']}, commit {m['commit']}"
-            + (f"; ceilings in the same run: {ceil}" if ceil else ""))
+    ceil = _ceilings_text(c)
+    if doc.get("runs"):  # merged by scripts/update_benchmarks.py: each run with its own ceilings
+        head = (f"{m['gpu']}, torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, "
+                f"cuDNN {m['cudnn']}; rows from the runs of "
+                + " and ".join(f"{r['date']} (commit {r['commit']}; ceilings in that run: "
+                               f"{_ceilings_text(r['ceilings'])})" for r in doc["runs"]))
+    else:
+        head = (f"{m['date']}, {m['gpu']}, torch {m['torch']}, triton {m['triton']}, "
+                f"CUDA {m['cuda']}, cuDNN {m['cudnn']}, commit {m['commit']}"
+                + (f"; ceilings in the same run: {ceil}" if ceil else ""))
     if doc.get("stop_reason"):
         head += f"; stopped early: {doc['stop_reason']}"
     return (FAKE_NOTE + "\n\n" + head) if doc["fake"] else head

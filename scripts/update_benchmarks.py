@@ -51,22 +51,31 @@ def _case_key(r: dict) -> tuple:
     return r["section"], json.dumps(r["case"], sort_keys=True)
 
 
+SAME_MACHINE = ("gpu", "torch", "triton", "cuda", "cudnn")
+
+
 def merge_runs(docs: list[dict]) -> dict:
-    """One doc of the same bench from several runs; each case keeps the rows of its last run."""
+    """One doc of the same bench from several runs; each case keeps the rows of its last run,
+    and each row the ceilings of its run. Runs on another GPU or software stack do not merge."""
     if len(docs) == 1:
         return docs[0]
+    first = docs[0]["meta"]
+    for doc in docs[1:]:
+        differ = [k for k in SAME_MACHINE if doc["meta"].get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{doc['bench']}: runs of {first.get('date')} and "
+                             f"{doc['meta'].get('date')} differ in {', '.join(differ)}: their rows "
+                             "cannot share a table")
     rows: dict[tuple, list] = {}
     for doc in docs:
         fresh: dict[tuple, list] = {}
         for r in doc["results"]:
-            fresh.setdefault(_case_key(r), []).append(r)
+            fresh.setdefault(_case_key(r), []).append(dict(r, ceilings=doc["ceilings"]))
         rows.update(fresh)
     merged = dict(docs[-1], results=[r for group in rows.values() for r in group],
-                  sections={k: v for d in docs for k, v in d["sections"].items()})
-    commits = {d["meta"]["commit"] for d in docs}
-    runs = [d["meta"]["date"] + ("" if len(commits) == 1 else f" (commit {d['meta']['commit']})")
-            for d in docs]
-    merged["meta"] = dict(docs[-1]["meta"], date="runs of " + " and ".join(runs))
+                  sections={k: v for d in docs for k, v in d["sections"].items()},
+                  runs=[dict(date=d["meta"]["date"], commit=d["meta"]["commit"],
+                             ceilings=d["ceilings"]) for d in docs])
     stops = [d.get("stop_reason") for d in docs if d.get("stop_reason")]
     merged["stop_reason"] = ("rows merged from runs that stopped early (" + "; ".join(stops)
                              + "), later runs filling the missing cases") if stops else None

@@ -163,18 +163,36 @@ def test_update_benchmarks_takes_measurements_only(bench, tmp_path):
 def test_update_benchmarks_merges_runs_case_by_case():
     from scripts import update_benchmarks
 
-    def run(date, rows):
-        return dict(bench="bench_t", meta=dict(date=date, commit="abc"), sections={"s": {}},
-                    stop_reason=None, results=[dict(section="s", case={"N": n}, impl=impl, ms=ms)
-                                               for n, impl, ms in rows])
+    def run(date, rows, copy_tbps=3.0, gpu="H100"):
+        return dict(bench="bench_t", meta=dict(date=date, commit="abc", gpu=gpu, torch="2",
+                                               triton="3", cuda="13", cudnn=1),
+                    ceilings={"copy_tbps": copy_tbps}, sections={"s": {}}, stop_reason=None,
+                    results=[dict(section="s", case={"N": n}, impl=impl, ms=ms)
+                             for n, impl, ms in rows])
 
-    first = run("d1", [(1, "ours", 1.0), (1, "cudnn", 2.0), (2, "ours", 3.0)])
+    first = run("d1", [(1, "ours", 1.0), (1, "cudnn", 2.0), (2, "ours", 3.0)], copy_tbps=2.0)
     second = run("d2", [(2, "ours", 5.0), (3, "ours", 7.0)])
     merged = update_benchmarks.merge_runs([first, second])
-    got = sorted((r["case"]["N"], r["impl"], r["ms"]) for r in merged["results"])
-    # case N=2 comes whole from the later run; N=1 keeps both rows of the first
-    assert got == [(1, "cudnn", 2.0), (1, "ours", 1.0), (2, "ours", 5.0), (3, "ours", 7.0)]
-    assert "d1" in merged["meta"]["date"] and "d2" in merged["meta"]["date"]
+    got = sorted((r["case"]["N"], r["impl"], r["ms"], r["ceilings"]["copy_tbps"])
+                 for r in merged["results"])
+    # case N=2 comes whole from the later run; N=1 keeps both rows, and the ceilings, of the first
+    assert got == [(1, "cudnn", 2.0, 2.0), (1, "ours", 1.0, 2.0), (2, "ours", 5.0, 3.0),
+                   (3, "ours", 7.0, 3.0)]
+    assert [r["date"] for r in merged["runs"]] == ["d1", "d2"]
+    with pytest.raises(SystemExit, match="differ in gpu"):
+        update_benchmarks.merge_runs([first, run("d3", [(1, "ours", 1.0)], gpu="H200")])
+
+
+def test_ceiling_ratios_use_each_rows_own_run(bench):
+    from benchmarks import harness
+
+    spec = dict(metric="tbps", ratios=[("ours", "ceiling:copy_tbps")], title="t")
+    doc = dict(ceilings={"copy_tbps": 3.0}, sections={"s": spec}, results=[
+        dict(section="s", case={"N": 1}, impl="ours", tbps=2.4, error=None,
+             ceilings={"copy_tbps": 2.4}),
+        dict(section="s", case={"N": 2}, impl="ours", tbps=2.4, error=None)])
+    table = harness.render_section(doc, "s")
+    assert "| 1 | 2.4" in table and "| 1.00 |" in table and "| 0.80 |" in table
 
 
 def test_gpu_check_script_parses_and_refuses_unknown_parts(tmp_path):

@@ -308,3 +308,18 @@ def test_gpu_batch_past_grid_limit():
     out, lse = fa.flash_attn_func(q, k, v, num_splits=4, return_attn_probs=True)
     torch.testing.assert_close(out, base, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_descale_stand_in_is_not_kept_from_a_graph_capture(monkeypatch):
+    """An absent fp8 descale reads a cached (1, 1) tensor of ones. One made while a CUDA graph is
+    being captured holds ones only when the graph replays, so it must not be the cached one."""
+    from flash_attn_3.backends.triton import fwd
+
+    device = torch.device("cpu")
+    monkeypatch.setattr(fwd, "_ONES", {})
+    monkeypatch.setattr(fwd, "_capturing", lambda d: True)
+    during = fwd._ones(device)
+    assert torch.equal(during, torch.ones(1, 1)) and device not in fwd._ONES
+    monkeypatch.setattr(fwd, "_capturing", lambda d: False)
+    after = fwd._ones(device)
+    assert after is not during and fwd._ones(device) is after

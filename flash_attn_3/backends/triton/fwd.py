@@ -427,10 +427,24 @@ def _num_splits(a: AttnArgs, num_heads_grid: int, rows: int, block_m: int, block
     return max(1, min(splits, triton.cdiv(max(a.max_seqlen_k, 1), block_n), 256))
 
 
-@functools.lru_cache(maxsize=None)
+_ONES: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _ones(device: torch.device) -> torch.Tensor:
-    """Stand-in for an absent fp8 descale, read with zero strides."""
-    return torch.ones((1, 1), dtype=torch.float32, device=device)
+    """Stand-in for an absent fp8 descale, read with zero strides (fwd.py and fwd_hopper.py).
+    One made during a CUDA graph capture is not kept: its fill is only recorded there (it runs
+    at each replay, before the kernel that reads it) and its memory is the graph's, so later
+    eager calls would read whatever that memory holds."""
+    ones = _ONES.get(device)
+    if ones is None:
+        ones = torch.ones((1, 1), dtype=torch.float32, device=device)
+        if not _capturing(device):
+            _ONES[device] = ones
+    return ones
 
 
 def _kv_strides(t: torch.Tensor, packed: bool):

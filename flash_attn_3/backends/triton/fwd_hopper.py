@@ -41,6 +41,7 @@ import os
 import torch
 
 from ..params import AttnArgs
+from . import fwd
 
 try:
     import triton
@@ -643,7 +644,8 @@ def _values_keys_inner(v: torch.Tensor) -> torch.Tensor:
     batch, seqlen_k, heads_k, head_dim = v.shape
     padded = -(-seqlen_k // 32) * 32
     v_t = torch.empty((batch, heads_k, head_dim, padded), dtype=v.dtype, device=v.device)
-    grid = (triton.cdiv(padded, _VT_BLOCK_K), batch * heads_k, triton.cdiv(head_dim, _VT_BLOCK_D))
+    # (batch, KV head) on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop at 65535)
+    grid = (batch * heads_k, triton.cdiv(padded, _VT_BLOCK_K), triton.cdiv(head_dim, _VT_BLOCK_D))
     as_int = _AS_INT[v.element_size()]
     _values_keys_inner_kernel[grid](
         v.view(as_int), v_t.view(as_int), seqlen_k, padded, heads_k, head_dim, *v.stride(),
@@ -659,10 +661,10 @@ if _GLUON_OK:
         """One (BLOCK_K keys, BLOCK_D dims) tile of one (batch, KV head): rows of V in, rows of
         V^T out. Output column a holds key sigma(a): within a group of 32, key bits
         (c4, c3, c2, c1, c0) = (a4, a1, a3, a2, a0)."""
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)
         b = bh // heads_k
         h = bh % heads_k
-        a = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         key = ((a & -32) | (a & 17) | ((a >> 2) & 1) << 1 | ((a >> 3) & 1) << 2
                | ((a >> 1) & 1) << 3)
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -673,17 +675,13 @@ if _GLUON_OK:
         tl.store(dst, tl.trans(x), mask=(d[:, None] < head_dim) & (a[None, :] < padded))
 
 
-@functools.lru_cache(maxsize=None)
-def _ones(device: torch.device) -> torch.Tensor:
-    """Stand-in for an absent fp8 descale, read with zero strides."""
-    return torch.ones((1, 1), dtype=torch.float32, device=device)
 
 
 def _descale_args(a: AttnArgs) -> tuple:
     """((q, k, v descale pointers), their six (batch, head) strides); an absent descale is 1."""
     tensors, strides = [], []
     for t in (a.q_descale, a.k_descale, a.v_descale):
-        tensors.append(_ones(a.q.device) if t is None else t)
+        tensors.append(fwd._ones(a.q.device) if t is None else t)
         strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
     return tuple(tensors), strides
 
