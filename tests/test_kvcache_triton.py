@@ -503,6 +503,40 @@ def test_decode_without_ring_merges_in_a_second_launch(monkeypatch):
     tol.assert_lse_matches("decode lse, separate merge", lse, ref_lse)
 
 
+def test_ticket_ring_gives_threads_distinct_slots():
+    """Threads launching at once (a serving engine's) must never get the same slots: one
+    ring.take racing another would let two launches count on one ticket. The cursor here yields
+    the thread at every read, so without the ring's lock the threads would interleave inside
+    take()."""
+    import threading
+    import time
+
+    class YieldingRing(decode_mod.TicketRing):
+        @property
+        def cursor(self):
+            value = self._cursor
+            time.sleep(1e-4)
+            return value
+
+        @cursor.setter
+        def cursor(self, value):
+            self._cursor = value
+
+    ring = YieldingRing(torch.device("cpu"))
+    got, start = [], threading.Barrier(8)
+
+    def worker():
+        start.wait()
+        got.extend(ring.take(4) for _ in range(40))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 320 and len(set(got)) == 320  # 1280 slots: no wrap, so no repeat
+
+
 def test_ticket_ring_takes_aligned_slots_and_wraps():
     ring = decode_mod.TicketRing(torch.device("cpu"))
     offsets = [ring.take(5) for _ in range(3)]

@@ -30,6 +30,7 @@ on Python ints only (CUDA-graph safe, no host sync).
 from __future__ import annotations
 
 import functools
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -437,14 +438,18 @@ class TicketRing:
             torch.cuda.synchronize(device)
         self.base = self.slots.data_ptr()
         self.cursor = 0
+        # Threads that launch at once (a serving engine's, or any under free-threaded Python)
+        # must not both read the cursor before either moves it: they would share slots.
+        self._lock = threading.Lock()
 
     def take(self, tiles: int) -> int:
         """Element offset of `tiles` free slots."""
         count = -(-tiles // 4) * 4
-        if self.cursor + count > TICKET_SLOTS:
-            self.cursor = 0
-        offset = self.cursor
-        self.cursor += count
+        with self._lock:
+            if self.cursor + count > TICKET_SLOTS:
+                self.cursor = 0
+            offset = self.cursor
+            self.cursor += count
         return offset
 
     def pointer(self, tiles: int) -> int:
@@ -452,6 +457,7 @@ class TicketRing:
 
 
 _RINGS: dict = {}
+_RINGS_LOCK = threading.Lock()
 
 
 def ticket_ring(device: torch.device) -> Optional[TicketRing]:
@@ -462,7 +468,10 @@ def ticket_ring(device: torch.device) -> Optional[TicketRing]:
     if ring is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        ring = _RINGS[device] = TicketRing(device)
+        with _RINGS_LOCK:  # one ring per device even when threads meet here first
+            ring = _RINGS.get(device)
+            if ring is None:
+                ring = _RINGS[device] = TicketRing(device)
     return ring
 
 
