@@ -1,0 +1,167 @@
+"""flash_attn_with_kvcache and flash_attn_varlen_func over random combinations of their features
+(hypothesis), on every backend.
+
+The parametrized cases of test_kvcache.py and test_flash_attn.py pick combinations by hand; here
+hypothesis draws them. For the kvcache call: cache layout (contiguous, pages of 1 / 3 / 16), masks
+(causal, window, chunk), rotary (none, part or all of d, interleaved or not, rotary_seqlens),
+cache_batch_idx, cache_leftpad, varlen q with packed new tokens, cache_seqlens as an int, head
+shapes, dv != d, sinks, softcap, fp16 / bf16 and the split count. For varlen prefill: lengths with
+empty sequences on either side, seqused_q / seqused_k, head shapes, dv != d, masks, softcap, sinks.
+Each call must either match the float64 reference by the spec's rule (and, for kvcache, leave the
+caches as test_kvcache's rules say) or refuse with a ValueError / TypeError / NotImplementedError
+that says what it refuses, leaving both caches as they were.
+
+Under CI=true the examples are derandomized (the same ones every run, so a red CI is never luck);
+elsewhere each run draws new ones. A failure prints the drawn case and seed, which replay it
+through _kv_inputs / _varlen_inputs after torch.manual_seed(seed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference_math as rm
+from conftest import BACKENDS, DEVICE, interpreted
+from test_flash_attn import _chunk, _used, _varlen_case, _varlen_inputs, _window
+from test_kvcache import _check_call, _kv_case, _kv_inputs
+from tolerance import assert_lse_matches, assert_matches_reference
+
+import flash_attn_interface
+
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
+
+
+@st.composite
+def kv_cases(draw, tiny: bool):
+    """A _kv_case with every feature drawn; tiny keeps the interpreter's work small."""
+    d = draw(st.sampled_from([16, 32] if tiny else [16, 32, 64]))
+    seqlen_q = draw(st.integers(1, 4 if tiny else 9))
+    case = _kv_case(
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        seqlen_q=seqlen_q,
+        # room for the new tokens and, with rotary, a table row for every q position
+        capacity=draw(st.integers(2 * seqlen_q + 2, 20 if tiny else 48)),
+        d=d,
+        dv=draw(st.sampled_from([None, 16, 32])),
+        heads=draw(st.sampled_from(["mha", "gqa", "mqa"])),
+        batch=draw(st.integers(1, 2 if tiny else 3)),
+        page_size=draw(st.sampled_from([None, 1, 3, 16])),
+        new_kv=draw(st.booleans()),
+        new_eq_q=draw(st.booleans()),
+        rotary=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        interleaved=draw(st.booleans()),
+        rotary_seqlens=draw(st.booleans()),
+        leftpad=draw(st.booleans()),
+        batch_idx=draw(st.booleans()),
+        varlen_q=draw(st.booleans()),
+        causal=draw(st.booleans()),
+        local=draw(st.booleans()),
+        chunk=draw(st.booleans()),
+        int_seqlens=draw(st.booleans()),
+        sinks=draw(st.booleans()),
+        softcap=draw(st.sampled_from([0.0, 0.0, 8.0])),
+    )
+    return case, draw(st.sampled_from([0, 1, 2])), draw(st.integers(0, 2**31 - 1))
+
+
+def _one_call(backend: str, case: dict, num_splits: int, seed: int, monkeypatch) -> None:
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
+    torch.manual_seed(seed)
+    args = _kv_inputs(case, DEVICE)
+    k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
+    try:
+        flash_attn_interface.flash_attn_with_kvcache(**dict(args, k_cache=k_cache, v_cache=v_cache),
+                                                     num_splits=num_splits)
+    except (ValueError, TypeError, NotImplementedError) as refusal:
+        # A refusal names what it refuses, and comes before anything is written.
+        assert len(str(refusal)) > 20, f"unclear refusal: {refusal!r}"
+        assert torch.equal(k_cache, args["k_cache"]), f"k_cache written before: {refusal}"
+        assert torch.equal(v_cache, args["v_cache"]), f"v_cache written before: {refusal}"
+        return
+    # Accepted: the answer and the caches must be right (a second call, on fresh copies).
+    _check_call(flash_attn_interface, args, softcap=case["softcap"] > 0, num_splits=num_splits)
+
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                      HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_random_feature_combinations(backend, monkeypatch):
+    tiny = interpreted(backend)
+
+    @settings(max_examples=15 if tiny else 40, **SETTINGS)
+    @given(drawn=kv_cases(tiny))
+    def check(drawn):
+        _one_call(backend, *drawn, monkeypatch)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_varlen_func: the same property for the prefill forward
+
+
+@st.composite
+def varlen_cases(draw, tiny: bool):
+    d = draw(st.sampled_from([8, 16, 32] if tiny else [8, 16, 32, 64]))
+    case = _varlen_case(
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        max_q=draw(st.integers(1, 12 if tiny else 40)),
+        max_k=draw(st.integers(1, 16 if tiny else 60)),
+        batch=draw(st.integers(1, 3)),
+        d=d,
+        dv=draw(st.sampled_from([None, None, 2 * d])),
+        heads=draw(st.sampled_from(["mha", "gqa", "mqa"])),
+        causal=draw(st.booleans()),
+        local=draw(st.booleans()),
+        chunk=draw(st.booleans()),
+        softcap=draw(st.sampled_from([0.0, 0.0, 8.0])),
+        unused=draw(st.booleans()),
+        zero_q=draw(st.booleans()),
+        zero_k=draw(st.booleans()),
+    )
+    return case, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+def _one_varlen_call(backend: str, case: dict, sinks: bool, seed: int, monkeypatch) -> None:
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
+    torch.manual_seed(seed)
+    q, k, v, cu_q, cu_k, seqused_q, seqused_k, max_q, max_k = _varlen_inputs(case, DEVICE)
+    kw = dict(causal=case["causal"], window_size=_window(case, max_k),
+              attention_chunk=_chunk(case, max_k), softcap=case["softcap"])
+    if sinks:
+        kw["sinks"] = torch.randn(q.shape[1], device=DEVICE) * 2
+    try:
+        out, lse = flash_attn_interface.flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, max_q, max_k, seqused_q=seqused_q, seqused_k=seqused_k,
+            return_attn_probs=True, **kw)
+    except (ValueError, TypeError, NotImplementedError) as refusal:
+        assert len(str(refusal)) > 20, f"unclear refusal: {refusal!r}"
+        return
+    args = (q, k, v, cu_q, cu_k)
+    ref, ref_lse = rm.attention_varlen(*args, seqused_q=seqused_q, seqused_k=seqused_k, **kw)
+    lowp, _ = rm.attention_varlen(*args, seqused_q=seqused_q, seqused_k=seqused_k, lowp=True, **kw)
+    used = _used(cu_q, seqused_q, q.shape[0])
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert_matches_reference("out", out, ref, lowp, rows=used, softcap=case["softcap"] > 0)
+    assert_lse_matches("lse", lse, ref_lse, rows=used)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_random_feature_combinations(backend, monkeypatch):
+    tiny = interpreted(backend)
+
+    @settings(max_examples=15 if tiny else 40, **SETTINGS)
+    @given(drawn=varlen_cases(tiny))
+    def check(drawn):
+        _one_varlen_call(backend, *drawn, monkeypatch)
+
+    check()
