@@ -71,7 +71,7 @@ def kv_cases(draw, tiny: bool):
     return case, draw(st.sampled_from([0, 1, 2])), draw(st.integers(0, 2**31 - 1))
 
 
-def _one_call(backend: str, case: dict, num_splits: int, seed: int, monkeypatch) -> None:
+def _one_kvcache_call(backend: str, case: dict, num_splits: int, seed: int, monkeypatch) -> None:
     monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
     torch.manual_seed(seed)
     args = _kv_inputs(case, DEVICE)
@@ -89,20 +89,23 @@ def _one_call(backend: str, case: dict, num_splits: int, seed: int, monkeypatch)
     _check_call(flash_attn_interface, args, softcap=case["softcap"] > 0, num_splits=num_splits)
 
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                      HealthCheck.too_slow])
+def _run_examples(backend: str, cases, one_call, monkeypatch) -> None:
+    """one_call(backend, *drawn, monkeypatch) for each drawn example; the interpreter gets fewer,
+    smaller ones."""
+    tiny = interpreted(backend)
+
+    @settings(max_examples=15 if tiny else 40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(drawn=cases(tiny))
+    def check(drawn):
+        one_call(backend, *drawn, monkeypatch)
+
+    check()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kvcache_random_feature_combinations(backend, monkeypatch):
-    tiny = interpreted(backend)
-
-    @settings(max_examples=15 if tiny else 40, **SETTINGS)
-    @given(drawn=kv_cases(tiny))
-    def check(drawn):
-        _one_call(backend, *drawn, monkeypatch)
-
-    check()
+    _run_examples(backend, kv_cases, _one_kvcache_call, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +160,4 @@ def _one_varlen_call(backend: str, case: dict, sinks: bool, seed: int, monkeypat
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_random_feature_combinations(backend, monkeypatch):
-    tiny = interpreted(backend)
-
-    @settings(max_examples=15 if tiny else 40, **SETTINGS)
-    @given(drawn=varlen_cases(tiny))
-    def check(drawn):
-        _one_varlen_call(backend, *drawn, monkeypatch)
-
-    check()
+    _run_examples(backend, varlen_cases, _one_varlen_call, monkeypatch)
