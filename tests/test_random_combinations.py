@@ -29,7 +29,7 @@ import reference_math as rm
 from conftest import BACKENDS, DEVICE, interpreted
 from test_flash_attn import _chunk, _used, _varlen_case, _varlen_inputs, _window
 from test_kvcache import _check_call, _kv_case, _kv_inputs
-from tolerance import assert_lse_matches, assert_matches_reference
+from tolerance import assert_grad_matches, assert_lse_matches, assert_matches_reference
 
 import flash_attn_interface
 
@@ -94,8 +94,9 @@ def _run_examples(backend: str, cases, one_call, monkeypatch) -> None:
     smaller ones."""
     tiny = interpreted(backend)
 
-    @settings(max_examples=15 if tiny else 40, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    # Health checks judge generation speed and fixture use, not the code under test: interpreted
+    # kernels are slow by design, and monkeypatch only sets the backend's variable.
+    @settings(max_examples=15 if tiny else 40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(drawn=cases(tiny))
     def check(drawn):
         one_call(backend, *drawn, monkeypatch)
@@ -134,25 +135,31 @@ def varlen_cases(draw, tiny: bool):
     return case, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
-def _one_varlen_call(backend: str, case: dict, sinks: bool, seed: int, monkeypatch) -> None:
-    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
+def _varlen_call(case: dict, sinks: bool, seed: int):
+    """(q, k, v, cu_q, cu_k, max_q, max_k, seqused, masks) of one drawn example: inputs fresh from
+    the seed, then the window and chunk drawn for max_k, then the sinks (dq, dk, dv flow through
+    the sink's share of P; the sink itself gets no gradient)."""
     torch.manual_seed(seed)
     q, k, v, cu_q, cu_k, seqused_q, seqused_k, max_q, max_k = _varlen_inputs(case, DEVICE)
     kw = dict(causal=case["causal"], window_size=_window(case, max_k),
               attention_chunk=_chunk(case, max_k), softcap=case["softcap"])
     if sinks:
         kw["sinks"] = torch.randn(q.shape[1], device=DEVICE) * 2
+    return q, k, v, cu_q, cu_k, max_q, max_k, dict(seqused_q=seqused_q, seqused_k=seqused_k), kw
+
+
+def _one_varlen_call(backend: str, case: dict, sinks: bool, seed: int, monkeypatch) -> None:
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
+    q, k, v, cu_q, cu_k, max_q, max_k, lens, kw = _varlen_call(case, sinks, seed)
     try:
         out, lse = flash_attn_interface.flash_attn_varlen_func(
-            q, k, v, cu_q, cu_k, max_q, max_k, seqused_q=seqused_q, seqused_k=seqused_k,
-            return_attn_probs=True, **kw)
+            q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **lens, **kw)
     except (ValueError, TypeError, NotImplementedError) as refusal:
         assert len(str(refusal)) > 20, f"unclear refusal: {refusal!r}"
         return
-    args = (q, k, v, cu_q, cu_k)
-    ref, ref_lse = rm.attention_varlen(*args, seqused_q=seqused_q, seqused_k=seqused_k, **kw)
-    lowp, _ = rm.attention_varlen(*args, seqused_q=seqused_q, seqused_k=seqused_k, lowp=True, **kw)
-    used = _used(cu_q, seqused_q, q.shape[0])
+    ref, ref_lse = rm.attention_varlen(q, k, v, cu_q, cu_k, **lens, **kw)
+    lowp, _ = rm.attention_varlen(q, k, v, cu_q, cu_k, lowp=True, **lens, **kw)
+    used = _used(cu_q, lens["seqused_q"], q.shape[0])
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert_matches_reference("out", out, ref, lowp, rows=used, softcap=case["softcap"] > 0)
     assert_lse_matches("lse", lse, ref_lse, rows=used)
@@ -161,3 +168,38 @@ def _one_varlen_call(backend: str, case: dict, sinks: bool, seed: int, monkeypat
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_random_feature_combinations(backend, monkeypatch):
     _run_examples(backend, varlen_cases, _one_varlen_call, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_varlen_func backward: dq, dk, dv of random combinations
+
+
+def _one_varlen_backward(backend: str, case: dict, sinks: bool, seed: int, monkeypatch) -> None:
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
+    q, k, v, cu_q, cu_k, max_q, max_k, lens, kw = _varlen_call(case, sinks, seed)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    try:
+        out = flash_attn_interface.flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, max_k,
+                                                          **lens, **kw)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, g)
+    except (ValueError, TypeError, NotImplementedError) as refusal:
+        # attention_chunk has no official backward: it must say so, never give a gradient
+        assert len(str(refusal)) > 20, f"unclear refusal: {refusal!r}"
+        return
+
+    def reference(lowp):
+        leaves_ref = [t.detach().to(t.dtype if lowp else torch.float64).requires_grad_()
+                      for t in (q, k, v)]
+        out_ref, _ = rm.attention_varlen(*leaves_ref, cu_q, cu_k, lowp=lowp, **lens, **kw)
+        return torch.autograd.grad(out_ref, leaves_ref, g.to(out_ref.dtype), allow_unused=True)
+
+    for name, got, want, base in zip("qkv", grads, reference(False), reference(True)):
+        if want is None:  # no row reaches this input (every sequence empty): its gradient is 0
+            want = base = torch.zeros_like(got, dtype=torch.float64)
+        assert_grad_matches(f"d{name}", got, want, base, softcap=case["softcap"] > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_backward_random_feature_combinations(backend, monkeypatch):
+    _run_examples(backend, varlen_cases, _one_varlen_backward, monkeypatch)

@@ -89,8 +89,12 @@ def assert_lse_matches(name: str, lse: torch.Tensor, ref: torch.Tensor, *, rows=
 
 def assert_grad_matches(name: str, grad: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor,
                         *, softcap: bool = False) -> None:
-    """Gradients, as the official tests judge them: the max-error rule with a small constant
-    (fp32 accumulation over the sequence) and 3x with softcap; floored like the output."""
+    """Gradients, as the official tests judge them: 2x (3x with softcap) the low-precision max
+    error, floored like the output, plus their small constant: twice the rounding error of
+    (g + 0.3) - 0.3 in the gradient's dtype, one rounding step at the gradient's magnitude (what
+    delta = rowsum(dO * O) loses when O is rounded to the input dtype; it binds on a few-element
+    gradient, where the max error is a noisy estimate), and 3e-4 more with softcap. 1e-4 besides:
+    fp32 accumulation noise where the exact gradient is 0 (one key: P = 1)."""
     assert grad is not None, f"{name}: no gradient"
     assert grad.shape == ref.shape, f"{name}: shape {tuple(grad.shape)}, expected {tuple(ref.shape)}"
     grad_dtype = grad.dtype
@@ -102,5 +106,8 @@ def assert_grad_matches(name: str, grad: torch.Tensor, ref: torch.Tensor, ref_lo
     rounding = (ref.to(grad_dtype).to(F64) - ref).abs().max().item()
     base = max((ref_lowp - ref).abs().max().item(), rounding)
     mult = 3.0 if softcap else 2.0
-    slack = 1e-4 + (3e-4 if softcap else 0.0)
-    assert err <= mult * base + slack, f"{name}: max err {err:.3g}, low-precision max err {base:.3g}"
+    in_dtype = ref.to(grad_dtype)
+    step = ((in_dtype + 0.3) - 0.3 - in_dtype).abs().max().to(F64).item()
+    slack = 1e-4 + 2 * step + (3e-4 if softcap else 0.0)
+    assert err <= mult * base + slack, (f"{name}: max err {err:.3g}, low-precision max err "
+                                        f"{base:.3g}, constant {slack:.3g}")
