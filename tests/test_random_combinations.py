@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import reference_math as rm
 from conftest import BACKENDS, DEVICE, interpreted
-from test_flash_attn import _chunk, _used, _varlen_case, _varlen_inputs, _window
+from test_flash_attn import _case, _chunk, _qkv, _used, _varlen_case, _varlen_inputs, _window
 from test_kvcache import _check_call, _kv_case, _kv_inputs
 from tolerance import assert_grad_matches, assert_lse_matches, assert_matches_reference
 
@@ -113,14 +113,12 @@ def test_kvcache_random_feature_combinations(backend, monkeypatch):
 # flash_attn_varlen_func: the same property for the prefill forward
 
 
-@st.composite
-def varlen_cases(draw, tiny: bool):
+def _attention_fields(draw, tiny: bool):
+    """(longest q, longest k, the prefill case fields both layouts share): dtype, head dims,
+    head shape, masks, softcap."""
     d = draw(st.sampled_from([8, 16, 32] if tiny else [8, 16, 32, 64]))
-    case = _varlen_case(
+    fields = dict(
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
-        max_q=draw(st.integers(1, 12 if tiny else 40)),
-        max_k=draw(st.integers(1, 16 if tiny else 60)),
-        batch=draw(st.integers(1, 3)),
         d=d,
         dv=draw(st.sampled_from([None, None, 2 * d])),
         heads=draw(st.sampled_from(["mha", "gqa", "mqa"])),
@@ -128,6 +126,18 @@ def varlen_cases(draw, tiny: bool):
         local=draw(st.booleans()),
         chunk=draw(st.booleans()),
         softcap=draw(st.sampled_from([0.0, 0.0, 8.0])),
+    )
+    return draw(st.integers(1, 12 if tiny else 40)), draw(st.integers(1, 16 if tiny else 60)), fields
+
+
+@st.composite
+def varlen_cases(draw, tiny: bool):
+    max_q, max_k, fields = _attention_fields(draw, tiny)
+    case = _varlen_case(
+        max_q=max_q,
+        max_k=max_k,
+        batch=draw(st.integers(1, 3)),
+        **fields,
         unused=draw(st.booleans()),
         zero_q=draw(st.booleans()),
         zero_k=draw(st.booleans()),
@@ -203,3 +213,43 @@ def _one_varlen_backward(backend: str, case: dict, sinks: bool, seed: int, monke
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_backward_random_feature_combinations(backend, monkeypatch):
     _run_examples(backend, varlen_cases, _one_varlen_backward, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_func: dense batches, with the speed-only knobs (num_splits, pack_gqa) drawn too
+
+
+@st.composite
+def dense_cases(draw, tiny: bool):
+    seqlen_q, seqlen_k, fields = _attention_fields(draw, tiny)
+    case = _case(seqlens=(seqlen_q, seqlen_k), batch=draw(st.integers(1, 2)), **fields)
+    knobs = dict(num_splits=draw(st.sampled_from([0, 1, 3])),
+                 pack_gqa=draw(st.sampled_from([None, False, True])))
+    return case, knobs, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+def _one_dense_call(backend: str, case: dict, knobs: dict, sinks: bool, seed: int,
+                    monkeypatch) -> None:
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", backend)
+    torch.manual_seed(seed)
+    q, k, v = _qkv(case, DEVICE)
+    kw = dict(causal=case["causal"], window_size=_window(case, k.shape[1]),
+              attention_chunk=_chunk(case, k.shape[1]), softcap=case["softcap"])
+    if sinks:
+        kw["sinks"] = torch.randn(q.shape[2], device=DEVICE) * 2
+    try:
+        out, lse = flash_attn_interface.flash_attn_func(q, k, v, return_attn_probs=True, **knobs,
+                                                        **kw)
+    except (ValueError, TypeError, NotImplementedError) as refusal:
+        assert len(str(refusal)) > 20, f"unclear refusal: {refusal!r}"
+        return
+    ref, ref_lse = rm.attention_dense(q, k, v, **kw)
+    lowp, _ = rm.attention_dense(q, k, v, lowp=True, **kw)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert_matches_reference("out", out, ref, lowp, softcap=case["softcap"] > 0)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_random_feature_combinations(backend, monkeypatch):
+    _run_examples(backend, dense_cases, _one_dense_call, monkeypatch)
