@@ -5,7 +5,7 @@ The parametrized cases of test_kvcache.py and test_flash_attn.py pick combinatio
 hypothesis draws them. For the kvcache call: cache layout (contiguous, pages of 1 / 3 / 16), masks
 (causal, window, chunk), rotary (none, part or all of d, interleaved or not, rotary_seqlens),
 cache_batch_idx, cache_leftpad, varlen q with packed new tokens, cache_seqlens as an int, head
-shapes, dv != d, sinks, softcap, fp16 / bf16 and the split count. For varlen prefill: lengths with
+shapes, dv != d, qv, sinks, softcap, fp16 / bf16 / fp8 and the split count. For varlen prefill: lengths with
 empty sequences on either side, seqused_q / seqused_k, head shapes, dv != d, masks, softcap, sinks.
 Each call must either match the float64 reference by the spec's rule (and, for kvcache, leave the
 caches as test_kvcache's rules say) or refuse with a ValueError / TypeError / NotImplementedError
@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import reference_math as rm
 from conftest import BACKENDS, DEVICE, interpreted
+from inputs import FP8
 from test_flash_attn import _case, _chunk, _qkv, _used, _varlen_case, _varlen_inputs, _window
 from test_kvcache import _check_call, _kv_case, _kv_inputs
 from tolerance import assert_grad_matches, assert_lse_matches, assert_matches_reference
@@ -43,13 +44,16 @@ def kv_cases(draw, tiny: bool):
     """A _kv_case with every feature drawn; tiny keeps the interpreter's work small."""
     d = draw(st.sampled_from([16, 32] if tiny else [16, 32, 64]))
     seqlen_q = draw(st.integers(1, 4 if tiny else 9))
+    # qv (absorbed MLA) needs head_dim_v >= 256
+    qv = draw(st.sampled_from([False, False, True]))
     case = _kv_case(
-        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16, FP8])),
         seqlen_q=seqlen_q,
         # room for the new tokens and, with rotary, a table row for every q position
         capacity=draw(st.integers(2 * seqlen_q + 2, 20 if tiny else 48)),
         d=d,
-        dv=draw(st.sampled_from([None, 16, 32])),
+        dv=256 if qv else draw(st.sampled_from([None, 16, 32])),
+        qv=qv,
         heads=draw(st.sampled_from(["mha", "gqa", "mqa"])),
         batch=draw(st.integers(1, 2 if tiny else 3)),
         page_size=draw(st.sampled_from([None, 1, 3, 16])),
@@ -86,7 +90,8 @@ def _one_kvcache_call(backend: str, case: dict, num_splits: int, seed: int, monk
         assert torch.equal(v_cache, args["v_cache"]), f"v_cache written before: {refusal}"
         return
     # Accepted: the answer and the caches must be right (a second call, on fresh copies).
-    _check_call(flash_attn_interface, args, softcap=case["softcap"] > 0, num_splits=num_splits)
+    _check_call(flash_attn_interface, args, fp8=case["dtype"] == FP8, softcap=case["softcap"] > 0,
+                num_splits=num_splits)
 
 
 def _run_examples(backend: str, cases, one_call, monkeypatch) -> None:
