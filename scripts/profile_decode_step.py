@@ -23,6 +23,7 @@ launch stubbed (TRITON_INTERPRET=1): the host layers only, for comparing branche
 
 import contextlib
 import cProfile
+import functools
 import importlib
 import io
 import os
@@ -134,6 +135,25 @@ def latency_table() -> None:
               f"{slow_attend:.1f} | {slow_append:.1f} | {peer:.1f} | {ours_attend / peer:.2f} |")
 
 
+def graph_us_per_call(calls, replays: int = 20) -> float:
+    """GPU time per call of one CUDA graph holding every call of `calls` (in order). The first two
+    run eagerly before the capture: compiles, plans and the ticket ring happen outside it."""
+    for call in calls[:2]:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / replays / len(calls) * 1e6
+
+
 def append_step_gpu_time(steps: int = 32) -> None:
     """GPU time of one planned append+attend step at B=1 ctx 1k, per call of a CUDA graph of
     `steps` calls on distinct caches (16 MB of K+V: not from L2): one launch (the decode kernel
@@ -149,20 +169,7 @@ def append_step_gpu_time(steps: int = 32) -> None:
                 with contextlib.ExitStack() as stack:
                     if not fused:
                         stack.enter_context(_two_launch_appends())
-                    for call in calls[:2]:  # compile, plan, ticket ring: outside the capture
-                        call()
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        for call in calls:
-                            call()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(20):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                    row.append(f"{(time.perf_counter() - start) / 20 / steps * 1e6:.2f}")
+                    row.append(f"{graph_us_per_call(calls):.2f}")
             print(f"| {rotary} | {capacity} | {row[0]} | {row[1]} |")
 
 
@@ -313,20 +320,8 @@ def small_cache_gpu_time(steps: int = 32) -> None:
         calls = [dataclasses.replace(base, k=k, v=v, num_splits=splits) for k, v in caches]
         decode.ticket_ring = ring if in_place else (lambda device: None)
         try:
-            for a in calls[:2]:
-                decode.forward(a, config)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for a in calls:
-                    decode.forward(a, config)
-            graph.replay()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(20):
-                graph.replay()
-            torch.cuda.synchronize()
-            value = f"{(time.perf_counter() - start) / 20 / steps * 1e6:.2f}"
+            us = graph_us_per_call([functools.partial(decode.forward, a, config) for a in calls])
+            value = f"{us:.2f}"
         except Exception as error:  # a config past the shared memory limit: report, keep going
             value = f"failed: {type(error).__name__}"
         finally:
