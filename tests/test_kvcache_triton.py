@@ -675,10 +675,6 @@ def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
     assert one_per_sm.num_warps == 4  # GQA 32/8: eight tiles
     mqa = decode_mod._plan(1, 8, 1, 1, 131072, 128, 128, False, cpu, 0, None)
     assert mqa.num_warps == decode_mod._CONTIGUOUS_WARPS_FEW_TILES and mqa.num_splits > 16
-    # the one-program merge takes 64 fp32 registers a thread per load: twice the splits at 8 warps
-    assert decode_mod._merge_splits_per_load(16, 128, mqa.num_splits, 4) == 4
-    assert decode_mod._merge_splits_per_load(16, 128, mqa.num_splits, 8) == 8
-    assert decode_mod._merge_splits_per_load(16, 128, 3, 8) == 4  # a power of two covering 3
 
 
 @gpu

@@ -475,13 +475,11 @@ def ticket_ring(device: torch.device) -> Optional[TicketRing]:
     return ring
 
 
-def _merge_splits_per_load(block_m: int, block_dv: int, num_splits: int, num_warps: int = 4) -> int:
-    """Splits one merge load covers: a (row, split, column) tile of 64 fp32 registers a thread
-    (8K elements at 4 warps, 16K at 8), a power of two, no more than covers the splits. The loads are
-    dependent round trips to L2 made by one program, so an 8-warp launch (MQA at batch 1: ~115
-    splits of one tile) takes twice the splits per trip: 15 trips instead of 29."""
+def _merge_splits_per_load(block_m: int, block_dv: int, num_splits: int) -> int:
+    """Splits one merge load covers: an 8K-element (row, split, column) tile, 64 fp32 registers
+    a thread at 4 warps, power of two, no more than the splits."""
     per_load = 1
-    while per_load * 2 * block_m * block_dv <= 2048 * num_warps and per_load < num_splits:
+    while per_load * 2 * block_m * block_dv <= 8192 and per_load < num_splits:
         per_load *= 2
     return per_load
 
@@ -703,7 +701,7 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         a.leftpad_k is not None, a.kv_batch_idx is not None,
         paged, k.shape[1] if paged else 1, has_window,
         a.attention_chunk > 0, softcap > 0, a.sinks is not None,
-        num_splits > 1, fused, _merge_splits_per_load(block_m, block_dv, num_splits, num_warps) if fused else 1,
+        num_splits > 1, fused, _merge_splits_per_load(block_m, block_dv, num_splits) if fused else 1,
         append is not None, rotary, rotary and append.rotary_interleaved,
         rotary and append.rotate_q_per_token, rotary and append.rotary_seqlens is not None,
     ), num_warps, num_stages)]
