@@ -8,6 +8,7 @@ best configs feed decode.py (_CONTIGUOUS_STAGES, _CONTIGUOUS_STAGES_RESIDENT, _P
 scheduler.decode_block_n / DECODE_PROGRAMS_PER_SM / DECODE_MIN_EFFICIENCY.
 
     python -m benchmarks.tune_decode [--budget SECONDS] [--out DIR] [--case B,CTX,PAGE ...]
+        [--heads HQ,HK] [--splits S,S] [--configs N/W/ST,N/W/ST]
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ def main() -> None:
     p.add_argument("--case", action="append", default=[], metavar="B,CTX,PAGE",
                    help="time these cases instead of CASES (repeatable)")
     p.add_argument("--heads", default=f"{HEADS_Q},{HEADS_KV}", metavar="HQ,HK")
+    p.add_argument("--splits", default="", metavar="S,S,...",
+                   help="forced split counts at batch 1 (default: FORCED_SPLITS)")
+    p.add_argument("--configs", default="", metavar="N/W/ST,...",
+                   help="(BLOCK_N, num_warps, num_stages) candidates (default: CONFIGS); with --splits, "
+                        "every forced split count is also timed with every candidate")
     args = p.parse_args()
+    forced = tuple(int(x) for x in args.splits.split(",") if x) or FORCED_SPLITS
+    configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",") if c] or CONFIGS
     cases = [tuple(int(x) for x in c.split(",")) for c in args.case] or CASES
     args.out.mkdir(parents=True, exist_ok=True)
     started, rows = time.monotonic(), []
@@ -98,8 +106,12 @@ def main() -> None:
             trials.append(("cudnn", cudnn(a)))
         if batch == 1:
             trials += [(f"splits={s}", lambda a=dataclasses.replace(a, num_splits=s): decode.forward(a))
-                       for s in FORCED_SPLITS]
-        trials += [(f"config={c}", lambda a=a, c=c: decode.forward(a, c)) for c in CONFIGS]
+                       for s in forced]
+        trials += [(f"config={c}", lambda a=a, c=c: decode.forward(a, c)) for c in configs]
+        if batch == 1 and args.splits and args.configs:
+            trials += [(f"splits={s} config={c}",
+                        lambda a=dataclasses.replace(a, num_splits=s), c=c: decode.forward(a, c))
+                       for s in forced for c in configs]
         for what, fn in trials:
             if time.monotonic() - started > args.budget:
                 break
