@@ -5,7 +5,7 @@ causal or not, bf16, layout (B, N, H, D). TFLOP/s = 2.5 × the forward's 4·B·H
 causal. Columns: `gluon` (bwd_hopper.CONFIGS: dQ by TMA reduce-add in the kernel; D = 256 by
 the split-role kernel), `gluon <BLOCK_M,STAGES,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S>`
 (bwd_hopper.CANDIDATES, N = 4k only), `gluon_det` (deterministic: the Gluon dK/dV kernel plus
-bwd.py's atomic-free dQ kernel), `tl` (bwd.py at its untuned default configs, as it runs below
+bwd.py's atomic-free dQ kernel; `gluon_det <config>`: bwd_hopper.DETERMINISTIC_CANDIDATES, N = 4k), `tl` (bwd.py at its untuned default configs, as it runs below
 the autotune threshold; deterministic) and `cudnn` (autograd through SDPA). Every gluon variant's
 dq/dk/dv are compared with cuDNN's on the same inputs before it is timed: a mismatch is an error
 row, so a fast wrong kernel never shows up as a figure.
@@ -119,6 +119,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         name = "gluon " + ",".join(str(int(x)) for x in config)
                         run.measure("bwd", case, name,
                                     lambda c=config: gluon_call(case, inputs(), c), flops=flops)
+                    for config in bwd_hopper.DETERMINISTIC_CANDIDATES.get(case["D"], []):
+                        name = "gluon_det " + ",".join(str(int(x)) for x in config)
+                        run.measure("bwd", case, name, lambda c=config: gluon_call(
+                            case, inputs(), c, deterministic=True), flops=flops)
             run.measure("bwd", case, "tl", lambda: tl_call(case, inputs()), flops=flops)
 
 

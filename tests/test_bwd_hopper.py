@@ -37,7 +37,8 @@ from flash_attn_3.backends.triton import bwd_hopper, routes
 
 TESTS = Path(__file__).resolve().parent
 needs_gluon = gluon_required(bwd_hopper)
-ALT_CONFIGS = alternative_configs(bwd_hopper.CANDIDATES)
+ALT_CONFIGS = (alternative_configs(bwd_hopper.CANDIDATES)
+               + alternative_configs(bwd_hopper.DETERMINISTIC_CANDIDATES))
 SHAPES = COMMON_SHAPES + [
     (2, 640, 700, 8, 2),  # a group of 4 query heads per KV head over several blocks
 ]
@@ -93,9 +94,9 @@ def test_candidates_compile_for_sm90(head_dim, config):
     got = json.loads(done.stdout.splitlines()[-1])
     block_m = config.block_m
     # S^T, dP^T (K = D), dV, dK (K = BLOCK_M), dQ (K = 128 keys, one wgmma row of 64 queries
-    # at a time), the prologue's S^T
-    per_warpgroup = (2 * head_dim // 16 + 2 * block_m // 16
-                     + block_m // 64 * bwd_hopper.BLOCK_N // 16 + head_dim // 16)
+    # at a time; none where bwd.py computes dQ), the prologue's S^T
+    dq_wgmma = block_m // 64 * bwd_hopper.BLOCK_N // 16 if config.dq_in_kernel else 0
+    per_warpgroup = 2 * head_dim // 16 + 2 * block_m // 16 + dq_wgmma + head_dim // 16
     assert got["wgmma_ptx"] == 2 * per_warpgroup and got["hgmma_sass"] == got["wgmma_ptx"], got
     # lse2 and delta: one rank-2 copy each (a row of the (B * H, S) statistics)
     assert got["tma_loads_2d_ptx"] == 2, got
@@ -174,7 +175,7 @@ _SMOKE = textwrap.dedent("""
     # what the tests below compile: the defaults both ways; causal only, the alternatives and
     # the deterministic variant (the default with dQ left to bwd.py). seqlen_q = 1001: the
     # statistics' rows are not a whole number of 16 bytes long.
-    det = [(d, c._replace(dq_in_kernel=False)) for d, c in bwd_hopper.CONFIGS.items()]
+    det = list(bwd_hopper.DETERMINISTIC_CONFIGS.items())
     for head_dim, config in [(d, None) for d in bwd_hopper.CONFIGS] + ALT_CONFIGS + det:
         for causal in (True, ) if config else (False, True):
             q, do = (torch.randn(2, 1001, 8, head_dim, device="cuda", dtype=torch.bfloat16)

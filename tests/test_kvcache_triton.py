@@ -490,6 +490,15 @@ def test_decode_fused_merge_every_split_count():
     _fused_merge_case(DEVICE, batch=3, hq=4, hk=2, capacity=300, config=(16, 4, 1), splits_list=range(1, 17))
 
 
+def test_decode_fused_merge_in_two_levels(monkeypatch):
+    """Launches of more splits than a merge group merge each group, then the groups (groups of 4
+    here so the interpreter sees full, ragged and empty groups: splits 5..16 over 19 blocks)."""
+    monkeypatch.setattr(decode_mod, "MERGE_GROUP", 4)
+    assert decode_mod._ticket_counters(6, 9) == 6 * (1 + 3)
+    _fused_merge_case(DEVICE, batch=3, hq=4, hk=2, capacity=300, config=(16, 4, 1),
+                      splits_list=[5, 8, 9, 13, 16])
+
+
 def test_decode_without_ring_merges_in_a_second_launch(monkeypatch):
     """No ring (a graph capture of the first call): the split launch writes partials and
     combine.py merges them in a second launch, to the same reference."""
@@ -669,9 +678,9 @@ def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
     crowded = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, False, cpu, 0, None)
     assert crowded.num_splits == 1 and crowded.num_stages == decode_mod._CONTIGUOUS_STAGES_RESIDENT
     paged = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, True, cpu, 0, None)
-    assert paged.num_stages == decode_mod._PAGED_STAGES and paged.num_warps == 4
+    assert paged.num_stages == decode_mod._PAGED_STAGES and paged.num_warps == decode_mod._PAGED_WARPS
     alone = decode_mod._plan(1, 32, 8, 1, 131072, 128, 128, True, cpu, 0, None)
-    assert alone.num_warps == decode_mod._PAGED_WARPS_ALONE and alone.num_splits > 1
+    assert alone.num_warps == decode_mod._PAGED_WARPS and alone.num_splits > 1
     assert one_per_sm.num_warps == 4  # GQA 32/8: eight tiles
     mqa = decode_mod._plan(1, 8, 1, 1, 131072, 128, 128, False, cpu, 0, None)
     assert mqa.num_warps == decode_mod._CONTIGUOUS_WARPS_FEW_TILES and mqa.num_splits > 16

@@ -93,6 +93,15 @@ CANDIDATES = {
     128: [Config(64, 2), Config(64, 2, True, True, True)],
     256: [Config(64, 1, True, True)],
 }
+# Deterministic calls leave dQ to bwd.py: without the dQ staging buffer the dK/dV kernel has
+# shared memory for more stages (D = 64: 83 KB at 3 stages, 101 KB at 4, 118 KB at 5; one CTA an
+# SM either way, its 12 warps at 168 registers fill the register file). The default is CONFIGS'
+# with dQ off; DETERMINISTIC_CANDIDATES are timed against it (benchmarks/tune_bwd_hopper.py).
+DETERMINISTIC_CONFIGS = {d: c._replace(dq_in_kernel=False) for d, c in CONFIGS.items()}
+DETERMINISTIC_CANDIDATES = {
+    64: [Config(64, 4, False, True), Config(64, 5, False, True), Config(64, 4, False, True, True)],
+    128: [Config(64, 3, False, True), Config(64, 2, False, True, True)],
+}
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
 # prep()'s lse2 / delta rows (one per batch and query head) start on 16 bytes: a TMA copy must
@@ -685,7 +694,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
 
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    cfg = Config(*config) if config is not None else CONFIGS[head_dim]
+    cfg = Config(*config) if config is not None else (DETERMINISTIC_CONFIGS if deterministic else CONFIGS)[head_dim]
     dq_in_kernel = cfg.dq_in_kernel and not deterministic
     if cfg.prefetch_s and not cfg.stats_smem:
         raise ValueError(f"{cfg}: prefetch_s needs stats_smem")

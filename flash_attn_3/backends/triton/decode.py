@@ -59,10 +59,11 @@ LOG2E = 1.4426950408889634
 _CONTIGUOUS_STAGES = 3
 _CONTIGUOUS_STAGES_RESIDENT = 2
 _PAGED_STAGES = 5
-# A paged launch with at most one program per SM (batch 1, long context, split) is latency-bound
-# on its gather: 8 warps keep more rows in flight. H100, B=1 ctx 64k GQA 32/8 D 128
-# (benchmarks/tune_decode.py, 17:20 UTC): 2.37 against 2.31 TB/s at pages of 16 and of 64.
-_PAGED_WARPS_ALONE = 8
+# Paged launches take 8 warps: the gather is issued row by row, and twice the warps keep twice the
+# rows in flight. H100, GQA 32/8 D 128 page 16 (benchmarks/tune_decode.py): B=1 ctx 64k (one
+# program per SM) 2.36 against 2.30 TB/s at (64, 8, 5) / (64, 4, 5); B=64 ctx 4k (512 programs)
+# 2.87 against 2.57.
+_PAGED_WARPS = 8
 # Contiguous caches too, where a few tiles are split many ways (MQA at batch 1: one tile, ~115
 # splits of ~1k keys): H100, Hq/Hk 8/1 D 128 ctx 128k, 1.06 against 0.86 TB/s (cuDNN 1.49). GQA
 # 32/8 at batch 1 (8 tiles, 16 splits) was not timed with 8 warps and keeps 4.
@@ -161,13 +162,13 @@ def _attend_block(blk, q, m_i, l_i, acc, k_head, v_head, kv_row, k_tok0, leftpad
 # `== 1` / `% 16` pattern of them, with no faster code.
 @triton.jit(do_not_specialize=[
     "window_left", "window_right", "chunk", "seqused_add", "seqlen_q_static", "seqlen_k_static",
-    "num_m_blocks", "num_splits", "seqlen_ro"])
+    "num_m_blocks", "num_splits", "num_tiles", "seqlen_ro"])
 def _decode_kernel(
     Q, K, V, Out, Lse, Final, FinalLse, Tickets, Sinks,
     CuSeqlensQ, CuSeqlensK, SequsedK, LeftpadK, KvBatchIdx, PageTable,
     KNew, VNew, Cos, Sin, RotarySeqlens,
     qk_scale, softcap_in, softcap_out, window_left, window_right, chunk, seqused_add,
-    num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits, rotary_dim, seqlen_ro,
+    num_heads_kv, seqlen_q_static, seqlen_k_static, num_m_blocks, num_splits, num_tiles, rotary_dim, seqlen_ro,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -181,7 +182,7 @@ def _decode_kernel(
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr, MERGE_GROUP: tl.constexpr,
     APPEND: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, Q_PER_TOKEN: tl.constexpr,
     HAS_ROTARY_SEQLENS: tl.constexpr,
 ):
@@ -344,16 +345,47 @@ def _decode_kernel(
         # Every thread's partial stores precede the CTA barrier, the barrier precedes thread 0's
         # release (the ticket): the last program's acquire then sees all of the tile's partials.
         tl.debug_barrier()
-        ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v,
-                          num_splits,
-                          stride_o_split, stride_ob, stride_os, stride_oh,
-                          stride_l_split, stride_lb, stride_ls, stride_lh,
-                          stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
-                          HEAD_DIM_V, BLOCK_M, BLOCK_DV, HAS_SINKS, MERGE_S)
-            # Back to 0 for the next launch on this slot (kernel boundaries order it).
-            tl.store(Tickets + tile, 0)
+        if MERGE_GROUP > 0:
+            # Two levels: the last program of each group of MERGE_GROUP splits merges the group
+            # into its first split's slot (lse -inf where empty, no sinks), then the last group
+            # merges the groups. Its serial tail is one group and the group results, not every
+            # split (MQA at batch 1: ~115 splits of one tile), and the group merges overlap
+            # with splits still streaming K/V.
+            group = split // MERGE_GROUP
+            g0 = group * MERGE_GROUP
+            members = tl.minimum(num_splits - g0, MERGE_GROUP)
+            n_groups = tl.cdiv(num_splits, MERGE_GROUP)
+            group_slot = Tickets + num_tiles + tile * n_groups + group
+            ticket = tl.atomic_add(group_slot, 1, sem="acq_rel", scope="gpu")
+            if ticket == members - 1:
+                o_g = Out + g0.to(tl.int64) * stride_o_split
+                l_g = Lse + g0.to(tl.int64) * stride_l_split
+                _merge_splits(o_g, l_g, o_g, l_g, Sinks, batch, tok, head_q, row_ok, cols_v, members,
+                              stride_o_split, stride_ob, stride_os, stride_oh,
+                              stride_l_split, stride_lb, stride_ls, stride_lh,
+                              stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+                              HEAD_DIM_V, BLOCK_M, BLOCK_DV, False, MERGE_S, False)
+                tl.store(group_slot, 0)
+                tl.debug_barrier()
+                ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_groups - 1:
+                    _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v, n_groups,
+                                  stride_o_split * MERGE_GROUP, stride_ob, stride_os, stride_oh,
+                                  stride_l_split * MERGE_GROUP, stride_lb, stride_ls, stride_lh,
+                                  stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
+                                  HEAD_DIM_V, BLOCK_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
+                    tl.store(Tickets + tile, 0)
+        else:
+            ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v,
+                              num_splits,
+                              stride_o_split, stride_ob, stride_os, stride_oh,
+                              stride_l_split, stride_lb, stride_ls, stride_lh,
+                              stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
+                              HEAD_DIM_V, BLOCK_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
+                # Back to 0 for the next launch on this slot (kernel boundaries order it).
+                tl.store(Tickets + tile, 0)
 
 
 @triton.jit
@@ -362,11 +394,13 @@ def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, 
                   stride_l_split, stride_lb, stride_ls, stride_lh,
                   stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
                   HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  HAS_SINKS: tl.constexpr, MERGE_S: tl.constexpr):
+                  HAS_SINKS: tl.constexpr, MERGE_S: tl.constexpr, FINAL: tl.constexpr):
     """combine.py's math for one tile's rows, in one pass: MERGE_S splits' lse and partial outputs
     per load (independent loads: one memory round trip per MERGE_S splits), rescaled online.
     Every split of a fused launch wrote its partial (an empty one: out 0, lse -inf), so all are
-    read. .cg loads: the partials were written by other SMs in this launch (L2, not this L1)."""
+    read. .cg loads: the partials were written by other SMs in this launch (L2, not this L1).
+    FINAL: write out / lse as the call returns them (sinks, +inf where empty); otherwise a
+    partial again (-inf where empty), which may overwrite the first split read."""
     splits = tl.arange(0, MERGE_S)
     col_ok = cols_v < HEAD_DIM_V
     batch = batch.to(tl.int64)
@@ -392,7 +426,7 @@ def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, 
         acc = acc * scale[:, None] + tl.sum(weight[:, :, None] * part, 1)
         m = m_new
     empty = total == 0.0
-    if HAS_SINKS:
+    if HAS_SINKS and FINAL:
         # The sink logit joins the denominator only of rows that saw a key (spec: empty rows stay empty).
         sink = tl.load(Sinks + head_q, mask=row_ok & ~empty, other=float("-inf")).to(tl.float32)
         m_fin = tl.maximum(m, sink)
@@ -403,7 +437,7 @@ def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, 
         m = m_fin
     pivot = tl.where(m == float("-inf"), 0.0, m)
     out = acc / tl.where(empty, 1.0, total)[:, None]
-    lse = tl.where(empty, float("inf"), tl.log(tl.where(empty, 1.0, total)) + pivot)
+    lse = tl.where(empty, float("inf") if FINAL else float("-inf"), tl.log(tl.where(empty, 1.0, total)) + pivot)
     f_ptrs = Final + batch * stride_fb + tok[:, None] * stride_fs + head_q[:, None] * stride_fh + cols_v[None, :]
     tl.store(f_ptrs, out.to(Final.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     tl.store(FinalLse + batch * stride_flb + tok * stride_fls + head_q * stride_flh, lse, mask=row_ok)
@@ -411,7 +445,7 @@ def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, 
 
 # Constexpr order: GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, VARLEN_Q,
 # VARLEN_K, HAS_SEQUSED_K, HAS_LEFTPAD, HAS_KV_BATCH_IDX, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK,
-# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S, APPEND, HAS_ROTARY, INTERLEAVED,
+# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S, MERGE_GROUP, APPEND, HAS_ROTARY, INTERLEAVED,
 # Q_PER_TOKEN, HAS_ROTARY_SEQLENS.
 _launch = Launcher(_decode_kernel)
 
@@ -473,6 +507,22 @@ def ticket_ring(device: torch.device) -> Optional[TicketRing]:
             if ring is None:
                 ring = _RINGS[device] = TicketRing(device)
     return ring
+
+
+# Splits per group of a two-level in-launch merge; launches of at most this many splits merge in
+# one level. 16 at MERGE_S 4 (D 128) is 4 loads a group: ~115 splits make 8 groups, a tail of 4 + 2
+# dependent loads where one level took 29.
+MERGE_GROUP = 16
+
+
+def _merge_group(num_splits: int) -> int:
+    return MERGE_GROUP if num_splits > MERGE_GROUP else 0
+
+
+def _ticket_counters(tiles: int, num_splits: int) -> int:
+    """Counters a fused launch uses: one per tile, plus one per group of a two-level merge."""
+    group = _merge_group(num_splits)
+    return tiles * (1 + (-(-num_splits // group) if group else 0))
 
 
 def _merge_splits_per_load(block_m: int, block_dv: int, num_splits: int) -> int:
@@ -559,8 +609,7 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
     warps = 4
     if paged:
         stages = _PAGED_STAGES
-        if programs <= num_sms(device):
-            warps = _PAGED_WARPS_ALONE
+        warps = _PAGED_WARPS
     elif programs >= 2 * num_sms(device):
         stages = _CONTIGUOUS_STAGES_RESIDENT
     else:
@@ -592,10 +641,10 @@ def partials_numel(a: AttnArgs, config: Optional[tuple[int, int, int]] = None) -
 
 def fused_tiles(a: AttnArgs, config: Optional[tuple[int, int, int]] = None) -> int:
     """Ticket counters a call's launch needs to merge its splits in place; 0 when it runs unsplit
-    or has more tiles than a ring holds (then the merge is a second launch)."""
+    or needs more counters than a ring holds (then the merge is a second launch)."""
     plan = _call_plan(a, config)
-    tiles = a.batch_size * a.num_heads_kv * plan.num_m_blocks
-    return tiles if plan.num_splits > 1 and tiles <= TICKET_SLOTS else 0
+    counters = _ticket_counters(a.batch_size * a.num_heads_kv * plan.num_m_blocks, plan.num_splits)
+    return counters if plan.num_splits > 1 and counters <= TICKET_SLOTS else 0
 
 
 def _num_tokens(a: AttnArgs) -> int:
@@ -614,7 +663,7 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
     """The launches that fill `out` / `lse` (from `outputs`). partials: a flat fp32 buffer of at
     least partials_numel(a) elements for split launches (allocated here when None). seqused_add:
     added to every seqused_k entry on the device (an append launch's new tokens). tickets: zeroed
-    int32 counters, one per tile (`fused_tiles`), for a split launch that merges in place (default:
+    int32 counters (`fused_tiles` of them), for a split launch that merges in place (default:
     slots of the device's ring; without a ring the merge is a second launch). append: the step's
     new token, written by the decode launch (`fusable_append` must hold; seqused_add 1)."""
     if append is not None and seqused_add != 1:
@@ -664,12 +713,13 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
     tiles = batch * num_heads_kv * num_m_blocks
     grid = (tiles, num_splits)
     fused = False
-    if num_splits > 1 and tiles <= TICKET_SLOTS:
+    counters = _ticket_counters(tiles, num_splits)
+    if num_splits > 1 and counters <= TICKET_SLOTS:
         if tickets is None:
             ring = ticket_ring(device)
             if ring is not None:
-                offset = ring.take(tiles)
-                tickets = ring.slots[offset:offset + tiles]
+                offset = ring.take(counters)
+                tickets = ring.slots[offset:offset + counters]
         fused = tickets is not None
     f_strides = unsplit_strides(out, lse, varlen_q)
     rotary = append is not None and append.rotary_cos is not None
@@ -690,7 +740,7 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         a.softmax_scale * LOG2E, a.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
         a.window_left, a.window_right, a.attention_chunk, seqused_add,
         num_heads_kv, seqlen_q, a.page_table.shape[1] * k.shape[1] if paged else (0 if varlen_k else k.shape[1]),
-        num_m_blocks, num_splits,
+        num_m_blocks, num_splits, tiles,
         2 * append.rotary_cos.shape[1] if rotary else 0, append.rotary_cos.shape[0] if rotary else 0,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *f_strides[0][1:], *f_strides[1][1:],
         a.page_table.stride(0) if paged else 0, *new_strides,
@@ -702,6 +752,7 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         paged, k.shape[1] if paged else 1, has_window,
         a.attention_chunk > 0, softcap > 0, a.sinks is not None,
         num_splits > 1, fused, _merge_splits_per_load(block_m, block_dv, num_splits) if fused else 1,
+        _merge_group(num_splits) if fused else 0,
         append is not None, rotary, rotary and append.rotary_interleaved,
         rotary and append.rotate_q_per_token, rotary and append.rotary_seqlens is not None,
     ), num_warps, num_stages)]

@@ -45,7 +45,7 @@ class StepPlan:
                  tickets: Optional[tuple] = None):
         self.num_inputs = num_inputs
         self.allocs = allocs  # (size, stride, dtype, device) per allocated role, after the inputs
-        self.tickets = tickets  # (ring, tiles): the last role, its pointer taken per call
+        self.tickets = tickets  # (ring, counters): the last role, its pointer taken per call
         self.bounds = bounds
         residues = {}
         for bound in bounds:
@@ -66,9 +66,9 @@ class StepPlan:
             roles.append(torch.empty_strided(size, stride, dtype=dtype, device=device))
         ptrs = [0 if t is None else t.data_ptr() for t in roles]
         if self.tickets is not None:
-            ring, tiles = self.tickets
+            ring, counters = self.tickets
             roles.append(ring.slots)
-            ptrs.append(ring.pointer(tiles))
+            ptrs.append(ring.pointer(counters))
         for role, residue in self.residues:
             if ptrs[role] & 15 != residue:
                 return None
@@ -119,9 +119,9 @@ def plan(inputs: Sequence[Optional[torch.Tensor]], append_args: Optional[tuple],
             lse = workspace[:lse_numel].view(lse.shape)
     if need_lse:
         allocated.insert(1, lse)
-    tiles = decode.fused_tiles(a)
+    counters = decode.fused_tiles(a)
     # Without a ring yet (this first call is being captured) the plan merges in a second launch.
-    ring = decode.ticket_ring(a.q.device) if tiles else None
+    ring = decode.ticket_ring(a.q.device) if counters else None
     launches += decode.launches(a, out, lse, partials, seqused_add, tickets=ring.slots if ring else None,
                                 append=fused)
     roles = list(inputs) + allocated + ([ring.slots] if ring else [])
@@ -130,4 +130,4 @@ def plan(inputs: Sequence[Optional[torch.Tensor]], append_args: Optional[tuple],
     except Unbindable:
         return None
     return StepPlan(len(inputs), [_alloc(t) for t in allocated], bounds, len(inputs),
-                    len(inputs) + 1 if need_lse else None, (ring, tiles) if ring else None)
+                    len(inputs) + 1 if need_lse else None, (ring, counters) if ring else None)
