@@ -4,6 +4,8 @@ Section bandwidth: TB/s of K+V bytes read (2·B·ctx·Hk·D·2 for bf16) against
 copy ceiling of the same run; GQA 32/8 and 8/1, D 128 and 64, batch 1..128, context 1k..128k,
 contiguous cache (page=0) or paged (page 16, 64; pages scattered by a random page table). Peers
 (contiguous only: SDPA has no page table): cuDNN and FA2 through SDPA with enable_gqa.
+Bandwidth is GPU time: one call captured in a CUDA graph, replayed after an L2 flush, for every
+implementation alike (host overhead is the latency section's subject).
 Section latency: batch 1, context 1k, µs per step, eager (host overhead included: a wall clock
 over back-to-back calls) and CUDA-graph replay of 32 captured steps (as a 32-layer decode step).
 Besides `ours` (the public API, routed by the dispatcher), `decode_kernel` and `fwd_kernel` call
@@ -131,14 +133,18 @@ def eager_ms(fn: Callable, calls: int = 100, repeats: int = 7, warmup: int = 50)
     return min(times)
 
 
-def graph_ms(fn: Callable, steps: int = GRAPH_STEPS) -> float:
-    """Per-step time of replaying one CUDA graph holding `steps` calls."""
+def graph_ms(fn: Callable, steps: int = GRAPH_STEPS, warmup: int = 3) -> float:
+    """Per-step time of replaying one CUDA graph holding `steps` calls: GPU time without the
+    host's. With steps=1 it is the bandwidth section's timer (L2 flushed before every replay):
+    timed as direct calls, a kernel of ~50 us (MQA at batch 1) measured the Python that
+    launches it whenever the host was slower than do_bench's L2 flush (H100, 19:02 UTC: one
+    config timed 0.70 and 1.55 TB/s in one run)."""
     from flash_attn_3.bench import median_ms
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compiles, autotunes) must happen outside capture
-        for _ in range(steps):
+        for _ in range(max(steps, warmup)):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -178,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with Runner("bench_decode", args, sections, CASE_KEYS) as run:
         for case in bandwidth_cases(args.quick):
             if run.keep(case):
-                measure_case(run, "bandwidth", case)
+                measure_case(run, "bandwidth", case, functools.partial(graph_ms, steps=1))
         for case in latency_cases():
             if run.keep(case):
                 timer = eager_ms if case["mode"] == "eager" else graph_ms
