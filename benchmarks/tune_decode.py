@@ -8,7 +8,7 @@ best configs feed decode.py (_CONTIGUOUS_STAGES, _CONTIGUOUS_STAGES_RESIDENT, _P
 scheduler.decode_block_n / DECODE_PROGRAMS_PER_SM / DECODE_MIN_EFFICIENCY.
 
     python -m benchmarks.tune_decode [--budget SECONDS] [--out DIR] [--case B,CTX,PAGE ...]
-        [--heads HQ,HK] [--splits S,S] [--configs N/W/ST,N/W/ST]
+        [--heads HQ,HK] [--head-dim D] [--splits S,S] [--configs N/W/ST,N/W/ST]
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ FORCED_SPLITS = (8, 16, 32, 48, 64, 96, 128)
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 
 
-def make_args(batch: int, ctx: int, page: int, heads=(HEADS_Q, HEADS_KV)) -> AttnArgs:
+def make_args(batch: int, ctx: int, page: int, heads=(HEADS_Q, HEADS_KV), head_dim: int = HEAD_DIM) -> AttnArgs:
     heads_q, heads_kv = heads
-    q = torch.randn(batch, 1, heads_q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, 1, heads_q, head_dim, device="cuda", dtype=torch.bfloat16)
     page_table = None
     if page:
         page_table = torch.randperm(batch * ctx // page, device="cuda").to(torch.int32).view(batch, -1)
-        shape = (batch * ctx // page, page, heads_kv, HEAD_DIM)
+        shape = (batch * ctx // page, page, heads_kv, head_dim)
     else:
-        shape = (batch, ctx, heads_kv, HEAD_DIM)
+        shape = (batch, ctx, heads_kv, head_dim)
     k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     return AttnArgs.plain(q, k, v, seqused_k=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
                           max_seqlen_k=ctx, page_table=page_table, window_right=0, num_splits=0)
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--case", action="append", default=[], metavar="B,CTX,PAGE",
                    help="time these cases instead of CASES (repeatable)")
     p.add_argument("--heads", default=f"{HEADS_Q},{HEADS_KV}", metavar="HQ,HK")
+    p.add_argument("--head-dim", type=int, default=HEAD_DIM)
     p.add_argument("--splits", default="", metavar="S,S,...",
                    help="forced split counts at batch 1 (default: FORCED_SPLITS)")
     p.add_argument("--configs", default="", metavar="N/W/ST,...",
@@ -97,9 +98,9 @@ def main() -> None:
     for batch, ctx, page in cases:
         if time.monotonic() - started > args.budget:
             break
-        a = make_args(batch, ctx, page, tuple(int(x) for x in args.heads.split(",")))
+        a = make_args(batch, ctx, page, tuple(int(x) for x in args.heads.split(",")), args.head_dim)
         nbytes = 2 * a.k.numel() * a.k.element_size()
-        case = f"B={batch} ctx={ctx} page={page} heads={args.heads}"
+        case = f"B={batch} ctx={ctx} page={page} heads={args.heads} D={args.head_dim}"
         # cheapest first (no compile each): a budget cut drops config rows, not the peer
         trials = [("default", lambda a=a: decode.forward(a))]
         if not page:

@@ -182,7 +182,8 @@ def _decode_kernel(
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr, MERGE_GROUP: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr, MERGE_M: tl.constexpr,
+    MERGE_GROUP: tl.constexpr,
     APPEND: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, Q_PER_TOKEN: tl.constexpr,
     HAS_ROTARY_SEQLENS: tl.constexpr,
 ):
@@ -345,6 +346,7 @@ def _decode_kernel(
         # Every thread's partial stores precede the CTA barrier, the barrier precedes thread 0's
         # release (the ticket): the last program's acquire then sees all of the tile's partials.
         tl.debug_barrier()
+        tile_rows = tl.minimum(seqlen_q * GROUP - m_block * BLOCK_M, BLOCK_M)
         if MERGE_GROUP > 0:
             # Two levels: the last program of each group of MERGE_GROUP splits merges the group
             # into its first split's slot (lse -inf where empty, no sinks), then the last group
@@ -360,42 +362,66 @@ def _decode_kernel(
             if ticket == members - 1:
                 o_g = Out + g0.to(tl.int64) * stride_o_split
                 l_g = Lse + g0.to(tl.int64) * stride_l_split
-                _merge_splits(o_g, l_g, o_g, l_g, Sinks, batch, tok, head_q, row_ok, cols_v, members,
+                _merge_splits(o_g, l_g, o_g, l_g, Sinks, batch, tok0, m_block * BLOCK_M, tile_rows, head_kv, cols_v,
+                              members,
                               stride_o_split, stride_ob, stride_os, stride_oh,
                               stride_l_split, stride_lb, stride_ls, stride_lh,
                               stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-                              HEAD_DIM_V, BLOCK_M, BLOCK_DV, False, MERGE_S, False)
+                              GROUP, HEAD_DIM_V, MERGE_M, BLOCK_DV, False, MERGE_S, False)
                 tl.store(group_slot, 0)
                 tl.debug_barrier()
                 ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
                 if ticket == n_groups - 1:
-                    _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v, n_groups,
+                    _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok0, m_block * BLOCK_M, tile_rows,
+                                  head_kv, cols_v, n_groups,
                                   stride_o_split * MERGE_GROUP, stride_ob, stride_os, stride_oh,
                                   stride_l_split * MERGE_GROUP, stride_lb, stride_ls, stride_lh,
                                   stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
-                                  HEAD_DIM_V, BLOCK_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
+                                  GROUP, HEAD_DIM_V, MERGE_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
                     tl.store(Tickets + tile, 0)
         else:
             ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:
-                _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v,
-                              num_splits,
+                _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok0, m_block * BLOCK_M, tile_rows, head_kv,
+                              cols_v, num_splits,
                               stride_o_split, stride_ob, stride_os, stride_oh,
                               stride_l_split, stride_lb, stride_ls, stride_lh,
                               stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
-                              HEAD_DIM_V, BLOCK_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
+                              GROUP, HEAD_DIM_V, MERGE_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
                 # Back to 0 for the next launch on this slot (kernel boundaries order it).
                 tl.store(Tickets + tile, 0)
 
 
 @triton.jit
-def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v, num_splits,
+def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok0, row0, n_rows, head_kv, cols_v, num_splits,
                   stride_o_split, stride_ob, stride_os, stride_oh,
                   stride_l_split, stride_lb, stride_ls, stride_lh,
                   stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  GROUP: tl.constexpr, HEAD_DIM_V: tl.constexpr, MERGE_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_SINKS: tl.constexpr, MERGE_S: tl.constexpr, FINAL: tl.constexpr):
-    """combine.py's math for one tile's rows, in one pass: MERGE_S splits' lse and partial outputs
+    """combine.py's math for the n_rows packed rows of a tile from row0, loaded MERGE_M rows wide:
+    a decode tile of GQA 32/8 has BLOCK_M = 16 (the dot's minimum) but 4 rows, so a load sized
+    by BLOCK_M would spend three quarters of its registers on masked rows. n_rows <= MERGE_M:
+    the host takes MERGE_M = BLOCK_M or a power of two covering every tile's rows."""
+    r = tl.arange(0, MERGE_M)
+    rows = row0 + r
+    head_q = head_kv * GROUP + rows % GROUP
+    tok = (tok0 + rows // GROUP).to(tl.int64)
+    _merge_rows(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, r < n_rows, cols_v, num_splits,
+                stride_o_split, stride_ob, stride_os, stride_oh,
+                stride_l_split, stride_lb, stride_ls, stride_lh,
+                stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
+                HEAD_DIM_V, MERGE_M, BLOCK_DV, HAS_SINKS, MERGE_S, FINAL)
+
+
+@triton.jit
+def _merge_rows(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, cols_v, num_splits,
+                stride_o_split, stride_ob, stride_os, stride_oh,
+                stride_l_split, stride_lb, stride_ls, stride_lh,
+                stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
+                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                HAS_SINKS: tl.constexpr, MERGE_S: tl.constexpr, FINAL: tl.constexpr):
+    """combine.py's math for BLOCK_M rows, in one pass: MERGE_S splits' lse and partial outputs
     per load (independent loads: one memory round trip per MERGE_S splits), rescaled online.
     Every split of a fused launch wrote its partial (an empty one: out 0, lse -inf), so all are
     read. .cg loads: the partials were written by other SMs in this launch (L2, not this L1).
@@ -445,7 +471,7 @@ def _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, 
 
 # Constexpr order: GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, VARLEN_Q,
 # VARLEN_K, HAS_SEQUSED_K, HAS_LEFTPAD, HAS_KV_BATCH_IDX, PAGED, PAGE_SIZE, HAS_WINDOW, HAS_CHUNK,
-# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S, MERGE_GROUP, APPEND, HAS_ROTARY, INTERLEAVED,
+# HAS_SOFTCAP, HAS_SINKS, SPLIT, FUSED_COMBINE, MERGE_S, MERGE_M, MERGE_GROUP, APPEND, HAS_ROTARY, INTERLEAVED,
 # Q_PER_TOKEN, HAS_ROTARY_SEQLENS.
 _launch = Launcher(_decode_kernel)
 
@@ -510,8 +536,8 @@ def ticket_ring(device: torch.device) -> Optional[TicketRing]:
 
 
 # Splits per group of a two-level in-launch merge; launches of at most this many splits merge in
-# one level. 16 at MERGE_S 4 (D 128) is 4 loads a group: ~115 splits make 8 groups, a tail of 4 + 2
-# dependent loads where one level took 29.
+# one level. A group of 16 is one load of a decode tile's rows (_merge_splits_per_load): MQA at
+# batch 1 (~122 splits, 8 groups) has a serial tail of two loads where one level took 29.
 MERGE_GROUP = 16
 
 
@@ -525,11 +551,18 @@ def _ticket_counters(tiles: int, num_splits: int) -> int:
     return tiles * (1 + (-(-num_splits // group) if group else 0))
 
 
-def _merge_splits_per_load(block_m: int, block_dv: int, num_splits: int) -> int:
-    """Splits one merge load covers: an 8K-element (row, split, column) tile, 64 fp32 registers
-    a thread at 4 warps, power of two, no more than the splits."""
+def _merge_rows_per_load(block_m: int, rows_per_tile: int) -> int:
+    """Rows one merge load covers: the tile's rows that exist (GQA 32/8 decode: 4 of 16)."""
+    return min(block_m, triton.next_power_of_2(rows_per_tile))
+
+
+def _merge_splits_per_load(merge_m: int, block_dv: int, num_splits: int, num_warps: int) -> int:
+    """Splits one merge load covers: a (row, split, column) tile of 64 fp32 registers a thread,
+    a power of two, no more than covers the splits. The loads are dependent round trips to L2
+    made by one program: GQA 32/8 takes its 16 splits in one (four before rows were sized by
+    the tile's real rows), MQA's 8-warp launch a group of 16 in one."""
     per_load = 1
-    while per_load * 2 * block_m * block_dv <= 8192 and per_load < num_splits:
+    while per_load * 2 * merge_m * block_dv <= 2048 * num_warps and per_load < num_splits:
         per_load *= 2
     return per_load
 
@@ -722,6 +755,8 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
                 tickets = ring.slots[offset:offset + counters]
         fused = tickets is not None
     f_strides = unsplit_strides(out, lse, varlen_q)
+    max_seqlen_q = a.max_seqlen_q if varlen_q else seqlen_q
+    merge_m = _merge_rows_per_load(block_m, max_seqlen_q * group) if fused else block_m
     rotary = append is not None and append.rotary_cos is not None
     if append is not None:
         k_new, v_new = append.k_new, append.v_new
@@ -751,8 +786,8 @@ def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Option
         a.leftpad_k is not None, a.kv_batch_idx is not None,
         paged, k.shape[1] if paged else 1, has_window,
         a.attention_chunk > 0, softcap > 0, a.sinks is not None,
-        num_splits > 1, fused, _merge_splits_per_load(block_m, block_dv, num_splits) if fused else 1,
-        _merge_group(num_splits) if fused else 0,
+        num_splits > 1, fused, _merge_splits_per_load(merge_m, block_dv, num_splits, num_warps) if fused else 1,
+        merge_m, _merge_group(num_splits) if fused else 0,
         append is not None, rotary, rotary and append.rotary_interleaved,
         rotary and append.rotate_q_per_token, rotary and append.rotary_seqlens is not None,
     ), num_warps, num_stages)]
