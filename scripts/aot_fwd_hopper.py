@@ -2,7 +2,8 @@
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
                                      [--varlen] [--seqused]
-                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
+                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,EXP2_POLY,
+                                               SKIP_RESCALE]]] [--keep DIR]
 
 --varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
 that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
@@ -46,7 +47,9 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
     fp8 = dtype == torch.float8_e4m3fn
     if fp8 and (varlen or seqused):
         raise SystemExit("fp8 is dense only")
-    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal, fp8))[:3]
+    config = tuple(config or fwd_hopper.default_config(head_dim, causal, fp8))
+    block_n, stages, pingpong = config[:3]
+    exp2_poly, skip_rescale = fwd_hopper.fp8_loop(config[4:], block_n, fp8)
     x = torch.empty(512, 4, head_dim, dtype=dtype)
     if not varlen:
         x = x.view(2, 256, 4, head_dim)
@@ -71,6 +74,7 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
                int(causal), descales, *descale_strides]
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
                      SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
+                     EXP2_POLY=exp2_poly, SKIP_RESCALE=skip_rescale,
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
     launch = dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG)
@@ -101,9 +105,25 @@ def kv_loops(sass: str) -> list:
             if any("GMMA" in o for o in body):
                 spans.append((int(target.group(1), 16), a, body))
     return [dict(instructions=len(body), gmma=sum("GMMA" in o for o in body),
-                 local=sum(bool(re.search(r"\b(LDL|STL)\b", o)) for o in body))
+                 local=sum(bool(re.search(r"\b(LDL|STL)\b", o)) for o in body),
+                 ops=opcode_counts(body))
             for head, tail, body in spans
             if not any(head <= h and t <= tail and (h, t) != (head, tail) for h, t, _ in spans)]
+
+
+# The pipes the softmax competes for: MUFU (exp2), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL)
+# and the integer ops a polynomial exp2 adds (IMAD.SHL, SHF, IADD3, LEA), plus the branches and
+# votes of a skipped rescale.
+_COUNTED = ("MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "F2I", "I2F",
+            "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA", "LOP3", "MOV")
+
+
+def opcode_counts(body: list) -> dict:
+    """Instructions of a loop body by opcode (the name before the first dot, MUFU by function),
+    predicated ones included: what a change to the softmax costs each pipe."""
+    names = [re.sub(r"^@!?U?P\w+\s+", "", o).split()[0] for o in body]
+    names = [n if n.startswith("MUFU") else n.split(".")[0] for n in names]
+    return {k: names.count(k) for k in _COUNTED if names.count(k)}
 
 
 def report(kernel, keep: Path) -> dict:
@@ -132,8 +152,9 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
-    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
-                   "default_config(head_dim, causal); PERSISTENT only changes the grid)")
+    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,EXP2_POLY,"
+                   "SKIP_RESCALE]] (default: default_config(head_dim, causal); PERSISTENT only "
+                   "changes the grid; the last two are fp8's, see fwd_hopper.FP8_CANDIDATES)")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
     p.add_argument("--keep", type=Path)
