@@ -2,8 +2,7 @@
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
                                      [--varlen] [--seqused]
-                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,EXP2_POLY,
-                                               SKIP_RESCALE]]] [--keep DIR]
+                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
 
 --varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
 that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
@@ -47,9 +46,7 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
     fp8 = dtype == torch.float8_e4m3fn
     if fp8 and (varlen or seqused):
         raise SystemExit("fp8 is dense only")
-    config = tuple(config or fwd_hopper.default_config(head_dim, causal, fp8))
-    block_n, stages, pingpong = config[:3]
-    exp2_poly, skip_rescale = fwd_hopper.fp8_loop(config[4:], block_n, fp8)
+    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal, fp8))[:3]
     x = torch.empty(512, 4, head_dim, dtype=dtype)
     if not varlen:
         x = x.view(2, 256, 4, head_dim)
@@ -74,7 +71,6 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
                int(causal), descales, *descale_strides]
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
                      SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
-                     EXP2_POLY=exp2_poly, SKIP_RESCALE=skip_rescale,
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
     launch = dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG)
@@ -111,9 +107,8 @@ def kv_loops(sass: str) -> list:
             if not any(head <= h and t <= tail and (h, t) != (head, tail) for h, t, _ in spans)]
 
 
-# The pipes the softmax competes for: MUFU (exp2), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL)
-# and the integer ops a polynomial exp2 adds (IMAD.SHL, SHF, IADD3, LEA), plus the branches and
-# votes of a skipped rescale.
+# The pipes the softmax competes for: MUFU (exp2), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL),
+# integer ops (IMAD, SHF, IADD3, LEA), branches and votes.
 _COUNTED = ("MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "F2I", "I2F",
             "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA", "LOP3", "MOV")
 
@@ -152,9 +147,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
-    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,EXP2_POLY,"
-                   "SKIP_RESCALE]] (default: default_config(head_dim, causal); PERSISTENT only "
-                   "changes the grid; the last two are fp8's, see fwd_hopper.FP8_CANDIDATES)")
+    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
+                   "default_config(head_dim, causal); PERSISTENT only changes the grid)")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
     p.add_argument("--keep", type=Path)

@@ -8,8 +8,7 @@ call); torch's strided copy of the same transpose (what fwd.py's fp8 path does, 
 Gluon path did before the tl kernel); and the fp8 forward less the copy. TFLOP/s count
 4·B·H·N²·D, halved when causal; fp8/bf16 is the issue-3 ratio (target >= 1.4). --configs
 adds one line per fwd_hopper.FP8_CANDIDATES[128] config (the kernel alone, V's copy included),
-after checking its output against the default config's on the same inputs; the 6-tuples there
-are the default tiling with the KV loop's switches (EXP2_POLY, SKIP_RESCALE) on.
+after checking its output against the default config's on the same inputs.
 """
 
 from __future__ import annotations

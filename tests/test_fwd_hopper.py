@@ -514,96 +514,6 @@ def test_fp8_values_copy_matches_the_p_operand_order():
         assert torch.equal(v_t.float(), want[..., sigma])
 
 
-def _exp2_fma_on(x: torch.Tensor) -> torch.Tensor:
-    """fwd_hopper._exp2_fma elementwise over a CPU float32 tensor, through the interpreter."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        tl.store(y_ptr + offs, fwd_hopper._exp2_fma(tl.load(x_ptr + offs, mask=ok)), mask=ok)
-
-    y = torch.full_like(x, float("nan"))
-    kernel[(triton.cdiv(x.numel(), 4096), )](x, y, x.numel(), BLOCK=4096)
-    return y
-
-
-def _exp2_fma_errors(x: torch.Tensor) -> tuple:
-    """(max relative error where 2^x is a normal float, max absolute error below that)."""
-    got, want = _exp2_fma_on(x).double(), torch.exp2(x.double())
-    normal = x >= -126
-    rel = ((got - want) / want)[normal].abs().max().item()
-    return rel, (got - want)[~normal].abs().max().item()
-
-
-@needs_gluon
-def test_exp2_polynomial_over_the_kernels_inputs(monkeypatch):
-    """The EXP2_POLY switch's exp2 over what the fp8 softmax feeds it: scores less the shifted
-    max, x <= 8, down to -inf for masked keys. Relative error far under e4m3's 2^-4 rounding
-    of P (the fit's 1.0e-4 plus float32 rounding); exactly 0 at and below -127, where a masked
-    key or a row that saw none must add nothing to l; never negative or NaN."""
-    x = torch.cat([torch.linspace(-135.0, 8.0, 400_001),
-                   torch.tensor([float("-inf"), -127.0, -126.5, -126.0, -1e-30, 0.0, 0.5, -0.5,
-                                 7.999, 8.0])])
-    rel, tiny = _exp2_fma_errors(x)
-    assert rel < 1.5e-4 and tiny < 2.0 ** -126, (rel, tiny)
-    got = _exp2_fma_on(x)
-    assert torch.all(got[x <= -127] == 0) and torch.all(got >= 0)
-    assert torch.all(got[x == 0] == 1.0) and torch.all(got[x == 8] == 256.0)
-    # The check can fail: one coefficient 1 % off breaks the bound.
-    import triton.language as tl
-    monkeypatch.setattr(fwd_hopper, "EXP2_C2", tl.constexpr(fwd_hopper.EXP2_POLY_COEFFS[1] * 1.01))
-    assert _exp2_fma_errors(x)[0] > 1.5e-4
-
-
-def test_fp8_loop_switches_are_fp8_only_and_whole_register_groups():
-    assert fwd_hopper.fp8_loop((), 128, True) == fwd_hopper.FP8_LOOP_OFF
-    assert fwd_hopper.fp8_loop((8, True), 128, True) == (8, True)
-    for loop, block_n, fp8 in (((8, False), 128, False), ((0, True), 128, False),
-                               ((16, False), 64, True), ((3, False), 128, True)):
-        with pytest.raises(ValueError):
-            fwd_hopper.fp8_loop(loop, block_n, fp8)
-
-
-# Every KV-loop switch of FP8_CANDIDATES: compiled for sm_90 at each head dim here, run on the
-# GPU below (test_fp8_loop_switches).
-FP8_LOOP_SWITCHES = sorted({tuple(c[4:]) for c in fwd_hopper.FP8_CANDIDATES[128] if c[4:]})
-
-
-def _loop_config(head_dim: int, loop: tuple) -> tuple:
-    """FP8_CONFIGS[head_dim] with the switches; skips where the polynomial's share of BLOCK_N is
-    under one register group (D = 256's 64 keys take 1/8 at most)."""
-    config = fwd_hopper.FP8_CONFIGS[head_dim] + loop
-    if loop[0] and config[0] // loop[0] < 8:
-        pytest.skip(f"EXP2_POLY {loop[0]} needs BLOCK_N >= {8 * loop[0]}")
-    return config
-
-
-@needs_gluon
-@pytest.mark.parametrize("loop", FP8_LOOP_SWITCHES, ids=str)
-@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False), (256, True)])
-def test_fp8_loop_switches_compile_for_sm90(head_dim, causal, loop):
-    config = _loop_config(head_dim, loop)
-    block_n = config[0]
-    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"), "--dtype", "fp8",
-           "--head-dim", str(head_dim), "--config", ",".join(str(int(x)) for x in config)]
-    done = subprocess.run(cmd + (["--causal"] if causal else []), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.splitlines()[-1])
-    assert not got["ptxas_warnings"] and got["spill_bytes"] <= 128, got
-    loops = got["kv_loops"]
-    assert loops and all(loop_["local"] == 0 for loop_ in loops), got
-    exp2_poly, skip_rescale = loop
-    # MUFU does a row's exp2 less the polynomial's share, plus alpha's 2 (64 rows, 128 threads).
-    keys = 2 * block_n // 4
-    want_mufu = keys - (keys // exp2_poly if exp2_poly else 0) + 2
-    assert all(loop_["ops"]["MUFU.EX2"] == want_mufu for loop_ in loops), got
-    assert all(loop_["ops"].get("VOTE", 0) == int(skip_rescale) for loop_ in loops), got
-
-
 def make_fp8_args(q, k, v, *, causal, descales):
     q_descale, k_descale, v_descale = descales
     return dataclasses.replace(make_args(q, k, v, causal=causal), q_descale=q_descale,
@@ -686,26 +596,6 @@ def test_fp8_without_descales(monkeypatch, causal):
 def test_fp8_alternative_configs(monkeypatch, causal, config):
     q, k, v, descale = _fp8_inputs(2, 1000, 1023, 4, 2, 128, descaled=True)
     run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal, config=config)
-
-
-@pytest.mark.parametrize("loop", FP8_LOOP_SWITCHES, ids=str)
-@pytest.mark.parametrize("shape", FP8_SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.gpu
-@on_hopper
-@pytest.mark.usefixtures("fp8_kernel_terminates")
-def test_fp8_loop_switches(monkeypatch, head_dim, causal, shape, loop):
-    """The KV loop's switches against the reference (rows with no key included), and
-    SKIP_RESCALE alone bit for bit against the default: it skips only multiplies by exactly 1."""
-    config = _loop_config(head_dim, loop)
-    q, k, v, descale = _fp8_inputs(*shape, head_dim, descaled=True)
-    run_and_check_fp8(monkeypatch, q, k, v, descale, causal=causal, config=config)
-    if loop == (0, True):
-        a = make_fp8_args(q, k, v, causal=causal, descales=descale)
-        out, lse = fwd_hopper.forward(a, config)
-        want, want_lse = fwd_hopper.forward(a)
-        assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
 @pytest.mark.gpu

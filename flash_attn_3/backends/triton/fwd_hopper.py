@@ -77,24 +77,7 @@ FP8_CONFIGS = {64: (128, 4, True, True), 128: (128, 3, True, True), 256: (64, 3,
 # check). sm_90 ptxas: BLOCK_N 128 spills 80-96 bytes outside the KV loop, 64 none; 256 spills
 # 800 bytes into the loop, so it is not a candidate.
 FP8_CANDIDATES = {128: [(128, 2, True, True), (128, 4, True, True), (128, 3, False, True),
-                        (64, 4, True, True), (64, 6, True, True),
-                        # The KV loop's levers (FP8_LOOP_OFF's fields, default off), on the
-                        # default tiling: 1/16 and 1/8 of the exp2 by polynomial, the rescale
-                        # skipped, and both.
-                        (128, 3, True, True, 16, False), (128, 3, True, True, 8, False),
-                        (128, 3, True, True, 0, True), (128, 3, True, True, 8, True)]}
-# An fp8 config may go on with (EXP2_POLY, SKIP_RESCALE), the KV loop's levers against MUFU and
-# issue (docs/perf-notes.md, "fp8 KV loop levers"); a 4-tuple leaves both off:
-# - EXP2_POLY = n > 0: one column in n of P (1/16, 1/8, 1/4, 1/2) takes its exp2 from a cubic on
-#   the FMA pipe (_exp2_fma) instead of MUFU, which binds with the tensor cores at D = 128.
-# - SKIP_RESCALE: a warp skips O *= alpha (D/2 FMUL a thread) when alpha is exactly 1 for all of
-#   its rows, i.e. no row max moved; the product would be O itself, so the output is unchanged.
-FP8_LOOP_OFF = (0, False)
-EXP2_POLY_SPLITS = (0, 2, 4, 8, 16)
-# 2^r on [-0.5, 0.5] as 1 + r (c1 + r (c2 + r c3)): minimax in relative error (Lawson's
-# iteration on a 20k-point grid), 1.0e-4 = 2^-13.3, far under e4m3's rounding of P (2^-4) and
-# bf16's (2^-8). The constant term is exactly 1 so that the clamp's 2^-127 comes out as +0.0.
-EXP2_POLY_COEFFS = (0.6932829022407532, 0.2422109991312027, 0.05500893294811249)
+                        (64, 4, True, True), (64, 6, True, True)]}
 # The alternatives benchmarks/tune_fwd_hopper.py times against the defaults (and the tests check).
 CANDIDATES = {
     64: [(128, 3, True, False), (128, 3, False, True), (128, 3, True, True), (128, 2, True, True),
@@ -129,34 +112,9 @@ def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> b
     return need <= _SMEM_BUDGET
 
 
-def _rescale_asm(pack: int) -> tuple:
-    """(PTX, constraints) of O *= alpha over `pack` accumulator registers of a thread, branched
-    around when the warp-uniform flag is 0. Operands: the outputs, O tied to them (so a skipped
-    multiply leaves O as it was, no moves), alpha, the flag."""
-    muls = "".join(f"mul.f32 ${i}, ${i}, ${2 * pack + i};\n" for i in range(pack))
-    ptx = ("{ .reg .pred moved;\n"
-           f"setp.ne.b32 moved, ${3 * pack}, 0;\n"
-           "@!moved bra.uni SKIP;\n"
-           f"{muls}"
-           "SKIP: }")
-    constraints = ",".join(["=r"] * pack + [str(i) for i in range(pack)] + ["r"] * (2 * pack))
-    return ptx, constraints
-
-
-# Accumulator registers per rescale branch: every head dim's O holds a multiple (D/2 a thread).
-_RESCALE_PACK = 32
-
-
 if _GLUON_OK:
     LN2 = gl.constexpr(0.6931471805599453)
-    RESCALE_PTX = gl.constexpr(_rescale_asm(_RESCALE_PACK)[0])
-    RESCALE_CONSTRAINTS = gl.constexpr(_rescale_asm(_RESCALE_PACK)[1])
-    RESCALE_PACK = gl.constexpr(_RESCALE_PACK)
     P_SHIFT = gl.constexpr(8.0)  # log2 of fp8 P's scale
-    ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer
-    EXP2_C1 = tl.constexpr(EXP2_POLY_COEFFS[0])
-    EXP2_C2 = tl.constexpr(EXP2_POLY_COEFFS[1])
-    EXP2_C3 = tl.constexpr(EXP2_POLY_COEFFS[2])
 
     @gluon.jit
     def _unit(u, num_m_blocks, pair, CAUSAL: gl.constexpr):
@@ -319,43 +277,8 @@ if _GLUON_OK:
                 chunk.store(gl.where(gl.expand_dims(rows < first_row, 1), x, gl.zeros_like(x)))
         fence_async_shared()
 
-    @triton.jit
-    def _exp2_fma(x):
-        """2^x from FMA-pipe and integer instructions only (plain Triton, so the CPU tests run it
-        in the interpreter), for the kernel's x <= 8 (fp8 P is shifted to [0, 256]); exactly 0
-        from x <= -127 down to -inf (a masked key must add nothing to l, and a row that saw no
-        key must keep l = 0)."""
-        x = tl.maximum(x, -127.0)
-        # t holds x rounded to the nearest integer n in its low mantissa bits.
-        t = x + ROUND_MAGIC
-        r = x - (t - ROUND_MAGIC)
-        p = 1.0 + r * (EXP2_C1 + r * (EXP2_C2 + r * EXP2_C3))
-        # t's bits << 23 are n << 23 (the magic's bits shift out): 2^n goes into p's exponent by
-        # an integer add. Where n = -127, r >= 0 and p >= 1, so the sum reaches 0 (x = -127) but
-        # never borrows into the sign bit.
-        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-        return bits.to(tl.float32, bitcast=True)
-
     @gluon.jit
-    def _exp2_split(x, EXP2_POLY: gl.constexpr):
-        """exp2 of a (rows, cols) tile: one column in EXP2_POLY (0: none) by _exp2_fma, the rest
-        by MUFU. The halves are taken along the highest column bit, which the wgmma accumulator
-        layout keeps in a thread's registers (forward() checks BLOCK_N / EXP2_POLY >= 8): each
-        part is its own code on its own values, not both computed and one selected."""
-        if EXP2_POLY == 0:
-            return gl.exp2(x)
-        elif EXP2_POLY == 1:
-            return _exp2_fma(x)
-        else:
-            rows: gl.constexpr = x.shape[0]
-            cols: gl.constexpr = x.shape[1]
-            lo, hi = x.reshape([rows, 2, cols // 2]).permute((0, 2, 1)).split()
-            y = gl.join(gl.exp2(lo), _exp2_split(hi, EXP2_POLY // 2))
-            return gl.convert_layout(y.permute((0, 2, 1)).reshape([rows, cols]), x.type.layout,
-                                     assert_trivial=True)
-
-    @gluon.jit
-    def _online_softmax(s, m_i, l_i, qk_scale, IS_FP8: gl.constexpr, EXP2_POLY: gl.constexpr):
+    def _online_softmax(s, m_i, l_i, qk_scale, IS_FP8: gl.constexpr):
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         # A row that has seen no allowed key keeps m = -inf; subtracting 0 instead keeps its
         # probabilities at exp2(-inf) = 0 rather than NaN.
@@ -366,38 +289,9 @@ if _GLUON_OK:
             # p in [0, 256] instead of [0, 1]: small probabilities stay out of e4m3's subnormals
             # (FA3 does the same); l carries the factor, the epilogue's division and lse drop it.
             m_p = m_sub - P_SHIFT
-        p = _exp2_split(s * qk_scale - gl.expand_dims(m_p, 1), EXP2_POLY)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_p, 1))
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
-
-    @gluon.jit
-    def _warp_moved(alpha):
-        """Per row of a (rows,) vector in the accumulator's row layout (a thread holds 2 rows): 1
-        where some row of the same warp has alpha != 1 (NaN counts), else 0. Warp-uniform, so a
-        branch on it never diverges."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .pred p;\n"
-            "setp.neu.f32 p, $2, 0f3F800000;\n"
-            "setp.neu.or.f32 p, $3, 0f3F800000, p;\n"
-            "vote.sync.any.pred p, p, 0xffffffff;\n"
-            "selp.b32 $0, 1, 0, p;\n"
-            "mov.b32 $1, $0; }", "=r,=r,r,r", [alpha], dtype=gl.int32, is_pure=False, pack=2)
-
-    @gluon.jit
-    def _rescaled(acc, alpha, o_row_layout: gl.constexpr, SKIP_RESCALE: gl.constexpr):
-        """O * alpha per row. SKIP_RESCALE: a warp whose rows all have alpha == 1 (no row max
-        moved this block) branches around the D/2 FMUL a thread; the product would have been O
-        itself, so the result is the same bits. alpha comes from the current max, never a stale
-        one: fp8 P stays within its [0, 256] scale."""
-        alpha = gl.convert_layout(alpha, o_row_layout, assert_trivial=True)
-        if SKIP_RESCALE:
-            # The operands broadcast to O's shape: per register, its row's alpha and flag.
-            return gl.inline_asm_elementwise(
-                RESCALE_PTX, RESCALE_CONSTRAINTS,
-                [acc, gl.expand_dims(alpha, 1), gl.expand_dims(_warp_moved(alpha), 1)],
-                dtype=gl.float32, is_pure=True, pack=RESCALE_PACK)
-        else:
-            return acc * gl.expand_dims(alpha, 1)
 
     @gluon.jit
     def _take_turn(turn, issue, WG: gl.constexpr, PINGPONG: gl.constexpr):
@@ -495,7 +389,7 @@ if _GLUON_OK:
     def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
                   seqs, descales, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
-                  EXP2_POLY: gl.constexpr, SKIP_RESCALE: gl.constexpr, WG: gl.constexpr):
+                  WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
@@ -551,8 +445,7 @@ if _GLUON_OK:
                         mbarrier.arrive(k_empty.index(stage))
                         if num_unmasked == 0:
                             s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
-                        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8,
-                                                             EXP2_POLY)
+                        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
                         p = _p_carried(p, p_dtype, p_layout, IS_FP8)
 
                         for j in range(1, num_blocks):
@@ -579,13 +472,14 @@ if _GLUON_OK:
                             if j >= num_unmasked:
                                 s = _masked(s, j, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
                             p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
-                                                                      IS_FP8, EXP2_POLY)
+                                                                      IS_FP8)
                             p_next = _p_carried(p_next, p_dtype, p_layout, IS_FP8)
                             # The running PV reads the previous P from registers: keep it alive
                             # until the wgmma retires.
                             acc, p = _wait_pv(o_tok, p, IS_FP8)
                             mbarrier.arrive(v_empty.index(prev))
-                            acc = _rescaled(acc, alpha, o_row_layout, SKIP_RESCALE)
+                            acc = acc * gl.expand_dims(
+                                gl.convert_layout(alpha, o_row_layout, assert_trivial=True), 1)
                             p = p_next
 
                         if SEPARATE_O:
@@ -670,8 +564,8 @@ if _GLUON_OK:
                     seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
                     k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                    IS_FP8: gl.constexpr, EXP2_POLY: gl.constexpr, SKIP_RESCALE: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    IS_FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         if SEPARATE_O:
@@ -708,14 +602,12 @@ if _GLUON_OK:
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, EXP2_POLY, SKIP_RESCALE,
-                         0)),
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, EXP2_POLY, SKIP_RESCALE,
-                         1)),
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
                          IS_FP8)),
@@ -872,18 +764,6 @@ def default_config(head_dim: int, causal: bool, fp8: bool = False) -> tuple:
     return CAUSAL_CONFIGS.get(head_dim, CONFIGS[head_dim]) if causal else CONFIGS[head_dim]
 
 
-def fp8_loop(loop, block_n: int, fp8: bool) -> tuple:
-    """A config's tail past PERSISTENT -> (EXP2_POLY, SKIP_RESCALE); absent: both off. fp8 only
-    (the bf16/fp16 kernels stay as measured)."""
-    exp2_poly, skip_rescale = tuple(loop) or FP8_LOOP_OFF
-    if (exp2_poly, bool(skip_rescale)) != FP8_LOOP_OFF and not fp8:
-        raise ValueError("EXP2_POLY and SKIP_RESCALE are fp8 switches")
-    # The polynomial's columns must be whole register groups of the accumulator (8 keys).
-    if exp2_poly not in EXP2_POLY_SPLITS or (exp2_poly and block_n // exp2_poly < 8):
-        raise ValueError(f"EXP2_POLY {exp2_poly} with BLOCK_N {block_n}")
-    return exp2_poly, bool(skip_rescale)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -900,8 +780,7 @@ def forward(a: AttnArgs, config=None):
     batch = a.batch_size
     causal = a.window_right == 0
     fp8 = a.is_fp8
-    block_n, stages, pingpong, persistent, *loop = config or default_config(head_dim, causal, fp8)
-    exp2_poly, skip_rescale = fp8_loop(loop, block_n, fp8)
+    block_n, stages, pingpong, persistent = config or default_config(head_dim, causal, fp8)
     out = torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
@@ -933,6 +812,6 @@ def forward(a: AttnArgs, config=None):
         _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, causal, stages,
-        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, exp2_poly, skip_rescale,
-        _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, _CONSUMER_REGS,
+        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
