@@ -117,10 +117,11 @@ def peer_sdpa(case: dict) -> Callable:
     return sdpa(t["q"], t["k"], t["v"], causal=False)
 
 
-def eager_ms(fn: Callable, calls: int = 100, repeats: int = 7, warmup: int = 50) -> float:
+def eager_ms(fn: Callable, calls: int = 100, repeats: int = 21, warmup: int = 50) -> float:
     """Wall time per call of back-to-back calls: what a host-bound decode loop sees. The best of
     the repeats: host noise only ever adds time (H100 run of 17:30 UTC, 2026-11-25: one row's
-    every column, peers included, came out ~1.5x slower than in the runs before and after)."""
+    every column, peers included, came out ~1.5x slower than in the runs before and after; at 19:06
+    / 19:12 UTC ours and cuDNN swapped places, 30 / 37 and 38 / 25 us, with 7 repeats)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()

@@ -677,6 +677,8 @@ def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
     assert one_per_sm.num_stages == decode_mod._CONTIGUOUS_STAGES
     crowded = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, False, cpu, 0, None)
     assert crowded.num_splits == 1 and crowded.num_stages == decode_mod._CONTIGUOUS_STAGES_RESIDENT
+    crowded_d64 = decode_mod._plan(64, 32, 8, 1, 4096, 64, 64, False, cpu, 0, None)
+    assert crowded_d64.block_n == decode_mod._RESIDENT_BLOCK_N < scheduler.decode_block_n(64, 64)
     paged = decode_mod._plan(64, 32, 8, 1, 4096, 128, 128, True, cpu, 0, None)
     assert paged.num_stages == decode_mod._PAGED_STAGES and paged.num_warps == decode_mod._PAGED_WARPS
     alone = decode_mod._plan(1, 32, 8, 1, 131072, 128, 128, True, cpu, 0, None)
@@ -688,11 +690,12 @@ def test_decode_plan_fills_each_sm_once_then_trades_stages_for_residency():
 
 @gpu
 @pytest.mark.gpu
-def test_decode_gpu_more_programs_than_sms():
+@pytest.mark.parametrize("d", [128, 64])
+def test_decode_gpu_more_programs_than_sms(d):
     """A contiguous batch wider than the GPU: the two-stage, several-programs-per-SM launch."""
-    case = dict(page_size=None, seqlen_q=1, hq=32, hk=8, d=128, dv=128, splits=0)
+    case = dict(page_size=None, seqlen_q=1, hq=32, hk=8, d=d, dv=d, splits=0)
     a = _decode_inputs(case, torch.bfloat16, batch=48, capacity=700, device=DEVICE)
-    plan = decode_mod._plan(48, 32, 8, 1, a.max_seqlen_k, 128, 128, False, a.q.device, 0, None)
+    plan = decode_mod._plan(48, 32, 8, 1, a.max_seqlen_k, d, d, False, a.q.device, 0, None)
     assert plan.num_stages == decode_mod._CONTIGUOUS_STAGES_RESIDENT
     _check_decode(a, softcap=False)
 

@@ -58,6 +58,10 @@ LOG2E = 1.4426950408889634
 # buffer in flight, so those launches keep 3.
 _CONTIGUOUS_STAGES = 3
 _CONTIGUOUS_STAGES_RESIDENT = 2
+# Residency is the resident launch's latency hiding, so its blocks stay small: D 64 would take
+# 128 keys a block (32 KB, decode_block_n). H100, GQA 32/8 D 64 B=64 ctx 4k: (64, 4, 2) 2.74
+# against (128, 4, 2) 2.68 TB/s (cuDNN 2.76).
+_RESIDENT_BLOCK_N = 64
 _PAGED_STAGES = 5
 # Paged launches take 8 warps: the gather is issued row by row, and twice the warps keep twice the
 # rows in flight. H100, GQA 32/8 D 128 page 16 (benchmarks/tune_decode.py): B=1 ctx 64k (one
@@ -640,16 +644,18 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
         return _Plan(block_m, *config, splits, num_m_blocks, *dims)
     programs = batch * num_heads_kv * num_m_blocks * splits
     warps = 4
+    block_n = decode_block_n(head_dim, head_dim_v)
     if paged:
         stages = _PAGED_STAGES
         warps = _PAGED_WARPS
     elif programs >= 2 * num_sms(device):
         stages = _CONTIGUOUS_STAGES_RESIDENT
+        block_n = min(block_n, _RESIDENT_BLOCK_N)
     else:
         stages = _CONTIGUOUS_STAGES
         if batch * num_heads_kv * num_m_blocks <= _FEW_TILES and programs <= num_sms(device):
             warps = _CONTIGUOUS_WARPS_FEW_TILES
-    return _Plan(block_m, decode_block_n(head_dim, head_dim_v), warps, stages, splits, num_m_blocks, *dims)
+    return _Plan(block_m, block_n, warps, stages, splits, num_m_blocks, *dims)
 
 
 def outputs(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
