@@ -38,12 +38,14 @@ FORCED_SPLITS = (8, 16, 32, 48, 64, 96, 128)
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 
 
-def make_args(batch: int, ctx: int, page: int, heads=(HEADS_Q, HEADS_KV), head_dim: int = HEAD_DIM) -> AttnArgs:
+def make_args(batch: int, ctx: int, page: int, heads=(HEADS_Q, HEADS_KV), head_dim: int = HEAD_DIM,
+              sequential_pages: bool = False) -> AttnArgs:
     heads_q, heads_kv = heads
     q = torch.randn(batch, 1, heads_q, head_dim, device="cuda", dtype=torch.bfloat16)
     page_table = None
     if page:
-        page_table = torch.randperm(batch * ctx // page, device="cuda").to(torch.int32).view(batch, -1)
+        order = torch.arange if sequential_pages else torch.randperm
+        page_table = order(batch * ctx // page, device="cuda").to(torch.int32).view(batch, -1)
         shape = (batch * ctx // page, page, heads_kv, head_dim)
     else:
         shape = (batch, ctx, heads_kv, head_dim)
@@ -78,6 +80,9 @@ def main() -> None:
                    help="time these cases instead of CASES (repeatable)")
     p.add_argument("--heads", default=f"{HEADS_Q},{HEADS_KV}", metavar="HQ,HK")
     p.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    p.add_argument("--sequential-pages", action="store_true",
+                   help="page table in cache order instead of a random permutation (isolates the "
+                        "cost of scattered pages from the cost of the gather)")
     p.add_argument("--splits", default="", metavar="S,S,...",
                    help="forced split counts at batch 1 (default: FORCED_SPLITS)")
     p.add_argument("--configs", default="", metavar="N/W/ST,...",
@@ -98,7 +103,8 @@ def main() -> None:
     for batch, ctx, page in cases:
         if time.monotonic() - started > args.budget:
             break
-        a = make_args(batch, ctx, page, tuple(int(x) for x in args.heads.split(",")), args.head_dim)
+        a = make_args(batch, ctx, page, tuple(int(x) for x in args.heads.split(",")), args.head_dim,
+                      args.sequential_pages)
         nbytes = 2 * a.k.numel() * a.k.element_size()
         case = f"B={batch} ctx={ctx} page={page} heads={args.heads} D={args.head_dim}"
         # cheapest first (no compile each): a budget cut drops config rows, not the peer
