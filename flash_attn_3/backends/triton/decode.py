@@ -68,9 +68,10 @@ _PAGED_STAGES = 5
 # program per SM) 2.36 against 2.30 TB/s at (64, 8, 5) / (64, 4, 5); B=64 ctx 4k (512 programs)
 # 2.87 against 2.57.
 _PAGED_WARPS = 8
-# Contiguous caches too, where a few tiles are split many ways (MQA at batch 1: one tile, ~115
-# splits of ~1k keys): H100, Hq/Hk 8/1 D 128 ctx 128k, 1.06 against 0.86 TB/s (cuDNN 1.49). GQA
-# 32/8 at batch 1 (8 tiles, 16 splits) was not timed with 8 warps and keeps 4.
+# Contiguous caches too, where a few tiles are split many ways (MQA at batch 1: one tile, ~122
+# splits of ~1k keys): H100, Hq/Hk 8/1 D 128 ctx 128k, graph-timed (perf-notes decode Round 6),
+# 1.51 against 1.46 TB/s at 4 warps (cuDNN 1.51). GQA 32/8 at batch 1 (8 tiles, 16 splits):
+# (64, 8, 3) 2.50 against (64, 4, 3) 2.48, within noise, so it keeps 4.
 _CONTIGUOUS_WARPS_FEW_TILES = 8
 _FEW_TILES = 4
 
