@@ -753,6 +753,38 @@ def test_combine_split_offsets_past_int32():
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU only: relies on untouched pages of a huge host buffer")
+def test_decode_fused_merge_group_offsets_past_int32():
+    """A two-level merge reads group g's result at split 16 * g of the partials: past 2**31
+    elements once 16 * the split stride is, though every split's own offset is not. 2**22
+    tokens of one head (a q expanded from one token; only the first is a sequence) make the
+    split stride 2**27; 17 splits of 2 blocks each put group 1 (split 16) at 2**31."""
+    tokens, splits, d = 2**22, 17, 32
+    seqlen_k = 2 * splits * 16
+    q = torch.randn(1, 1, d, device=DEVICE).to(torch.bfloat16).expand(tokens, 1, d)
+    k = torch.randn(1, seqlen_k, 1, d, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(1, seqlen_k, 1, d, device=DEVICE).to(torch.bfloat16)
+    a = _attn_args(q, k, v, cu_seqlens_q=_int32([0, 1]), max_seqlen_q=1, seqused_k=_int32([seqlen_k]),
+                   max_seqlen_k=seqlen_k, sinks=torch.randn(1, device=DEVICE), num_splits=splits)
+    config = (16, 4, 1)
+    try:
+        partials = torch.empty(decode_mod.partials_numel(a, config), device=DEVICE)
+        out, lse = decode_mod.outputs(a)
+    except RuntimeError as e:  # a host that refuses to overcommit 9 GB of address space
+        pytest.skip(f"cannot reserve the sparse buffers: {e}")
+    out[0] = float("nan")
+    lse[:, 0] = float("nan")
+    launches = decode_mod.launches(a, out, lse, partials, config=config)
+    assert len(launches) == 1 and launches[0].constexprs[22] == decode_mod.MERGE_GROUP < splits
+    for launch in launches:
+        launch()
+    ref, ref_lse = decode_reference(a, lowp=False)
+    tol.assert_matches_reference("decode out, group offsets past int32", out[:1], ref,
+                                 decode_reference(a, lowp=True)[0])
+    tol.assert_lse_matches("decode lse, group offsets past int32", lse[:, :1], ref_lse)
+    assert _ring_is_zero(DEVICE)
+
+
 def test_cache_lengths_past_the_capacity_read_only_the_cache():
     """cache_seqlens are values no check can read: a length past the capacity must clamp to the
     cache (as the reference backend's slicing does), never read past a row or a page table."""

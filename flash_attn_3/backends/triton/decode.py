@@ -377,10 +377,11 @@ def _decode_kernel(
                 tl.debug_barrier()
                 ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel", scope="gpu")
                 if ticket == n_groups - 1:
+                    # int64: a group's stride passes 2**31 elements long before a split's does.
                     _merge_splits(Out, Lse, Final, FinalLse, Sinks, batch, tok0, m_block * BLOCK_M, tile_rows,
                                   head_kv, cols_v, n_groups,
-                                  stride_o_split * MERGE_GROUP, stride_ob, stride_os, stride_oh,
-                                  stride_l_split * MERGE_GROUP, stride_lb, stride_ls, stride_lh,
+                                  tl.cast(stride_o_split, tl.int64) * MERGE_GROUP, stride_ob, stride_os, stride_oh,
+                                  tl.cast(stride_l_split, tl.int64) * MERGE_GROUP, stride_lb, stride_ls, stride_lh,
                                   stride_fb, stride_fs, stride_fh, stride_flb, stride_fls, stride_flh,
                                   GROUP, HEAD_DIM_V, MERGE_M, BLOCK_DV, HAS_SINKS, MERGE_S, True)
                     tl.store(Tickets + tile, 0)
