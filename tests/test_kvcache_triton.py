@@ -499,6 +499,29 @@ def test_decode_fused_merge_in_two_levels(monkeypatch):
                       splits_list=[5, 8, 9, 13, 16])
 
 
+@pytest.mark.parametrize("splits", [6, 9, 13])
+def test_decode_fused_merge_in_two_levels_varlen_q(monkeypatch, splits):
+    """Packed queries of 0..3 tokens (GQA 3: tiles of 0..9 rows in BLOCK_M 16, merge loads of 16
+    rows sized by max_seqlen_q) merge in two levels (groups of 4) to the reference: the group
+    merge writes only the tile's own rows of split g0, sinks count once, a sequence with no
+    query token takes no ticket and every counter ends at 0."""
+    monkeypatch.setattr(decode_mod, "MERGE_GROUP", 4)
+    case = dict(page_size=16, seqlen_q=None, hq=6, hk=2, d=32, dv=32, splits=splits, sinks=True, q_scale=3.0,
+                causal=True)
+    a = _decode_inputs(case, torch.bfloat16, batch=4, capacity=300, device=DEVICE)
+    lens = torch.tensor([3, 0, 1, 2])
+    cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).to(DEVICE)
+    q = torch.randn(int(lens.sum()), 6, 32, device=DEVICE).to(torch.bfloat16) * 3.0
+    a = AttnArgs(**{**a.__dict__, "q": q, "cu_seqlens_q": cu_seqlens_q, "max_seqlen_q": 3})
+    a.seqused_k[-1] = 3  # a short row: most of its splits and some of its groups are empty
+    out, lse, launches = _poisoned_launch(a, (16, 4, 1))
+    assert len(launches) == 1 and launches[0].constexprs[22] == 4  # MERGE_GROUP
+    ref, ref_lse = decode_reference(a, lowp=False)
+    tol.assert_matches_reference(f"decode out, varlen q, {splits} splits", out, ref, decode_reference(a, lowp=True)[0])
+    tol.assert_lse_matches(f"decode lse, varlen q, {splits} splits", lse, ref_lse)
+    assert _ring_is_zero(DEVICE), f"{splits} splits left ticket counters set"
+
+
 def test_decode_without_ring_merges_in_a_second_launch(monkeypatch):
     """No ring (a graph capture of the first call): the split launch writes partials and
     combine.py merges them in a second launch, to the same reference."""
