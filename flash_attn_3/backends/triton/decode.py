@@ -470,6 +470,12 @@ def _merge_rows(Out, Lse, Final, FinalLse, Sinks, batch, tok, head_q, row_ok, co
     pivot = tl.where(m == float("-inf"), 0.0, m)
     out = acc / tl.where(empty, 1.0, total)[:, None]
     lse = tl.where(empty, float("inf") if FINAL else float("-inf"), tl.log(tl.where(empty, 1.0, total)) + pivot)
+    if not FINAL:
+        # The stores below overwrite the first split read, and a thread's stored values need not
+        # depend on every other thread's load of it (lse_s is loaded once per thread of a row's
+        # columns): every thread's loads must precede any store. Today's sm_90 code has layout
+        # conversions through shared memory in between; this barrier makes it a guarantee.
+        tl.debug_barrier()
     f_ptrs = Final + batch * stride_fb + tok[:, None] * stride_fs + head_q[:, None] * stride_fh + cols_v[None, :]
     tl.store(f_ptrs, out.to(Final.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     tl.store(FinalLse + batch * stride_flb + tok * stride_fls + head_q * stride_flh, lse, mask=row_ok)
