@@ -495,8 +495,9 @@ TICKET_SLOTS = 1 << 16
 class TicketRing:
     """int32 ticket counters of fused split launches on one device, all 0 between launches.
 
-    Each launch takes the next `tiles` slots (a 16-byte multiple, so the pointer keeps Triton's
-    alignment class) and leaves them 0. Launches on one stream may share slots (stream order);
+    Each launch takes the next slots it counts on (`fused_tiles`: one per tile, plus one per
+    merge group where a tile splits more than MERGE_GROUP ways; a 16-byte multiple, so the
+    pointer keeps Triton's alignment class) and leaves them 0. Launches on one stream may share slots (stream order);
     two launches in flight at once on different streams share slots only if the ring wrapped
     between them (hundreds of calls), which would corrupt both: a caller that keeps decode
     launches of one device on two concurrent streams for that long needs its own ordering.
@@ -514,9 +515,9 @@ class TicketRing:
         # must not both read the cursor before either moves it: they would share slots.
         self._lock = threading.Lock()
 
-    def take(self, tiles: int) -> int:
-        """Element offset of `tiles` free slots."""
-        count = -(-tiles // 4) * 4
+    def take(self, counters: int) -> int:
+        """Element offset of `counters` free slots."""
+        count = -(-counters // 4) * 4
         with self._lock:
             if self.cursor + count > TICKET_SLOTS:
                 self.cursor = 0
@@ -524,8 +525,8 @@ class TicketRing:
             self.cursor += count
         return offset
 
-    def pointer(self, tiles: int) -> int:
-        return self.base + 4 * self.take(tiles)
+    def pointer(self, counters: int) -> int:
+        return self.base + 4 * self.take(counters)
 
 
 _RINGS: dict = {}
