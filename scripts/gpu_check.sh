@@ -12,8 +12,8 @@
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
 #
 # Every part runs under its own cap and a global deadline (GPU_CHECK_SECONDS, default 520), and a
-# part that fails or hits its cap does not stop the next. A single bench part gets the whole
-# deadline. Environment knobs: PYTHON (default python3), BENCH_ARGS (added to every bench, e.g.
+# part that fails or hits its cap does not stop the next. The benches share what the parts before
+# them left of the deadline, by weight (fwd 110, bwd 90, decode 50); a single bench gets all of it. Environment knobs: PYTHON (default python3), BENCH_ARGS (added to every bench, e.g.
 # "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
 # (added to the `gpu` and `suite` pytest runs, e.g. "-n 8": the GPU tests are compile-bound and the
 # device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11),
@@ -50,8 +50,6 @@ want() {
   done
   return 1
 }
-benches=0
-for b in fwd bwd decode; do want $b && benches=$((benches + 1)); done
 
 # run_capped CAP NAME LOGFILE CMD...: CMD's output goes to LOGFILE (its tail to the log); it gets
 # SIGINT at the smaller of CAP and the time left (the benches then write what they have) and
@@ -88,10 +86,13 @@ pytest_part() {  # NAME CAP PYTEST-ARGS...: records the result line and failing 
   } >> "$SUMMARY"
 }
 
-bench_part() {  # NAME CAP
-  local name=$1 cap=$2 left
+bench_weight_left=0
+for b in fwd:110 bwd:90 decode:50; do want ${b%%:*} && bench_weight_left=$((bench_weight_left + ${b##*:})); done
+bench_part() {  # NAME WEIGHT: the bench gets its weight's share of the time left to the benches
+  local name=$1 weight=$2 left cap
   left=$((DEADLINE - SECONDS - 10))
-  (( benches == 1 || cap > left )) && cap=$left
+  cap=$((left * weight / bench_weight_left))
+  bench_weight_left=$((bench_weight_left - weight))
   # the bench stops starting measurements 35 s before its cap, to print and save its tables
   run_capped "$cap" "bench_$name" "$WORK/bench_$name.log" \
     "$PY" -m "benchmarks.bench_$name" $QUICK_FLAG --out "$WORK" \
