@@ -2,7 +2,7 @@
 
 Grid (perf_guide.md anchors): D = 64/128/256 with H·D = 2048, N = 1k..16k with B·N = 32k tokens,
 causal or not, bf16, layout (B, N, H, D). TFLOP/s = 4·B·H·N²·D, halved when causal. Columns:
-`gluon` (fwd_hopper.default_config), `gluon <BLOCK_N,STAGES,PINGPONG,PERSISTENT>`
+`gluon` (fwd_hopper.default_config), `gluon <BLOCK_N,STAGES,PINGPONG,PERSISTENT[,LATE_PV_WAIT]>`
 (fwd_hopper.CANDIDATES, at N = 4k only with --quick), `tl` (fwd.py, the portable kernel) and
 `cudnn`. Before it is timed, every gluon variant's output is compared with cuDNN's on the same
 inputs: a mismatch is an error row, so a fast wrong kernel never shows up as a figure.

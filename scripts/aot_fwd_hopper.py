@@ -2,15 +2,17 @@
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
                                      [--varlen] [--seqused]
-                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT]] [--keep DIR]
+                                     [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]]]
+                                     [--keep DIR]
 
 --varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
 that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
 fp8 is dense only (forward() sends fp8 varlen to the portable kernel).
 
 Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX,
-ptxas' register and spill figures, and the size of the SASS KV loops. --keep DIR writes the .ptx,
-.ttgir and .sass there.
+ptxas' register and spill figures (and its warnings, serialized wgmmas included), and the size of
+the SASS KV loops with where their PV wait sits. --keep DIR writes the .ptx, .ttgir and .sass
+there.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
     fp8 = dtype == torch.float8_e4m3fn
     if fp8 and (varlen or seqused):
         raise SystemExit("fp8 is dense only")
-    block_n, stages, pingpong = (config or fwd_hopper.default_config(head_dim, causal, fp8))[:3]
+    block_n, stages, pingpong, _, late_pv_wait = fwd_hopper.config_fields(
+        config or fwd_hopper.default_config(head_dim, causal, fp8))
     x = torch.empty(512, 4, head_dim, dtype=dtype)
     if not varlen:
         x = x.view(2, 256, 4, head_dim)
@@ -71,6 +74,7 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
                int(causal), descales, *descale_strides]
     constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
                      SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
+                     LATE_PV_WAIT=late_pv_wait,
                      CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
                      PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
     launch = dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG)
@@ -102,9 +106,24 @@ def kv_loops(sass: str) -> list:
                 spans.append((int(target.group(1), 16), a, body))
     return [dict(instructions=len(body), gmma=sum("GMMA" in o for o in body),
                  local=sum(bool(re.search(r"\b(LDL|STL)\b", o)) for o in body),
-                 ops=opcode_counts(body))
+                 ops=opcode_counts(body), pv_wait=pv_wait(body))
             for head, tail, body in spans
             if not any(head <= h and t <= tail and (h, t) != (head, tail) for h, t, _ in spans)]
+
+
+def pv_wait(body: list) -> dict:
+    """Where the PV wgmma's wait (WARPGROUP.DEPBAR.LE gsb0, 0x0) sits after the QK one (0x1):
+    the instructions between them (the mask block included) and the softmax's exp2 and row
+    shuffles among them. All of a block's MUFU.EX2 before the wait: its softmax runs under the PV
+    wgmma; none: the warpgroup waits for the PV before its row max."""
+    qk = next((i for i, o in enumerate(body) if "DEPBAR.LE gsb0, 0x1" in o), None)
+    pv = next((i for i, o in enumerate(body) if "DEPBAR.LE gsb0, 0x0" in o and qk is not None
+               and i > qk), None)
+    if pv is None:
+        return {}
+    between = body[qk + 1:pv]
+    return dict(instructions=len(between), mufu_ex2=sum("MUFU.EX2" in o for o in between),
+                shfl=sum("SHFL" in o for o in between))
 
 
 # The pipes the softmax competes for: MUFU (exp2), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL),
@@ -137,7 +156,9 @@ def report(kernel, keep: Path) -> dict:
         setmaxnreg=sorted(set(int(n) for n in re.findall(
             r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
         **ptxas_figures(ptxas_report),
-        ptxas_warnings=[line for line in ptxas_report.splitlines() if "arning" in line],
+        # "Potential Performance Loss" (wgmmas serialized) is an info line, not a warning.
+        ptxas_warnings=[line for line in ptxas_report.splitlines()
+                        if "arning" in line or "Performance Loss" in line],
         kv_loops=kv_loops(sass),
     )
 
@@ -147,8 +168,9 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
-    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT] (default: "
-                   "default_config(head_dim, causal); PERSISTENT only changes the grid)")
+    p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]] "
+                   "(default: default_config(head_dim, causal); PERSISTENT only changes the "
+                   "grid)")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
     p.add_argument("--keep", type=Path)

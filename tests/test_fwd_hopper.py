@@ -80,6 +80,24 @@ def test_compiles_for_sm90(head_dim, causal, variant):
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
 
 
+@needs_gluon
+@pytest.mark.parametrize("dtype,config", [("bf16", "128,2,1,1,1"), ("fp8", "128,3,1,1,1")])
+def test_late_pv_wait_moves_the_wait(dtype, config):
+    """LATE_PV_WAIT (a config's fifth field): in the SASS every exp2 of the KV loop comes before
+    the PV wgmma's wait, so the softmax runs under that wgmma (the default configs' loops have
+    none there: ptxas puts the wait at the top of the softmax's basic block), and ptxas does not
+    serialize the wgmmas."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"), "--dtype", dtype,
+           "--head-dim", "128", "--config", config]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert not got["ptxas_warnings"] and got["kv_loops"], got
+    for loop in got["kv_loops"]:
+        assert loop["pv_wait"]["mufu_ex2"] == loop["ops"]["MUFU.EX2"], loop
+        assert loop["local"] == 0, loop
+
+
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not fwd_hopper.supports(make_args(q, q, q, causal=False))

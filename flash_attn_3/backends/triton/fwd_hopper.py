@@ -8,7 +8,8 @@ per SM when persistent, else one per unit; a causal unit pairs a long and a shor
 all units cost the same) with its CTA split into partitions:
 - two consumer warpgroups (the default partition and one 4-warp worker), 64 query rows each. Each
   runs its own online softmax with FA3's intra-warpgroup overlap: S_j = Q K_j^T is issued, then
-  O += P_{j-1} V_{j-1} behind it, and the softmax of S_j runs while that PV wgmma executes.
+  O += P_{j-1} V_{j-1} behind it, and the softmax of S_j is written to run while that PV wgmma
+  executes (in the SASS it does only with a config's LATE_PV_WAIT: see CANDIDATES).
   With ping-pong the two take turns issuing wgmmas, so one's softmax hides the other's GEMMs.
   They share every K/V tile, so K/V are read once per 128 rows.
 - one producer warp issuing TMA loads of Q and of the K/V tiles into a STAGES-deep ring; ready
@@ -73,17 +74,23 @@ CAUSAL_CONFIGS = {64: (128, 3, False, True)}
 # fp8: half the bytes per K/V tile, but O (bf16) always needs its own buffers; at D = 256
 # BLOCK_N 128 does not fit with them (224 KB), 64 with 3 stages does (197 KB). Not yet tuned.
 FP8_CONFIGS = {64: (128, 4, True, True), 128: (128, 3, True, True), 256: (64, 3, False, True)}
+# A config may add a fifth field, LATE_PV_WAIT (off where absent): the next V tile's mbarrier
+# wait ends the softmax's basic block, so that ptxas places the PV wgmma wait after the softmax
+# instead of before it (docs/perf-notes.md, "The PV wait ptxas hoists"). Not yet timed: each
+# default tiling has it among the candidates.
 # What scripts/time_fp8_parts.py --configs times against FP8_CONFIGS[128] (and the GPU tests
 # check). sm_90 ptxas: BLOCK_N 128 spills 80-96 bytes outside the KV loop, 64 none; 256 spills
 # 800 bytes into the loop, so it is not a candidate.
 FP8_CANDIDATES = {128: [(128, 2, True, True), (128, 4, True, True), (128, 3, False, True),
-                        (64, 4, True, True), (64, 6, True, True)]}
+                        (64, 4, True, True), (64, 6, True, True), (128, 3, True, True, True)]}
 # The alternatives benchmarks/tune_fwd_hopper.py times against the defaults (and the tests check).
 CANDIDATES = {
     64: [(128, 3, True, False), (128, 3, False, True), (128, 3, True, True), (128, 2, True, True),
-         (64, 4, True, True)],
-    128: [(128, 2, True, False), (128, 2, False, True), (128, 3, True, True), (64, 3, True, True)],
-    256: [(64, 2, False, False), (64, 2, True, True), (32, 4, False, True)],
+         (64, 4, True, True), (128, 3, True, True, True), (128, 3, False, True, True)],
+    128: [(128, 2, True, False), (128, 2, False, True), (128, 3, True, True), (64, 3, True, True),
+          (128, 2, True, True, True)],
+    256: [(64, 2, False, False), (64, 2, True, True), (32, 4, False, True),
+          (64, 2, False, True, True)],
 }
 # 4 + 4 consumer warps and the producer warp (rounded up to a warpgroup): 384 threads. maxnreg
 # 168 keeps 384 * 168 under the 64K register file; the producer gives back all but 24 registers
@@ -389,7 +396,7 @@ if _GLUON_OK:
     def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
                   seqs, descales, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
-                  WG: gl.constexpr):
+                  LATE_PV_WAIT: gl.constexpr, WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
@@ -447,6 +454,8 @@ if _GLUON_OK:
                             s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
                         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
                         p = _p_carried(p, p_dtype, p_layout, IS_FP8)
+                        if LATE_PV_WAIT:
+                            mbarrier.wait(v_ready.index(kv % STAGES), (kv // STAGES) & 1)
 
                         for j in range(1, num_blocks):
                             stage = (kv + j) % STAGES
@@ -455,7 +464,8 @@ if _GLUON_OK:
                             # with fp8's fp32 P (ptxas spilled when the cast sat between the two).
                             p_op = _p_issued(p, p_dtype, p_layout, IS_FP8)
                             mbarrier.wait(k_ready.index(stage), ((kv + j) // STAGES) & 1)
-                            mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
+                            if not LATE_PV_WAIT:
+                                mbarrier.wait(v_ready.index(prev), ((kv + j - 1) // STAGES) & 1)
                             _take_turn(turn, issue + j, WG, PINGPONG)
                             # The dead S registers serve as the accumulator: use_acc=False
                             # ignores them.
@@ -474,6 +484,14 @@ if _GLUON_OK:
                             p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
                                                                       IS_FP8)
                             p_next = _p_carried(p_next, p_dtype, p_layout, IS_FP8)
+                            if LATE_PV_WAIT:
+                                # ptxas schedules the PV wait (WARPGROUP.DEPBAR) at the top of
+                                # its basic block, which without this was the whole softmax:
+                                # the wait ran before the row max. The next V's mbarrier wait
+                                # ends the block here (its retry branch), so the softmax runs
+                                # under the PV wgmma. One more warpgroup bar.sync (Triton's,
+                                # before an mbarrier wait) per block.
+                                mbarrier.wait(v_ready.index(stage), ((kv + j) // STAGES) & 1)
                             # The running PV reads the previous P from registers: keep it alive
                             # until the wgmma retires.
                             acc, p = _wait_pv(o_tok, p, IS_FP8)
@@ -488,7 +506,8 @@ if _GLUON_OK:
                             # that short causal rows, a few key blocks long, feel most).
                             mbarrier.arrive(q_empty.index(WG))
                         last = kv + num_blocks - 1
-                        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                        if not LATE_PV_WAIT:  # else waited after the last softmax
+                            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
                         # Only the last key block can reach past the keys (dense without
                         # seqused_k, only past the tensor, which TMA zero-filled).
                         if seqs[1] is not None or seqs[3] is not None:
@@ -564,8 +583,8 @@ if _GLUON_OK:
                     seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
                     k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                    IS_FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
+                    IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         if SEPARATE_O:
@@ -602,12 +621,12 @@ if _GLUON_OK:
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 0)),
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, 1)),
+                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
                          IS_FP8)),
@@ -764,6 +783,13 @@ def default_config(head_dim: int, causal: bool, fp8: bool = False) -> tuple:
     return CAUSAL_CONFIGS.get(head_dim, CONFIGS[head_dim]) if causal else CONFIGS[head_dim]
 
 
+def config_fields(config) -> tuple:
+    """(BLOCK_N, STAGES, PINGPONG, PERSISTENT[, LATE_PV_WAIT]) -> all five; LATE_PV_WAIT is off
+    where absent (every default config)."""
+    block_n, stages, pingpong, persistent, *late = config
+    return block_n, stages, pingpong, persistent, bool(late and late[0])
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -780,7 +806,8 @@ def forward(a: AttnArgs, config=None):
     batch = a.batch_size
     causal = a.window_right == 0
     fp8 = a.is_fp8
-    block_n, stages, pingpong, persistent = config or default_config(head_dim, causal, fp8)
+    block_n, stages, pingpong, persistent, late_pv_wait = config_fields(
+        config or default_config(head_dim, causal, fp8))
     out = torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
@@ -812,6 +839,6 @@ def forward(a: AttnArgs, config=None):
         _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, causal, stages,
-        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, _CONSUMER_REGS,
-        _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, late_pv_wait,
+        _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
