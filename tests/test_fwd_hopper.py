@@ -208,12 +208,15 @@ _SMOKE_FP8 = textwrap.dedent("""
     import torch
     from test_fwd_hopper import _fp8_inputs, make_fp8_args
     from flash_attn_3.backends.triton import fwd_hopper
-    for head_dim in fwd_hopper.FP8_CONFIGS:
+    # the defaults, then the candidates the tests below run in-process (a deadlocked pipeline
+    # would hang them; here it fails the module under a time limit, naming the config)
+    alternatives = [(d, c) for d, cs in fwd_hopper.FP8_CANDIDATES.items() for c in cs]
+    for head_dim, config in [(d, None) for d in fwd_hopper.FP8_CONFIGS] + alternatives:
         for causal in (False, True):
             q, k, v, descale = _fp8_inputs(4, 1000, 900, 8, 2, head_dim, descaled=True)
-            fwd_hopper.forward(make_fp8_args(q, k, v, causal=causal, descales=descale))
+            fwd_hopper.forward(make_fp8_args(q, k, v, causal=causal, descales=descale), config=config)
             torch.cuda.synchronize()
-            print("fp8", head_dim, "causal" if causal else "full", flush=True)
+            print("fp8", head_dim, config, "causal" if causal else "full", flush=True)
 """)
 STEP_SECONDS = 90  # one compile and one small call
 
