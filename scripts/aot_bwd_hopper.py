@@ -1,10 +1,11 @@
 """Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
 
-    python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
-                                     [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S]] [--keep DIR]
+    python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16] [--keep DIR]
+        [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP]]]
 
 Prints one JSON object: shared memory bytes, warps, wgmma / TMA / TMA-reduce instructions in the
-PTX, HGMMA in the SASS, and ptxas' register and spill figures. --keep DIR writes the .ptx,
+PTX, HGMMA in the SASS, ptxas' register and spill figures, and per consumer loop (`wgmma_waits`)
+what runs under each wgmma group before its wait. --keep DIR writes the .ptx,
 .ttgir and .sass there.
 """
 
@@ -29,7 +30,7 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from flash_attn_3.backends.triton import bwd_hopper  # noqa: E402
-from scripts.aot_fwd_hopper import report  # noqa: E402
+from scripts.aot_fwd_hopper import gmma_loops, report  # noqa: E402
 
 
 def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
@@ -59,7 +60,8 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
         runtime = [rows, rows, keys, keys, dq, stats, stats, ptr, ptr, x, x, *x.stride()[:3],
                    *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
         kernel = bwd_hopper._bwd_kernel
-        constants.update(STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s))
+        constants.update(STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s),
+                         EARLY_DV=bool(cfg.early_dv), PIN_DP=bool(cfg.pin_dp))
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(GluonASTSource(kernel, signature, constants),
@@ -67,13 +69,57 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
                           options=dict(num_warps=4, maxnreg=bwd_hopper._MAXNREG))
 
 
+# What the consumer does between a wgmma's issue and its wait: exp2 (P^T), the fp32 -> bf16
+# packs (P^T, dS^T), the dS^T arithmetic, shared memory (statistics, dS^T, dQ staging), mbarriers
+# and bar.syncs, the dQ reduce, local memory.
+_UNDER = ("MUFU.EX2", "F2FP", "FADD", "FMUL", "FFMA", "FSEL", "LDS", "STS", "SYNCS", "BAR.SYNC",
+          "UTMAREDG", "LDL", "STL")
+
+
+def _ops(body: list) -> dict:
+    return {k: n for k in _UNDER if (n := sum(k in o for o in body))}
+
+
+def wgmma_waits(body: list) -> dict:
+    """One consumer loop's wgmma groups in issue order (shape, `.RS`: A from registers, i.e. dV
+    or dK; `.tnspA`: dQ) with the instructions that run under each, from its first HGMMA to the
+    WARPGROUP.DEPBAR that retires it (the instructions a wait hoisted above the softmax, or an
+    issue sunk below it, takes away); the wait's position in the loop and its `keep` (groups
+    left in flight). `exposed`: the loop's instructions with no wgmma of this warpgroup in
+    flight."""
+    groups, open_group, in_flight, exposed = [], [], [], []
+    for i, op in enumerate(body):
+        wait = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d+)", op)
+        if "GMMA" in op and not wait:
+            open_group.append(i)
+            if "gsb0" in op:
+                shape = re.search(r"GMMA\.(\w+)", op).group(1)
+                kind = (".RS" if re.search(r"GMMA\.\S+ R\d+, R\d+,", op) else "") + (
+                    ".tnspA" if "tnspA" in op else "")
+                groups.append(dict(name=f"{shape}{kind} x{len(open_group)}",
+                                   first=open_group[0]))
+                in_flight.append(groups[-1])
+                open_group = []
+        elif wait:
+            keep = int(wait.group(1))
+            retired, in_flight = in_flight[:len(in_flight) - keep], in_flight[len(in_flight) - keep:]
+            for g in retired:
+                under = [o for o in body[g["first"] + 1:i] if "GMMA" not in o]
+                g.update(wait_at=i, keep=keep, under=len(under), ops=_ops(under))
+        elif not in_flight and not open_group:
+            exposed.append(op)
+    for g in groups:
+        g.pop("first")
+    return dict(groups=groups, exposed=dict(instructions=len(exposed), **_ops(exposed)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S] "
-                   "(bwd_hopper.Config fields; default: CONFIGS[head_dim])")
+    p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S"
+                   "[,EARLY_DV,PIN_DP]] (bwd_hopper.Config fields; default: CONFIGS[head_dim])")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -86,6 +132,8 @@ def main() -> None:
         got["tma_reduce_ptx"] = kernel.asm["ptx"].count("cp.reduce.async.bulk.tensor")
         # the row statistics' loads (stats_smem): the only rank-2 TMA copies
         got["tma_loads_2d_ptx"] = kernel.asm["ptx"].count("cp.async.bulk.tensor.2d.shared")
+        sass = (keep / "kernel.sass").read_text()
+        got["wgmma_waits"] = [wgmma_waits([o for _, o in body]) for body in gmma_loops(sass)]
         print(json.dumps(got))
 
 

@@ -91,24 +91,30 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
                           options=options.__dict__)
 
 
-def kv_loops(sass: str) -> list:
-    """The innermost SASS loops holding wgmmas (the KV loops of the two consumer warpgroups):
-    instructions from the loop head to its conditional backward branch (the masked path
-    included), and the GMMA and local memory ones among them. What a change costs the loop,
-    without a GPU. Unconditional backward branches are the out-of-line mbarrier retry stubs."""
+def gmma_loops(sass: str) -> list:
+    """The innermost SASS loops holding wgmmas, each as its (address, instruction) list from the
+    loop head to its conditional backward branch (the masked path included). Unconditional
+    backward branches are the out-of-line mbarrier retry stubs."""
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     spans = []
     for a, op in code:
         target = re.search(r"^\s*@!?U?P\d+ BRA (?:!?U?P\d, )?0x([0-9a-f]+)", op)
         if target and int(target.group(1), 16) < a:
-            body = [o for x, o in code if int(target.group(1), 16) <= x <= a]
-            if any("GMMA" in o for o in body):
+            body = [(x, o) for x, o in code if int(target.group(1), 16) <= x <= a]
+            if any("GMMA" in o for _, o in body):
                 spans.append((int(target.group(1), 16), a, body))
+    return [body for head, tail, body in spans
+            if not any(head <= h and t <= tail and (h, t) != (head, tail) for h, t, _ in spans)]
+
+
+def kv_loops(sass: str) -> list:
+    """The KV loops of the two consumer warpgroups (gmma_loops): their instructions, and the
+    GMMA and local memory ones among them. What a change costs the loop, without a GPU."""
+    bodies = [[o for _, o in body] for body in gmma_loops(sass)]
     return [dict(instructions=len(body), gmma=sum("GMMA" in o for o in body),
                  local=sum(bool(re.search(r"\b(LDL|STL)\b", o)) for o in body),
                  ops=opcode_counts(body), pv_wait=pv_wait(body))
-            for head, tail, body in spans
-            if not any(head <= h and t <= tail and (h, t) != (head, tail) for h, t, _ in spans)]
+            for body in bodies]
 
 
 def pv_wait(body: list) -> dict:
