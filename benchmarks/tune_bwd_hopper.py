@@ -3,8 +3,8 @@
 Grid (perf_guide.md anchors): D = 64/128/256 with H·D = 2048, N = 4k/16k with B·N = 32k tokens,
 causal or not, bf16, layout (B, N, H, D). TFLOP/s = 2.5 × the forward's 4·B·H·N²·D, halved when
 causal. Columns: `gluon` (bwd_hopper.CONFIGS: dQ by TMA reduce-add in the kernel; D = 256 by
-the split-role kernel), `gluon <BLOCK_M,STAGES,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S>`
-(bwd_hopper.CANDIDATES, N = 4k only), `gluon_det` (deterministic: the Gluon dK/dV kernel plus
+the split-role kernel), `gluon <BLOCK_M,STAGES,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV
+[,PIN_DP]]>` (bwd_hopper.CANDIDATES, N = 4k only; Config.label: the last two only when on), `gluon_det` (deterministic: the Gluon dK/dV kernel plus
 bwd.py's atomic-free dQ kernel; `gluon_det <config>`: bwd_hopper.DETERMINISTIC_CANDIDATES, N = 4k), `tl` (bwd.py at its untuned default configs, as it runs below
 the autotune threshold; deterministic) and `cudnn` (autograd through SDPA). Every gluon variant's
 dq/dk/dv are compared with cuDNN's on the same inputs before it is timed: a mismatch is an error
@@ -116,11 +116,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                             flops=flops)
                 if case["N"] == 4096:
                     for config in bwd_hopper.CANDIDATES.get(case["D"], []):
-                        name = "gluon " + ",".join(str(int(x)) for x in config)
+                        name = "gluon " + bwd_hopper.Config(*config).label()
                         run.measure("bwd", case, name,
                                     lambda c=config: gluon_call(case, inputs(), c), flops=flops)
                     for config in bwd_hopper.DETERMINISTIC_CANDIDATES.get(case["D"], []):
-                        name = "gluon_det " + ",".join(str(int(x)) for x in config)
+                        name = "gluon_det " + bwd_hopper.Config(*config).label()
                         run.measure("bwd", case, name, lambda c=config: gluon_call(
                             case, inputs(), c, deterministic=True), flops=flops)
             run.measure("bwd", case, "tl", lambda: tl_call(case, inputs()), flops=flops)

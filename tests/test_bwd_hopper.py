@@ -104,6 +104,29 @@ def test_candidates_compile_for_sm90(head_dim, config):
 
 
 @needs_gluon
+@pytest.mark.parametrize("head_dim,config", [
+    (d, c) for d, c in alternative_configs(bwd_hopper.CANDIDATES) if c.early_dv], ids=str)
+def test_early_dv_overlaps_the_elementwise_work(head_dim, config):
+    """early_dv (dV issued before dP^T's wait) with pin_dp where D = 128 needs it (ptxas sinks
+    the dP^T issue below the softmax otherwise): in each consumer loop every exp2 of P^T runs
+    under dP^T (the loop's second wgmma group), and no exp2 and no bf16 pack (P^T, dS^T) runs
+    with no wgmma of the warpgroup in flight; no ptxas warning (serialized wgmmas)."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", str(head_dim), "--causal", "--config",
+           ",".join(str(int(x)) for x in config)]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert not got["ptxas_warnings"] and len(got["wgmma_waits"]) == 2, got
+    for loop, waits in zip(got["kv_loops"], got["wgmma_waits"]):
+        dp = waits["groups"][1]
+        assert dp["ops"].get("MUFU.EX2") == loop["ops"]["MUFU.EX2"], waits
+        assert not {"MUFU.EX2", "F2FP"} & set(waits["exposed"]), waits
+    assert got["spill_bytes"] <= 256, got
+
+
+@needs_gluon
 @pytest.mark.parametrize("dq_in_kernel", [False, True], ids=["dq-by-bwd.py", "dq-in-kernel"])
 def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     """Head dim 256 (_bwd_kernel_split): each side S^T or dP^T (K = 256), dV or dK (K = 64

@@ -55,8 +55,8 @@ BLOCK_N = 2 * KEYS_PER_WARPGROUP
 
 
 class Config(NamedTuple):
-    """One compiled variant. Tuples (BLOCK_M, STAGES[, DQ_IN_KERNEL[, STATS_SMEM[, PREFETCH_S]]])
-    are accepted wherever a Config is."""
+    """One compiled variant. Tuples (BLOCK_M, STAGES[, DQ_IN_KERNEL[, STATS_SMEM[, PREFETCH_S[,
+    EARLY_DV[, PIN_DP]]]]]) are accepted wherever a Config is."""
     block_m: int
     stages: int
     # dQ by TMA reduce-add here; off: bwd.py's atomic-free dQ kernel (the deterministic path)
@@ -68,6 +68,21 @@ class Config(NamedTuple):
     # runs under the dQ epilogue and the loop overhead (needs stats_smem: the next softmax
     # then starts at once and would wait on a global load)
     prefetch_s: bool = False
+    # dV += P^T dO is issued before dP^T's wait (which then keeps it in flight), so dS^T, its
+    # bf16 pack and the dQ side's dS^T store run under dV instead of between two wgmmas
+    early_dv: bool = False
+    # an mbarrier wait (the current stage's, already passed) right after dP^T's issue ends the
+    # basic block there: ptxas otherwise sinks the dP^T HGMMAs below the softmax at D = 128, so
+    # no exp2 runs under them (docs/perf-notes.md, "The dP issue ptxas sinks")
+    pin_dp: bool = False
+
+    def label(self) -> str:
+        """The fields as a bench column names them: the first five always, the later ones only
+        up to the last that is on (so the names of the configs before them stay)."""
+        fields = [int(x) for x in self]
+        while len(fields) > 5 and not fields[-1]:
+            fields.pop()
+        return ",".join(map(str, fields))
 
 
 # head dim -> Config. Registers of one consumer thread at BLOCK_M = 64, D = 128: dK and dV
@@ -86,11 +101,17 @@ SPLIT_HEAD_DIMS = (256, )
 # lse2/delta by TMA (stats_smem) and the next block's S^T issued early (prefetch_s). D = 64 at
 # BLOCK_M = 128 spilled ~570 bytes with the statistics in registers but does twice the work per
 # meeting. D = 256: the deterministic path's shape (dQ left to bwd.py) with the second stage that
-# frees.
+# frees. The defaults with early_dv (D = 64: the dS^T work that ran between two wgmmas goes
+# under dV) and pin_dp (D = 128: the softmax goes under dP^T), alone and together (2026-11-25,
+# not yet timed).
 CANDIDATES = {
     64: [Config(64, 3), Config(64, 3, True, True, True), Config(128, 2, True, True),
-         Config(64, 2, True, True), Config(64, 4, True, True)],
-    128: [Config(64, 2), Config(64, 2, True, True, True)],
+         Config(64, 2, True, True), Config(64, 4, True, True),
+         Config(64, 3, True, True, early_dv=True),
+         Config(64, 3, True, True, early_dv=True, pin_dp=True)],
+    128: [Config(64, 2), Config(64, 2, True, True, True),
+          Config(64, 2, True, True, pin_dp=True),
+          Config(64, 2, True, True, early_dv=True, pin_dp=True)],
     256: [Config(64, 1, True, True)],
 }
 # Deterministic calls leave dQ to bwd.py: without the dQ staging buffer the dK/dV kernel has
@@ -99,8 +120,10 @@ CANDIDATES = {
 # with dQ off; DETERMINISTIC_CANDIDATES are timed against it (benchmarks/tune_bwd_hopper.py).
 DETERMINISTIC_CONFIGS = {d: c._replace(dq_in_kernel=False) for d, c in CONFIGS.items()}
 DETERMINISTIC_CANDIDATES = {
-    64: [Config(64, 4, False, True), Config(64, 5, False, True), Config(64, 4, False, True, True)],
-    128: [Config(64, 3, False, True), Config(64, 2, False, True, True)],
+    64: [Config(64, 4, False, True), Config(64, 5, False, True), Config(64, 4, False, True, True),
+         Config(64, 3, False, True, early_dv=True)],
+    128: [Config(64, 3, False, True), Config(64, 2, False, True, True),
+          Config(64, 2, False, True, early_dv=True, pin_dp=True)],
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
@@ -200,7 +223,8 @@ if _GLUON_OK:
                   dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dk_strides, dv_strides,
                   softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                   DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
-                  PREFETCH_S: gl.constexpr, WG: gl.constexpr):
+                  PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
+                  WG: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
@@ -271,6 +295,10 @@ if _GLUON_OK:
             dp_tok = warpgroup_mma(v_w, do.permute((1, 0)),
                                    gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
                                    use_acc=False, is_async=True)
+            if PIN_DP:
+                # Passed already (this warpgroup has not released the stage): the wait's retry
+                # loop is a branch, so ptxas keeps the HGMMAs above it, under the softmax.
+                mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
             if STATS_SMEM:
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
                 lse2 = gl.where(in_q, lse2_smem.index(stage).reshape([BLOCK_M]).load(
@@ -279,14 +307,21 @@ if _GLUON_OK:
             if m0 < m_full:
                 ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
                 p = gl.where(ok, p, 0.0)
-            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
+            if EARLY_DV:
+                p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
+                dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, ))
+            else:
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             if STATS_SMEM:
                 delta = gl.where(in_q, delta_smem.index(stage).reshape([BLOCK_M]).load(
                     query_layout), 0.0)
             ds = p * (dp - gl.expand_dims(delta, 0))
-            p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
+            if not EARLY_DV:
+                p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout, assert_trivial=True)
-            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            if not EARLY_DV:
+                dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
             if PREFETCH_S:
                 # The last block issues a spare S^T on its own (resident) tile: the token's
@@ -362,8 +397,8 @@ if _GLUON_OK:
                     stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k, num_heads_kv,
                     num_n_blocks, group, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                     DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
-                    PREFETCH_S: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
+                    PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -415,12 +450,12 @@ if _GLUON_OK:
                          dq_smem0, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, 0)),
+                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
                          dq_smem1, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, 1)),
+                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 1)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
                          k_smem, v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL, STAGES,
                          STATS_SMEM)),
@@ -713,9 +748,10 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
         dq_acc = None
         dq_desc = _descriptor(q, cfg.block_m)  # not read: stands in for the argument
     if head_dim in SPLIT_HEAD_DIMS:
-        if not cfg.stats_smem or cfg.prefetch_s or (cfg.stages > 2 and not dq_in_kernel):
+        if (not cfg.stats_smem or cfg.prefetch_s or cfg.early_dv or cfg.pin_dp
+                or (cfg.stages > 2 and not dq_in_kernel)):
             raise ValueError(f"{cfg}: the split kernel takes the statistics by TMA, no prefetch, "
-                             "and without dQ at most 2 stages")
+                             "early dV or pinned dP, and without dQ at most 2 stages")
         keys = KEYS_PER_WARPGROUP
         num_n_blocks = triton.cdiv(seqlen_k, keys)
         _bwd_kernel_split[(num_n_blocks * heads_kv * batch, )](
@@ -740,7 +776,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
             seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0,
             cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
-            _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+            bool(cfg.early_dv), bool(cfg.pin_dp), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
         return dq_acc.to(q.dtype), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a), dk, dv
