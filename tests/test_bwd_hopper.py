@@ -104,13 +104,14 @@ def test_candidates_compile_for_sm90(head_dim, config):
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,config", [
+@pytest.mark.parametrize("head_dim,config", [(128, bwd_hopper.CONFIGS[128])] + [
     (d, c) for d, c in alternative_configs(bwd_hopper.CANDIDATES) if c.early_dv], ids=str)
 def test_early_dv_overlaps_the_elementwise_work(head_dim, config):
-    """early_dv (dV issued before dP^T's wait) with pin_dp where D = 128 needs it (ptxas sinks
-    the dP^T issue below the softmax otherwise): in each consumer loop every exp2 of P^T runs
-    under dP^T (the loop's second wgmma group), and no exp2 and no bf16 pack (P^T, dS^T) runs
-    with no wgmma of the warpgroup in flight; no ptxas warning (serialized wgmmas)."""
+    """pin_dp (the D = 128 default; ptxas sinks the dP^T issue below the softmax otherwise): in
+    each consumer loop the exp2 of P^T run under dP^T (the loop's second wgmma group), all of
+    them with early_dv (dV issued before dP^T's wait), which also leaves no exp2 and no bf16
+    pack (P^T, dS^T) with no wgmma of the warpgroup in flight. No ptxas warning (serialized
+    wgmmas) either way."""
     cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
            "--head-dim", str(head_dim), "--causal", "--config",
            ",".join(str(int(x)) for x in config)]
@@ -121,8 +122,12 @@ def test_early_dv_overlaps_the_elementwise_work(head_dim, config):
     assert not got["ptxas_warnings"] and len(got["wgmma_waits"]) == 2, got
     for loop, waits in zip(got["kv_loops"], got["wgmma_waits"]):
         dp = waits["groups"][1]
-        assert dp["ops"].get("MUFU.EX2") == loop["ops"]["MUFU.EX2"], waits
-        assert not {"MUFU.EX2", "F2FP"} & set(waits["exposed"]), waits
+        under_dp, exp2 = dp["ops"].get("MUFU.EX2", 0), loop["ops"]["MUFU.EX2"]
+        # pin_dp alone: ptxas leaves the last few exp2 (28 of 32 under dP^T at D = 128) to the
+        # dependent pack; unpinned, none of them ran under dP^T
+        assert under_dp == exp2 if config.early_dv else 8 * under_dp >= 7 * exp2, waits
+        if config.early_dv:
+            assert not {"MUFU.EX2", "F2FP"} & set(waits["exposed"]), waits
     assert got["spill_bytes"] <= 256, got
 
 
