@@ -104,7 +104,8 @@ def test_candidates_compile_for_sm90(head_dim, config):
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,config", [(128, bwd_hopper.CONFIGS[128])] + [
+@pytest.mark.parametrize("head_dim,config", [
+    (128, bwd_hopper.CONFIGS[128]), (128, bwd_hopper.DETERMINISTIC_CONFIGS[128])] + [
     (d, c) for d, c in alternative_configs(bwd_hopper.CANDIDATES) if c.early_dv], ids=str)
 def test_early_dv_overlaps_the_elementwise_work(head_dim, config):
     """pin_dp (the D = 128 default; ptxas sinks the dP^T issue below the softmax otherwise): in
