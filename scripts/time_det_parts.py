@@ -23,7 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash_attn_3.backends.params import AttnArgs  # noqa: E402
-from flash_attn_3.backends.triton import bwd, bwd_hopper, forward  # noqa: E402
+from flash_attn_3.backends.triton import bwd, bwd_hopper, fwd_hopper  # noqa: E402
 
 WIDTH, TOKENS = 2048, 32 * 1024
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried besides bwd._DQ_CONFIGS' own
@@ -52,7 +52,7 @@ def main() -> None:
             q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
                              for _ in range(4))
             a = AttnArgs.plain(q, k, v, window_right=0 if causal else -1)
-            out, lse = forward(a)
+            out, lse = fwd_hopper.forward(a)
             fwd_tflop = 4 * b * h * n * n * d / (2 if causal else 1) / 1e12
             case = dict(D=d, N=n, causal=causal)
 
