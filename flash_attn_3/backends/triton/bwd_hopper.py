@@ -128,7 +128,8 @@ DETERMINISTIC_CANDIDATES = {
     64: [Config(64, 4, False, True), Config(64, 5, False, True), Config(64, 4, False, True, True),
          Config(64, 3, False, True, early_dv=True)],
     128: [Config(64, 3, False, True), Config(64, 2, False, True, True), Config(64, 2, False, True),
-          Config(64, 2, False, True, pin_dp=True)],
+          Config(64, 2, False, True, pin_dp=True),
+          Config(64, 3, False, True, early_dv=True, pin_dp=True)],
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
