@@ -146,8 +146,7 @@ def test_ordered_dq_waits_and_counts(head_dim, config, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.splitlines()[-1])
-    # D = 128: 288 bytes (the default spills 64)
-    assert not got["ptxas_warnings"] and got["spill_bytes"] <= 320, got
+    assert not got["ptxas_warnings"] and got["spill_bytes"] <= 256, got
     ptx = (tmp_path / "kernel.ptx").read_text()
     assert ptx.count("ld.acquire.gpu.global.b32") == 2
     # per warpgroup: in the loop (the adds of two steps ago: all but the last step's bulk

@@ -204,20 +204,9 @@ if _GLUON_OK:
         """Index (from the program's first) of the query block a program visits at step i of a
         query head: in order, or rotated to start at block 2 nb, nb its key block (dq_ordered)."""
         if ORDERED:
-            # 2 nb < num_m and i < num_m (dq_order_fits): one wrap at most, no division
-            x = 2 * nb + i
-            return gl.where(x >= num_m, x - num_m, x)
+            return (2 * nb + i) % num_m
         else:
             return i
-
-    @gluon.jit
-    def _counter(counters, g, step, nb, num_m):
-        """The count that a program's reduce-adds of step `step` of its g-th query head go to;
-        `counters` points at its (batch, first query head, head-dim half)'s. Recomputed where
-        needed: a pointer carried across the loop as "the step before's" came out of triton
-        3.6 as the loop's initial value (every count went to counter 0, and the key blocks
-        waited on each other for ever)."""
-        return counters + (g * num_m + _query_block(step, nb, num_m, True)) * 2
 
     @gluon.jit
     def _adds_before(nb, i, num_n, num_m):
@@ -350,8 +339,9 @@ if _GLUON_OK:
             s_tok = _issue_s(k_w, q_smem, 0, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
 
         nb = n0 // _BLOCK_N
-        # dq_ordered: this warpgroup's counts of its batch and first query head
-        counters = dq_counters + (b * num_heads_kv + hk) * group * num_m * 2 + WG
+        # dq_ordered: the counts the reduce-adds of the last two steps go to
+        counter = dq_counters
+        counter_before = dq_counters
         for it in range(0, total):
             g = it // num_m
             step = it - g * num_m
@@ -444,15 +434,14 @@ if _GLUON_OK:
                     # The adds of two steps ago are written by now (the last step's are left
                     # pending): the next key block in their blocks' order may add after them.
                     if it > 1:
-                        back = step < 2  # two steps ago was the previous query head's
-                        _adds_done(_counter(counters, gl.where(back, g - 1, g),
-                                            gl.where(back, step - 2 + num_m, step - 2), nb,
-                                            num_m), HALF_DIM // DQ_COLS)
+                        _adds_done(counter_before, HALF_DIM // DQ_COLS)
+                    counter_before = counter
+                    counter = dq_counters + ((b * num_heads_kv * group + hq) * num_m
+                                             + m0 // BLOCK_M) * 2 + WG
                 dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
                 fence_async_shared()
                 if DQ_ORDERED:
-                    _wait_adds(_counter(counters, g, step, nb, num_m),
-                               _adds_before(nb, step, num_n_blocks, num_m))
+                    _wait_adds(counter, _adds_before(nb, step, num_n_blocks, num_m))
                 # One reduce per 128-byte column chunk: the TMA box of a 128-byte swizzle is at
                 # most that wide, and the tile's chunks lie one after the other in shared memory.
                 for c in gl.static_range(HALF_DIM // DQ_COLS):
@@ -472,11 +461,10 @@ if _GLUON_OK:
         if DQ_IN_KERNEL:
             tma.store_wait(pendings=0)
             if DQ_ORDERED:
-                # the last query head's last two steps (num_m >= 2: dq_order_fits)
+                if total > 1:
+                    _adds_done(counter_before, HALF_DIM // DQ_COLS)
                 if total > 0:
-                    _adds_done(_counter(counters, group - 1, num_m - 2, nb, num_m),
-                               HALF_DIM // DQ_COLS)
-                    _adds_done(_counter(counters, group - 1, num_m - 1, nb, num_m), 0)
+                    _adds_done(counter, 0)
 
         # dK, dV of this warpgroup's keys, clipped at seqlen_k.
         rows = gl.expand_dims(n0 + WG * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(
