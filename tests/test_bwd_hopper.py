@@ -137,8 +137,8 @@ def test_early_dv_overlaps_the_elementwise_work(head_dim, config):
                          ids=str)
 def test_ordered_dq_waits_and_counts(head_dim, config, tmp_path):
     """dq_ordered (non-causal) compiles for sm_90 with, per consumer warpgroup, the acquire
-    spin before its reduce-adds and the release counts after their full completion (not the
-    read-only wait tma.store_wait gives) two steps later; no ptxas warning."""
+    spin before its reduce-adds and the release count after their full completion (not the
+    read-only wait tma.store_wait gives); no ptxas warning."""
     cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
            "--head-dim", str(head_dim), "--config", ",".join(str(int(x)) for x in config),
            "--keep", str(tmp_path)]
@@ -149,12 +149,9 @@ def test_ordered_dq_waits_and_counts(head_dim, config, tmp_path):
     assert not got["ptxas_warnings"] and got["spill_bytes"] <= 256, got
     ptx = (tmp_path / "kernel.ptx").read_text()
     assert ptx.count("ld.acquire.gpu.global.b32") == 2
-    # per warpgroup: in the loop (the adds of two steps ago: all but the last step's bulk
-    # groups written) and after it (those, then the last step's)
-    assert ptx.count("red.release.gpu.global.add.s32") == 6
-    groups = head_dim // 2 // bwd_hopper.DQ_REDUCE_COLS
-    assert ptx.count(f"cp.async.bulk.wait_group {groups};") == 4
-    assert ptx.count("cp.async.bulk.wait_group 0;") == 2
+    # in the loop and after it, per warpgroup
+    assert ptx.count("red.release.gpu.global.add.s32") == 4
+    assert ptx.count("cp.async.bulk.wait_group 0;") == 4
 
 
 @needs_gluon
@@ -317,7 +314,7 @@ def test_alternative_configs(monkeypatch, head_dim, config, shape):
 ORDERED = [(d, c) for d, c in ALT_CONFIGS if c.dq_ordered]
 
 
-@pytest.mark.parametrize("shape", [(2, 1001, 900, 8, 2), (2, 1000, 1000, 8, 2), (1, 1023, 500, 6, 1),
+@pytest.mark.parametrize("shape", [(2, 1001, 900, 8, 2), (2, 640, 700, 8, 2), (1, 1023, 1000, 6, 1),
                                    (1, 4096, 4096, 4, 4), (2, 77, 500, 4, 4)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("head_dim,config", ORDERED, ids=str)

@@ -75,13 +75,11 @@ class Config(NamedTuple):
     # basic block there: ptxas otherwise sinks the dP^T HGMMAs below the softmax at D = 128, so
     # no exp2 runs under them (docs/perf-notes.md, "The dP issue ptxas sinks")
     pin_dp: bool = False
-    # dq_in_kernel made deterministic (non-causal, 2 x key blocks <= query blocks): program n
-    # walks the query blocks from block 2n on, wrapping, and each reduce-add waits on a
-    # per-(query block, head-dim half) counter for the adds before it, so every block's adds
-    # land in one fixed order (by step). A program counts its adds two steps later, when they
-    # are surely written (waiting for that at once cost 17-35 %, H100 2026-11-26), and the
-    # rotation's stride of 2 makes the add before a program's its neighbour's of two steps
-    # earlier: the programs of a head run in step, none waits on a later step of another.
+    # dq_in_kernel made deterministic (non-causal, key blocks <= query blocks): program n walks
+    # the query blocks from block n on, wrapping, and each reduce-add waits on a per-(query
+    # block, head-dim half) counter for the adds before it, so every block's adds land in one
+    # fixed order (by iteration). The rotation keeps the waits short: the add before a
+    # program's is its neighbour's of one iteration earlier.
     dq_ordered: bool = False
 
     def label(self) -> str:
@@ -173,14 +171,14 @@ if _GLUON_OK:
         return gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
 
     @gluon.jit
-    def _adds_done(counter, PENDING: gl.constexpr):
-        """This warpgroup's reduce-adds but its last PENDING bulk groups have been written to
-        global memory (not only read from shared memory, as tma.store_wait waits for), then one
-        thread counts them on `counter` with release semantics."""
+    def _adds_done(counter):
+        """This warpgroup's reduce-adds so far have been written to global memory (not only read
+        from shared memory, as tma.store_wait waits for), then one thread counts them on
+        `counter` with release semantics."""
         lanes = _lanes()
         gl.inline_asm_elementwise(
-            f"cp.async.bulk.wait_group {PENDING};\nfence.proxy.async.global;\nmov.b32 $0, 0;",
-            "=r,r", [lanes], dtype=gl.int32, is_pure=False, pack=1)
+            "cp.async.bulk.wait_group 0;\nfence.proxy.async.global;\nmov.b32 $0, 0;", "=r,r",
+            [lanes], dtype=gl.int32, is_pure=False, pack=1)
         gl.thread_barrier()  # the issuing thread's wait is the one that counts
         gl.inline_asm_elementwise(
             "{ .reg .pred p;\nsetp.eq.s32 p, $2, 0;\n@p red.release.gpu.global.add.s32 [$1], 1;\n"
@@ -202,20 +200,19 @@ if _GLUON_OK:
     @gluon.jit
     def _query_block(i, nb, num_m, ORDERED: gl.constexpr):
         """Index (from the program's first) of the query block a program visits at step i of a
-        query head: in order, or rotated to start at block 2 nb, nb its key block (dq_ordered)."""
+        query head: in order, or rotated to start at its key block nb (dq_ordered)."""
         if ORDERED:
-            return (2 * nb + i) % num_m
+            return (nb + i) % num_m
         else:
             return i
 
     @gluon.jit
     def _adds_before(nb, i, num_n, num_m):
-        """How many key blocks add into query block (2 nb + i) % num_m before key block nb does at
-        its step i, when every block walks the query blocks so rotated (2 num_n <= num_m): the
-        ones that reach it at earlier steps, i.e. the next min(i // 2, num_n - 1 - nb) blocks
-        and those that wrapped around."""
-        return (gl.minimum(i // 2, num_n - 1 - nb)
-                + gl.maximum(nb - (num_m - i + 1) // 2 + 1, 0))
+        """How many key blocks add into query block (nb + i) % num_m before key block nb does at
+        its step i, when every block walks the query blocks rotated (num_n <= num_m): the ones
+        that reach it at earlier steps, i.e. the next min(i, num_n - 1 - nb) blocks and those
+        that wrapped around."""
+        return gl.minimum(i, num_n - 1 - nb) + gl.maximum(nb + i - num_m + 1, 0)
 
     @gluon.jit
     def _program(seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, BLOCK_M: gl.constexpr,
@@ -339,9 +336,7 @@ if _GLUON_OK:
             s_tok = _issue_s(k_w, q_smem, 0, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
 
         nb = n0 // _BLOCK_N
-        # dq_ordered: the counts the reduce-adds of the last two steps go to
-        counter = dq_counters
-        counter_before = dq_counters
+        counter = dq_counters  # dq_ordered: the count the previous step's reduce-adds go to
         for it in range(0, total):
             g = it // num_m
             step = it - g * num_m
@@ -428,16 +423,16 @@ if _GLUON_OK:
                         num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
                 # On the last block the spare S^T still reads this slot, but nothing refills it.
                 mbarrier.arrive(q_empty.index(stage))
-                # The previous reduce has read the staging buffer by now (an iteration ago).
-                tma.store_wait(pendings=0)
                 if DQ_ORDERED:
-                    # The adds of two steps ago are written by now (the last step's are left
-                    # pending): the next key block in their blocks' order may add after them.
-                    if it > 1:
-                        _adds_done(counter_before, HALF_DIM // DQ_COLS)
-                    counter_before = counter
+                    # The previous step's adds (a whole iteration ago) are written by now: the
+                    # next key block may add after them. This also frees the staging buffer.
+                    if it > 0:
+                        _adds_done(counter)
                     counter = dq_counters + ((b * num_heads_kv * group + hq) * num_m
                                              + m0 // BLOCK_M) * 2 + WG
+                else:
+                    # The previous reduce has read the staging buffer by now (an iteration ago).
+                    tma.store_wait(pendings=0)
                 dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
                 fence_async_shared()
                 if DQ_ORDERED:
@@ -459,12 +454,11 @@ if _GLUON_OK:
         if PREFETCH_S:
             warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         if DQ_IN_KERNEL:
-            tma.store_wait(pendings=0)
             if DQ_ORDERED:
-                if total > 1:
-                    _adds_done(counter_before, HALF_DIM // DQ_COLS)
                 if total > 0:
-                    _adds_done(counter, 0)
+                    _adds_done(counter)
+            else:
+                tma.store_wait(pendings=0)
 
         # dK, dV of this warpgroup's keys, clipped at seqlen_k.
         rows = gl.expand_dims(n0 + WG * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(
@@ -818,15 +812,15 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
 
 def dq_order_fits(seqlen_q: int, seqlen_k: int, causal: bool, head_dim: int, block_m: int,
                   device: torch.device) -> bool:
-    """Whether dq_ordered can run: not causal, not the split kernel (D = 256), at least twice as
-    many query blocks as key blocks (each key block then meets each query block at a different
-    step of the rotation) and at most half the SMs' worth of key blocks. A key block waits on
-    the other key blocks of its head, so they must all be resident together: one CTA fills an
-    SM, CTAs start in program order, and the half leaves room for other streams' kernels."""
+    """Whether dq_ordered can run: not causal, not the split kernel (D = 256), no more key
+    blocks than query blocks (each key block then meets each query block at a different step
+    of the rotation) and at most half the SMs' worth of key blocks. A key block waits on the
+    other key blocks of its head, so they must all be resident together: one CTA fills an SM,
+    CTAs start in program order, and the half leaves room for other streams' kernels."""
     num_n = triton.cdiv(seqlen_k, BLOCK_N)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     return (not causal and head_dim not in SPLIT_HEAD_DIMS
-            and 2 * num_n <= triton.cdiv(seqlen_q, block_m) and num_n <= sms // 2)
+            and num_n <= triton.cdiv(seqlen_q, block_m) and num_n <= sms // 2)
 
 
 def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, config=None):
