@@ -1,7 +1,7 @@
 """Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16] [--keep DIR]
-        [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP[,DQ_ORDERED]]]]
+        [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP]]]
 
 Prints one JSON object: shared memory bytes, warps, wgmma / TMA / TMA-reduce instructions in the
 PTX, HGMMA in the SASS, ptxas' register and spill figures, and per consumer loop (`wgmma_waits`)
@@ -57,15 +57,11 @@ def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=Non
     else:
         # lse2 / delta descriptors and pointers, dk, dv, dk / dv strides, softmax_scale,
         # seqlen_q, seqlen_k, heads_kv, num_n_blocks, group
-        # dq_ordered's counters (int32; else the lse2 pointer stands in)
-        ordered = bool(cfg.dq_ordered) and not causal
-        counters = torch.empty(64, dtype=torch.int32) if ordered else ptr
-        runtime = [rows, rows, keys, keys, dq, counters, stats, stats, ptr, ptr, x, x,
-                   *x.stride()[:3], *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
+        runtime = [rows, rows, keys, keys, dq, stats, stats, ptr, ptr, x, x, *x.stride()[:3],
+                   *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
         kernel = bwd_hopper._bwd_kernel
         constants.update(STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s),
-                         EARLY_DV=bool(cfg.early_dv), PIN_DP=bool(cfg.pin_dp),
-                         DQ_ORDERED=ordered)
+                         EARLY_DV=bool(cfg.early_dv), PIN_DP=bool(cfg.pin_dp))
     signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(GluonASTSource(kernel, signature, constants),
@@ -123,7 +119,7 @@ def main() -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S"
-                   "[,EARLY_DV,PIN_DP[,DQ_ORDERED]]] (bwd_hopper.Config fields; default: CONFIGS[head_dim]; DQ_ORDERED is dropped when --causal)")
+                   "[,EARLY_DV,PIN_DP]] (bwd_hopper.Config fields; default: CONFIGS[head_dim])")
     p.add_argument("--keep", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16

@@ -133,28 +133,6 @@ def test_early_dv_overlaps_the_elementwise_work(head_dim, config):
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim,config", [(d, c) for d, c in ALT_CONFIGS if c.dq_ordered],
-                         ids=str)
-def test_ordered_dq_waits_and_counts(head_dim, config, tmp_path):
-    """dq_ordered (non-causal) compiles for sm_90 with, per consumer warpgroup, the acquire
-    spin before its reduce-adds and the release count after their full completion (not the
-    read-only wait tma.store_wait gives); no ptxas warning."""
-    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
-           "--head-dim", str(head_dim), "--config", ",".join(str(int(x)) for x in config),
-           "--keep", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.splitlines()[-1])
-    assert not got["ptxas_warnings"] and got["spill_bytes"] <= 256, got
-    ptx = (tmp_path / "kernel.ptx").read_text()
-    assert ptx.count("ld.acquire.gpu.global.b32") == 2
-    # in the loop and after it, per warpgroup
-    assert ptx.count("red.release.gpu.global.add.s32") == 4
-    assert ptx.count("cp.async.bulk.wait_group 0;") == 4
-
-
-@needs_gluon
 @pytest.mark.parametrize("dq_in_kernel", [False, True], ids=["dq-by-bwd.py", "dq-in-kernel"])
 def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     """Head dim 256 (_bwd_kernel_split): each side S^T or dP^T (K = 256), dV or dK (K = 64
@@ -228,10 +206,7 @@ _SMOKE = textwrap.dedent("""
     # statistics' rows are not a whole number of 16 bytes long.
     det = list(bwd_hopper.DETERMINISTIC_CONFIGS.items())
     for head_dim, config in [(d, None) for d in bwd_hopper.CONFIGS] + ALT_CONFIGS + det:
-        # dq_ordered runs only where not causal (its key blocks wait on each other: a deadlock
-        # shows here)
-        both = config is None or bwd_hopper.Config(*config).dq_ordered
-        for causal in (False, True) if both else (True, ):
+        for causal in (True, ) if config else (False, True):
             q, do = (torch.randn(2, 1001, 8, head_dim, device="cuda", dtype=torch.bfloat16)
                      for _ in "qo")
             k, v = (torch.randn(2, 900, 2, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -309,36 +284,6 @@ def test_alternative_configs(monkeypatch, head_dim, config, shape):
     are not a multiple of 4 (the statistics' TMA boxes at every row offset mod 16 bytes)."""
     run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=True,
                   config=config)
-
-
-ORDERED = [(d, c) for d, c in ALT_CONFIGS if c.dq_ordered]
-
-
-@pytest.mark.parametrize("shape", [(2, 1001, 900, 8, 2), (2, 640, 700, 8, 2), (1, 1023, 1000, 6, 1),
-                                   (1, 4096, 4096, 4, 4), (2, 77, 500, 4, 4)],
-                         ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("head_dim,config", ORDERED, ids=str)
-@pytest.mark.gpu
-@on_hopper
-@pytest.mark.usefixtures("kernel_terminates")
-def test_ordered_dq_is_deterministic(monkeypatch, head_dim, config, shape):
-    """dq_ordered (non-causal): dQ by reduce-adds in a fixed order matches the reference and
-    is bitwise the same over repeated calls; where it fits (not the last shape: more key blocks
-    than query blocks) bwd.py's dQ pass does not run."""
-    from flash_attn_3.backends.triton import bwd
-
-    q, k, v = qkv(*shape, head_dim, torch.bfloat16)
-    fits = bwd_hopper.dq_order_fits(q.shape[1], k.shape[1], False, head_dim, config.block_m,
-                                    q.device)
-    assert fits == (shape[2] != 500)
-    if fits:
-        monkeypatch.setattr(bwd, "dq_only", lambda *a, **kw: pytest.fail("dQ pass ran"))
-    got, call = run_and_check(monkeypatch, q, k, v, causal=False, config=config,
-                              deterministic=True)
-    for _ in range(3):
-        again = bwd_hopper.backward(*call, True, config=config)
-        for name, x, y in zip(("dq", "dk", "dv"), got, again):
-            assert torch.equal(x, y), name
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -56,7 +56,7 @@ BLOCK_N = 2 * KEYS_PER_WARPGROUP
 
 class Config(NamedTuple):
     """One compiled variant. Tuples (BLOCK_M, STAGES[, DQ_IN_KERNEL[, STATS_SMEM[, PREFETCH_S[,
-    EARLY_DV[, PIN_DP[, DQ_ORDERED]]]]]]) are accepted wherever a Config is."""
+    EARLY_DV[, PIN_DP]]]]]) are accepted wherever a Config is."""
     block_m: int
     stages: int
     # dQ by TMA reduce-add here; off: bwd.py's atomic-free dQ kernel (the deterministic path)
@@ -75,12 +75,6 @@ class Config(NamedTuple):
     # basic block there: ptxas otherwise sinks the dP^T HGMMAs below the softmax at D = 128, so
     # no exp2 runs under them (docs/perf-notes.md, "The dP issue ptxas sinks")
     pin_dp: bool = False
-    # dq_in_kernel made deterministic (non-causal, key blocks <= query blocks): program n walks
-    # the query blocks from block n on, wrapping, and each reduce-add waits on a per-(query
-    # block, head-dim half) counter for the adds before it, so every block's adds land in one
-    # fixed order (by iteration). The rotation keeps the waits short: the add before a
-    # program's is its neighbour's of one iteration earlier.
-    dq_ordered: bool = False
 
     def label(self) -> str:
         """The fields as a bench column names them: the first five always, the later ones only
@@ -130,15 +124,12 @@ CANDIDATES = {
 # was +2.3 / -1.0 % on the H100.
 DETERMINISTIC_CONFIGS = {d: c._replace(dq_in_kernel=False) for d, c in CONFIGS.items()}
 DETERMINISTIC_CONFIGS[128] = DETERMINISTIC_CONFIGS[128]._replace(early_dv=True)
-# dq_ordered: dQ in the kernel in a fixed order (non-causal calls it fits; others fall back to
-# bwd.py's dQ pass), on the defaults' tiling (2026-11-26, not yet timed).
 DETERMINISTIC_CANDIDATES = {
     64: [Config(64, 4, False, True), Config(64, 5, False, True), Config(64, 4, False, True, True),
-         Config(64, 3, False, True, early_dv=True), Config(64, 3, True, True, dq_ordered=True)],
+         Config(64, 3, False, True, early_dv=True)],
     128: [Config(64, 3, False, True), Config(64, 2, False, True, True), Config(64, 2, False, True),
           Config(64, 2, False, True, pin_dp=True),
-          Config(64, 3, False, True, early_dv=True, pin_dp=True),
-          Config(64, 2, True, True, pin_dp=True, dq_ordered=True)],
+          Config(64, 3, False, True, early_dv=True, pin_dp=True)],
 }
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
@@ -163,56 +154,6 @@ if _GLUON_OK:
         coord = _semantic._convert_to_ir_values(coord, require_i64=False)
         _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
                                                   tensor_desc.handle, coord, src.handle)
-
-    @gluon.jit
-    def _lanes():
-        """Each thread of a 4-warp partition its index there, as a one-element-a-thread tensor
-        (the inline asm below runs once a thread)."""
-        return gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
-
-    @gluon.jit
-    def _adds_done(counter):
-        """This warpgroup's reduce-adds so far have been written to global memory (not only read
-        from shared memory, as tma.store_wait waits for), then one thread counts them on
-        `counter` with release semantics."""
-        lanes = _lanes()
-        gl.inline_asm_elementwise(
-            "cp.async.bulk.wait_group 0;\nfence.proxy.async.global;\nmov.b32 $0, 0;", "=r,r",
-            [lanes], dtype=gl.int32, is_pure=False, pack=1)
-        gl.thread_barrier()  # the issuing thread's wait is the one that counts
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p;\nsetp.eq.s32 p, $2, 0;\n@p red.release.gpu.global.add.s32 [$1], 1;\n"
-            "mov.b32 $0, 0; }", "=r,l,r", [counter + lanes * 0, lanes], dtype=gl.int32,
-            is_pure=False, pack=1)
-
-    @gluon.jit
-    def _wait_adds(counter, before):
-        """Spin until `before` reduce-adds were counted on `counter` (acquire), so the next
-        reduce-add lands after them."""
-        lanes = _lanes()
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p;\n.reg .b32 v;\nwait_adds_${:uid}:\n"
-            "ld.acquire.gpu.global.b32 v, [$1];\nsetp.lt.s32 p, v, $2;\n"
-            "@p bra wait_adds_${:uid};\nfence.proxy.async.global;\nmov.b32 $0, v; }",
-            "=r,l,r", [counter + lanes * 0, before + lanes * 0], dtype=gl.int32, is_pure=False,
-            pack=1)
-
-    @gluon.jit
-    def _query_block(i, nb, num_m, ORDERED: gl.constexpr):
-        """Index (from the program's first) of the query block a program visits at step i of a
-        query head: in order, or rotated to start at its key block nb (dq_ordered)."""
-        if ORDERED:
-            return (nb + i) % num_m
-        else:
-            return i
-
-    @gluon.jit
-    def _adds_before(nb, i, num_n, num_m):
-        """How many key blocks add into query block (nb + i) % num_m before key block nb does at
-        its step i, when every block walks the query blocks rotated (num_n <= num_m): the ones
-        that reach it at earlier steps, i.e. the next min(i, num_n - 1 - nb) blocks and those
-        that wrapped around."""
-        return gl.minimum(i, num_n - 1 - nb) + gl.maximum(nb + i - num_m + 1, 0)
 
     @gluon.jit
     def _program(seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, BLOCK_M: gl.constexpr,
@@ -241,7 +182,7 @@ if _GLUON_OK:
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem, k_smem,
                   v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL: gl.constexpr,
-                  STAGES: gl.constexpr, STATS_SMEM: gl.constexpr, DQ_ORDERED: gl.constexpr):
+                  STAGES: gl.constexpr, STATS_SMEM: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -255,8 +196,7 @@ if _GLUON_OK:
             2 * lse2_desc.block_type.nbytes if STATS_SMEM else 0)
         for it in range(0, group * num_m):
             g = it // num_m
-            m0 = m_start + _query_block(it - g * num_m, n0 // k_desc.block_type.shape[1], num_m,
-                                        DQ_ORDERED) * BLOCK_M
+            m0 = m_start + (it - g * num_m) * BLOCK_M
             hq = hk * group + g
             stage = it % STAGES
             # Fresh barriers pass a wait on parity 1, so the first lap of the ring does not wait.
@@ -286,11 +226,11 @@ if _GLUON_OK:
 
     @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem, dq_smem, bars,
-                  dq_desc, dq_counters, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dk_strides,
-                  dv_strides, softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dk_strides, dv_strides,
+                  softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                   DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                   PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
-                  DQ_ORDERED: gl.constexpr, WG: gl.constexpr):
+                  WG: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
@@ -335,12 +275,9 @@ if _GLUON_OK:
             mbarrier.wait(q_ready.index(0), 0)
             s_tok = _issue_s(k_w, q_smem, 0, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
 
-        nb = n0 // _BLOCK_N
-        counter = dq_counters  # dq_ordered: the count the previous step's reduce-adds go to
         for it in range(0, total):
             g = it // num_m
-            step = it - g * num_m
-            m0 = m_start + _query_block(step, nb, num_m, DQ_ORDERED) * BLOCK_M
+            m0 = m_start + (it - g * num_m) * BLOCK_M
             hq = hk * group + g
             stage = it % STAGES
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
@@ -423,20 +360,10 @@ if _GLUON_OK:
                         num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
                 # On the last block the spare S^T still reads this slot, but nothing refills it.
                 mbarrier.arrive(q_empty.index(stage))
-                if DQ_ORDERED:
-                    # The previous step's adds (a whole iteration ago) are written by now: the
-                    # next key block may add after them. This also frees the staging buffer.
-                    if it > 0:
-                        _adds_done(counter)
-                    counter = dq_counters + ((b * num_heads_kv * group + hq) * num_m
-                                             + m0 // BLOCK_M) * 2 + WG
-                else:
-                    # The previous reduce has read the staging buffer by now (an iteration ago).
-                    tma.store_wait(pendings=0)
+                # The previous reduce has read the staging buffer by now (a whole iteration ago).
+                tma.store_wait(pendings=0)
                 dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
                 fence_async_shared()
-                if DQ_ORDERED:
-                    _wait_adds(counter, _adds_before(nb, step, num_n_blocks, num_m))
                 # One reduce per 128-byte column chunk: the TMA box of a 128-byte swizzle is at
                 # most that wide, and the tile's chunks lie one after the other in shared memory.
                 for c in gl.static_range(HALF_DIM // DQ_COLS):
@@ -454,11 +381,7 @@ if _GLUON_OK:
         if PREFETCH_S:
             warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         if DQ_IN_KERNEL:
-            if DQ_ORDERED:
-                if total > 0:
-                    _adds_done(counter)
-            else:
-                tma.store_wait(pendings=0)
+            tma.store_wait(pendings=0)
 
         # dK, dV of this warpgroup's keys, clipped at seqlen_k.
         rows = gl.expand_dims(n0 + WG * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(
@@ -475,16 +398,13 @@ if _GLUON_OK:
     # Lengths and block counts change between calls: triton would otherwise compile a variant
     # per `% 16` pattern of them, with no faster code.
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_n_blocks"])
-    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, dq_counters, lse2_desc, delta_desc,
-                    lse2_ptr, delta_ptr, dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh,
-                    stride_dvb, stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k,
-                    num_heads_kv, num_n_blocks, group, CAUSAL: gl.constexpr,
-                    STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
+    def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc, lse2_ptr,
+                    delta_ptr, dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+                    stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k, num_heads_kv,
+                    num_n_blocks, group, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                    DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                     PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
-                    DQ_ORDERED: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
-        gl.static_assert(not (DQ_ORDERED and (CAUSAL or not DQ_IN_KERNEL)),
-                         "dq_ordered: dQ in the kernel, not causal")
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -533,20 +453,18 @@ if _GLUON_OK:
         # tensors.
         gl.warp_specialize([
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
-                         dq_smem0, bars, dq_desc, dq_counters, lse2_ptr, delta_ptr, dk_ptr,
-                         dv_ptr, (stride_dkb, stride_dks, stride_dkh),
+                         dq_smem0, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP,
-                         DQ_ORDERED, 0)),
+                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
-                         dq_smem1, bars, dq_desc, dq_counters, lse2_ptr, delta_ptr, dk_ptr,
-                         dv_ptr, (stride_dkb, stride_dks, stride_dkh),
+                         dq_smem1, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP,
-                         DQ_ORDERED, 1)),
+                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 1)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
                          k_smem, v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL, STAGES,
-                         STATS_SMEM, DQ_ORDERED)),
+                         STATS_SMEM)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -742,8 +660,7 @@ if _GLUON_OK:
                                STAGES, DQ_IN_KERNEL, False)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
                          k_smem, v_smem, lse2_smem, delta_smem,
-                         (kv_ready, q_ready, q_empty, ds_ready), shape, CAUSAL, STAGES, True,
-                         False)),
+                         (kv_ready, q_ready, q_empty, ds_ready), shape, CAUSAL, STAGES, True)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -810,19 +727,6 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     return all(_tma_ok(x) for x in (q, k, v))
 
 
-def dq_order_fits(seqlen_q: int, seqlen_k: int, causal: bool, head_dim: int, block_m: int,
-                  device: torch.device) -> bool:
-    """Whether dq_ordered can run: not causal, not the split kernel (D = 256), no more key
-    blocks than query blocks (each key block then meets each query block at a different step
-    of the rotation) and at most half the SMs' worth of key blocks. A key block waits on the
-    other key blocks of its head, so they must all be resident together: one CTA fills an SM,
-    CTAs start in program order, and the half leaves room for other streams' kernels."""
-    num_n = triton.cdiv(seqlen_k, BLOCK_N)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return (not causal and head_dim not in SPLIT_HEAD_DIMS
-            and num_n <= triton.cdiv(seqlen_q, block_m) and num_n <= sms // 2)
-
-
 def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, config=None):
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group) for a call
     `supports()` accepts; config (a Config or a tuple of its leading fields) overrides
@@ -832,10 +736,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     cfg = Config(*config) if config is not None else (DETERMINISTIC_CONFIGS if deterministic else CONFIGS)[head_dim]
-    ordered = cfg.dq_in_kernel and cfg.dq_ordered and dq_order_fits(
-        seqlen_q, seqlen_k, a.window_right == 0, head_dim, cfg.block_m, q.device)
-    # Deterministic calls take dQ here only in a fixed order; otherwise bwd.py's dQ pass.
-    dq_in_kernel = cfg.dq_in_kernel and (ordered or not deterministic)
+    dq_in_kernel = cfg.dq_in_kernel and not deterministic
     if cfg.prefetch_s and not cfg.stats_smem:
         raise ValueError(f"{cfg}: prefetch_s needs stats_smem")
     if dout.stride(-1) != 1 or not _tma_ok(dout):
@@ -849,13 +750,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     if dq_in_kernel:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq_desc = _descriptor(dq_acc, cfg.block_m, DQ_REDUCE_COLS)
-    if ordered:
-        # one count of finished reduce-adds per (batch, query head, query block, head-dim half)
-        counters = torch.zeros(batch * heads_q * triton.cdiv(seqlen_q, cfg.block_m) * 2,
-                               dtype=torch.int32, device=q.device)
     else:
-        counters = lse2  # not read: stands in for the argument
-    if not dq_in_kernel:
         dq_acc = None
         dq_desc = _descriptor(q, cfg.block_m)  # not read: stands in for the argument
     if head_dim in SPLIT_HEAD_DIMS:
@@ -883,11 +778,11 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             stats = (_stats_descriptor(stand_in, cfg.block_m), ) * 2
         _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
             _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
-            _key_descriptor(k), _key_descriptor(v), dq_desc, counters, *stats, lse2, delta, dk, dv, *dk.stride()[:3],
-            *dv.stride()[:3], a.softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
-            heads_q // heads_kv, a.window_right == 0, cfg.stages, bool(dq_in_kernel),
-            bool(cfg.stats_smem), bool(cfg.prefetch_s), bool(cfg.early_dv), bool(cfg.pin_dp),
-            ordered, _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+            _key_descriptor(k), _key_descriptor(v), dq_desc, *stats, lse2,
+            delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
+            seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0,
+            cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
+            bool(cfg.early_dv), bool(cfg.pin_dp), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
         return dq_acc.to(q.dtype), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a), dk, dv
