@@ -127,7 +127,12 @@ _VARYING_INTS = ["max_seqlen_q", "max_seqlen_k", "batch_base", "window_left", "w
 # 1. prep: delta and lse in log2 units
 
 
-@triton.jit(do_not_specialize=["max_seqlen_q", "batch_base"])
+# The LSE and lse2/delta strides follow the query length (rows of (B, H, S)): specialized, a
+# length that is a multiple of 16 compiled a second variant (compile_cost.py, N = 5120 after
+# 1000 and 3000). Unspecialized, their loads and stores lose the 16-byte vectors: 4 bytes a
+# query row against O's and dO's 2 x 2 x D, whose strides (multiples of H * D) stay specialized.
+@triton.jit(do_not_specialize=["max_seqlen_q", "batch_base", "stride_lb", "stride_lh",
+                               "stride_xb", "stride_xh"])
 def _bwd_prep_kernel(
     O, DO, LSE, LSE2, DELTA, cu_seqlens_q, seqused_q, max_seqlen_q, batch_base,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
