@@ -310,3 +310,40 @@ def test_gpu_batch_past_grid_limit():
     dq, dk, dv = bwd.backward(dout, q, k, v, v.clone(), lse, args, deterministic=True)
     torch.testing.assert_close(dv, dout, atol=1e-2, rtol=1e-2)
     assert dq.abs().max() < 0.05 and dk.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("pad", [1, 4], ids=["portable", "hopper-rows"])
+def test_prep_lengths_do_not_recompile(monkeypatch, pad):
+    """The H100 run of 2026-11-26 01:52 compiled the prep kernel again at 5120 queries after 1000
+    and 3000: the LSE and lse2/delta strides follow the length, and Triton specializes ints on
+    divisibility by 16. Dense calls that differ only in length and batch must bind to one
+    specialization key (Triton's own binder for sm_90), and would not with every argument
+    specialized, so the check can fail."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, KernelParam, create_function_from_signature
+
+    kernel = bwd._bwd_prep_kernel
+    if not isinstance(kernel, JITFunction):  # under the interpreter: the same function compiled
+        kernel = JITFunction(kernel.fn, **{k: v for k, v in kernel.kwargs.items()
+                                          if k == "do_not_specialize"})
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    monkeypatch.setattr(bwd, "_bwd_prep_kernel", Recorder())
+    for batch, seqlen in ((2, 5120), (3, 1000), (1, 17), (1, 3000)):
+        out, dout = (torch.randn(batch, seqlen, 16, 128, dtype=torch.bfloat16) for _ in "od")
+        lse = torch.randn(batch, 16, seqlen)
+        bwd.prep(out, dout, lse, AttnArgs.plain(out, out, out), pad=pad)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+
+    def keys(params):
+        binder = create_function_from_signature(kernel.signature, params, backend)
+        return {str(binder(*args, **kwargs)[1]) for args, kwargs in launches}
+
+    assert len(launches) == 4 and len(keys(kernel.params)) == 1
+    specialized = [KernelParam(p.num, p._param, False, False) for p in kernel.params]
+    assert len(keys(specialized)) > 1
