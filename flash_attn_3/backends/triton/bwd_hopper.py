@@ -91,7 +91,8 @@ class Config(NamedTuple):
 # stage, dS^T two 16 KB buffers, the dQ staging 32 KB.
 # Chosen on the H100 at N = 4k (docs/perf-notes.md, lead item 14): the statistics by TMA won at
 # every head dim, and D = 256 gains from leaving dQ to bwd.py (a second stage fits). D = 128
-# pins dP^T's issue (pin_dp): +3.8 / +3.3 % (causal) at N = 4k on the H200, 2026-11-26.
+# pins dP^T's issue (pin_dp): +4.7 / +1.7 % (causal) at N = 4k on the H100, +3.8 / +3.3 % on the
+# H200 (2026-11-26).
 CONFIGS = {64: Config(64, 3, True, True), 128: Config(64, 2, True, True, pin_dp=True),
            256: Config(64, 2, False, True)}
 # Head dims computed by _bwd_kernel_split (64 keys a program, warpgroups split by role); its
@@ -117,7 +118,7 @@ CANDIDATES = {
 # Deterministic calls leave dQ to bwd.py: without the dQ staging buffer the dK/dV kernel has
 # shared memory for more stages (D = 64: 83 KB at 3 stages, 101 KB at 4, 118 KB at 5; one CTA an
 # SM either way, its 12 warps at 168 registers fill the register file). The default is CONFIGS'
-# with dQ off (but at D = 128); DETERMINISTIC_CANDIDATES are timed against it
+# with dQ off, and early_dv at D = 128; DETERMINISTIC_CANDIDATES are timed against it
 # (benchmarks/tune_bwd_hopper.py).
 # D = 128 adds early_dv to the pinned dP^T: +1.3 / +2.8 % (causal) at N = 4k on the H200 and
 # +3.0 / +1.7 % on the H100 (2026-11-26) over the same config without either, while pin_dp alone
