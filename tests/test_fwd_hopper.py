@@ -103,27 +103,19 @@ def test_refuses_without_hopper():
     assert not fwd_hopper.supports(make_args(q, q, q, causal=False))
 
 
-def _launch_keys(monkeypatch, calls, kernel, kernel_params):
-    """The specialization Triton's binder derives from the arguments forward() would launch
-    _fwd_kernel with, for each call (a function returning AttnArgs on the CPU): the key its
-    kernel cache looks up, so two equal keys mean one compile."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
+def _launch_keys(monkeypatch, calls, specialize_all=False):
+    """The specialization key of _fwd_kernel's launch by forward() for each call (a function
+    returning AttnArgs on the CPU): the key its kernel cache looks up, so two equal keys mean
+    one compile."""
+    from specialization import LaunchRecorder, specialization_keys
 
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((args, kwargs))
-
-    monkeypatch.setattr(fwd_hopper, "_fwd_kernel", Recorder())
-    monkeypatch.setattr(fwd_hopper, "_num_sms", lambda device_index: 132)  # an H100's
-    for call in calls:
-        fwd_hopper.forward(call())
-    binder = create_function_from_signature(kernel.signature, kernel_params,
-                                            make_backend(GPUTarget("cuda", 90, 32)))
-    return [str(binder(*args, **kwargs)[1]) for args, kwargs in launches]
+    kernel, recorder = fwd_hopper._fwd_kernel, LaunchRecorder()
+    with monkeypatch.context() as patch:
+        patch.setattr(fwd_hopper, "_fwd_kernel", recorder)
+        patch.setattr(fwd_hopper, "_num_sms", lambda device_index: 132)  # an H100's
+        for call in calls:
+            fwd_hopper.forward(call())
+    return specialization_keys(kernel, recorder.launches, specialize_all)
 
 
 def _dense_call(batch, seqlen, fp8=False):
@@ -161,15 +153,11 @@ def test_lengths_do_not_recompile(monkeypatch, calls):
     """The GPU run of 15:13 compiled the forward again for seqlen 1000 after 5120 (Triton
     specializes ints on divisibility by 16). Calls that differ only in lengths and batch must
     bind to one specialization key."""
-    from triton.runtime.jit import KernelParam
-
-    kernel = fwd_hopper._fwd_kernel
-    keys = _launch_keys(monkeypatch, calls, kernel, kernel.params)
+    keys = _launch_keys(monkeypatch, calls)
     assert len(set(keys)) == 1, keys
     # The calls do reach the specialization: with every argument specialized, they would not
     # share a key.
-    specialized = [KernelParam(p.num, p._param, False, False) for p in kernel.params]
-    assert len(set(_launch_keys(monkeypatch, calls, kernel, specialized))) == len(calls)
+    assert len(set(_launch_keys(monkeypatch, calls, specialize_all=True))) == len(calls)
 
 
 # ---------------------------------------------------------------------------------------------

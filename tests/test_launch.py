@@ -18,19 +18,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature, native_specialize_impl  # noqa: E402
+from triton.runtime.jit import create_function_from_signature, native_specialize_impl  # noqa: E402
+
+from specialization import SM90 as BACKEND, compiling as _jit  # noqa: E402
 
 launch = importlib.import_module("flash_attn_3.backends.triton.launch")
 decode_mod = importlib.import_module("flash_attn_3.backends.triton.decode")
-
-BACKEND = make_backend(GPUTarget("cuda", 90, 32))
-
-
-def _jit(kernel) -> JITFunction:
-    """A compiling JITFunction of `kernel`, also when the suite runs under the interpreter."""
-    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
 def _misaligned(dtype, numel=64):

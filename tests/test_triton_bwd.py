@@ -319,31 +319,14 @@ def test_prep_lengths_do_not_recompile(monkeypatch, pad):
     divisibility by 16. Dense calls that differ only in length and batch must bind to one
     specialization key (Triton's own binder for sm_90), and would not with every argument
     specialized, so the check can fail."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, KernelParam, create_function_from_signature
+    from specialization import LaunchRecorder, specialization_keys
 
-    kernel = bwd._bwd_prep_kernel
-    if not isinstance(kernel, JITFunction):  # under the interpreter: the same function compiled
-        kernel = JITFunction(kernel.fn, **{k: v for k, v in kernel.kwargs.items()
-                                          if k == "do_not_specialize"})
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((args, kwargs))
-
-    monkeypatch.setattr(bwd, "_bwd_prep_kernel", Recorder())
+    kernel, recorder = bwd._bwd_prep_kernel, LaunchRecorder()
+    monkeypatch.setattr(bwd, "_bwd_prep_kernel", recorder)
     for batch, seqlen in ((2, 5120), (3, 1000), (1, 17), (1, 3000)):
         out, dout = (torch.randn(batch, seqlen, 16, 128, dtype=torch.bfloat16) for _ in "od")
         lse = torch.randn(batch, 16, seqlen)
         bwd.prep(out, dout, lse, AttnArgs.plain(out, out, out), pad=pad)
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-
-    def keys(params):
-        binder = create_function_from_signature(kernel.signature, params, backend)
-        return {str(binder(*args, **kwargs)[1]) for args, kwargs in launches}
-
-    assert len(launches) == 4 and len(keys(kernel.params)) == 1
-    specialized = [KernelParam(p.num, p._param, False, False) for p in kernel.params]
-    assert len(keys(specialized)) > 1
+    launches = recorder.launches
+    assert len(launches) == 4 and len(set(specialization_keys(kernel, launches))) == 1
+    assert len(set(specialization_keys(kernel, launches, specialize_all=True))) > 1
