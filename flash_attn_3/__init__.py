@@ -10,6 +10,7 @@ from .interface import (  # noqa: E402
     flash_attn_with_kvcache,
     get_scheduler_metadata,
 )
+from . import _C  # noqa: E402,F401  (the official op names: torch.ops.flash_attn_3.fwd, ...)
 
 __all__ = [
     "__version__",

@@ -318,10 +318,12 @@ def check_append_inputs(
         rotary_dim = 2 * rotary_cos.shape[1]
         if rotary_dim % 16 != 0 or rotary_dim > head_dim or rotary_dim == 0:
             raise ValueError(f"rotary_dim (2 * rotary_cos.shape[1]) must be a positive multiple of 16 and <= head dim {head_dim}; got {rotary_dim}")
-        if rotary_cos.shape[0] < capacity:
+        # The official check, paged caches only: a contiguous cache may take a shorter table
+        # (positions past it are left unrotated; no kernel reads past the table).
+        if page_table is not None and rotary_cos.shape[0] < capacity:
             raise ValueError(
-                f"rotary_cos/rotary_sin must cover every cache position: need at least {capacity} rows "
-                f"(the cache capacity); got {rotary_cos.shape[0]}"
+                f"rotary_cos/rotary_sin must cover every position of a paged cache: need at least {capacity} "
+                f"rows (max_num_pages_per_seq * page_size); got {rotary_cos.shape[0]}"
             )
         check_index("rotary_seqlens", rotary_seqlens, device=device, shape=(batch_size,), meaning="(batch_size,)")
 

@@ -8,4 +8,4 @@ from .interface import (  # noqa: F401
     flash_attn_with_kvcache,
     get_scheduler_metadata,
 )
-from .lowlevel import _flash_attn_backward, _flash_attn_forward  # noqa: F401  (Transformer Engine)
+from .official_ops import _flash_attn_backward, _flash_attn_forward  # noqa: F401  (the official custom ops)

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 
 from . import checks, ops
+from .backends.params import AttnArgs
 
 
 def _default_scale(q: torch.Tensor, qv: Optional[torch.Tensor], softmax_scale: Optional[float]) -> float:
@@ -48,13 +49,10 @@ def _unit_strides(*tensors):
     return [t if t is None else _unit_stride(t) for t in tensors]
 
 
-def _attention(q, k, v, *, out=None, **kwargs):
-    """Normalize, validate and run the forward op; returns (out, lse)."""
-    result, lse = ops.flash_attn_forward(*_forward_args(q, k, v, out=out, **kwargs))
-    if out is not None:
-        out.copy_(result)
-        result = out
-    return result, lse
+def _attention(q, k, v, **kwargs):
+    """Normalize, validate and run the forward op; returns (out, lse), out written into the
+    `out` argument when one is given."""
+    return ops.forward(_forward_args(q, k, v, **kwargs))
 
 
 def _forward_args(
@@ -64,9 +62,9 @@ def _forward_args(
     leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, sinks=None, num_splits=1,
     pack_gqa=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
     k_name="k", v_name="v", public_names=None, validated=False,
-):
-    """flash_attn_forward's arguments, normalized and validated. validated: the caller has already
-    made the tensors unit-stride and validated them (flash_attn_with_kvcache)."""
+) -> AttnArgs:
+    """The call's AttnArgs, normalized and validated. validated: the caller has already made the
+    tensors unit-stride and validated them (flash_attn_with_kvcache)."""
     if not validated:
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, kv_batch_idx, leftpad_k, \
             cp_tot_seqused_k, scheduler_metadata = _unit_strides(
@@ -95,12 +93,17 @@ def _forward_args(
         max_seqlen_k = k.shape[1] * page_table.shape[1] if page_table is not None else k.shape[1]
     if causal:
         right = 0
-    return (
-        q, k, v, qv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, int(max_seqlen_q),
-        int(max_seqlen_k), page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale,
-        sinks, _default_scale(q, qv, softmax_scale), left, right, int(attention_chunk),
-        float(softcap), int(num_splits), pack_gqa, int(cp_world_size), int(cp_rank),
-        cp_tot_seqused_k, scheduler_metadata, bool(deterministic), int(sm_margin),
+    return AttnArgs(
+        q=q, k=k, v=v, qv=qv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=int(max_seqlen_q),
+        max_seqlen_k=int(max_seqlen_k), page_table=page_table, kv_batch_idx=kv_batch_idx,
+        leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        sinks=sinks, softmax_scale=_default_scale(q, qv, softmax_scale), window_left=left,
+        window_right=right, attention_chunk=int(attention_chunk), softcap=float(softcap),
+        num_splits=int(num_splits), pack_gqa=pack_gqa, cp_world_size=int(cp_world_size),
+        cp_rank=int(cp_rank), cp_tot_seqused_k=cp_tot_seqused_k,
+        scheduler_metadata=scheduler_metadata, deterministic=bool(deterministic),
+        sm_margin=int(sm_margin), out=out,
     )
 
 

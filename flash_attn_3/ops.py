@@ -1,14 +1,20 @@
 """The op layer: torch.library custom ops in the `flash_attn_3` namespace.
 
-Every public function funnels into these: one functional forward op (with fake implementation and
-autograd), one backward op, one in-place KV append op, one combine op and one scheduler-metadata op.
-The KV append lives in its own op because an op that mutates its inputs cannot carry an autograd
-formula, and keeping the forward functional lets torch.compile trace training without graph breaks.
+Our public functions funnel into these: one functional attention op (fake implementation and
+autograd), its backward, an in-place KV append op, a combine op and a scheduler-metadata op. The
+KV append lives in its own op because an op that mutates its inputs cannot carry an autograd
+formula, and keeping the attention functional lets torch.compile trace training without graph
+breaks. The attention ops take the fields of `AttnArgs` flattened in declaration order: their
+schemas are generated from the dataclass, so the argument record is built once (interface.py)
+and flattened only here, at the torch.library boundary. The official op names and schemas
+(`fwd`, `bwd`, ...) are in official_ops.py and reach the same functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from typing import Optional
 
 import torch
@@ -20,100 +26,67 @@ from .metadata import metadata_shape
 
 _LIB = "flash_attn_3"
 
-
-def _args(
-    q, k, v, qv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-    page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale, sinks, softmax_scale,
-    window_size_left, window_size_right, attention_chunk, softcap, num_splits, pack_gqa,
-    cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata,
-) -> AttnArgs:
-    return AttnArgs(
-        q=q, k=k, v=v, qv=qv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, page_table=page_table, kv_batch_idx=kv_batch_idx,
-        leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        sinks=sinks, softmax_scale=softmax_scale, window_left=window_size_left,
-        window_right=window_size_right, attention_chunk=attention_chunk, softcap=softcap,
-        num_splits=num_splits, pack_gqa=pack_gqa, cp_world_size=cp_world_size, cp_rank=cp_rank,
-        cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata,
-    )
+# AttnArgs fields in op-schema order; `out` is a buffer to write into, which a functional op
+# cannot take (the eager path passes it to the backend, the traced path copies into it).
+_FLAT = tuple(f.name for f in dataclasses.fields(AttnArgs) if f.name != "out")
+_SCHEMA_TYPE = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "int", float: "float",
+                bool: "bool", Optional[bool]: "bool?"}
+_HINTS = typing.get_type_hints(AttnArgs)
+_FLAT_SCHEMA = ", ".join(f"{_SCHEMA_TYPE[_HINTS[name]]} {name}" for name in _FLAT)
 
 
-def _forward_impl(
-    q: Tensor, k: Tensor, v: Tensor, qv: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, page_table: Optional[Tensor],
-    kv_batch_idx: Optional[Tensor], leftpad_k: Optional[Tensor], q_descale: Optional[Tensor],
-    k_descale: Optional[Tensor], v_descale: Optional[Tensor], sinks: Optional[Tensor],
-    softmax_scale: float, window_size_left: int, window_size_right: int, attention_chunk: int,
-    softcap: float, num_splits: int, pack_gqa: Optional[bool], cp_world_size: int, cp_rank: int,
-    cp_tot_seqused_k: Optional[Tensor], scheduler_metadata: Optional[Tensor], deterministic: bool,
-    sm_margin: int,
-) -> tuple[Tensor, Tensor]:
-    a = _args(
-        q, k, v, qv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-        page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale, sinks, softmax_scale,
-        window_size_left, window_size_right, attention_chunk, softcap, num_splits, pack_gqa,
-        cp_world_size, cp_rank, cp_tot_seqused_k, scheduler_metadata,
-    )
+def _flatten(a: AttnArgs) -> tuple:
+    return tuple(getattr(a, name) for name in _FLAT)
+
+
+def _unflatten(args) -> AttnArgs:
+    return AttnArgs(**dict(zip(_FLAT, args)))
+
+
+def _attention_fwd_impl(*args) -> tuple[Tensor, Tensor]:
+    a = _unflatten(args)
     return dispatch.backend_for("forward", a).forward(a)
 
 
-_flash_attn_forward = torch.library.custom_op(f"{_LIB}::_flash_attn_forward", mutates_args=())(_forward_impl)
+_attention_fwd = torch.library.custom_op(
+    f"{_LIB}::_attention_fwd", _attention_fwd_impl, mutates_args=(),
+    schema=f"({_FLAT_SCHEMA}) -> (Tensor, Tensor)")
 
 
-def _forward_shapes(q: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor]):
+def forward_shapes(q: Tensor, v: Tensor, varlen_q: bool):
+    """(out shape, out dtype, lse shape) of a forward call (spec section 3)."""
     out_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
     out_shape = tuple(q.shape[:-1]) + (v.shape[-1],)
-    if cu_seqlens_q is not None:
-        lse_shape = (q.shape[1], q.shape[0])
-    else:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    lse_shape = (q.shape[1], q.shape[0]) if varlen_q else (q.shape[0], q.shape[2], q.shape[1])
     return out_shape, out_dtype, lse_shape
 
 
-@_flash_attn_forward.register_fake
-def _(q, k, v, qv, cu_seqlens_q, *rest):
-    out_shape, out_dtype, lse_shape = _forward_shapes(q, v, cu_seqlens_q)
-    return q.new_empty(out_shape, dtype=out_dtype), q.new_empty(lse_shape, dtype=torch.float32)
+@_attention_fwd.register_fake
+def _(*args):
+    a = _unflatten(args)
+    out_shape, out_dtype, lse_shape = forward_shapes(a.q, a.v, a.is_varlen_q)
+    return a.q.new_empty(out_shape, dtype=out_dtype), a.q.new_empty(lse_shape, dtype=torch.float32)
 
 
-# Position of each forward-op input, for setup_context / backward.
-_FWD_INPUTS = [
-    "q", "k", "v", "qv", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "max_seqlen_q",
-    "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k", "q_descale", "k_descale",
-    "v_descale", "sinks", "softmax_scale", "window_size_left", "window_size_right",
-    "attention_chunk", "softcap", "num_splits", "pack_gqa", "cp_world_size", "cp_rank",
-    "cp_tot_seqused_k", "scheduler_metadata", "deterministic", "sm_margin",
-]
-
-# Features the official backward refuses; each (input name, test, user-facing name).
+# Features the official backward refuses: (test on AttnArgs, user-facing name).
 _NO_BACKWARD = [
-    ("attention_chunk", lambda x: x > 0, "attention_chunk"),
-    ("qv", lambda x: x is not None, "qv"),
-    ("page_table", lambda x: x is not None, "paged K/V (page_table)"),
-    ("kv_batch_idx", lambda x: x is not None, "cache_batch_idx"),
-    ("leftpad_k", lambda x: x is not None, "cache_leftpad"),
-    ("cp_world_size", lambda x: x > 1, "context parallelism (cp_world_size > 1)"),
+    (lambda a: a.attention_chunk > 0, "attention_chunk"),
+    (lambda a: a.qv is not None, "qv"),
+    (lambda a: a.page_table is not None, "paged K/V (page_table)"),
+    (lambda a: a.kv_batch_idx is not None, "cache_batch_idx"),
+    (lambda a: a.leftpad_k is not None, "cache_leftpad"),
+    (lambda a: a.cp_world_size > 1, "context parallelism (cp_world_size > 1)"),
+    (lambda a: a.is_fp8, "fp8 inputs"),
 ]
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_FWD_INPUTS, inputs))
-    out, lse = output
-    ctx.save_for_backward(
-        named["q"], named["k"], named["v"], out, lse, named["cu_seqlens_q"], named["cu_seqlens_k"],
-        named["seqused_q"], named["seqused_k"], named["sinks"],
-    )
-    ctx.scalars = {
-        key: named[key]
-        for key in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_size_left",
-                    "window_size_right", "softcap", "deterministic", "sm_margin")
-    }
-    ctx.refused = [label for key, test, label in _NO_BACKWARD if test(named[key])]
-    if named["q"].dtype == torch.float8_e4m3fn:
-        ctx.refused.append("fp8 inputs")
-    ctx.sinks_need_grad = named["sinks"] is not None and named["sinks"].requires_grad
+    a = _unflatten(inputs)
+    ctx.tensor_names = [name for name in _FLAT if isinstance(getattr(a, name), Tensor)]
+    ctx.save_for_backward(*output, *(getattr(a, name) for name in ctx.tensor_names))
+    ctx.others = {name: getattr(a, name) for name in _FLAT if name not in ctx.tensor_names}
+    ctx.refused = [label for test, label in _NO_BACKWARD if test(a)]
+    ctx.sinks_need_grad = a.sinks is not None and a.sinks.requires_grad
 
 
 def _backward(ctx, dout, dlse):
@@ -124,39 +97,29 @@ def _backward(ctx, dout, dlse):
         )
     if ctx.sinks_need_grad:
         raise NotImplementedError("flash_attn_3 backward computes no gradient for sinks / s_aux")
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, sinks = ctx.saved_tensors
-    s = ctx.scalars
-    dq, dk, dv = _flash_attn_backward(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-        s["max_seqlen_q"], s["max_seqlen_k"], sinks, s["softmax_scale"], s["window_size_left"],
-        s["window_size_right"], s["softcap"], s["deterministic"], s["sm_margin"],
-    )
-    return (dq, dk, dv) + (None,) * (len(_FWD_INPUTS) - 3)
+    out, lse, *tensors = ctx.saved_tensors
+    a = AttnArgs(**ctx.others, **dict(zip(ctx.tensor_names, tensors)))
+    dq, dk, dv = _attention_bwd(dout, out, lse, *_flatten(a))
+    return (dq, dk, dv) + (None,) * (len(_FLAT) - 3)
 
 
-@torch.library.custom_op(f"{_LIB}::_flash_attn_backward", mutates_args=())
-def _flash_attn_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
-    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor],
-    seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, sinks: Optional[Tensor],
-    softmax_scale: float, window_size_left: int, window_size_right: int, softcap: float,
-    deterministic: bool, sm_margin: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    a = _args(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
-        None, None, None, None, None, None, sinks, softmax_scale, window_size_left,
-        window_size_right, 0, softcap, 1, None, 1, 0, None, None,
-    )
-    backend = dispatch.backend_for("backward", a, deterministic=deterministic)
-    return backend.backward(dout.contiguous(), q, k, v, out, softmax_lse, a, deterministic)
+def _attention_bwd_impl(dout: Tensor, out: Tensor, softmax_lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    a = _unflatten(args)
+    backend = dispatch.backend_for("backward", a, deterministic=a.deterministic)
+    return backend.backward(dout.contiguous(), a.q, a.k, a.v, out, softmax_lse, a, a.deterministic)
 
 
-@_flash_attn_backward.register_fake
-def _(dout, q, k, v, *rest):
+_attention_bwd = torch.library.custom_op(
+    f"{_LIB}::_attention_bwd", _attention_bwd_impl, mutates_args=(),
+    schema=f"(Tensor dout, Tensor out, Tensor softmax_lse, {_FLAT_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+
+
+@_attention_bwd.register_fake
+def _(dout, out, softmax_lse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_flash_attn_forward.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _append_kv_impl(
@@ -243,10 +206,23 @@ def _eager(tensors) -> bool:
     return True
 
 
-def flash_attn_forward(*args) -> tuple[Tensor, Tensor]:
-    if _eager(args[:4]):
-        return _forward_impl(*args)
-    return _flash_attn_forward(*args)
+def forward(a: AttnArgs) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the attention `a` describes; written into a.out when it is set."""
+    if _eager((a.q, a.k, a.v, a.qv, a.sinks)):
+        out, lse = dispatch.backend_for("forward", a).forward(a)
+    else:
+        out, lse = _attention_fwd(*_flatten(a))
+    if a.out is not None and out is not a.out:
+        a.out.copy_(out)
+        out = a.out
+    return out, lse
+
+
+def backward(dout: Tensor, out: Tensor, softmax_lse: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the forward call `a`, from its output and LSE (a.deterministic applies)."""
+    if _eager((dout, a.q, a.k, a.v, out)):
+        return _attention_bwd_impl(dout, out, softmax_lse, *_flatten(a))
+    return _attention_bwd(dout, out, softmax_lse, *_flatten(a))
 
 
 def append_kv(*args) -> Tensor:
@@ -262,12 +238,12 @@ def plan_env(is_cuda: bool):
     return os.environ.get(dispatch.ENV_VAR), os.environ.get("TRITON_INTERPRET")
 
 
-def kvcache_plan(inputs, append_args, forward_args, seqused_add: int, need_lse: bool):
+def kvcache_plan(inputs, append_args, a: AttnArgs, seqused_add: int, need_lse: bool):
     """A backend's replayable plan of an eager flash_attn_with_kvcache call, or None.
 
     inputs: the call's tensors as the caller passed them (the plan reads their pointers on each
-    replay); append_args: append_kv's arguments or None; forward_args: flash_attn_forward's, with
-    seqused_k the cache lengths, to which the plan adds seqused_add on the device. Only plain
+    replay); append_args: append_kv's arguments or None; a: the attention, with seqused_k the
+    cache lengths, to which the plan adds seqused_add on the device. Only plain
     tensors without autograd get a plan (the replay bypasses the custom ops), and only when one
     backend runs both parts.
     """
@@ -278,8 +254,7 @@ def kvcache_plan(inputs, append_args, forward_args, seqused_add: int, need_lse: 
         q, k_cache, v_cache, k_new, v_new, *rest = append_args
         module = dispatch.backend_for_append(q, rest[5] is not None, rest[0] is not None)
         backend_args = (k_cache, v_cache, k_new, v_new, q, *rest)
-    a = _args(*forward_args[:28])
-    forward_module = dispatch.backend_for("forward", a, forward_args[28])
+    forward_module = dispatch.backend_for("forward", a)
     if module not in (None, forward_module):
         return None
     make = getattr(forward_module, "kvcache_plan", None)

@@ -175,7 +175,7 @@ def append_step_gpu_time(steps: int = 32) -> None:
 
 def stage_breakdown(calls: int = 2000) -> None:
     """Each layer of an attend-only ctx-1k call (B=1, capacity 1k: one unsplit launch) alone."""
-    from flash_attn_3 import checks, dispatch, interface, ops
+    from flash_attn_3 import checks, dispatch, interface
     from flash_attn_3.backends.triton import decode, launch, routes
 
     q = torch.randn(1, 1, HQ, D, device=DEV, dtype=DT)
@@ -206,8 +206,7 @@ def stage_breakdown(calls: int = 2000) -> None:
         window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=0, pack_gqa=None, deterministic=False,
         sm_margin=0, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None,
         k_name="k_cache", v_name="v_cache", public_names=interface._KVCACHE_NAMES, validated=True)
-    fwd = interface._forward_args(q, k_cache, v_cache, seqused_k=lens, **attention)
-    a = ops._args(*fwd[:28])
+    a = interface._forward_args(q, k_cache, v_cache, seqused_k=lens, **attention)
     out, lse = decode.outputs(a)
     first = decode.launches(a, out, lse)[0]
     call = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)  # noqa: E731
@@ -226,9 +225,8 @@ def stage_breakdown(calls: int = 2000) -> None:
                 cp_rank=0, cp_tot_seqused_k=None, scheduler_metadata=None, attention_chunk=0, softcap=0.0,
                 num_splits=0, sm_margin=0, k_name="k_cache", v_name="v_cache",
                 public_names=interface._KVCACHE_NAMES))),
-        ("slow: forward argument normalization (_forward_args)",
+        ("slow: forward argument normalization (_forward_args, builds AttnArgs)",
          lambda: interface._forward_args(q, k_cache, v_cache, seqused_k=lens, **attention)),
-        ("slow: AttnArgs build", lambda: ops._args(*fwd[:28])),
         ("slow: dispatch (backend_for)", lambda: dispatch.backend_for("forward", a)),
         ("slow: routes (decode.supports)", lambda: routes.forward_kernel(a)),
         ("slow: decode.outputs (2 torch.empty)", lambda: decode.outputs(a)),

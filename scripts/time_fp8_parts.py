@@ -72,11 +72,10 @@ def time_configs(a, flops: float) -> None:
 
 
 def fa3_args(q, k, v, causal):
-    from flash_attn_3 import interface, ops
-    args = interface._forward_args(q, k, v, softmax_scale=None, causal=causal,
+    from flash_attn_3 import interface
+    return interface._forward_args(q, k, v, softmax_scale=None, causal=causal,
                                    window_size=(-1, -1), attention_chunk=0, softcap=0.0,
                                    deterministic=False, sm_margin=0)
-    return ops._args(*args[:28])
 
 
 if __name__ == "__main__":

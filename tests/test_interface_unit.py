@@ -86,8 +86,9 @@ def test_package_surface():
 
 
 def test_custom_ops_registered():
-    for op in ("_flash_attn_forward", "_flash_attn_backward", "_append_kv", "_flash_attn_combine",
-               "_get_scheduler_metadata"):
+    official = ("fwd", "bwd", "fwd_combine", "get_scheduler_metadata", "_flash_attn_forward", "_flash_attn_backward")
+    ours = ("_attention_fwd", "_attention_bwd", "_append_kv", "_flash_attn_combine", "_get_scheduler_metadata")
+    for op in official + ours:
         assert hasattr(torch.ops.flash_attn_3, op)
 
 
@@ -333,7 +334,7 @@ def test_packed_new_tokens_may_total_more_than_one_cache_row(fa, device):
 
 
 def test_lowlevel_kv_batch_idx_with_packed_kv_is_refused():
-    from flash_attn_3.lowlevel import _flash_attn_forward
+    from flash_attn_interface import _flash_attn_forward
 
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"kv_batch_idx cannot be combined with cu_seqlens_k"):
@@ -342,7 +343,7 @@ def test_lowlevel_kv_batch_idx_with_packed_kv_is_refused():
 
 
 def test_lowlevel_backward_matches_autograd(fa, device):
-    from flash_attn_3.lowlevel import _flash_attn_backward, _flash_attn_forward
+    from flash_attn_interface import _flash_attn_backward, _flash_attn_forward
 
     q, k, v = (_rand(2, 5, 2, 16).to(device).requires_grad_() for _ in range(3))
     out = fa.flash_attn_func(q, k, v, causal=True)
@@ -381,7 +382,7 @@ BAD_LOWLEVEL_BWD = [
 
 @pytest.mark.parametrize("over,exc,message", BAD_LOWLEVEL_BWD)
 def test_lowlevel_backward_errors(over, exc, message):
-    from flash_attn_3.lowlevel import _flash_attn_backward
+    from flash_attn_interface import _flash_attn_backward
 
     with pytest.raises(exc, match=message):
         _flash_attn_backward(**_lowlevel_bwd_args(**over))

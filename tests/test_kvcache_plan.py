@@ -359,13 +359,13 @@ def test_dispatch_modes_see_the_custom_ops(monkeypatch):
     kw = _problem(**CASES[list(CASES)[0]])
     fa.flash_attn_with_kvcache(**_fresh(kw))  # a plan exists now
     seen = []
-    real = ops._flash_attn_forward
+    real = ops._attention_fwd
 
     def spy(*args):
         seen.append(True)
         return real(*args)
 
-    monkeypatch.setattr(ops, "_flash_attn_forward", spy)
+    monkeypatch.setattr(ops, "_attention_fwd", spy)
     with FlopCounterMode(display=False):
         fa.flash_attn_with_kvcache(**_fresh(kw))
     assert seen, "the call bypassed the custom op under a dispatch mode"

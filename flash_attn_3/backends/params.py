@@ -19,6 +19,10 @@ Conventions (all backends):
   length is cp_tot_seqused_k[b], and d_i = i + tot_k - seqlen_q compares with global positions.
 - Returns: out (q's leading shape, Hq, Dv) in ``out_dtype``; lse fp32 (B, Hq, Sq) dense or
   (Hq, total_q) varlen. Rows with no allowed key: out = 0, lse = +inf.
+- ``out``, when set, is a buffer of that shape and dtype (any strides, unit last stride) that a
+  backend may write the result into and return, saving a copy; a backend that cannot returns a
+  tensor of its own and the op layer copies. Never set inside a traced or autograd-recorded call.
+- ``deterministic`` and ``sm_margin`` are what the call asked for; the forward reads neither.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ class AttnArgs:
     cp_rank: int
     cp_tot_seqused_k: Optional[torch.Tensor]
     scheduler_metadata: Optional[torch.Tensor]
+    deterministic: bool = False
+    sm_margin: int = 0
+    out: Optional[torch.Tensor] = None
 
     @classmethod
     def plain(cls, q, k, v, **fields) -> "AttnArgs":

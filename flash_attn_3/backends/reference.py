@@ -216,8 +216,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: to
     """Rotary embedding of x (S, H, D) at per-token positions (S,); dims past rotary_dim untouched."""
     half = cos.shape[1]
     rd = 2 * half
-    c = cos[positions].float()[:, None, :]
-    s = sin[positions].float()[:, None, :]
+    # Positions past the table (a contiguous cache may take a shorter one) stay unrotated, as
+    # in the kernels, which never read past it.
+    inside = (positions < cos.shape[0])[:, None, None]
+    rows = positions.clamp(max=cos.shape[0] - 1)
+    c = torch.where(inside, cos[rows].float()[:, None, :], 1.0)
+    s = torch.where(inside, sin[rows].float()[:, None, :], 0.0)
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0:rd:2], xf[..., 1:rd:2]

@@ -464,7 +464,9 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
     paged = a.page_table is not None
     varlen_k = a.cu_seqlens_k is not None and not paged
 
-    out = torch.empty((*q.shape[:-1], head_dim_v), dtype=a.out_dtype, device=q.device)
+    # Every store takes out's strides: a caller's buffer (a.out) is written in place.
+    out = a.out if a.out is not None else torch.empty((*q.shape[:-1], head_dim_v),
+                                                      dtype=a.out_dtype, device=q.device)
     if varlen_q:
         lse = torch.empty((num_heads_q, q.shape[0]), dtype=torch.float32, device=q.device)
     else:

@@ -711,6 +711,15 @@ def _tma_ok(x: torch.Tensor) -> bool:
             and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1]))
 
 
+def _out_ok(a: AttnArgs) -> bool:
+    # Full tiles leave through TMA (any 16-byte aligned strides: SDPA's (B, H, S, D) buffer seen
+    # as (B, S, H, D) too); the packed layout's partial tiles store through a pointer that
+    # assumes a contiguous out.
+    out = a.out
+    return out is not None and _tma_ok(out) and (
+        (a.cu_seqlens_q is None and a.seqused_q is None) or out.is_contiguous())
+
+
 def supports(a: AttnArgs) -> bool:
     """True when this kernel should compute the call: in scope (`in_scope`) and not one of the
     cases where the portable fwd.py kernel measured faster."""
@@ -808,7 +817,7 @@ def forward(a: AttnArgs, config=None):
     fp8 = a.is_fp8
     block_n, stages, pingpong, persistent, late_pv_wait = config_fields(
         config or default_config(head_dim, causal, fp8))
-    out = torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
+    out = a.out if _out_ok(a) else torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
         max_seqlen_q, seqlen_q = a.max_seqlen_q, q.shape[0]
