@@ -7,7 +7,8 @@
 #   tests   pytest -m gpu (the big-shape GPU variants), then `suite`
 #   gpu     pytest -m gpu only
 #   suite   the whole test suite with FLASH_ATTN_3_BACKEND=triton (not -m gpu: already run)
-#   fwd bwd decode   benchmarks/bench_*.py --quick (tables + JSON + PNG)
+#   fwd bwd decode oplayer   benchmarks/bench_*.py --quick (tables + JSON + PNG); oplayer is
+#           bench_op_layer: SDPA through PyTorch's FA3 switch vs flash_attn_func
 #   profile scripts/profile_decode_step.py (host time of an eager decode step)
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
 #
@@ -39,8 +40,8 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|profile|compile) ;;
-    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, profile or compile"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|compile) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile or compile"; exit 2 ;;
   esac
 done
 want() {
@@ -87,7 +88,7 @@ pytest_part() {  # NAME CAP PYTEST-ARGS...: records the result line and failing 
 }
 
 bench_weight_left=0
-for b in fwd:110 bwd:90 decode:50; do want ${b%%:*} && bench_weight_left=$((bench_weight_left + ${b##*:})); done
+for b in fwd:110 bwd:90 decode:50 oplayer:40; do want ${b%%:*} && bench_weight_left=$((bench_weight_left + ${b##*:})); done
 bench_part() {  # NAME WEIGHT: the bench gets its weight's share of the time left to the benches
   local name=$1 weight=$2 left cap
   left=$((DEADLINE - SECONDS - 10))
@@ -139,6 +140,7 @@ EOF
   want fwd && bench_part fwd 110
   want bwd && bench_part bwd 90
   want decode && bench_part decode 50
+  want oplayer && bench_part op_layer 40
   want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
     "$PY" scripts/profile_decode_step.py
   # The suite's backend fixture already runs every test on triton (CUDA) and reference.

@@ -156,7 +156,7 @@ def test_fwd_and_bwd_as_the_sdpa_switch_calls_them(fa, case, device):
                        causal, -1, -1, 0.0, False, 0)
     assert len(returned) == 5
     softmax_d = returned[0]
-    torch.testing.assert_close(softmax_d, (dout.float() * out.float()).sum(-1).transpose(1, 2), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(softmax_d, (dout.float() * out.float()).sum(-1).transpose(1, 2), atol=3e-2, rtol=1e-2)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     lowp_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(rm.attention_dense(*leaves, causal=causal)[0], leaves, dout.double())
