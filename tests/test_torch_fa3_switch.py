@@ -143,3 +143,22 @@ def test_restore_puts_torch_kernels_back(switched):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         F.scaled_dot_product_attention(q, q, q)
     assert not switched, "after restore_flash_attention_impl() SDPA still reached our kernels"
+
+
+def test_compiled_sdpa_runs_on_our_kernels(switched):
+    """torch.compile keeps SDPA's aten op in the graph; the switched kernel runs at call time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (randn(2, 8, 512, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+
+    @torch.compile(fullgraph=True)
+    def layer(q, k, v):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    out = layer(q, k, v)
+    assert any(step == "forward" for step, _ in switched), switched
+    bshd = [t.transpose(1, 2) for t in (q, k, v)]
+    ref, _ = rm.attention_dense(*bshd, causal=True)
+    ref_lowp, _ = rm.attention_dense(*bshd, causal=True, lowp=True)
+    assert_matches_reference("out", (out / 2).transpose(1, 2), ref, ref_lowp)
