@@ -87,10 +87,7 @@ def backward(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validated=True,
     )
-    grads = ops.backward(dout, out, softmax_lse, a)
-    for target, grad in zip((dq, dk, dv), grads):
-        if target is not None:
-            target.copy_(grad)
+    grads = ops.backward(dout, out, softmax_lse, a, (dq, dk, dv))
     # Products in the input dtype, summed in fp32: one pass instead of two fp32 copies of dout
     # and out (what nobody but a caller of this return reads should not cost a third of a
     # short backward).

@@ -106,7 +106,7 @@ def _backward(ctx, dout, dlse):
 def _attention_bwd_impl(dout: Tensor, out: Tensor, softmax_lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
     a = _unflatten(args)
     backend = dispatch.backend_for("backward", a, deterministic=a.deterministic)
-    return backend.backward(dout.contiguous(), a.q, a.k, a.v, out, softmax_lse, a, a.deterministic)
+    return backend.backward(dout, a.q, a.k, a.v, out, softmax_lse, a, a.deterministic)
 
 
 _attention_bwd = torch.library.custom_op(
@@ -218,11 +218,21 @@ def forward(a: AttnArgs) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-def backward(dout: Tensor, out: Tensor, softmax_lse: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the forward call `a`, from its output and LSE (a.deterministic applies)."""
+def backward(dout: Tensor, out: Tensor, softmax_lse: Tensor, a: AttnArgs,
+             grads: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the forward call `a`, from its output and LSE (a.deterministic applies),
+    written into grads' (dq, dk, dv) buffers where given (None entries are allocated)."""
     if _eager((dout, a.q, a.k, a.v, out)):
-        return _attention_bwd_impl(dout, out, softmax_lse, *_flatten(a))
-    return _attention_bwd(dout, out, softmax_lse, *_flatten(a))
+        backend = dispatch.backend_for("backward", a, deterministic=a.deterministic)
+        result = backend.backward(dout, a.q, a.k, a.v, out, softmax_lse, a, a.deterministic,
+                                  grads=grads)
+    else:
+        result = _attention_bwd(dout, out, softmax_lse, *_flatten(a))
+    if grads is None:
+        return result
+    # A backend that could not write into a buffer returned its own tensor: copy.
+    return tuple(got if target is None or got is target else target.copy_(got)
+                 for target, got in zip(grads, result))
 
 
 def append_kv(*args) -> Tensor:

@@ -157,7 +157,6 @@ BAD_KVCACHE = [
     ({"k": _rand(2, 9, 2, 16), "v": _rand(2, 9, 2, 16)}, ValueError, r"more than the cache capacity 8"),
     ({"rotary_cos": torch.randn(8, 16), "rotary_sin": torch.randn(8, 16)}, ValueError, r"rotary_dim"),
     ({"rotary_cos": torch.randn(8, 4), "rotary_sin": torch.randn(8, 4)}, ValueError, r"multiple of 16"),
-    ({"rotary_cos": torch.randn(4, 8), "rotary_sin": torch.randn(4, 8)}, ValueError, r"need at least 8 rows"),
     ({"cache_batch_idx": torch.tensor([0, 1], dtype=torch.int64)}, TypeError, r"cache_batch_idx must be an int32"),
     ({"cache_leftpad": torch.tensor([0], dtype=torch.int32)}, ValueError, r"cache_leftpad must have shape"),
     ({"scheduler_metadata": torch.zeros(7, dtype=torch.int32)}, ValueError, r"scheduler_metadata must have shape"),

@@ -101,8 +101,9 @@ def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.
     return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
 
-def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
-    """Gradients through MATE's varlen entry; out and lse are recomputed by it.
+def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, grads=None):
+    """Gradients through MATE's varlen entry; out and lse are recomputed by it. grads (buffers
+    to write into) is left to the op layer, which copies.
 
     MATE exposes its backward only as the autograd of flash_attn_varlen_func, and that backward
     reads cu_seqlens, so dense batches go through as uniform varlen.

@@ -176,7 +176,8 @@ def forward(a: AttnArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool):
+def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, grads=None):
+    """grads (buffers to write into) is accepted and left to the op layer, which copies."""
     layout = _Layout(a)
     hq, hk = a.num_heads_q, a.num_heads_kv
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

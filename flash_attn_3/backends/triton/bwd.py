@@ -504,9 +504,11 @@ class _Call:
         return (*self.scalars, *_rows_strides(q), *_rows_strides(k), *_rows_strides(v),
                 *_rows_strides(dout), *_lse_strides(lse2)[:2])
 
-    def dq(self, dout, q, k, v, lse2, delta):
-        """dq by the atomic-free kernel (recomputes P and dP per query block)."""
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    def dq(self, dout, q, k, v, lse2, delta, dq=None):
+        """dq by the atomic-free kernel (recomputes P and dP per query block), into dq when
+        given (its row strides are the kernel's)."""
+        if dq is None:
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         kernel, launch = _launcher("dq", self.width, self.tune, self.configs.get("dq"))
         for b0, nb in self.slices:
             kernel[lambda meta, nb=nb: (triton.cdiv(self.max_q, meta["BLOCK_M"]), self.heads_q,
@@ -524,25 +526,27 @@ def prep(out, dout, lse, a: AttnArgs, pad: int = 1):
     return _Call(a.q, a.k, a.v, a).prep(out, dout, lse, pad)
 
 
-def dq_only(dout, q, k, v, lse2, delta, a: AttnArgs):
-    """dq alone (atomic-free kernel), from prep()'s lse2 and delta."""
-    return _Call(q, k, v, a).dq(dout, q, k, v, lse2, delta)
+def dq_only(dout, q, k, v, lse2, delta, a: AttnArgs, dq=None):
+    """dq alone (atomic-free kernel), from prep()'s lse2 and delta; into dq when given."""
+    return _Call(q, k, v, a).dq(dout, q, k, v, lse2, delta, dq)
 
 
-def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=None):
+def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=None, grads=None):
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group).
 
     lse is the forward's fp32 LSE, (B, Hq, Sq) dense or (Hq, total_q) varlen, +inf on rows that
     see no key. deterministic: no float atomics, so gradients are bitwise equal across runs.
     configs: {"dkdv": (BLOCK_M, BLOCK_N, num_warps, num_stages), "dq": ...} pins launch configs
-    instead of the default / autotuned ones (benchmarks/tune_bwd.py sweeps them).
+    instead of the default / autotuned ones (benchmarks/tune_bwd.py sweeps them). grads: (dq,
+    dk, dv) buffers to write into (any row strides), None entries allocated here.
     """
     _refuse_unsupported(a)
     call = _Call(q, k, v, a, configs)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = grads or (None, None, None)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if call.empty:
-        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+        return (torch.zeros_like(q) if dq is None else dq.zero_()), dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
         dout = dout.contiguous()
     lse2, delta = call.prep(out, dout, lse)
@@ -559,5 +563,5 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
             ATOMIC_DQ=atomic_dq, **call.flags, **launch,
         )
     if atomic_dq:
-        return dq_acc.to(q.dtype), dk, dv
-    return call.dq(dout, q, k, v, lse2, delta), dk, dv
+        return (dq_acc.to(q.dtype) if dq is None else dq.copy_(dq_acc)), dk, dv
+    return call.dq(dout, q, k, v, lse2, delta, dq), dk, dv

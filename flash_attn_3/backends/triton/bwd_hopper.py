@@ -728,10 +728,12 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     return all(_tma_ok(x) for x in (q, k, v))
 
 
-def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, config=None):
+def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, config=None,
+             grads=None):
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group) for a call
     `supports()` accepts; config (a Config or a tuple of its leading fields) overrides
-    CONFIGS."""
+    CONFIGS. grads: (dq, dk, dv) buffers to write into (any strides, unit last stride), None
+    entries allocated here."""
     from . import bwd
 
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -746,8 +748,11 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     # the row stride to be seqlen_q, an extra argument that cost the D = 128 default 24 bytes
     # more spills.
     lse2, delta = bwd.prep(out, dout, lse, a, pad=STATS_PAD if cfg.stats_smem else 1)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = grads or (None, None, None)
+    # The kernels take dK / dV row strides: a caller's buffer (SDPA's, through the official
+    # bwd op) is written in place.
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if dq_in_kernel:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq_desc = _descriptor(dq_acc, cfg.block_m, DQ_REDUCE_COLS)
@@ -785,5 +790,5 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
             bool(cfg.early_dv), bool(cfg.pin_dp), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
-        return dq_acc.to(q.dtype), dk, dv
-    return bwd.dq_only(dout, q, k, v, lse2, delta, a), dk, dv
+        return (dq_acc.to(q.dtype) if dq is None else dq.copy_(dq_acc)), dk, dv
+    return bwd.dq_only(dout, q, k, v, lse2, delta, a, dq), dk, dv

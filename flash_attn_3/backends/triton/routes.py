@@ -61,9 +61,10 @@ def backward_kernel(a, deterministic: bool):
     return _kernel("bwd")
 
 
-def backward(dout, q, k, v, out, lse, a, deterministic):
+def backward(dout, q, k, v, out, lse, a, deterministic, grads=None):
     with on_device(q):
-        return backward_kernel(a, deterministic).backward(dout, q, k, v, out, lse, a, deterministic)
+        return backward_kernel(a, deterministic).backward(dout, q, k, v, out, lse, a, deterministic,
+                                                          grads=grads)
 
 
 def append_kv(*args):
