@@ -18,6 +18,7 @@ there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -38,53 +39,66 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from flash_attn_3.backends.params import AttnArgs  # noqa: E402
 from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 from scripts.aot_fwd import assemble, ptxas_figures  # noqa: E402
 
 
-def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None,
-                     varlen: bool = False, seqused: bool = False):
-    """The kernel as forward() launches it (same descriptors, constants and options)."""
-    fp8 = dtype == torch.float8_e4m3fn
-    if fp8 and (varlen or seqused):
-        raise SystemExit("fp8 is dense only")
-    block_n, stages, pingpong, _, late_pv_wait = fwd_hopper.config_fields(
-        config or fwd_hopper.default_config(head_dim, causal, fp8))
-    x = torch.empty(512, 4, head_dim, dtype=dtype)
-    if not varlen:
-        x = x.view(2, 256, 4, head_dim)
-    rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
-    keys = fwd_hopper._descriptor(x, block_n)
-    o = torch.empty(x.shape, dtype=torch.bfloat16) if fp8 else x
-    out = fwd_hopper._descriptor(o, fwd_hopper.ROWS_PER_WARPGROUP)
-    values = keys
-    descales, descale_strides = None, [None] * 6
-    if fp8:
-        values = fwd_hopper._descriptor_of_block(torch.empty(2, 4, head_dim, 256, dtype=dtype),
-                                                 [1, 1, head_dim, block_n])
-        descales, descale_strides = (torch.empty(2, 4), ) * 3, [4, 1] * 3
-    lengths = torch.empty(3, dtype=torch.int32)
-    # forward() passes None for the index tensors a call lacks: the JIT makes them constexprs.
-    index = [lengths if varlen else None] * 2 + [lengths if seqused else None] * 2
-    # o_ptr, lse_ptr, cu_seqlens_q/k, seqused_q/k, qk_scale, num_units, num_m_blocks,
-    # num_heads_q, seqlen_q, seqlen_k, group_size, pair, descales and their strides. Lengths that
-    # are multiples of 16 and causal pairs on: what a launch whose ints were specialized would
-    # get at best.
-    runtime = [rows, keys, values, out, o, torch.empty(1), *index, 0.125, 16, 2, 4, 256, 256, 2,
-               int(causal), descales, *descale_strides]
-    constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
-                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
-                     LATE_PV_WAIT=late_pv_wait,
-                     CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
-                     PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
-    launch = dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG)
+def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
+               seqused: bool = False, **fields) -> AttnArgs:
+    """CPU AttnArgs of one shape class: 2 sequences of 256 tokens, 4 query heads over 2 KV heads,
+    packed (with cu_seqlens) when varlen, seqused_q/k when seqused; `fields` override the rest
+    (window, chunk, softcap, sinks)."""
+    q, k, v = (torch.empty(2, 256, h, head_dim, dtype=dtype) for h in (4, 2, 2))
+    extra = {}
+    if varlen:
+        q, k, v = (x.flatten(0, 1) for x in (q, k, v))
+        lengths = torch.tensor([0, 256, 512], dtype=torch.int32)
+        extra.update(cu_seqlens_q=lengths, cu_seqlens_k=lengths, max_seqlen_q=256,
+                     max_seqlen_k=256)
+    if seqused:
+        extra.update(seqused_q=torch.empty(2, dtype=torch.int32),
+                     seqused_k=torch.empty(2, dtype=torch.int32))
+    if dtype == torch.float8_e4m3fn:
+        extra.update({n: torch.ones(2, 2) for n in ("q_descale", "k_descale", "v_descale")})
+    return AttnArgs.plain(q, k, v, window_right=0 if causal else -1, **{**extra, **fields})
+
+
+def launch_of(a: AttnArgs, config=None):
+    """(args, kwargs) of the _fwd_kernel launch forward() makes for a, captured instead of
+    launched (fp8's V copy, a kernel of its own, is stood in for by an empty tensor)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    def values_keys_inner(v):
+        batch, seqlen_k, heads_k, head_dim = v.shape
+        return torch.empty(batch, heads_k, head_dim, -(-seqlen_k // 32) * 32, dtype=v.dtype)
+
+    saved = (fwd_hopper._fwd_kernel, fwd_hopper._num_sms, fwd_hopper._values_keys_inner)
+    fwd_hopper._fwd_kernel, fwd_hopper._num_sms = Recorder(), lambda device_index: 132
+    fwd_hopper._values_keys_inner = values_keys_inner
+    try:
+        fwd_hopper.forward(a, config)
+    finally:
+        fwd_hopper._fwd_kernel, fwd_hopper._num_sms, fwd_hopper._values_keys_inner = saved
+    return launches[0]
+
+
+def compile_for_sm90(a: AttnArgs, config=None):
+    """The kernel exactly as forward() launches it for a (same descriptors, constants and
+    options)."""
+    args, kwargs = launch_of(a, config)
     kernel = fwd_hopper._fwd_kernel
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     # Triton's own binder makes the signature, the constexprs (None arguments, ints of 1) and the
     # divisibility attributes, as at a launch: do_not_specialize is honoured.
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*runtime, **constants, **launch)
+    bound, specialization, options = binder(*args, **kwargs)
+    launch = {k: kwargs[k] for k in ("num_warps", "maxnreg")}
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch, bound,
                                                               specialization, options)
     return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
@@ -166,6 +180,7 @@ def report(kernel, keep: Path) -> dict:
         ptxas_warnings=[line for line in ptxas_report.splitlines()
                         if "arning" in line or "Performance Loss" in line],
         kv_loops=kv_loops(sass),
+        sass_sha256=hashlib.sha256(sass.encode()).hexdigest(),
     )
 
 
@@ -183,8 +198,10 @@ def main() -> None:
     args = p.parse_args()
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config, args.varlen,
-                              args.seqused)
+    if dtype == torch.float8_e4m3fn and (args.varlen or args.seqused):
+        raise SystemExit("fp8 is dense only")
+    kernel = compile_for_sm90(plain_args(args.head_dim, args.causal, dtype, args.varlen,
+                                         args.seqused), config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
