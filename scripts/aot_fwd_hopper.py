@@ -1,13 +1,23 @@
 """Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
-                                     [--varlen] [--seqused]
+                                     [--varlen] [--seqused] [--window L,R] [--chunk C]
+                                     [--softcap C] [--sinks]
+    python scripts/aot_fwd_hopper.py --check-plain
                                      [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]]]
                                      [--keep DIR]
 
 --varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
 that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
-fp8 is dense only (forward() sends fp8 varlen to the portable kernel).
+fp8 is dense only (forward() sends fp8 varlen to the portable kernel). --window, --chunk,
+--softcap and --sinks compile the layer variants (sliding window, attention_chunk, softcap,
+attention sinks); the sequences are 256 tokens long, and a window side of 255 or more is no
+bound (fwd_hopper.mask_bounds).
+
+--check-plain compiles every plain variant recorded in tests/fwd_hopper_plain_sass.json (the
+kernels before the layer variants: bf16 / fp16 / fp8, D = 64 / 128 / 256, causal or not, dense /
+varlen / seqused) and prints, for each, whether its SASS is still the recorded one; it exits 1
+if any differs.
 
 Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX,
 ptxas' register and spill figures (and its warnings, serialized wgmmas included), and the size of
@@ -61,7 +71,34 @@ def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = F
                      seqused_k=torch.empty(2, dtype=torch.int32))
     if dtype == torch.float8_e4m3fn:
         extra.update({n: torch.ones(2, 2) for n in ("q_descale", "k_descale", "v_descale")})
-    return AttnArgs.plain(q, k, v, window_right=0 if causal else -1, **{**extra, **fields})
+    return AttnArgs.plain(q, k, v, **{"window_right": 0 if causal else -1, **extra, **fields})
+
+
+PLAIN_SASS = Path(__file__).resolve().parent.parent / "tests" / "fwd_hopper_plain_sass.json"
+DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)
+
+
+def plain_key(dtype: str, head_dim: int, causal: bool, varlen: bool, seqused: bool) -> str:
+    """A variant's name in tests/fwd_hopper_plain_sass.json."""
+    return (f"{dtype} D={head_dim} {'causal' if causal else 'full'}"
+            + (" varlen" if varlen else "") + (" seqused" if seqused else ""))
+
+
+def check_plain() -> bool:
+    recorded = json.loads(PLAIN_SASS.read_text())
+    if recorded["triton"] != triton.__version__:
+        raise SystemExit(f"recorded with triton {recorded['triton']}, this is {triton.__version__}")
+    same = True
+    for key, sha in recorded["sass_sha256"].items():
+        dtype, head_dim, mask, *layout = key.split()
+        a = plain_args(int(head_dim[2:]), mask == "causal", DTYPES[dtype], "varlen" in layout,
+                       "seqused" in layout)
+        with tempfile.TemporaryDirectory() as tmp:
+            got = report(compile_for_sm90(a), Path(tmp))
+        same &= got["sass_sha256"] == sha
+        print(json.dumps(dict(variant=key, same_sass=got["sass_sha256"] == sha,
+                              spill_bytes=got["spill_bytes"])), flush=True)
+    return same
 
 
 def launch_of(a: AttnArgs, config=None):
@@ -146,9 +183,9 @@ def pv_wait(body: list) -> dict:
                 shfl=sum("SHFL" in o for o in between))
 
 
-# The pipes the softmax competes for: MUFU (exp2), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL),
+# The pipes the softmax competes for: MUFU (exp2, softcap's tanh), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL),
 # integer ops (IMAD, SHF, IADD3, LEA), branches and votes.
-_COUNTED = ("MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "F2I", "I2F",
+_COUNTED = ("MUFU.EX2", "MUFU.TANH", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "F2I", "I2F",
             "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA", "LOP3", "MOV")
 
 
@@ -194,18 +231,38 @@ def main() -> None:
                    "grid)")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
+    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (-1: unbounded)")
+    p.add_argument("--chunk", type=int, default=0, help="attention_chunk")
+    p.add_argument("--softcap", type=float, default=0.0)
+    p.add_argument("--sinks", action="store_true", help="with attention sinks")
     p.add_argument("--keep", type=Path)
+    p.add_argument("--check-plain", action="store_true",
+                   help="compare every recorded plain variant's SASS (and nothing else)")
     args = p.parse_args()
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)[args.dtype]
+    if args.check_plain:
+        raise SystemExit(0 if check_plain() else 1)
+    dtype = DTYPES[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     if dtype == torch.float8_e4m3fn and (args.varlen or args.seqused):
         raise SystemExit("fp8 is dense only")
+    left, right = (int(x) for x in args.window.split(","))
+    layer = dict(window_left=left, window_right=0 if args.causal else right,
+                 attention_chunk=args.chunk, softcap=args.softcap,
+                 sinks=torch.empty(4) if args.sinks else None)
     kernel = compile_for_sm90(plain_args(args.head_dim, args.causal, dtype, args.varlen,
-                                         args.seqused), config)
+                                         args.seqused, **layer), config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(report(kernel, keep)))
+        got = report(kernel, keep)
+    # A plain variant at its default config: is its SASS the recorded one (None: none recorded)?
+    plain = (left, right, args.chunk, args.softcap, args.sinks, config) == (-1, -1, 0, 0.0,
+                                                                             False, None)
+    recorded = json.loads(PLAIN_SASS.read_text())
+    key = plain_key(args.dtype, args.head_dim, args.causal, args.varlen, args.seqused)
+    if plain and recorded["triton"] == triton.__version__ and key in recorded["sass_sha256"]:
+        got["recorded_sass_same"] = got["sass_sha256"] == recorded["sass_sha256"][key]
+    print(json.dumps(got))
 
 
 if __name__ == "__main__":
