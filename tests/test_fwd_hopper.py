@@ -747,7 +747,7 @@ _SMOKE_LAYERS = textwrap.dedent("""
     import torch
     from inputs import cu_seqlens
     from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, VARLEN_LAYERS, _fp8_inputs,
-                                 layer_fields, make_args, make_fp8_args)
+                                 layer_fields, make_args)
     from flash_attn_3.backends.triton import fwd_hopper
     # every compile the layer tests make, on one small shape each (LAYER_SHAPES[0])
     for head_dim, layer in DENSE_LAYERS:
@@ -769,11 +769,10 @@ _SMOKE_LAYERS = textwrap.dedent("""
             seqused_q=used, seqused_k=used, **layer_fields(layer, 8)))
         torch.cuda.synchronize()
         print("varlen", layer, flush=True)
-    q, k, v, descale = _fp8_inputs(2, 1000, 1023, 4, 2, 128, descaled=True)
-    a = make_fp8_args(q, k, v, causal=False, descales=descale)
-    fwd_hopper.forward(make_args(a.q, a.k, a.v, causal=False, **layer_fields(FP8_LAYER, 4),
-                                 q_descale=a.q_descale, k_descale=a.k_descale,
-                                 v_descale=a.v_descale))
+    q, k, v, (q_descale, k_descale, v_descale) = _fp8_inputs(2, 1000, 1023, 4, 2, 128,
+                                                            descaled=True)
+    fwd_hopper.forward(make_args(q, k, v, causal=False, **layer_fields(FP8_LAYER, 4),
+                                 q_descale=q_descale, k_descale=k_descale, v_descale=v_descale))
     torch.cuda.synchronize()
     print("fp8", FP8_LAYER, flush=True)
 """)
