@@ -183,10 +183,11 @@ def pv_wait(body: list) -> dict:
                 shfl=sum("SHFL" in o for o in between))
 
 
-# The pipes the softmax competes for: MUFU (exp2, softcap's tanh), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL),
-# integer ops (IMAD, SHF, IADD3, LEA), branches and votes.
-_COUNTED = ("MUFU.EX2", "MUFU.TANH", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "F2I", "I2F",
-            "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA", "LOP3", "MOV")
+# The pipes the softmax competes for: MUFU (exp2, softcap's tanh), the FMA pipe (FFMA, FMUL,
+# FADD, FMNMX, FSEL), integer ops (IMAD, SHF, IADD3, LEA), branches and votes.
+_COUNTED = ("MUFU.EX2", "MUFU.TANH", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND",
+            "F2I", "I2F", "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA",
+            "LOP3", "MOV")
 
 
 def opcode_counts(body: list) -> dict:

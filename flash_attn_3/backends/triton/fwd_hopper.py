@@ -126,7 +126,7 @@ if _GLUON_OK:
     P_SHIFT = gl.constexpr(8.0)  # log2 of fp8 P's scale
 
     @gluon.jit
-    def _unit(u, num_m_blocks, pair, CAUSAL: gl.constexpr):
+    def _unit(u, num_m_blocks, pair, PAIRED: gl.constexpr):
         """Work unit u -> (b*Hq + h, heavy query block, light query block, tiles in the unit).
 
         Persistent programs take units round-robin, so units must cost the same or the programs
@@ -137,8 +137,11 @@ if _GLUON_OK:
         one head are adjacent, so the programs running together share its K/V in L2, and equal
         units keep them in step. pair = 0 (fewer tiles than programs, or one program per unit
         where the hardware balances): one tile, longest first. Without causality every tile
-        costs the same and a unit is one tile."""
-        if CAUSAL:
+        costs the same and a unit is one tile (PAIRED off). A sliding window's or a causal
+        chunk's tiles cost what causal ones do up to the window, or repeat causal's pattern per
+        chunk, so they pair too (the pair's sum is then equal for chunks that are a multiple of
+        the query block, and spread less than the tiles' own costs for windows)."""
+        if PAIRED:
             # pair is 0 or 1 and not a constant (UNSPECIALIZED): a shift, not a division.
             units_per_head = (num_m_blocks + pair) >> pair
             j = u % units_per_head
@@ -273,7 +276,8 @@ if _GLUON_OK:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs, window,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, IS_FP8: gl.constexpr):
+                  CAUSAL: gl.constexpr, PAIRED: gl.constexpr, STAGES: gl.constexpr,
+                  IS_FP8: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
@@ -281,7 +285,7 @@ if _GLUON_OK:
         kv = 0  # K/V blocks loaded so far: the ring position runs on across tiles
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
-            bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
+            bh, heavy, light, num = _unit(u, num_m_blocks, pair, PAIRED)
             for i in range(0, num):
                 (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, _, _, first, num_blocks,
                  _, _) = _tile(bh, heavy - i * (heavy - light), shape, seqs, window, 2 * BLOCK_MW,
@@ -477,7 +481,7 @@ if _GLUON_OK:
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
                   seqs, descales, window, softcap, sinks, CAUSAL: gl.constexpr,
-                  STAGES: gl.constexpr,
+                  PAIRED: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
                   LATE_PV_WAIT: gl.constexpr, WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
@@ -506,7 +510,7 @@ if _GLUON_OK:
         issue = 0  # wgmma issue turns taken so far
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
-            bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
+            bh, heavy, light, num = _unit(u, num_m_blocks, pair, PAIRED)
             for i in range(0, num):
                 (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, used_q, k_rows, first,
                  num_blocks, full_lo, full_hi) = _tile(bh, heavy - i * (heavy - light), shape,
@@ -708,8 +712,8 @@ if _GLUON_OK:
                     seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
                     k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, window_left,
                     window_right, chunk, softcap, sinks, CAUSAL: gl.constexpr,
-                    STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                    IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
+                    PAIRED: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                    SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -747,17 +751,17 @@ if _GLUON_OK:
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         (window_left, window_right, chunk), softcap, sinks, CAUSAL, STAGES,
-                         PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
+                         (window_left, window_right, chunk), softcap, sinks, CAUSAL, PAIRED,
+                         STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         (window_left, window_right, chunk), softcap, sinks, CAUSAL, STAGES,
-                         PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
+                         (window_left, window_right, chunk), softcap, sinks, CAUSAL, PAIRED,
+                         STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
-                         (window_left, window_right, chunk), CAUSAL, STAGES, IS_FP8)),
+                         (window_left, window_right, chunk), CAUSAL, PAIRED, STAGES, IS_FP8)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -969,8 +973,9 @@ def forward(a: AttnArgs, config=None):
     num_tiles = num_m_blocks * heads_q * batch
     # Causal pairs (see _unit) only where a persistent program walks more than one tile: with
     # fewer tiles than SMs they would halve the programs, and one program per unit leaves the
-    # balancing to the hardware's block scheduler.
-    pair = int(causal and persistent and num_tiles > _num_sms(q.device.index))
+    # balancing to the hardware's block scheduler. Windows and chunks pair like causal.
+    paired = causal or window_left is not None or window_right is not None or chunk is not None
+    pair = int(paired and persistent and num_tiles > _num_sms(q.device.index))
     num_units = (num_m_blocks + pair) // (1 + pair) * heads_q * batch
     programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
     if fp8:
@@ -988,7 +993,7 @@ def forward(a: AttnArgs, config=None):
         _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, window_left,
-        window_right, chunk, softcap, sinks, causal, stages,
+        window_right, chunk, softcap, sinks, causal, paired, stages,
         bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, late_pv_wait,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
