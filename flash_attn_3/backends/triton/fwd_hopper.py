@@ -16,7 +16,13 @@ all units cost the same) with its CTA split into partitions:
   barriers complete on the TMA byte count, empty barriers take one arrive from each consumer.
 Scores stay in the log2 domain (softmax scale and log2(e) folded into one multiply, exp2), m and l
 in fp32. Blocks fully below the causal diagonal and inside seqlen_k skip the mask; the edge blocks
-(diagonal, sequence end) take it. Tensors are addressed through rank-4 descriptors over
+(diagonal, sequence end) take it.
+
+Model layers (sliding window, attention_chunk, softcap, sinks) are variants of the same kernel:
+their arguments are None when off, so the plain kernels compile as if they did not exist (same
+SASS, tests/fwd_hopper_plain_sass.json). A tile visits only the key blocks some row of it may
+see and masks only those not every row sees whole; softcap's tanh runs on the scores before
+the mask; the sink logit joins m and l in the epilogue. Tensors are addressed through rank-4 descriptors over
 (B, S, H, D): dense, a tile never crosses a batch boundary, TMA zero-fills keys past seqlen_k and
 the O store clips at seqlen_q by itself.
 
