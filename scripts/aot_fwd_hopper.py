@@ -224,7 +224,8 @@ def report(kernel, keep: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="up to 256: 64, 128, 256 or a head dim padded to the next of them")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]] "

@@ -92,11 +92,12 @@ def test_compiles_for_sm90(head_dim, causal, variant):
     (64, ["--chunk", "96", "--causal"]),
     (256, ["--window", "40,20", "--varlen", "--seqused"]),
     (128, ["--dtype", "fp8", "--window", "100,0", "--softcap", "30", "--sinks"]),
+    (96, ["--causal", "--varlen", "--seqused"]),
 ], ids=str)
 def test_layer_variants_compile_for_sm90(head_dim, variant):
-    """Sliding window, chunk, softcap and sinks compile into the same pipeline: every wgmma
-    kept, no wgmma serialized, nothing of the KV loop in local memory, and softcap's tanh one
-    MUFU op per score."""
+    """Sliding window, chunk, softcap, sinks and a head dim padded to the next tile width
+    compile into the same pipeline: every wgmma kept, no wgmma serialized, nothing of the KV
+    loop in local memory, and softcap's tanh one MUFU op per score."""
     cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"),
            "--head-dim", str(head_dim)] + variant
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -346,8 +347,10 @@ def test_scope():
     ]
     for change in out_of_scope:
         assert not fwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    # head dims between 64, 128 and 256 take the next one's tiles, but not in fp8
     q96 = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
-    assert not fwd_hopper.supports(make_args(q96, q96, q96, causal=False))
+    assert fwd_hopper.supports(make_args(q96, q96, q96, causal=False))
+    assert not fwd_hopper.supports(make_args(*(q96.to(FP8), ) * 3, causal=False))
     q32 = q.float()
     assert not fwd_hopper.supports(make_args(q32, q32, q32, causal=False))
 
@@ -742,6 +745,10 @@ LAYER_SHAPES = [(2, 1000, 1023, 4, 2), (1, 1023, 700, 6, 1), (3, 128, 384, 2, 2)
 # Packed, ragged, with seqused (one compile each)
 VARLEN_LAYERS = [dict(window=(100, 0), softcap=5.0, sinks=True), dict(chunk=100, window=(-1, 0))]
 FP8_LAYER = dict(window=(100, 0), softcap=5.0, sinks=True)
+# Head dims under an instantiated width (Phi-3's 96; 192), causal or not: tiles of 128 / 256
+# columns, the padding read as zeros. Packed at 96 with seqused (the row-masked O store of
+# tiles that cross a sequence's end writes the head dim's columns only).
+PADDED_HEAD_DIMS = [(96, False), (96, True), (192, True)]
 
 _SMOKE_LAYERS = textwrap.dedent("""
     import torch
@@ -775,6 +782,23 @@ _SMOKE_LAYERS = textwrap.dedent("""
                                  q_descale=q_descale, k_descale=k_descale, v_descale=v_descale))
     torch.cuda.synchronize()
     print("fp8", FP8_LAYER, flush=True)
+    for head_dim, causal in PADDED_HEAD_DIMS:
+        q = torch.randn(2, 1000, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 1023, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+                for _ in "kv")
+        fwd_hopper.forward(make_args(q, k, v, causal=causal))
+        torch.cuda.synchronize()
+        print(head_dim, "causal" if causal else "full", flush=True)
+    lens = [700, 0, 1, 1300, 200]
+    q, k, v = (torch.randn(sum(lens), h, 96, device="cuda", dtype=torch.bfloat16)
+               for h in (8, 2, 2))
+    cu = cu_seqlens(lens, "cuda")
+    used = torch.tensor([600, 0, 1, 1000, 200], dtype=torch.int32, device="cuda")
+    fwd_hopper.forward(make_args(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                 max_seqlen_q=1300, max_seqlen_k=1300, seqused_q=used,
+                                 seqused_k=used))
+    torch.cuda.synchronize()
+    print(96, "varlen", flush=True)
 """)
 
 
@@ -867,3 +891,29 @@ def test_layers_route_here():
         assert routes.forward_kernel(a) is fwd_hopper, layer
     assert fwd_hopper.mask_bounds(make_args(q, k, v, causal=False, window_left=8191,
                                             window_right=0)) == (None, 0, None)
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("head_dim,causal", PADDED_HEAD_DIMS,
+                         ids=[f"D{d}-{'causal' if c else 'full'}" for d, c in PADDED_HEAD_DIMS])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_padded_head_dim_matches_reference(monkeypatch, head_dim, causal, shape):
+    """The kernel writes the head dim's columns only: out is contiguous, so a padding column
+    written would land on the next head's first ones, which the comparison would catch."""
+    run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_padded_head_dim_varlen(monkeypatch):
+    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
+    q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, 96)
+    used_q, used_k = _used(lens_q), _used(lens_k)
+    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
+    for x in (k, v):
+        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
+    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=True, seqused_q=used_q,
+                         seqused_k=used_k)

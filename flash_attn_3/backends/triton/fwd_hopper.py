@@ -16,15 +16,17 @@ all units cost the same) with its CTA split into partitions:
   barriers complete on the TMA byte count, empty barriers take one arrive from each consumer.
 Scores stay in the log2 domain (softmax scale and log2(e) folded into one multiply, exp2), m and l
 in fp32. Blocks fully below the causal diagonal and inside seqlen_k skip the mask; the edge blocks
-(diagonal, sequence end) take it.
+(diagonal, sequence end) take it. Tensors are addressed through rank-4 descriptors over
+(B, S, H, D): dense, a tile never crosses a batch boundary, TMA zero-fills keys past seqlen_k and
+the O store clips at seqlen_q by itself.
 
 Model layers (sliding window, attention_chunk, softcap, sinks) are variants of the same kernel:
 their arguments are None when off, so the plain kernels compile as if they did not exist (same
 SASS, tests/fwd_hopper_plain_sass.json). A tile visits only the key blocks some row of it may
 see and masks only those not every row sees whole; softcap's tanh runs on the scores before
-the mask; the sink logit joins m and l in the epilogue. Tensors are addressed through rank-4 descriptors over
-(B, S, H, D): dense, a tile never crosses a batch boundary, TMA zero-fills keys past seqlen_k and
-the O store clips at seqlen_q by itself.
+the mask; the sink logit joins m and l in the epilogue. Head dims between the instantiated
+ones (64, 128, 256) take the next one's tiles: TMA reads the columns past the head dim as zeros
+and writes none of them back.
 
 Varlen: packed (total, H, D) tensors get the same descriptors over (1, total, H, D), and each tile
 reads its sequence's first row and length from cu_seqlens (and seqused) on the device; the grid
@@ -486,7 +488,7 @@ if _GLUON_OK:
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
-                  seqs, descales, window, softcap, sinks, CAUSAL: gl.constexpr,
+                  seqs, descales, window, softcap, sinks, head_dim, CAUSAL: gl.constexpr,
                   PAIRED: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
                   LATE_PV_WAIT: gl.constexpr, WG: gl.constexpr):
@@ -703,10 +705,15 @@ if _GLUON_OK:
                         o_rows = q_start + row0 + gl.arange(0, BLOCK_MW, layout=o_row_layout)
                         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
                         # out is (total_q, Hq, D), contiguous.
-                        row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * HEAD_DIM
+                        ok = gl.expand_dims(o_rows < q_start + q_rows, 1)
+                        if head_dim is None:
+                            row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * HEAD_DIM
+                        else:
+                            # A head dim under the tile's width: its padding stays unwritten.
+                            row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * head_dim
+                            ok = ok & gl.expand_dims(cols < head_dim, 0)
                         offs = gl.expand_dims(row_offs, 1) + gl.expand_dims(cols, 0)
-                        gl.store(o_ptr + offs, out,
-                                 mask=gl.expand_dims(o_rows < q_start + q_rows, 1))
+                        gl.store(o_ptr + offs, out, mask=ok)
                         if not SEPARATE_O:
                             mbarrier.arrive(q_empty.index(WG))
                     done += 1
@@ -717,7 +724,7 @@ if _GLUON_OK:
                     seqused_q, seqused_k, qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q,
                     seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
                     k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, window_left,
-                    window_right, chunk, softcap, sinks, CAUSAL: gl.constexpr,
+                    window_right, chunk, softcap, sinks, head_dim, CAUSAL: gl.constexpr,
                     PAIRED: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                     SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
@@ -757,26 +764,27 @@ if _GLUON_OK:
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         (window_left, window_right, chunk), softcap, sinks, CAUSAL, PAIRED,
-                         STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
+                         (window_left, window_right, chunk), softcap, sinks, head_dim, CAUSAL,
+                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         (window_left, window_right, chunk), softcap, sinks, CAUSAL, PAIRED,
-                         STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
+                         (window_left, window_right, chunk), softcap, sinks, head_dim, CAUSAL,
+                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right, chunk), CAUSAL, PAIRED, STAGES, IS_FP8)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _descriptor(x: torch.Tensor, rows: int):
+def _descriptor(x: torch.Tensor, rows: int, width: int):
     """Rank-4 TMA descriptor over (B, S, H, D), or over a packed (total, H, D) seen as
-    (1, total, H, D), reading one (rows x D) tile of one head."""
+    (1, total, H, D), reading one (rows x width) tile of one head: a width past D reads zeros
+    (TMA fills what lies outside the tensor's last dim) and writes nothing there."""
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    return _descriptor_of_block(x, [1, rows, 1, x.shape[-1]])
+    return _descriptor_of_block(x, [1, rows, 1, width])
 
 
 def _descriptor_of_block(x: torch.Tensor, block: list):
@@ -866,8 +874,8 @@ def _portable_faster(a: AttnArgs) -> bool:
 def in_scope(a: AttnArgs) -> bool:
     """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 q/k/v,
     each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
-    fp8 e4m3 (with or without descales) dense q/k/v only; head dim 64/128/256, GQA; any
-    window, attention_chunk, softcap and sinks; nothing else (no paged or indexed K/V, leftpad,
+    fp8 e4m3 (with or without descales) dense q/k/v only; head dims up to 256 (fp8: 64, 128,
+    256; v's the same as q's and k's), GQA; any window, attention_chunk, softcap and sinks; nothing else (no paged or indexed K/V, leftpad,
     qv, context parallelism or split).
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
     q, k, v = a.q, a.k, a.v
@@ -908,7 +916,10 @@ def in_scope(a: AttnArgs) -> bool:
                                                           a.seqused_q, a.seqused_k)):
         return False
     head_dim = q.shape[-1]
-    if head_dim not in CONFIGS or k.shape[-1] != head_dim:
+    if tile_width(head_dim) is None or k.shape[-1] != head_dim:
+        return False
+    # fp8's V copy (_values_keys_inner) and its descriptor take the instantiated widths only.
+    if a.is_fp8 and head_dim not in CONFIGS:
         return False
     if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False
@@ -926,6 +937,12 @@ def mask_bounds(a: AttnArgs) -> tuple:
     left = a.window_left if 0 <= a.window_left < seqlen_k - 1 else None
     right = a.window_right if 0 <= a.window_right < seqlen_q - 1 else None
     return left, right, a.attention_chunk if a.attention_chunk > 0 else None
+
+
+def tile_width(head_dim: int):
+    """The instantiated head dim (CONFIGS) the tiles of a head dim take: the next one up, the
+    padding read as zeros (96 -> 128, 192 -> 256); None past 256."""
+    return next((width for width in sorted(CONFIGS) if width >= head_dim), None)
 
 
 def default_config(head_dim: int, causal: bool, fp8: bool = False) -> tuple:
@@ -953,6 +970,7 @@ def forward(a: AttnArgs, config=None):
     (past cu_seqlens_q[-1]) stay unwritten, as officially."""
     q, k, v = a.q, a.k, a.v
     heads_q, head_dim = q.shape[-2:]
+    width = tile_width(head_dim)
     heads_k = k.shape[-2]
     batch = a.batch_size
     window_left, window_right, chunk = mask_bounds(a)
@@ -963,7 +981,7 @@ def forward(a: AttnArgs, config=None):
         window_right = None
     fp8 = a.is_fp8
     block_n, stages, pingpong, persistent, late_pv_wait = config_fields(
-        config or default_config(head_dim, causal or window_right is not None, fp8))
+        config or default_config(width, causal or window_right is not None, fp8))
     out = torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
@@ -987,19 +1005,19 @@ def forward(a: AttnArgs, config=None):
     if fp8:
         v_desc = _descriptor_of_block(_values_keys_inner(v), [1, 1, head_dim, block_n])
         descales, descale_strides = _descale_args(a)
-        if not separate_o(head_dim, block_n, stages, fp8):
+        if not separate_o(width, block_n, stages, fp8):
             raise ValueError(f"fp8 config {config} leaves no room for the bf16 O buffers")
     else:
-        v_desc, descales, descale_strides = _descriptor(v, block_n), None, [None] * 6
+        v_desc, descales, descale_strides = _descriptor(v, block_n, width), None, [None] * 6
     # The softcap's kernel argument is c * log2(e) (the scores stay in the log2 domain).
     softcap = a.softcap * LOG2E if a.softcap > 0 else None
     sinks = None if a.sinks is None else a.sinks.float().contiguous()
     _fwd_kernel[(programs, )](
-        _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), v_desc,
-        _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
+        _descriptor(q, ROWS_PER_WARPGROUP, width), _descriptor(k, block_n, width), v_desc,
+        _descriptor(out, ROWS_PER_WARPGROUP, width), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, window_left,
-        window_right, chunk, softcap, sinks, causal, paired, stages,
-        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, late_pv_wait,
+        window_right, chunk, softcap, sinks, head_dim if head_dim != width else None, causal,
+        paired, stages, bool(pingpong), separate_o(width, block_n, stages, fp8), fp8, late_pv_wait,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
