@@ -6,7 +6,16 @@ TFLOP/s = 4·B·H·N²·D (summed per sequence for varlen), halved when causal. 
 fp8 kernel with the peers in bf16 (SDPA has no fp8 path). Every input set is at least 64 MB
 (32k tokens × 2048 wide), larger than L2, so no rotation is needed here.
 
+Model layers (layout=layer, issue 16): the masks and scores real models add to causal attention
+(Mistral's 4096 sliding window, Gemma 2's softcap 50, GPT-OSS's 128 window with sinks, Llama 4's
+8192 chunks) at their head dims and GQA groups, 8k and 32k tokens, against our
+plain causal call of the same shape and FlexAttention with the same mask (SDPA expresses none of
+them). TFLOP/s there count the score entries each mask keeps (4·B·H·D per entry), so
+ours / ours_causal is (causal time × kept fraction) / layer time: >= 0.95 meets the issue's
+target of a time within 1.05x of causal's scaled by the kept fraction.
+
     python -m benchmarks.bench_fwd [--quick] [--out DIR] [--only D=128 --only layout=dense]
+    python -m benchmarks.bench_fwd --quick --only layout=layer     # the model layers only
 """
 
 from __future__ import annotations
@@ -18,14 +27,23 @@ from typing import Iterator, Optional
 import torch
 
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops, flex,
-                                parse_args, sdpa, sdpa_context)
+                                flex_masked, parse_args, sdpa, sdpa_context)
 
 HEAD_DIMS = (64, 128, 256)
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
 LAYOUTS = ("dense", "varlen_equal", "varlen_ragged")
 DTYPES = ("bf16", "fp8")
-CASE_KEYS = ("D", "H", "N", "B", "causal", "layout", "dtype")
+CASE_KEYS = ("D", "H", "N", "B", "causal", "layout", "dtype", "layer")
 PEERS = ("cudnn", "fa2")
+# name -> head dim, KV heads (of H = 2048 / D query heads: the model's group size, Llama 4's 5
+# rounded to 4), window (left, right), chunk, softcap, sinks
+LAYERS = {
+    "mistral_window4096": dict(D=128, Hk=4, window=(4095, 0)),
+    "gemma2_softcap50": dict(D=256, Hk=4, window=(-1, 0), softcap=50.0),
+    "gptoss_window128_sinks": dict(D=64, Hk=4, window=(127, 0), sinks=True),
+    "llama4_chunk8192": dict(D=128, Hk=4, window=(-1, 0), chunk=8192),
+}
+LAYER_SEQLENS = (8192, 32768)
 
 
 def cases(quick: bool) -> Iterator[dict]:
@@ -43,6 +61,105 @@ def in_quick(case: dict) -> bool:
         return case["N"] in (1024, 4096, 16384)
     return case["D"] == 128 and case["N"] in (4096, 16384) and (
         case["dtype"] == "bf16" or case["layout"] == "dense")
+
+
+def layer_cases(quick: bool) -> Iterator[dict]:
+    for name, n in itertools.product(LAYERS, LAYER_SEQLENS):
+        d = LAYERS[name]["D"]
+        case = dict(D=d, H=MODEL_WIDTH // d, N=n, B=TOKENS // n, causal=True, layout="layer",
+                    dtype="bf16", layer=name)
+        if not quick or in_quick_layers(case):
+            yield case
+
+
+def in_quick_layers(case: dict) -> bool:
+    """The sliding window at both lengths, the chunk at 32k (at 8k one chunk is all of causal),
+    softcap and sinks at 8k."""
+    name = case["layer"]
+    return name.startswith("mistral") or (case["N"] == 32768) == name.startswith("llama4")
+
+
+def kept_entries(case: dict, layer: Optional[str] = None) -> int:
+    """Score entries the case's mask keeps per (batch, head): of `layer`'s, or of plain causal
+    when layer is None (seqlen_q = seqlen_k = N, so row i's diagonal is key i)."""
+    spec = LAYERS[layer] if layer else dict(window=(-1, 0))
+    i = torch.arange(case["N"], dtype=torch.int64)
+    left, right = spec["window"]
+    lo = (i - left).clamp(min=0) if left >= 0 else torch.zeros_like(i)
+    hi = (i + right).clamp(max=case["N"] - 1) if right >= 0 else torch.full_like(i, case["N"] - 1)
+    chunk = spec.get("chunk", 0)
+    if chunk:
+        start = i - i % chunk
+        lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + chunk - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
+def layer_flops(case: dict, layer: Optional[str]) -> float:
+    return 4.0 * case["B"] * case["H"] * case["D"] * kept_entries(case, layer)
+
+
+def make_layer_inputs(case: dict) -> dict:
+    spec = LAYERS[case["layer"]]
+    shape = (case["B"], case["N"])
+    q = torch.randn(*shape, case["H"], case["D"], device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(*shape, spec["Hk"], case["D"], device="cuda", dtype=torch.bfloat16)
+            for _ in "kv")
+    sinks = torch.randn(case["H"], device="cuda") if spec.get("sinks") else None
+    return dict(q=q, k=k, v=v, sinks=sinks)
+
+
+def ours_layer(case: dict, t: dict, plain_causal: bool = False):
+    import flash_attn_interface as fa3
+
+    if plain_causal:
+        return lambda: fa3.flash_attn_func(t["q"], t["k"], t["v"], causal=True)
+    spec = LAYERS[case["layer"]]
+    kw = dict(window_size=spec["window"], attention_chunk=spec.get("chunk", 0),
+              softcap=spec.get("softcap", 0.0), sinks=t["sinks"])
+    return lambda: fa3.flash_attn_func(t["q"], t["k"], t["v"], **kw)
+
+
+def peer_flex_layer(case: dict, t: dict):
+    """Flex with the layer's mask and softcap; the sinks as the exact rescale of its output by
+    the LSE it returns: sum_j e^s_j / (sum_j e^s_j + e^sink) = sigmoid(lse - sink)."""
+    spec = LAYERS[case["layer"]]
+    (left, _), chunk, cap = spec["window"], spec.get("chunk", 0), spec.get("softcap", 0.0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx  # every layer here is causal
+        if left >= 0:
+            keep = keep & (q_idx - kv_idx <= left)
+        if chunk:
+            keep = keep & (q_idx // chunk == kv_idx // chunk)
+        return keep
+
+    def softcapped(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    sinks = t["sinks"]
+    call = flex_masked(t["q"], t["k"], t["v"], mask_mod, softcapped if cap else None,
+                       return_lse=sinks is not None)
+    if sinks is None:
+        return lambda: call().transpose(1, 2)
+
+    def with_sinks():
+        out, lse = call()
+        return (out * torch.sigmoid(lse - sinks[:, None]).unsqueeze(-1)).transpose(1, 2)
+    return with_sinks
+
+
+def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
+    inputs = functools.cache(lambda: make_layer_inputs(case))
+    flops = layer_flops(case, case["layer"])
+    for impl in impls:
+        if impl == "ours":
+            run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops)
+        elif impl == "ours_causal":
+            run.measure("layers", case, impl, lambda: ours_layer(case, inputs(), True),
+                        flops=layer_flops(case, None))
+        else:
+            run.measure("layers", case, impl, lambda: peer_flex_layer(case, inputs()),
+                        flops=flops)
 
 
 def wants_flex(case: dict, quick: bool) -> bool:
@@ -143,13 +260,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     sections = {"fwd": Section(
         "Forward TFLOP/s (B·N = 32k, H·D = 2048; fp8 rows: peers in bf16)", "tflops",
         ratios=[("ours", "cudnn")], plot_x="N", plot_panel="D", plot_series=["causal"],
-        plot_where={"layout": "dense", "dtype": "bf16"})}
+        plot_where={"layout": "dense", "dtype": "bf16"}),
+        "layers": Section(
+            "Model layers, forward TFLOP/s of the score entries each mask keeps (B·N = 32k, "
+            "H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's time scaled by the "
+            "kept fraction; target ours/flex >= 1.3)", "tflops",
+            ratios=[("ours", "ours_causal"), ("ours", "flex")])}
     with Runner("bench_fwd", args, sections, CASE_KEYS) as run:
         todo = [c for c in cases(args.quick) if run.keep(c)]
+        layers = [c for c in layer_cases(args.quick) if run.keep(c)]
         for case in todo:
             peers = PEERS if case["dtype"] == "bf16" else ("cudnn",)
             measure_case(run, case, ("ours",) + peers)
+        for case in layers:
+            measure_layer(run, case, ("ours", "ours_causal"))
         # Flex last: its compiles are the slowest part, and a time cap should cut them first
+        # (the layers' first: the grid's have earlier runs to stand on)
+        for case in layers:
+            measure_layer(run, case, ("flex",))
         for case in todo:
             if wants_flex(case, args.quick):
                 measure_case(run, case, ("flex",))

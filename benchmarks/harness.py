@@ -39,7 +39,7 @@ _STICKY_ERRORS = ("illegal memory access", "unspecified launch failure", "device
                   "illegal instruction", "misaligned address")
 
 __all__ = ["TOKENS", "MODEL_WIDTH", "attention_flops", "parse_args", "Runner", "Section",
-           "rotating", "sdpa", "sdpa_context", "flex", "render_markdown"]
+           "rotating", "sdpa", "sdpa_context", "flex", "flex_masked", "render_markdown"]
 
 
 def parse_args(description: str, argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -100,6 +100,20 @@ _compiled_flex = None
 
 def flex(q, k, v, causal: bool, doc_ids: Optional[torch.Tensor] = None):
     """Compiled FlexAttention over (B, N, H, D) inputs; doc_ids (N,) masks packed sequences."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx if causal else q_idx >= 0
+        if doc_ids is not None:
+            keep = keep & (doc_ids[q_idx] == doc_ids[kv_idx])
+        return keep
+
+    return flex_masked(q, k, v, mask_mod if causal or doc_ids is not None else None)
+
+
+def flex_masked(q, k, v, mask_mod=None, score_mod=None, return_lse: bool = False):
+    """Compiled FlexAttention over (B, N, H, D) inputs with a mask_mod (its block mask built
+    here, outside the timed call) and a score_mod; (B, H, N, D) out, and (B, H, N) lse when
+    return_lse."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -111,18 +125,15 @@ def flex(q, k, v, causal: bool, doc_ids: Optional[torch.Tensor] = None):
         torch._dynamo.config.cache_size_limit = 256
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = q_idx >= kv_idx if causal else q_idx >= 0
-        if doc_ids is not None:
-            keep = keep & (doc_ids[q_idx] == doc_ids[kv_idx])
-        return keep
-
     n_q, n_k = q.shape[-3], k.shape[-3]
-    block_mask = (create_block_mask(mask_mod, None, None, n_q, n_k, device=q.device)
-                  if causal or doc_ids is not None else None)
+    block_mask = (None if mask_mod is None
+                  else create_block_mask(mask_mod, None, None, n_q, n_k, device=q.device))
     qt, kt, vt = (x.transpose(-3, -2) for x in (q, k, v))
     gqa = q.shape[-2] != k.shape[-2]
-    return lambda: _compiled_flex(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa)
+    extra = dict(score_mod=score_mod) if score_mod is not None else {}
+    if return_lse:
+        extra["return_lse"] = True
+    return lambda: _compiled_flex(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa, **extra)
 
 
 def rotating(make_call: Callable[[], Callable[[], object]], set_bytes: int) -> Callable[[], object]:

@@ -1,13 +1,23 @@
 """Compile the Gluon Hopper forward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
-                                     [--varlen] [--seqused]
+                                     [--varlen] [--seqused] [--window L,R] [--chunk C]
+                                     [--softcap C] [--sinks]
+    python scripts/aot_fwd_hopper.py --check-plain
                                      [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]]]
                                      [--keep DIR]
 
 --varlen compiles the packed variant (q/k/v (total, H, D) with cu_seqlens_q/k), --seqused the one
 that reads seqused_q/k; both together are what flash_attn_varlen_func with seqused launches.
-fp8 is dense only (forward() sends fp8 varlen to the portable kernel).
+fp8 is dense only (forward() sends fp8 varlen to the portable kernel). --window, --chunk,
+--softcap and --sinks compile the layer variants (sliding window, attention_chunk, softcap,
+attention sinks); the sequences are 256 tokens long, and a window side of 255 or more is no
+bound (fwd_hopper.mask_bounds).
+
+--check-plain compiles every plain variant recorded in tests/fwd_hopper_plain_sass.json (the
+kernels before the layer variants: bf16 / fp16 / fp8, D = 64 / 128 / 256, causal or not, dense /
+varlen / seqused) and prints, for each, whether its SASS is still the recorded one; it exits 1
+if any differs.
 
 Prints one JSON object: shared memory bytes, warps, wgmma and TMA instructions in the PTX,
 ptxas' register and spill figures (and its warnings, serialized wgmmas included), and the size of
@@ -18,6 +28,7 @@ there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -38,53 +49,93 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from flash_attn_3.backends.params import AttnArgs  # noqa: E402
 from flash_attn_3.backends.triton import fwd_hopper  # noqa: E402
 from scripts.aot_fwd import assemble, ptxas_figures  # noqa: E402
 
 
-def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None,
-                     varlen: bool = False, seqused: bool = False):
-    """The kernel as forward() launches it (same descriptors, constants and options)."""
-    fp8 = dtype == torch.float8_e4m3fn
-    if fp8 and (varlen or seqused):
-        raise SystemExit("fp8 is dense only")
-    block_n, stages, pingpong, _, late_pv_wait = fwd_hopper.config_fields(
-        config or fwd_hopper.default_config(head_dim, causal, fp8))
-    x = torch.empty(512, 4, head_dim, dtype=dtype)
-    if not varlen:
-        x = x.view(2, 256, 4, head_dim)
-    rows = fwd_hopper._descriptor(x, fwd_hopper.ROWS_PER_WARPGROUP)
-    keys = fwd_hopper._descriptor(x, block_n)
-    o = torch.empty(x.shape, dtype=torch.bfloat16) if fp8 else x
-    out = fwd_hopper._descriptor(o, fwd_hopper.ROWS_PER_WARPGROUP)
-    values = keys
-    descales, descale_strides = None, [None] * 6
-    if fp8:
-        values = fwd_hopper._descriptor_of_block(torch.empty(2, 4, head_dim, 256, dtype=dtype),
-                                                 [1, 1, head_dim, block_n])
-        descales, descale_strides = (torch.empty(2, 4), ) * 3, [4, 1] * 3
-    lengths = torch.empty(3, dtype=torch.int32)
-    # forward() passes None for the index tensors a call lacks: the JIT makes them constexprs.
-    index = [lengths if varlen else None] * 2 + [lengths if seqused else None] * 2
-    # o_ptr, lse_ptr, cu_seqlens_q/k, seqused_q/k, qk_scale, num_units, num_m_blocks,
-    # num_heads_q, seqlen_q, seqlen_k, group_size, pair, descales and their strides. Lengths that
-    # are multiples of 16 and causal pairs on: what a launch whose ints were specialized would
-    # get at best.
-    runtime = [rows, keys, values, out, o, torch.empty(1), *index, 0.125, 16, 2, 4, 256, 256, 2,
-               int(causal), descales, *descale_strides]
-    constants = dict(CAUSAL=causal, STAGES=stages, PINGPONG=bool(pingpong),
-                     SEPARATE_O=fwd_hopper.separate_o(head_dim, block_n, stages, fp8), IS_FP8=fp8,
-                     LATE_PV_WAIT=late_pv_wait,
-                     CONSUMER_REGS=fwd_hopper._CONSUMER_REGS,
-                     PRODUCER_REGS=fwd_hopper._PRODUCER_REGS)
-    launch = dict(num_warps=4, maxnreg=fwd_hopper._MAXNREG)
+def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
+               seqused: bool = False, **fields) -> AttnArgs:
+    """CPU AttnArgs of one shape class: 2 sequences of 256 tokens, 4 query heads over 2 KV heads,
+    packed (with cu_seqlens) when varlen, seqused_q/k when seqused; `fields` override the rest
+    (window, chunk, softcap, sinks)."""
+    q, k, v = (torch.empty(2, 256, h, head_dim, dtype=dtype) for h in (4, 2, 2))
+    extra = {}
+    if varlen:
+        q, k, v = (x.flatten(0, 1) for x in (q, k, v))
+        lengths = torch.tensor([0, 256, 512], dtype=torch.int32)
+        extra.update(cu_seqlens_q=lengths, cu_seqlens_k=lengths, max_seqlen_q=256,
+                     max_seqlen_k=256)
+    if seqused:
+        extra.update(seqused_q=torch.empty(2, dtype=torch.int32),
+                     seqused_k=torch.empty(2, dtype=torch.int32))
+    if dtype == torch.float8_e4m3fn:
+        extra.update({n: torch.ones(2, 2) for n in ("q_descale", "k_descale", "v_descale")})
+    return AttnArgs.plain(q, k, v, **{"window_right": 0 if causal else -1, **extra, **fields})
+
+
+PLAIN_SASS = Path(__file__).resolve().parent.parent / "tests" / "fwd_hopper_plain_sass.json"
+DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)
+
+
+def plain_key(dtype: str, head_dim: int, causal: bool, varlen: bool, seqused: bool) -> str:
+    """A variant's name in tests/fwd_hopper_plain_sass.json."""
+    return (f"{dtype} D={head_dim} {'causal' if causal else 'full'}"
+            + (" varlen" if varlen else "") + (" seqused" if seqused else ""))
+
+
+def check_plain() -> bool:
+    recorded = json.loads(PLAIN_SASS.read_text())
+    if recorded["triton"] != triton.__version__:
+        raise SystemExit(f"recorded with triton {recorded['triton']}, this is {triton.__version__}")
+    same = True
+    for key, sha in recorded["sass_sha256"].items():
+        dtype, head_dim, mask, *layout = key.split()
+        a = plain_args(int(head_dim[2:]), mask == "causal", DTYPES[dtype], "varlen" in layout,
+                       "seqused" in layout)
+        with tempfile.TemporaryDirectory() as tmp:
+            got = report(compile_for_sm90(a), Path(tmp))
+        same &= got["sass_sha256"] == sha
+        print(json.dumps(dict(variant=key, same_sass=got["sass_sha256"] == sha,
+                              spill_bytes=got["spill_bytes"])), flush=True)
+    return same
+
+
+def launch_of(a: AttnArgs, config=None):
+    """(args, kwargs) of the _fwd_kernel launch forward() makes for a, captured instead of
+    launched (fp8's V copy, a kernel of its own, is stood in for by an empty tensor)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    def values_keys_inner(v):
+        batch, seqlen_k, heads_k, head_dim = v.shape
+        return torch.empty(batch, heads_k, head_dim, -(-seqlen_k // 32) * 32, dtype=v.dtype)
+
+    saved = (fwd_hopper._fwd_kernel, fwd_hopper._num_sms, fwd_hopper._values_keys_inner)
+    fwd_hopper._fwd_kernel, fwd_hopper._num_sms = Recorder(), lambda device_index: 132
+    fwd_hopper._values_keys_inner = values_keys_inner
+    try:
+        fwd_hopper.forward(a, config)
+    finally:
+        fwd_hopper._fwd_kernel, fwd_hopper._num_sms, fwd_hopper._values_keys_inner = saved
+    return launches[0]
+
+
+def compile_for_sm90(a: AttnArgs, config=None):
+    """The kernel exactly as forward() launches it for a (same descriptors, constants and
+    options)."""
+    args, kwargs = launch_of(a, config)
     kernel = fwd_hopper._fwd_kernel
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     # Triton's own binder makes the signature, the constexprs (None arguments, ints of 1) and the
     # divisibility attributes, as at a launch: do_not_specialize is honoured.
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*runtime, **constants, **launch)
+    bound, specialization, options = binder(*args, **kwargs)
+    launch = {k: kwargs[k] for k in ("num_warps", "maxnreg")}
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch, bound,
                                                               specialization, options)
     return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
@@ -132,10 +183,11 @@ def pv_wait(body: list) -> dict:
                 shfl=sum("SHFL" in o for o in between))
 
 
-# The pipes the softmax competes for: MUFU (exp2), the FMA pipe (FFMA, FMUL, FADD, FMNMX, FSEL),
-# integer ops (IMAD, SHF, IADD3, LEA), branches and votes.
-_COUNTED = ("MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "F2I", "I2F",
-            "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA", "LOP3", "MOV")
+# The pipes the softmax competes for: MUFU (exp2, softcap's tanh), the FMA pipe (FFMA, FMUL,
+# FADD, FMNMX, FSEL), integer ops (IMAD, SHF, IADD3, LEA), branches and votes.
+_COUNTED = ("MUFU.EX2", "MUFU.TANH", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND",
+            "F2I", "I2F", "F2FP", "PRMT", "SHFL", "VOTE", "BRA", "IMAD", "IADD3", "SHF", "LEA",
+            "LOP3", "MOV")
 
 
 def opcode_counts(body: list) -> dict:
@@ -166,12 +218,14 @@ def report(kernel, keep: Path) -> dict:
         ptxas_warnings=[line for line in ptxas_report.splitlines()
                         if "arning" in line or "Performance Loss" in line],
         kv_loops=kv_loops(sass),
+        sass_sha256=hashlib.sha256(sass.encode()).hexdigest(),
     )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=128, choices=sorted(fwd_hopper.CONFIGS))
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="up to 256: 64, 128, 256 or a head dim padded to the next of them")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]] "
@@ -179,16 +233,38 @@ def main() -> None:
                    "grid)")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
+    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (-1: unbounded)")
+    p.add_argument("--chunk", type=int, default=0, help="attention_chunk")
+    p.add_argument("--softcap", type=float, default=0.0)
+    p.add_argument("--sinks", action="store_true", help="with attention sinks")
     p.add_argument("--keep", type=Path)
+    p.add_argument("--check-plain", action="store_true",
+                   help="compare every recorded plain variant's SASS (and nothing else)")
     args = p.parse_args()
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp8=torch.float8_e4m3fn)[args.dtype]
+    if args.check_plain:
+        raise SystemExit(0 if check_plain() else 1)
+    dtype = DTYPES[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config, args.varlen,
-                              args.seqused)
+    if dtype == torch.float8_e4m3fn and (args.varlen or args.seqused):
+        raise SystemExit("fp8 is dense only")
+    left, right = (int(x) for x in args.window.split(","))
+    layer = dict(window_left=left, window_right=0 if args.causal else right,
+                 attention_chunk=args.chunk, softcap=args.softcap,
+                 sinks=torch.empty(4) if args.sinks else None)
+    kernel = compile_for_sm90(plain_args(args.head_dim, args.causal, dtype, args.varlen,
+                                         args.seqused, **layer), config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(report(kernel, keep)))
+        got = report(kernel, keep)
+    # A plain variant at its default config: is its SASS the recorded one (None: none recorded)?
+    plain = (left, right, args.chunk, args.softcap, args.sinks, config) == (-1, -1, 0, 0.0,
+                                                                             False, None)
+    recorded = json.loads(PLAIN_SASS.read_text())
+    key = plain_key(args.dtype, args.head_dim, args.causal, args.varlen, args.seqused)
+    if plain and recorded["triton"] == triton.__version__ and key in recorded["sass_sha256"]:
+        got["recorded_sass_same"] = got["sass_sha256"] == recorded["sass_sha256"][key]
+    print(json.dumps(got))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ def test_grids_match_the_brief(bench):
     assert all(bench.decode.kv_bytes(c) <= bench.decode.MAX_KV_BYTES for c in decode)
 
 
+def test_model_layer_grid(bench):
+    """Issue 16's layers at 8k and 32k tokens, each kept fraction of the causal score entries
+    as the target reads it (a 4096 window at 8k keeps 75 %)."""
+    fwd = bench.fwd
+    layers = list(fwd.layer_cases(quick=False))
+    assert {c["layer"] for c in layers} == set(fwd.LAYERS)
+    assert {c["N"] for c in layers} == {8192, 32768} and all(c["layout"] == "layer" for c in layers)
+    assert all(c["H"] * c["D"] == 2048 and c["B"] * c["N"] == 32 * 1024 for c in layers)
+    kept = {(c["layer"], c["N"]): fwd.kept_entries(c, c["layer"]) / fwd.kept_entries(c)
+            for c in layers}
+    assert kept["mistral_window4096", 8192] == pytest.approx(0.75, abs=1e-3)
+    assert kept["llama4_chunk8192", 32768] == pytest.approx(0.25, abs=1e-3)
+    assert kept["gemma2_softcap50", 32768] == 1.0
+    assert {c["layer"] for c in fwd.layer_cases(quick=True)} == set(fwd.LAYERS)
+
+
 def test_dry_runs_write_fake_json_and_tables(bench, tmp_path, capsys):
     backend_before = os.environ.get("FLASH_ATTN_3_BACKEND")
     for module, name in ((bench.fwd, "bench_fwd"), (bench.bwd, "bench_bwd"),

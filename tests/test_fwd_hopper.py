@@ -5,9 +5,10 @@ register reallocation between the partitions and no spills, so a drift in triton
 Gluon API shows up without a GPU. On an sm_90 GPU (tests marked gpu): out and LSE over the kernel's
 scope (head dims 64/128/256, causal or not, GQA/MQA, seqlen_q != seqlen_k, ragged tails, rows that
 see no key, strided q/k/v; packed varlen q/k/v with empty and one-token sequences, seqused_q/k,
-dense with seqused) judged by the spec's rule (sec 8), with every buffer the kernel allocates
-starting as NaN and fresh random inputs each run. The first GPU test runs one call in a subprocess
-under a time limit, so a pipeline deadlock fails this module instead of hanging the GPU run.
+dense with seqused; the model layers' sliding windows, attention chunks, softcap and sinks) judged
+by the spec's rule (sec 8), with every buffer the kernel allocates starting as NaN and fresh random
+inputs each run. The first GPU test of each family runs its calls in a subprocess under a time
+limit, so a pipeline deadlock fails this module instead of hanging the GPU run.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ SHAPES = COMMON_SHAPES + [
 
 def make_args(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,
               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_q=None,
-              seqused_k=None) -> AttnArgs:
-    """Dense (B, S, H, D) q/k/v, or packed (total, H, D) ones with their cu_seqlens and max."""
+              seqused_k=None, **layer) -> AttnArgs:
+    """Dense (B, S, H, D) q/k/v, or packed (total, H, D) ones with their cu_seqlens and max;
+    layer: AttnArgs fields of a model layer (layer_fields), the window overriding causal."""
     return AttnArgs.plain(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=q.shape[1] if max_seqlen_q is None else max_seqlen_q,
         max_seqlen_k=k.shape[1] if max_seqlen_k is None else max_seqlen_k,
         softmax_scale=softmax_scale or 1.0 / math.sqrt(q.shape[-1]),
-        window_right=0 if causal else -1)
+        **{"window_right": 0 if causal else -1, **layer})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +80,56 @@ def test_compiles_for_sm90(head_dim, causal, variant):
     # more than this bound
     assert all(loop["local"] == 0 for loop in got["kv_loops"]) and got["kv_loops"], got
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+    # the layer variants (window, chunk, softcap, sinks) leave the plain kernels' SASS as it
+    # was before them (tests/fwd_hopper_plain_sass.json; `aot_fwd_hopper.py --check-plain`
+    # compares every recorded variant)
+    assert got["recorded_sass_same"], got
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,variant", [
+    (128, ["--window", "100,0", "--softcap", "30", "--sinks"]),
+    (64, ["--chunk", "96", "--causal"]),
+    (256, ["--window", "40,20", "--varlen", "--seqused"]),
+    (128, ["--dtype", "fp8", "--window", "100,0", "--softcap", "30", "--sinks"]),
+    (96, ["--causal", "--varlen", "--seqused"]),
+], ids=str)
+def test_layer_variants_compile_for_sm90(head_dim, variant):
+    """Sliding window, chunk, softcap, sinks and a head dim padded to the next tile width
+    compile into the same pipeline: every wgmma kept, no wgmma serialized, nothing of the KV
+    loop in local memory, and softcap's tanh one MUFU op per score."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"),
+           "--head-dim", str(head_dim)] + variant
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["wgmma_ptx"] > 0 and got["hgmma_sass"] + got["qgmma_sass"] == got["wgmma_ptx"]
+    assert not got["ptxas_warnings"], got
+    assert all(loop["local"] == 0 for loop in got["kv_loops"]) and got["kv_loops"], got
+    assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+    for loop in got["kv_loops"]:
+        tanh = loop["ops"].get("MUFU.TANH", 0)
+        assert tanh == (loop["ops"]["MUFU.EX2"] - 2 if "--softcap" in variant else 0), loop
+
+
+def test_mask_bounds():
+    """The kernel's window and chunk arguments (None: unbounded): a window side that reaches
+    past every row's keys is no bound (bottom-right diagonal: the left side past
+    seqlen_k - 1, the right past seqlen_q - 1), so such calls run the plain kernels."""
+    q = torch.empty(2, 300, 4, 64, dtype=torch.bfloat16)
+    k = torch.empty(2, 500, 2, 64, dtype=torch.bfloat16)
+    bounds = lambda **w: fwd_hopper.mask_bounds(AttnArgs.plain(q, k, k, **w))
+    assert bounds() == (None, None, None)
+    assert bounds(window_right=0) == (None, 0, None)
+    assert bounds(window_left=498, window_right=298) == (498, 298, None)
+    assert bounds(window_left=499, window_right=299) == (None, None, None)
+    assert bounds(window_left=0, window_right=0, attention_chunk=7) == (0, 0, 7)
+    # packed: the bounds follow max_seqlen_q / max_seqlen_k
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+    packed = AttnArgs.plain(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), cu_seqlens_q=cu,
+                            cu_seqlens_k=cu, max_seqlen_q=200, max_seqlen_k=200,
+                            window_left=198, window_right=199)
+    assert fwd_hopper.mask_bounds(packed) == (198, None, None)
 
 
 @needs_gluon
@@ -282,16 +334,23 @@ def test_scope():
     q, k, v = qkv(1, 256, 256, 4, 2, 128, torch.bfloat16)
     assert fwd_hopper.supports(make_args(q, k, v, causal=True))
     base = make_args(q, k, v, causal=False)
-    out_of_scope = [
+    in_scope = [
         dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
-        dict(sinks=torch.zeros(4, device="cuda")), dict(num_splits=2),
+        dict(sinks=torch.zeros(4, device="cuda")),
+    ]
+    for change in in_scope:
+        assert fwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    out_of_scope = [
+        dict(num_splits=2), dict(sinks=torch.zeros(2, device="cuda")),
         dict(leftpad_k=torch.zeros(1, dtype=torch.int32, device="cuda")),
         dict(kv_batch_idx=torch.zeros(1, dtype=torch.int32, device="cuda")),
     ]
     for change in out_of_scope:
         assert not fwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    # head dims between 64, 128 and 256 take the next one's tiles, but not in fp8
     q96 = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
-    assert not fwd_hopper.supports(make_args(q96, q96, q96, causal=False))
+    assert fwd_hopper.supports(make_args(q96, q96, q96, causal=False))
+    assert not fwd_hopper.supports(make_args(*(q96.to(FP8), ) * 3, causal=False))
     q32 = q.float()
     assert not fwd_hopper.supports(make_args(q32, q32, q32, causal=False))
 
@@ -498,6 +557,7 @@ def test_fp8_compiles_for_sm90(head_dim, causal):
     # no wgmma serialized: ptxas keeps the registers an in-flight PV wgmma reads
     assert not got["ptxas_warnings"], got
     assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+    assert got["recorded_sass_same"], got
 
 
 def test_fp8_values_copy_matches_the_p_operand_order():
@@ -632,3 +692,228 @@ def test_fp8_routes_to_gluon():
                                               k_descale=descale[1], v_descale=descale[2])
             assert fwd_hopper.in_scope(variant) == (x.dtype != FP8)
             assert (routes.forward_kernel(variant) is fwd_hopper) == (x.dtype != FP8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model layers: sliding window, attention_chunk, softcap, sinks (compile-time variants)
+
+
+def layer_fields(layer: dict, heads_q: int) -> dict:
+    """AttnArgs fields of a layer spec: window (left, right) with -1 unbounded (causal is
+    (-1, 0)), chunk, softcap, and sinks (True: a fresh logit per query head, around the
+    scores' log-sum-exp so that it moves the output)."""
+    left, right = layer.get("window", (-1, -1))
+    sinks = None
+    if layer.get("sinks"):
+        sinks = torch.rand(heads_q, device="cuda", dtype=torch.float32) * 8 - 1
+    return dict(window_left=left, window_right=right, attention_chunk=layer.get("chunk", 0),
+                softcap=layer.get("softcap", 0.0), sinks=sinks)
+
+
+def reference_kw(a: AttnArgs) -> dict:
+    return dict(softmax_scale=a.softmax_scale, window_size=(a.window_left, a.window_right),
+                attention_chunk=a.attention_chunk, softcap=a.softcap, sinks=a.sinks)
+
+
+def _layer_id(layer: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in layer.items()).replace(" ", "")
+
+
+# (head dim, layer). Each distinct (head dim, set of bounded window sides, chunk, softcap,
+# sinks, causal) is one compile: the windows of one head dim mostly share theirs.
+DENSE_LAYERS = [
+    # Sliding windows (Mistral, Gemma, Qwen2: causal plus a left side), both sides, one side,
+    # narrower than a key block, and zero wide (each row sees its diagonal key only)
+    (128, dict(window=(100, 0))), (128, dict(window=(5, 3))), (128, dict(window=(0, 0))),
+    (128, dict(window=(64, 64))), (128, dict(window=(300, -1))), (128, dict(window=(-1, 50))),
+    (256, dict(window=(64, 64))),
+    # attention_chunk (Llama 4), sizes not multiples of the 128-key block, with and without a
+    # window
+    (128, dict(chunk=100)), (128, dict(chunk=256, window=(-1, 0))),
+    (128, dict(chunk=1000, window=(300, 0))),
+    # softcap (Gemma 2), alone, causal, and with a window
+    (128, dict(softcap=5.0)), (128, dict(softcap=5.0, window=(-1, 0))),
+    (64, dict(softcap=5.0, window=(100, 0))),
+    # sinks (GPT-OSS: D = 64, a 128-token sliding window on every other layer), alone, causal
+    (64, dict(sinks=True, window=(128, 0))), (128, dict(sinks=True)),
+    (128, dict(sinks=True, window=(-1, 0))),
+]
+# (batch, seqlen_q, seqlen_k, heads_q, heads_k): ragged tails and GQA; seqlen_q > seqlen_k
+# (rows above the diagonal's start, empty under causal or a chunk: out 0, lse +inf); and
+# seqlen_k > seqlen_q, whole blocks
+LAYER_SHAPES = [(2, 1000, 1023, 4, 2), (1, 1023, 700, 6, 1), (3, 128, 384, 2, 2)]
+# Packed, ragged, with seqused (one compile each)
+VARLEN_LAYERS = [dict(window=(100, 0), softcap=5.0, sinks=True), dict(chunk=100, window=(-1, 0))]
+FP8_LAYER = dict(window=(100, 0), softcap=5.0, sinks=True)
+# Head dims under an instantiated width (Phi-3's 96; 192), causal or not: tiles of 128 / 256
+# columns, the padding read as zeros. Packed at 96 with seqused (the row-masked O store of
+# tiles that cross a sequence's end writes the head dim's columns only).
+PADDED_HEAD_DIMS = [(96, False), (96, True), (192, True)]
+
+_SMOKE_LAYERS = textwrap.dedent("""
+    import torch
+    from inputs import cu_seqlens
+    from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, VARLEN_LAYERS, _fp8_inputs,
+                                 layer_fields, make_args)
+    from flash_attn_3.backends.triton import fwd_hopper
+    # every compile the layer tests make, on one small shape each (LAYER_SHAPES[0])
+    for head_dim, layer in DENSE_LAYERS:
+        q = torch.randn(2, 1000, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 1023, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+                for _ in "kv")
+        fwd_hopper.forward(make_args(q, k, v, causal=False, **layer_fields(layer, 4)))
+        torch.cuda.synchronize()
+        print(head_dim, layer, flush=True)
+    for layer in VARLEN_LAYERS:
+        lens_q, lens_k = [700, 0, 1, 1300, 200], [500, 3, 0, 1300, 900]
+        q = torch.randn(sum(lens_q), 8, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(sum(lens_k), 2, 128, device="cuda", dtype=torch.bfloat16)
+                for _ in "kv")
+        used = torch.tensor([600, 0, 1, 1000, 200], dtype=torch.int32, device="cuda")
+        fwd_hopper.forward(make_args(
+            q, k, v, causal=False, cu_seqlens_q=cu_seqlens(lens_q, "cuda"),
+            cu_seqlens_k=cu_seqlens(lens_k, "cuda"), max_seqlen_q=1300, max_seqlen_k=1300,
+            seqused_q=used, seqused_k=used, **layer_fields(layer, 8)))
+        torch.cuda.synchronize()
+        print("varlen", layer, flush=True)
+    q, k, v, (q_descale, k_descale, v_descale) = _fp8_inputs(2, 1000, 1023, 4, 2, 128,
+                                                            descaled=True)
+    fwd_hopper.forward(make_args(q, k, v, causal=False, **layer_fields(FP8_LAYER, 4),
+                                 q_descale=q_descale, k_descale=k_descale, v_descale=v_descale))
+    torch.cuda.synchronize()
+    print("fp8", FP8_LAYER, flush=True)
+    for head_dim, causal in PADDED_HEAD_DIMS:
+        q = torch.randn(2, 1000, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 1023, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+                for _ in "kv")
+        fwd_hopper.forward(make_args(q, k, v, causal=causal))
+        torch.cuda.synchronize()
+        print(head_dim, "causal" if causal else "full", flush=True)
+    lens = [700, 0, 1, 1300, 200]
+    q, k, v = (torch.randn(sum(lens), h, 96, device="cuda", dtype=torch.bfloat16)
+               for h in (8, 2, 2))
+    cu = cu_seqlens(lens, "cuda")
+    used = torch.tensor([600, 0, 1, 1000, 200], dtype=torch.int32, device="cuda")
+    fwd_hopper.forward(make_args(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                 max_seqlen_q=1300, max_seqlen_k=1300, seqused_q=used,
+                                 seqused_k=used))
+    torch.cuda.synchronize()
+    print(96, "varlen", flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def layer_kernels_terminate(tmp_path_factory):
+    """The layer variants' compiles and one call each, watched (see kernel_terminates)."""
+    run_watched(_SMOKE_LAYERS, "fwd_hopper layers", STEP_SECONDS, tmp_path_factory)
+
+
+def run_layer_and_check(monkeypatch, q, k, v, layer: dict, **extra):
+    a = make_args(q, k, v, causal=False, **layer_fields(layer, q.shape[-2]), **extra)
+    # in_scope, not supports: D = 64 short causal-like windows go to fwd.py, the kernel must
+    # still be right
+    assert fwd_hopper.in_scope(a)
+    with monkeypatch.context() as patch:
+        poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    descales = {n: getattr(a, n) for n in ("q_descale", "k_descale", "v_descale")}
+    ref, ref_lse = attention_dense(q, k, v, **reference_kw(a), **descales)
+    ref_lowp, _ = attention_dense(q, k, v, lowp=True, **reference_kw(a), **descales)
+    assert out.dtype == a.out_dtype and lse.dtype == torch.float32
+    assert_matches_reference("out", out, ref, ref_lowp, softcap=a.softcap > 0, fp8=a.is_fp8)
+    assert_lse_matches("lse", lse, ref_lse)
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("head_dim,layer", DENSE_LAYERS,
+                         ids=[f"D{d}-{_layer_id(x)}" for d, x in DENSE_LAYERS])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_layer_matches_reference(monkeypatch, head_dim, layer, shape):
+    run_layer_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), layer)
+
+
+@pytest.mark.parametrize("layer", VARLEN_LAYERS, ids=_layer_id)
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_varlen_layer_matches_reference(monkeypatch, layer):
+    """Packed ragged sequences (empty and one-token ones, a key block reaching into the next
+    sequence) cut by seqused, the unused rows NaN: windows and chunks count from each
+    sequence's own start and bottom-right diagonal."""
+    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
+    q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, 128, extra_q=70, extra_k=50)
+    used_q, used_k = _used(lens_q), _used(lens_k)
+    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
+    for x in (k, v):
+        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
+    a = make_args(q, k, v, causal=False, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                  max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), seqused_q=used_q,
+                  seqused_k=used_k, **layer_fields(layer, 8))
+    assert fwd_hopper.in_scope(a)
+    with monkeypatch.context() as patch:
+        poison_new_buffers(patch)
+        out, lse = fwd_hopper.forward(a)
+    kw = dict(seqused_q=used_q, seqused_k=used_k, **reference_kw(a))
+    ref, ref_lse = attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    ref_lowp, _ = attention_varlen(q, k, v, cu_q, cu_k, lowp=True, **kw)
+    total_q = int(cu_q[-1])
+    rows = torch.arange(q.shape[0]) < total_q
+    assert_matches_reference("out", out, ref, ref_lowp, rows=rows, softcap=a.softcap > 0)
+    assert_lse_matches("lse", lse, ref_lse, rows=rows)
+    assert out[total_q:].isnan().all() and lse[:, total_q:].isnan().all(), "rows past the end"
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_fp8_layer_matches_reference(monkeypatch):
+    """fp8 with window, softcap and sinks: the softcap's scale takes the descales, and the sink
+    joins fp8's shifted P sum."""
+    q, k, v, descale = _fp8_inputs(2, 1000, 1023, 4, 2, 128, descaled=True)
+    q_descale, k_descale, v_descale = descale
+    run_layer_and_check(monkeypatch, q, k, v, FP8_LAYER, q_descale=q_descale,
+                        k_descale=k_descale, v_descale=v_descale)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_layers_route_here():
+    """At model sizes every layer feature reaches this kernel; a window side that reaches past
+    every key is no bound (the plain kernels run)."""
+    from flash_attn_3.backends.triton import routes
+
+    q, k, v = qkv(1, 8192, 8192, 8, 8, 128, torch.bfloat16)
+    for layer in (dict(window=(4095, 0)), dict(softcap=50.0), dict(chunk=8192),
+                  dict(sinks=True, window=(127, 0)), dict(window=(8191, 0))):
+        a = make_args(q, k, v, causal=False, **layer_fields(layer, 8))
+        assert routes.forward_kernel(a) is fwd_hopper, layer
+    assert fwd_hopper.mask_bounds(make_args(q, k, v, causal=False, window_left=8191,
+                                            window_right=0)) == (None, 0, None)
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("head_dim,causal", PADDED_HEAD_DIMS,
+                         ids=[f"D{d}-{'causal' if c else 'full'}" for d, c in PADDED_HEAD_DIMS])
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_padded_head_dim_matches_reference(monkeypatch, head_dim, causal, shape):
+    """The kernel writes the head dim's columns only: out is contiguous, so a padding column
+    written would land on the next head's first ones, which the comparison would catch."""
+    run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_padded_head_dim_varlen(monkeypatch):
+    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
+    q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, 96)
+    used_q, used_k = _used(lens_q), _used(lens_k)
+    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
+    for x in (k, v):
+        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
+    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=True, seqused_q=used_q,
+                         seqused_k=used_k)

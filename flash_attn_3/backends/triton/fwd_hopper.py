@@ -20,6 +20,14 @@ in fp32. Blocks fully below the causal diagonal and inside seqlen_k skip the mas
 (B, S, H, D): dense, a tile never crosses a batch boundary, TMA zero-fills keys past seqlen_k and
 the O store clips at seqlen_q by itself.
 
+Model layers (sliding window, attention_chunk, softcap, sinks) are variants of the same kernel:
+their arguments are None when off, so the plain kernels compile as if they did not exist (same
+SASS, tests/fwd_hopper_plain_sass.json). A tile visits only the key blocks some row of it may
+see and masks only those not every row sees whole; softcap's tanh runs on the scores before
+the mask; the sink logit joins m and l in the epilogue. Head dims between the instantiated
+ones (64, 128, 256) take the next one's tiles: TMA reads the columns past the head dim as zeros
+and writes none of them back.
+
 Varlen: packed (total, H, D) tensors get the same descriptors over (1, total, H, D), and each tile
 reads its sequence's first row and length from cu_seqlens (and seqused) on the device; the grid
 covers max_seqlen_q and tiles past a shorter sequence exit at once. A tile may then reach past its
@@ -106,7 +114,8 @@ _SMEM_BUDGET = 220 * 1024  # of the 227 KB, leaving room for barriers
 # specialized. The strides are arguments of their own because Triton specializes the members of
 # a tuple argument whatever do_not_specialize says.
 UNSPECIALIZED = ("num_units", "num_m_blocks", "seqlen_q", "seqlen_k", "pair", "q_descale_sb",
-                 "q_descale_sh", "k_descale_sb", "k_descale_sh", "v_descale_sb", "v_descale_sh")
+                 "q_descale_sh", "k_descale_sb", "k_descale_sh", "v_descale_sb", "v_descale_sh",
+                 "window_left", "window_right", "chunk")
 
 
 def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> bool:
@@ -121,10 +130,11 @@ def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> b
 
 if _GLUON_OK:
     LN2 = gl.constexpr(0.6931471805599453)
+    LOG2E_GL = gl.constexpr(LOG2E)
     P_SHIFT = gl.constexpr(8.0)  # log2 of fp8 P's scale
 
     @gluon.jit
-    def _unit(u, num_m_blocks, pair, CAUSAL: gl.constexpr):
+    def _unit(u, num_m_blocks, pair, PAIRED: gl.constexpr):
         """Work unit u -> (b*Hq + h, heavy query block, light query block, tiles in the unit).
 
         Persistent programs take units round-robin, so units must cost the same or the programs
@@ -135,8 +145,11 @@ if _GLUON_OK:
         one head are adjacent, so the programs running together share its K/V in L2, and equal
         units keep them in step. pair = 0 (fewer tiles than programs, or one program per unit
         where the hardware balances): one tile, longest first. Without causality every tile
-        costs the same and a unit is one tile."""
-        if CAUSAL:
+        costs the same and a unit is one tile (PAIRED off). A sliding window's or a causal
+        chunk's tiles cost what causal ones do up to the window, or repeat causal's pattern per
+        chunk, so they pair too (the pair's sum is then equal for chunks that are a multiple of
+        the query block, and spread less than the tiles' own costs for windows)."""
+        if PAIRED:
             # pair is 0 or 1 and not a constant (UNSPECIALIZED): a shift, not a division.
             units_per_head = (num_m_blocks + pair) >> pair
             j = u % units_per_head
@@ -151,12 +164,58 @@ if _GLUON_OK:
         return u // units_per_head, heavy, light, num
 
     @gluon.jit
-    def _tile(bh, m_block, shape, seqs, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _chunk_start(d, chunk):
+        # Floor semantics for rows above the diagonal's start (d < 0), whatever sign '%' keeps.
+        return d - ((d % chunk) + chunk) % chunk
+
+    @gluon.jit
+    def _local_blocks(m0, used_q, k_rows, window, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr):
+        """Key blocks of query rows m0 .. min(m0 + BLOCK_M, used_q) - 1 under a window and / or
+        an attention chunk (spec sec 4): (first block, blocks to visit, and, counted from the
+        first, the first and end of the blocks that every row sees whole inside the keys).
+        Blocks wholly outside every row's range are never visited, so the work follows the
+        window."""
+        window_left, window_right, chunk = window
+        diag = k_rows - used_q
+        d_lo = m0 + diag
+        d_hi = gl.minimum(m0 + BLOCK_M, used_q) - 1 + diag
+        # Both ends of a row's allowed range grow with its diagonal, so the first and last rows
+        # bound the union [lo, hi) and the intersection [lo_all, hi_all) of the rows' ranges.
+        lo = 0
+        lo_all = 0
+        hi = k_rows
+        hi_all = k_rows
+        if window_left is not None:
+            lo = gl.maximum(d_lo - window_left, 0)
+            lo_all = gl.maximum(d_hi - window_left, 0)
+        if window_right is not None:
+            hi = gl.minimum(d_hi + window_right + 1, k_rows)
+            hi_all = gl.minimum(d_lo + window_right + 1, k_rows)
+        if chunk is not None:
+            start_lo = _chunk_start(d_lo, chunk)
+            start_hi = _chunk_start(d_hi, chunk)
+            lo = gl.maximum(lo, start_lo)
+            lo_all = gl.maximum(lo_all, start_hi)
+            hi = gl.minimum(hi, start_hi + chunk)
+            hi_all = gl.minimum(hi_all, start_lo + chunk)
+        first = lo // BLOCK_N
+        num_blocks = gl.where(hi > lo, gl.cdiv(hi, BLOCK_N) - first, 0)
+        # An empty intersection leaves full_hi <= full_lo: every block is then an edge block.
+        full_lo = gl.cdiv(lo_all, BLOCK_N) - first
+        full_hi = gl.maximum(hi_all, 0) // BLOCK_N - first
+        return first, num_blocks, full_lo, full_hi
+
+    @gluon.jit
+    def _tile(bh, m_block, shape, seqs, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               CAUSAL: gl.constexpr):
         """Query block m_block of head bh -> (b, h, q_batch, q_start, k_batch, k_start, first query
-        row of the tile, query rows written, query rows used, keys, key blocks to visit, key
-        blocks needing no mask). (x_batch, x_start) is the descriptor coordinate of the
-        sequence's first token: (b, 0) dense, (0, cu_seqlens[b]) packed."""
+        row of the tile, query rows written, query rows used, keys, first key block, key blocks
+        to visit, and the blocks needing no mask: from full_lo to full_hi, counted from the
+        first). (x_batch, x_start) is the descriptor coordinate of
+        the sequence's first token: (b, 0) dense, (0, cu_seqlens[b]) packed. window:
+        (window_left, window_right, chunk), each None where unbounded; all None with CAUSAL for
+        the plain causal mask."""
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k = seqs
         b = bh // num_heads_q
@@ -177,23 +236,29 @@ if _GLUON_OK:
         if seqused_k is not None:
             k_rows = gl.minimum(gl.load(seqused_k + b), k_rows)
         m0 = m_block * BLOCK_M
-        if CAUSAL:
-            # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
-            m_end = gl.minimum(m0 + BLOCK_M, used_q)
-            n_end = gl.maximum(gl.minimum(k_rows, m_end + k_rows - used_q), 0)
-            # Blocks whose last key is on or below the diagonal of the tile's first row.
-            num_unmasked = gl.maximum(m0 + k_rows - used_q + 1, 0) // BLOCK_N
-            num_unmasked = gl.minimum(num_unmasked, k_rows // BLOCK_N)
+        first = 0
+        full_lo = 0
+        if window[0] is not None or window[1] is not None or window[2] is not None:
+            first, num_blocks, full_lo, full_hi = _local_blocks(m0, used_q, k_rows, window,
+                                                                BLOCK_M, BLOCK_N)
         else:
-            n_end = k_rows
-            num_unmasked = k_rows // BLOCK_N
-        num_blocks = gl.cdiv(n_end, BLOCK_N)
+            if CAUSAL:
+                # Bottom-right diagonal: row i sees keys j <= i + seqlen_k - seqlen_q.
+                m_end = gl.minimum(m0 + BLOCK_M, used_q)
+                n_end = gl.maximum(gl.minimum(k_rows, m_end + k_rows - used_q), 0)
+                # Blocks whose last key is on or below the diagonal of the tile's first row.
+                full_hi = gl.maximum(m0 + k_rows - used_q + 1, 0) // BLOCK_N
+                full_hi = gl.minimum(full_hi, k_rows // BLOCK_N)
+            else:
+                n_end = k_rows
+                full_hi = k_rows // BLOCK_N
+            num_blocks = gl.cdiv(n_end, BLOCK_N)
         if seqused_q is not None:
             # Rows past seqused_q but inside the sequence are written (out 0, lse +inf) without
             # visiting any key.
             num_blocks = gl.where(m0 < used_q, num_blocks, 0)
         return (b, bh % num_heads_q, q_batch, q_start, k_batch, k_start, m0, q_rows, used_q,
-                k_rows, num_blocks, num_unmasked)
+                k_rows, first, num_blocks, full_lo, full_hi)
 
     @gluon.jit
     def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j, kv,
@@ -218,8 +283,9 @@ if _GLUON_OK:
                                             v_ready.index(stage), v_smem.index(stage))
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, IS_FP8: gl.constexpr):
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs, window,
+                  CAUSAL: gl.constexpr, PAIRED: gl.constexpr, STAGES: gl.constexpr,
+                  IS_FP8: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
@@ -227,11 +293,11 @@ if _GLUON_OK:
         kv = 0  # K/V blocks loaded so far: the ring position runs on across tiles
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
-            bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
+            bh, heavy, light, num = _unit(u, num_m_blocks, pair, PAIRED)
             for i in range(0, num):
-                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, _, _, num_blocks,
-                 _) = _tile(bh, heavy - i * (heavy - light), shape, seqs, 2 * BLOCK_MW, BLOCK_N,
-                            CAUSAL)
+                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, _, _, first, num_blocks,
+                 _, _) = _tile(bh, heavy - i * (heavy - light), shape, seqs, window, 2 * BLOCK_MW,
+                               BLOCK_N, CAUSAL)
                 # Packed, the grid covers max_seqlen_q: blocks past a shorter sequence are skipped
                 # here and by the consumers alike.
                 if seqs[0] is None or m0 < q_rows:
@@ -239,8 +305,8 @@ if _GLUON_OK:
                     # The first K/V block goes out before Q, whose buffers wait for the previous
                     # tile: so the next tile's loads overlap that tile's end.
                     if num_blocks > 0:
-                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, 0, kv,
-                                 STAGES, IS_FP8)
+                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk,
+                                 first, kv, STAGES, IS_FP8)
                     for w in gl.static_range(2):
                         # A consumer frees its Q buffer after its last QK wgmma, or, where O is
                         # staged in that buffer, once the O store has read it.
@@ -250,16 +316,36 @@ if _GLUON_OK:
                             q_desc, [q_batch, q_start + m0 + w * BLOCK_MW, h, 0],
                             q_ready.index(w), q_smem.index(w))
                     for j in range(1, num_blocks):
-                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j,
-                                 kv + j, STAGES, IS_FP8)
+                        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk,
+                                 first + j, kv + j, STAGES, IS_FP8)
                     kv += num_blocks
                     done += 1
 
     @gluon.jit
-    def _masked(s, j, diag, seqlen_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+    def _row_bounds(diag, k_rows, window):
+        """First and last key each query row may see under a window and / or a chunk (spec sec
+        4; diag = row + seqlen_k - seqlen_q), the keys' end included: the mask's two compares."""
+        window_left, window_right, chunk = window
+        lo = gl.zeros_like(diag)
+        hi = gl.zeros_like(diag) + (k_rows - 1)
+        if window_left is not None:
+            lo = diag - window_left
+        if window_right is not None:
+            hi = gl.minimum(hi, diag + window_right)
+        if chunk is not None:
+            start = _chunk_start(diag, chunk)
+            lo = gl.maximum(lo, start)
+            hi = gl.minimum(hi, start + chunk - 1)
+        return lo, hi
+
+    @gluon.jit
+    def _masked(s, j, diag, seqlen_k, bounds, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                 col_layout: gl.constexpr):
         cols = gl.expand_dims(j * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout), 0)
-        if CAUSAL:
+        if bounds is not None:
+            lo, hi = bounds
+            ok = (cols >= gl.expand_dims(lo, 1)) & (cols <= gl.expand_dims(hi, 1))
+        elif CAUSAL:
             ok = (cols < seqlen_k) & (cols <= gl.expand_dims(diag, 1))
         else:
             ok = cols < seqlen_k
@@ -283,6 +369,14 @@ if _GLUON_OK:
                 x = chunk.load(layout)
                 chunk.store(gl.where(gl.expand_dims(rows < first_row, 1), x, gl.zeros_like(x)))
         fence_async_shared()
+
+    @gluon.jit
+    def _softcapped(s, cap_in):
+        """tanh(s * cap_in), the softcap's tanh: the tile's score scale then carries c * log2(e).
+        One MUFU.TANH (tanh.approx.f32, relative error ~2^-11), as FA3 does: the portable
+        1 - 2 / (exp2(2x) + 1) takes two MUFU ops, and MUFU already carries the softmax's exp2."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * cap_in],
+                                         dtype=gl.float32, is_pure=True, pack=1)
 
     @gluon.jit
     def _online_softmax(s, m_i, l_i, qk_scale, IS_FP8: gl.constexpr):
@@ -394,7 +488,8 @@ if _GLUON_OK:
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale, shape,
-                  seqs, descales, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  seqs, descales, window, softcap, sinks, head_dim, CAUSAL: gl.constexpr,
+                  PAIRED: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
                   LATE_PV_WAIT: gl.constexpr, WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
@@ -423,20 +518,29 @@ if _GLUON_OK:
         issue = 0  # wgmma issue turns taken so far
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
-            bh, heavy, light, num = _unit(u, num_m_blocks, pair, CAUSAL)
+            bh, heavy, light, num = _unit(u, num_m_blocks, pair, PAIRED)
             for i in range(0, num):
-                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, used_q, k_rows, num_blocks,
-                 num_unmasked) = _tile(bh, heavy - i * (heavy - light), shape, seqs, 2 * BLOCK_MW,
-                                       BLOCK_N, CAUSAL)
+                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, used_q, k_rows, first,
+                 num_blocks, full_lo, full_hi) = _tile(bh, heavy - i * (heavy - light), shape,
+                                                       seqs, window, 2 * BLOCK_MW, BLOCK_N,
+                                                       CAUSAL)
                 if seqs[0] is None or m0 < q_rows:
                     row0 = m0 + WG * BLOCK_MW
                     rows = row0 + gl.arange(0, BLOCK_MW, layout=row_layout)
                     diag = rows + (k_rows - used_q)
+                    bounds = None
+                    if window[0] is not None or window[1] is not None or window[2] is not None:
+                        bounds = _row_bounds(diag, k_rows, window)
                     m_i = gl.full([BLOCK_MW], float("-inf"), gl.float32, row_layout)
                     l_i = gl.zeros([BLOCK_MW], gl.float32, row_layout)
                     acc = gl.zeros([BLOCK_MW, HEAD_DIM], gl.float32, o_layout)
                     tile_scale, v_scale = _tile_scales(qk_scale, descales, b, h // group_size,
                                                        IS_FP8)
+                    if softcap is not None:
+                        # s -> c * tanh(scale * s / c), in the log2 domain: tanh's argument takes
+                        # the scale over c, the softmax's scale is c * log2(e).
+                        cap_in = tile_scale / softcap
+                        tile_scale = softcap
                     mbarrier.wait(q_ready.index(WG), done & 1)
 
                     if num_blocks > 0:
@@ -450,8 +554,18 @@ if _GLUON_OK:
                         _pass_turn(turn, WG, PINGPONG)
                         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                         mbarrier.arrive(k_empty.index(stage))
-                        if num_unmasked == 0:
-                            s = _masked(s, 0, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
+                        if softcap is not None:
+                            s = _softcapped(s, cap_in)
+                        # The tile's key blocks from full_lo to full_hi need no mask (the
+                        # tests are inline: a helper's debug labels split ptxas' basic blocks
+                        # and changed the plain kernels' SASS).
+                        if bounds is None:
+                            edge = full_hi == 0
+                        else:
+                            edge = (full_lo > 0) | (full_hi <= 0)
+                        if edge:
+                            s = _masked(s, first, diag, k_rows, bounds, BLOCK_N, CAUSAL,
+                                        col_layout)
                         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale, IS_FP8)
                         p = _p_carried(p, p_dtype, p_layout, IS_FP8)
                         if LATE_PV_WAIT:
@@ -479,8 +593,15 @@ if _GLUON_OK:
                             # Softmax of block j overlaps the PV wgmma of block j - 1.
                             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                             mbarrier.arrive(k_empty.index(stage))
-                            if j >= num_unmasked:
-                                s = _masked(s, j, diag, k_rows, BLOCK_N, CAUSAL, col_layout)
+                            if softcap is not None:
+                                s = _softcapped(s, cap_in)
+                            if bounds is None:
+                                edge = j >= full_hi
+                            else:
+                                edge = (j < full_lo) | (j >= full_hi)
+                            if edge:
+                                s = _masked(s, first + j, diag, k_rows, bounds, BLOCK_N, CAUSAL,
+                                            col_layout)
                             p_next, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, tile_scale,
                                                                       IS_FP8)
                             p_next = _p_carried(p_next, p_dtype, p_layout, IS_FP8)
@@ -511,9 +632,10 @@ if _GLUON_OK:
                         # Only the last key block can reach past the keys (dense without
                         # seqused_k, only past the tensor, which TMA zero-filled).
                         if seqs[1] is not None or seqs[3] is not None:
-                            if num_blocks * BLOCK_N > k_rows:
+                            if (first + num_blocks) * BLOCK_N > k_rows:
                                 _clear_tail(v_smem.index(last % STAGES).reshape(
-                                    [BLOCK_N, HEAD_DIM]), k_rows - (num_blocks - 1) * BLOCK_N)
+                                    [BLOCK_N, HEAD_DIM]),
+                                    k_rows - (first + num_blocks - 1) * BLOCK_N)
                         _take_turn(turn, issue + num_blocks, WG, PINGPONG)
                         o_tok = warpgroup_mma(
                             _p_issued(p, p_dtype, p_layout, IS_FP8),
@@ -533,8 +655,23 @@ if _GLUON_OK:
                     empty = l_i == 0.0
                     if seqs[2] is not None:
                         empty = empty | (rows >= used_q)
+                    if sinks is not None:
+                        # The head's sink logit joins the denominator, with no value (spec sec
+                        # 4); a row with no allowed key stays empty all the same.
+                        sink = gl.load(sinks + h) * LOG2E_GL
+                        m_sink = gl.maximum(m_i, sink)
+                        m_sink = gl.where(m_sink == float("-inf"), 0.0, m_sink)
+                        alpha = gl.exp2(m_i - m_sink)
+                        sink_p = sink - m_sink
+                        if IS_FP8:
+                            sink_p = sink_p + P_SHIFT  # l carries fp8 P's scale
+                        l_i = l_i * alpha + gl.exp2(sink_p)
+                        m_i = gl.maximum(m_i, sink)
                     l_safe = gl.where(empty, 1.0, l_i)
-                    inv_l = gl.convert_layout(v_scale / l_safe, o_row_layout, assert_trivial=True)
+                    o_scale = v_scale / l_safe
+                    if sinks is not None:
+                        o_scale = o_scale * alpha
+                    inv_l = gl.convert_layout(o_scale, o_row_layout, assert_trivial=True)
                     out = acc * gl.expand_dims(inv_l, 1)
                     if seqs[2] is not None:
                         # Those rows ran over whatever q holds there: select, not scale (NaN * 0).
@@ -568,10 +705,15 @@ if _GLUON_OK:
                         o_rows = q_start + row0 + gl.arange(0, BLOCK_MW, layout=o_row_layout)
                         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
                         # out is (total_q, Hq, D), contiguous.
-                        row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * HEAD_DIM
+                        ok = gl.expand_dims(o_rows < q_start + q_rows, 1)
+                        if head_dim is None:
+                            row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * HEAD_DIM
+                        else:
+                            # A head dim under the tile's width: its padding stays unwritten.
+                            row_offs = (o_rows.to(gl.int64) * num_heads_q + h) * head_dim
+                            ok = ok & gl.expand_dims(cols < head_dim, 0)
                         offs = gl.expand_dims(row_offs, 1) + gl.expand_dims(cols, 0)
-                        gl.store(o_ptr + offs, out,
-                                 mask=gl.expand_dims(o_rows < q_start + q_rows, 1))
+                        gl.store(o_ptr + offs, out, mask=ok)
                         if not SEPARATE_O:
                             mbarrier.arrive(q_empty.index(WG))
                     done += 1
@@ -581,9 +723,10 @@ if _GLUON_OK:
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, o_ptr, lse_ptr, cu_seqlens_q, cu_seqlens_k,
                     seqused_q, seqused_k, qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q,
                     seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
-                    k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, CAUSAL: gl.constexpr,
-                    STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                    IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
+                    k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, window_left,
+                    window_right, chunk, softcap, sinks, head_dim, CAUSAL: gl.constexpr,
+                    PAIRED: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                    SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -621,24 +764,27 @@ if _GLUON_OK:
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
+                         (window_left, window_right, chunk), softcap, sinks, head_dim, CAUSAL,
+                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
-                         CAUSAL, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
+                         (window_left, window_right, chunk), softcap, sinks, head_dim, CAUSAL,
+                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
-                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), CAUSAL, STAGES,
-                         IS_FP8)),
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (window_left, window_right, chunk), CAUSAL, PAIRED, STAGES, IS_FP8)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _descriptor(x: torch.Tensor, rows: int):
+def _descriptor(x: torch.Tensor, rows: int, width: int):
     """Rank-4 TMA descriptor over (B, S, H, D), or over a packed (total, H, D) seen as
-    (1, total, H, D), reading one (rows x D) tile of one head."""
+    (1, total, H, D), reading one (rows x width) tile of one head: a width past D reads zeros
+    (TMA fills what lies outside the tensor's last dim) and writes nothing there."""
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    return _descriptor_of_block(x, [1, rows, 1, x.shape[-1]])
+    return _descriptor_of_block(x, [1, rows, 1, width])
 
 
 def _descriptor_of_block(x: torch.Tensor, block: list):
@@ -737,8 +883,9 @@ def _portable_faster(a: AttnArgs) -> bool:
 def in_scope(a: AttnArgs) -> bool:
     """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 q/k/v,
     each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
-    fp8 e4m3 (with or without descales) dense q/k/v only; head dim 64/128/256, causal or not,
-    GQA; nothing else.
+    fp8 e4m3 (with or without descales) dense q/k/v only; head dims up to 256 (fp8: 64, 128,
+    256; v's the same as q's and k's), GQA; any window, attention_chunk, softcap and sinks; nothing else (no paged or indexed K/V, leftpad,
+    qv, context parallelism or split).
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
     q, k, v = a.q, a.k, a.v
     if not (_GLUON_OK and q.is_cuda and os.environ.get("FLASH_ATTN_3_GLUON", "1") != "0"
@@ -746,8 +893,10 @@ def in_scope(a: AttnArgs) -> bool:
         return False
     if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k, a.sinks)
+    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k)
     if any(x is not None for x in extras):
+        return False
+    if a.sinks is not None and a.sinks.shape != (q.shape[-2], ):
         return False
     if a.is_fp8:
         # FLASH_ATTN_3_GLUON_FP8=0 sends fp8 to fwd.py (A/B runs): 1.2-1.4x slower on the H100
@@ -760,9 +909,7 @@ def in_scope(a: AttnArgs) -> bool:
             return False
     elif any(x is not None for x in (a.q_descale, a.k_descale, a.v_descale)):
         return False
-    if a.softcap != 0.0 or a.attention_chunk != 0 or a.cp_world_size != 1 or a.num_splits > 1:
-        return False
-    if a.window_left != -1 or a.window_right not in (-1, 0) or not a.softmax_scale > 0:
+    if a.cp_world_size != 1 or a.num_splits > 1 or not a.softmax_scale > 0 or a.softcap < 0:
         return False
     if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape != v.shape:
         return False
@@ -778,12 +925,33 @@ def in_scope(a: AttnArgs) -> bool:
                                                           a.seqused_q, a.seqused_k)):
         return False
     head_dim = q.shape[-1]
-    if head_dim not in CONFIGS or k.shape[-1] != head_dim:
+    if tile_width(head_dim) is None or k.shape[-1] != head_dim:
+        return False
+    # fp8's V copy (_values_keys_inner) and its descriptor take the instantiated widths only.
+    if a.is_fp8 and head_dim not in CONFIGS:
         return False
     if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False
     # fp8 V is read through its copy, which any layout can feed.
     return all(_tma_ok(x) for x in ((q, k) if a.is_fp8 else (q, k, v)))
+
+
+def mask_bounds(a: AttnArgs) -> tuple:
+    """(window_left, window_right, attention_chunk) as the kernel takes them: None where
+    unbounded. A window side reaching past every row's keys is unbounded (the official
+    mha_fwd does the same with max_seqlen_k / max_seqlen_q), so that e.g. a 4096 window over
+    4k tokens runs the plain causal kernel."""
+    seqlen_q = a.max_seqlen_q if a.cu_seqlens_q is not None else a.q.shape[1]
+    seqlen_k = a.max_seqlen_k if a.cu_seqlens_k is not None else a.k.shape[1]
+    left = a.window_left if 0 <= a.window_left < seqlen_k - 1 else None
+    right = a.window_right if 0 <= a.window_right < seqlen_q - 1 else None
+    return left, right, a.attention_chunk if a.attention_chunk > 0 else None
+
+
+def tile_width(head_dim: int):
+    """The instantiated head dim (CONFIGS) the tiles of a head dim take: the next one up, the
+    padding read as zeros (96 -> 128, 192 -> 256); None past 256."""
+    return next((width for width in sorted(CONFIGS) if width >= head_dim), None)
 
 
 def default_config(head_dim: int, causal: bool, fp8: bool = False) -> tuple:
@@ -811,12 +979,18 @@ def forward(a: AttnArgs, config=None):
     (past cu_seqlens_q[-1]) stay unwritten, as officially."""
     q, k, v = a.q, a.k, a.v
     heads_q, head_dim = q.shape[-2:]
+    width = tile_width(head_dim)
     heads_k = k.shape[-2]
     batch = a.batch_size
-    causal = a.window_right == 0
+    window_left, window_right, chunk = mask_bounds(a)
+    # The plain causal mask has code of its own (and causal work units: see _unit); any other
+    # window or chunk takes the general bounds.
+    causal = window_right == 0 and window_left is None and chunk is None
+    if causal:
+        window_right = None
     fp8 = a.is_fp8
     block_n, stages, pingpong, persistent, late_pv_wait = config_fields(
-        config or default_config(head_dim, causal, fp8))
+        config or default_config(width, causal or window_right is not None, fp8))
     out = a.out if _out_ok(a) else torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
@@ -832,22 +1006,27 @@ def forward(a: AttnArgs, config=None):
     num_tiles = num_m_blocks * heads_q * batch
     # Causal pairs (see _unit) only where a persistent program walks more than one tile: with
     # fewer tiles than SMs they would halve the programs, and one program per unit leaves the
-    # balancing to the hardware's block scheduler.
-    pair = int(causal and persistent and num_tiles > _num_sms(q.device.index))
+    # balancing to the hardware's block scheduler. Windows and chunks pair like causal.
+    paired = causal or window_left is not None or window_right is not None or chunk is not None
+    pair = int(paired and persistent and num_tiles > _num_sms(q.device.index))
     num_units = (num_m_blocks + pair) // (1 + pair) * heads_q * batch
     programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
     if fp8:
         v_desc = _descriptor_of_block(_values_keys_inner(v), [1, 1, head_dim, block_n])
         descales, descale_strides = _descale_args(a)
-        if not separate_o(head_dim, block_n, stages, fp8):
+        if not separate_o(width, block_n, stages, fp8):
             raise ValueError(f"fp8 config {config} leaves no room for the bf16 O buffers")
     else:
-        v_desc, descales, descale_strides = _descriptor(v, block_n), None, [None] * 6
+        v_desc, descales, descale_strides = _descriptor(v, block_n, width), None, [None] * 6
+    # The softcap's kernel argument is c * log2(e) (the scores stay in the log2 domain).
+    softcap = a.softcap * LOG2E if a.softcap > 0 else None
+    sinks = None if a.sinks is None else a.sinks.float().contiguous()
     _fwd_kernel[(programs, )](
-        _descriptor(q, ROWS_PER_WARPGROUP), _descriptor(k, block_n), v_desc,
-        _descriptor(out, ROWS_PER_WARPGROUP), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
+        _descriptor(q, ROWS_PER_WARPGROUP, width), _descriptor(k, block_n, width), v_desc,
+        _descriptor(out, ROWS_PER_WARPGROUP, width), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
-        seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, causal, stages,
-        bool(pingpong), separate_o(head_dim, block_n, stages, fp8), fp8, late_pv_wait,
+        seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, window_left,
+        window_right, chunk, softcap, sinks, head_dim if head_dim != width else None, causal,
+        paired, stages, bool(pingpong), separate_o(width, block_n, stages, fp8), fp8, late_pv_wait,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
