@@ -413,6 +413,8 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str, names: list,
     os.environ["FLASH_ATTN_3_BACKEND"] = "triton" if device == "cuda" else "reference"
     if device == "cuda":
         torch.cuda.set_device(rank)
+    else:  # up to 4 ranks share the CPU cores: one thread each, no oversubscription
+        torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     ctx = Ctx(rank, world, seed, device)

@@ -14,6 +14,7 @@ import torch
 
 from ._blocks import Options, band_limits, cached, dense_launches, gathered_calls, varlen_launches
 from ._checks import validate
+from ._compile import eager_under_compile
 from ._comm import all_gather, reduce_scatter, resolve_group
 from .layout import position_ids, varlen_shard_index
 from .ring import _options, _pack, _unpack
@@ -114,7 +115,7 @@ class _AllGatherAttention(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def allgather_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, layout="zigzag", deterministic=False, return_softmax_lse=False,
                               validate_ranks=True):
@@ -130,7 +131,7 @@ def allgather_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal
     return (out, lse) if return_softmax_lse else out
 
 
-@torch.compiler.disable
+@eager_under_compile
 def allgather_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen=None, group=None, *, softmax_scale=None,
                                      causal=False, window_size=(-1, -1), softcap=0.0, layout="zigzag",
                                      deterministic=False, return_softmax_lse=False, validate_ranks=True):

@@ -17,6 +17,7 @@ import torch
 
 from .. import interface
 from ._checks import DTYPES, check_mask
+from ._compile import eager_under_compile
 from ._comm import agree, all_gather, resolve_group, shape_facts
 
 __all__ = ["cp_flash_attn_with_kvcache", "local_cache_seqlens", "shard_kv_cache"]
@@ -72,7 +73,7 @@ def _check(q, k_cache, v_cache, k, v, seqlens) -> None:
         raise ValueError(f"cache_seqlens must be >= 0; got {seqlens}")
 
 
-@torch.compiler.disable
+@eager_under_compile
 def cp_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens: Union[int, torch.Tensor],
                                group=None, page_table=None, cache_batch_idx=None, softmax_scale=None, causal=False,
                                window_size=(-1, -1), softcap=0.0, num_splits=0, return_softmax_lse=False,

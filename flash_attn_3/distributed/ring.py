@@ -19,6 +19,7 @@ import torch
 
 from ._blocks import Options, band_limits, cached, dense_launches, merge, shard_calls, varlen_launches
 from ._checks import validate
+from ._compile import eager_under_compile
 from ._comm import Exchange, resolve_group
 
 __all__ = ["ring_flash_attn_func", "ring_flash_attn_varlen_func"]
@@ -216,7 +217,7 @@ def _options(q, softmax_scale, softcap, deterministic) -> Options:
     return Options(scale, float(softcap), bool(deterministic))
 
 
-@torch.compiler.disable
+@eager_under_compile
 def ring_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                          softcap=0.0, layout="zigzag", deterministic=False, return_softmax_lse=False,
                          validate_ranks=True):
@@ -244,7 +245,7 @@ def ring_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=Fals
     return (out, lse) if return_softmax_lse else out
 
 
-@torch.compiler.disable
+@eager_under_compile
 def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen=None, group=None, *, softmax_scale=None,
                                 causal=False, window_size=(-1, -1), softcap=0.0, layout="zigzag",
                                 deterministic=False, return_softmax_lse=False, validate_ranks=True):

@@ -17,6 +17,7 @@ import torch
 from .. import interface
 from ._blocks import cached
 from ._checks import validate
+from ._compile import eager_under_compile
 from ._comm import AllToAll, all_to_all, resolve_group
 from .layout import position_ids, varlen_shard_index
 
@@ -72,7 +73,7 @@ def _ulysses(q, k, v, group, world_size, order, run, token_dim, head_dim, return
     return out, all_to_all(lse.contiguous(), group, world_size, lse_tokens, lse_tokens - 1)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def ulysses_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                             softcap=0.0, layout="zigzag", deterministic=False, return_softmax_lse=False,
                             validate_ranks=True):
@@ -92,7 +93,7 @@ def ulysses_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=F
     return _ulysses(q, k, v, group, world_size, order, run, 1, 2, return_softmax_lse)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def ulysses_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen=None, group=None, *, softmax_scale=None,
                                    causal=False, window_size=(-1, -1), softcap=0.0, layout="zigzag",
                                    deterministic=False, return_softmax_lse=False, validate_ranks=True):
