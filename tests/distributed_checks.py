@@ -43,9 +43,10 @@ def _randn(gen, *shape, dtype, device, scale=1.0):
 
 
 def _shapes(ctx, heads=(4, 2), d=16, dv=None):
-    """(batch, chunk, heads, heads_kv, d, dv): a global length of 2 * world * chunk."""
+    """(batch, chunk, heads, heads_kv, d, dv): a global length of 2 * world * chunk. On a GPU one
+    moderate shape for every case (head_dim 128 allows no other head_dim_v below 96)."""
     if ctx.big:
-        return 2, 256 // ctx.world, 8, 2, 128, dv or 128
+        return 2, 256 // ctx.world, 8, 2, 128, 128
     return 2, 3, heads[0], heads[1], d, dv or d
 
 
