@@ -231,8 +231,13 @@ def test_bench_cp_dry_run_writes_tables(tmp_path, monkeypatch):
     bench_cp.main(["--dry-run", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "bench_cp.json").read_text())
     assert doc["fake"] and doc["results"]
-    assert {r["case"]["strategy"] for r in doc["results"] if "strategy" in r["case"]} == {"ring", "allgather", "ulysses"}
-    assert "FAKE" in (tmp_path / "bench_cp.md").read_text()
+    impls = {(r["section"], r["impl"]) for r in doc["results"]}
+    assert {("scaling", i) for i in ("local", "ring", "allgather", "ulysses")} <= impls
+    assert {("ring_parts", "compute"), ("ring_parts", "transfers"), ("decode", "cp")} <= impls
+    assert {r["case"]["W"] for r in doc["results"]} == {1, 2, 4, 8} and doc["hidden"]
+    assert max(r["case"].get("S", 0) for r in doc["results"]) == 1 << 20
+    text = (tmp_path / "bench_cp.md").read_text()
+    assert "FAKE" in text and "Communication hidden" in text
 
 
 # ---------------------------------------------------------------------------------------------
