@@ -282,6 +282,38 @@ def check_compile(ctx):
         assert torch.equal(eager, compiled), f"compiled {name} differs from eager"
 
 
+def check_transformers(ctx):
+    """The recipe of docs/distributed.md, run as written, on a tiny random Llama: the logits of the
+    sharded model match the whole-sequence model (fp32 reference, bf16 eager as the low-precision
+    one), and the backward runs."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from flash_attn_3.distributed import gather_sequence, position_ids, shard_sequence
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
+    recipe = text[text.index("# --- transformers recipe"):text.index("# --- end of recipe")]
+    exec(compile(recipe, "docs/distributed.md", "exec"), {})
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(ctx.seed)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fa3_cp", dtype=torch.bfloat16)
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager", dtype=torch.float32)
+    reference.load_state_dict(model.state_dict())
+    seqlen = 8 * ctx.world
+    ids = torch.randint(0, 64, (2, seqlen), generator=ctx.generator())
+    positions = position_ids(seqlen, ctx.world, ctx.rank).expand(2, -1)
+    logits = model(input_ids=shard_sequence(ids, ctx.world, ctx.rank), position_ids=positions).logits
+    logits.float().square().mean().backward()
+    whole = gather_sequence(logits.detach(), ctx.group)
+    if ctx.rank == 0:
+        with torch.no_grad():
+            ref = reference(input_ids=ids).logits
+            lowp = reference.to(torch.bfloat16)(input_ids=ids).logits
+        assert_matches_reference("transformers logits", whole, ref, lowp)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decode over an interleaved cache
 
@@ -402,6 +434,7 @@ CHECKS = {
     "device_mesh": check_device_mesh,
     "deterministic": check_deterministic,
     "compile": check_compile,
+    "transformers": check_transformers,
     "decode": check_decode,
     "bad_input": check_bad_input,
 }

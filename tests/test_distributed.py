@@ -10,6 +10,7 @@ tests of that world size instead of hanging the suite.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,9 +68,12 @@ def spawn_group(world: int, names: list, device: str = "cpu", timeout: float = G
 _GROUPS: dict = {}
 
 
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
 def group_results(world: int) -> dict:
     if world not in _GROUPS:
-        checks = CPU_CHECKS + (["compile"] if world == 2 else [])
+        checks = CPU_CHECKS + (["compile"] + (["transformers"] if HAS_TRANSFORMERS else []) if world == 2 else [])
         _GROUPS[world] = spawn_group(world, checks)
     return _GROUPS[world]
 
@@ -119,6 +123,11 @@ def test_bad_input_raises_on_every_rank_without_deadlock(world):
 
 def test_torch_compile_breaks_the_graph_around_ring_attention():
     assert_passed(2, "compile")
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (pip install -e .[clients])")
+def test_transformers_recipe_of_the_docs_runs_context_parallel():
+    assert_passed(2, "transformers")
 
 
 # ---------------------------------------------------------------------------------------------
