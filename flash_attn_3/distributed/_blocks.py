@@ -123,12 +123,14 @@ def _merge_full(calls: list[Call]) -> list[Call]:
     return sorted(calls)
 
 
+@functools.lru_cache(maxsize=4096)
 def shard_calls(seqlen: int, world_size: int, q_rank: int, k_rank: int, layout: str, lo, hi) -> tuple[Call, ...]:
     """Calls between rank q_rank's queries and rank k_rank's keys of one sequence."""
     return block_calls(shard_pieces(seqlen, world_size, q_rank, layout),
                        shard_pieces(seqlen, world_size, k_rank, layout), lo, hi, q_rank == k_rank)
 
 
+@functools.lru_cache(maxsize=4096)
 def gathered_calls(seqlen: int, world_size: int, rank: int, layout: str, lo, hi) -> tuple[Call, ...]:
     """Calls between rank's queries and the whole sequence's keys in global order."""
     return block_calls(shard_pieces(seqlen, world_size, rank, layout), [(0, 0, seqlen)], lo, hi, False)
@@ -261,7 +263,8 @@ def varlen_launches(per_sequence: Sequence[Sequence[Call]], q_offsets: Sequence[
     return launches
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def cached(builder, *key):
-    """Plans depend only on lengths, ranks and masks: build each once per distinct call."""
+    """Plans depend only on lengths, ranks and masks: build each once per distinct call. A model's
+    layers share one; packed plans hold index tensors on the device, so only a few are kept."""
     return builder(*key)

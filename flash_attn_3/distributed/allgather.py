@@ -34,7 +34,7 @@ class GatherPlan:
 
 def _dense_plan(seqlen_local: int, world_size: int, rank: int, layout: str, lo, hi, device) -> GatherPlan:
     seqlen = seqlen_local * world_size
-    launches = dense_launches(cached(gathered_calls, seqlen, world_size, rank, layout, lo, hi))
+    launches = dense_launches(gathered_calls(seqlen, world_size, rank, layout, lo, hi))
     order = None
     if layout != "contiguous":
         order = torch.cat([position_ids(seqlen, world_size, r, layout=layout, device=device) for r in range(world_size)])
@@ -43,7 +43,7 @@ def _dense_plan(seqlen_local: int, world_size: int, rank: int, layout: str, lo, 
 
 def _varlen_plan(cu: tuple, world_size: int, rank: int, layout: str, lo, hi, device) -> GatherPlan:
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    calls = [cached(gathered_calls, n, world_size, rank, layout, lo, hi) for n in lengths]
+    calls = [gathered_calls(n, world_size, rank, layout, lo, hi) for n in lengths]
     launches = varlen_launches(calls, [a // world_size for a in cu[:-1]], list(cu[:-1]), device)
     order = torch.cat([varlen_shard_index(cu, world_size, r, layout=layout, device=device) for r in range(world_size)])
     return GatherPlan(launches, order, world_size, 0)

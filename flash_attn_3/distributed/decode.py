@@ -109,7 +109,8 @@ def cp_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seq
     if validate_ranks:
         facts = shape_facts("q", q, 4) + shape_facts("k", k, 4) + shape_facts("v", v, 4)
         facts += [("cache_seqlens", hash(tuple(seqlens))), ("causal", int(bool(causal))),
-                  ("window_size", hash(tuple(int(w) for w in window_size)) if error is None else -1)]
+                  ("window_size", hash(tuple(int(w) for w in window_size)) if error is None else -1),
+                  ("softcap", hash(float(softcap)) if error is None else -1)]
         agree("cp_flash_attn_with_kvcache", group, world_size, q, error, facts)
     elif error is not None:
         raise error

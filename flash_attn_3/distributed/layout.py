@@ -18,6 +18,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+
+from ._comm import resolve_group
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -137,10 +140,6 @@ def gather_sequence(x: torch.Tensor, group=None, *, layout: str = "zigzag", dim:
                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Collective: every rank's share of a batch -> the whole batch, on every rank (e.g. logits
     or outputs to check). Dense along dim, or packed (dim 0) with global cu_seqlens."""
-    import torch.distributed as dist
-
-    from ._comm import resolve_group
-
     group, world_size, _ = resolve_group(group)
     if world_size == 1:
         return x

@@ -88,7 +88,7 @@ def _dense_plan(seqlen_local: int, world_size: int, rank: int, layout: str, lo, 
     seqlen = seqlen_local * world_size
 
     def calls(r, s):
-        return cached(shard_calls, seqlen, world_size, r, s, layout, lo, hi)
+        return shard_calls(seqlen, world_size, r, s, layout, lo, hi)
 
     schedule = Schedule(world_size, rank, lambda r, s: bool(calls(r, s)))
     return RingPlan(schedule, {s: dense_launches(calls(rank, s)) for s in schedule.sources})
@@ -101,12 +101,12 @@ def _varlen_plan(cu: tuple, world_size: int, rank: int, layout: str, lo, hi, dev
     # A pair of ranks has work for some sequence iff it has for the shortest one: shorter chunks put
     # more of them under a window of fixed width (and causal / full masks do not depend on length).
     def needs(r, s):
-        return shortest > 0 and bool(cached(shard_calls, shortest, world_size, r, s, layout, lo, hi))
+        return shortest > 0 and bool(shard_calls(shortest, world_size, r, s, layout, lo, hi))
 
     schedule = Schedule(world_size, rank, needs)
     offsets = [a // world_size for a in cu[:-1]]
     launches = {
-        s: varlen_launches([cached(shard_calls, n, world_size, rank, s, layout, lo, hi) for n in lengths],
+        s: varlen_launches([shard_calls(n, world_size, rank, s, layout, lo, hi) for n in lengths],
                            offsets, offsets, device)
         for s in schedule.sources
     }

@@ -119,6 +119,7 @@ def context_parallel_attention(q, k, v, group=None, *, strategy: str = "auto", c
 def _local_length(q, cu_seqlens, world_size: int) -> int:
     if cu_seqlens is None:
         return int(q.shape[1]) if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
-    lengths = [(b - a) // world_size for a, b in zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:])]
+    cu = cu_seqlens.tolist()
+    lengths = [(b - a) // world_size for a, b in zip(cu, cu[1:])]
     total = sum(lengths)
     return sum(n * n for n in lengths) // total if total else 0
