@@ -41,14 +41,19 @@ def spawn_group(world: int, names: list, device: str = "cpu", timeout: float = G
         context = mp.start_processes(distributed_checks.run_rank, args=(world, init_method, tmp, names, seed, device),
                                      nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        hung = False
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                hung = True
-                for process in context.processes:
-                    process.kill()
-                context.join(timeout=30)
-                break
+        ended = None  # why the group ended early, if it did
+        while ended is None:
+            try:
+                if context.join(timeout=1.0):
+                    break
+            except Exception as exc:  # a rank died outside a check; the others may be stuck waiting for it
+                ended = f"a rank exited: {exc}"
+            if ended is None and time.monotonic() > deadline:
+                ended = f"hung, killed after {timeout:.0f} s"
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=30)
         per_rank = []
         for rank in range(world):
             path = Path(tmp) / f"rank{rank}.json"
@@ -58,7 +63,7 @@ def spawn_group(world: int, names: list, device: str = "cpu", timeout: float = G
         failures = []
         for rank, done in enumerate(per_rank):
             if name not in done:
-                failures.append(f"rank {rank}: never finished ({'hung, killed after ' + str(timeout) + ' s' if hung else 'exited'})")
+                failures.append(f"rank {rank}: never finished ({ended or 'exited'})")
             elif done[name] is not None:
                 failures.append(f"rank {rank}:\n{done[name]}")
         results[name] = "\n".join(failures) or None
