@@ -173,6 +173,8 @@ DENSE_CASES = [
     dict(causal=True, window="draw", layout="contiguous", heads=(4, 1), dtype=torch.float16),
     dict(window=(3, 2), softcap=5.0, heads=(2, 2)),
     dict(causal=False, dv=32, layout="contiguous"),
+    # keys only after the query: blocks travel one way, the other way than causal's
+    dict(window=(0, 4), layout="contiguous", heads=(4, 1)),
 ]
 VARLEN_CASES = [
     dict(causal=True),

@@ -182,6 +182,9 @@ def test_ring_schedule_moves_only_the_blocks_a_mask_needs():
         assert window.steps == 1
         one_way = _dense_plan(64, world, 1, "contiguous", *band_limits(True, (5, -1))).schedule
         assert (one_way.fwd_steps, one_way.bwd_steps, one_way.sources) == (1, 0, [1, 0])
+        # Keys ahead of the query only: the other way round (at world size 2 both ways are one hop).
+        ahead = _dense_plan(64, world, 0, "contiguous", *band_limits(False, (0, 5))).schedule
+        assert (ahead.fwd_steps, ahead.bwd_steps, ahead.sources) == ((1, 0) if world == 2 else (0, 1)) + ([0, 1],)
 
 
 def test_choose_strategy_says_why():

@@ -72,8 +72,9 @@ class Schedule:
             recvs.append((new_bwd, (r + 1) % w))
         sends += [(share, src) for (_, src), share in zip(self.computes.get(grads_step, ()), grads_out)]
         received = []
+        device = (fwd if fwd is not None else bwd).device  # one may be done travelling already
         for _, peer in self.receives.get(grads_step, ()):
-            buffer = torch.empty(grad_numel, dtype=torch.float32, device=fwd.device)
+            buffer = torch.empty(grad_numel, dtype=torch.float32, device=device)
             received.append(buffer)
             recvs.append((buffer, peer))
         return Exchange(group, sends, recvs), new_fwd, new_bwd, received
