@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from .. import interface
-from ..lowlevel import _flash_attn_backward
+from .. import lowlevel
 from .layout import shard_pieces
 
 INF = math.inf
@@ -211,11 +211,10 @@ class Launch:
         """Adds this call's share of dq, dk, dv (given the merged out and lse of the queries,
         which is what makes the block gradients exact) to the fp32 accumulators."""
         qs, ks, vs = self.q.take(q), self.k.take(k), self.k.take(v)
-        dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
         cu_q, cu_k, max_q, max_k = self.varlen if self.varlen is not None else (None, None, None, None)
-        _flash_attn_backward(
+        dq, dk, dv, _ = lowlevel.backward(
             self.q.take(dout), qs, ks, vs, self.q.take(out), self.q.take(lse, self.q.dim + 1).contiguous(),
-            cu_q, cu_k, None, None, max_q, max_k, dq, dk, dv, opts.softmax_scale, False,
+            cu_q, cu_k, None, None, max_q, max_k, None, None, None, opts.softmax_scale, False,
             self.window[0], self.window[1], opts.softcap, opts.deterministic,
         )
         self.q.add(dq_acc, dq)
