@@ -106,7 +106,10 @@ def _backward(ctx, dout, dlse):
 def _attention_bwd_impl(dout: Tensor, out: Tensor, softmax_lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
     a = _unflatten(args)
     backend = dispatch.backend_for("backward", a, deterministic=a.deterministic)
-    return backend.backward(dout, a.q, a.k, a.v, out, softmax_lse, a, a.deterministic)
+    # Autograd's and compiled graphs' dout, made contiguous as it always was here (the bitwise
+    # compiled == eager check depends on both taking one layout); the eager path below passes
+    # the caller's strides through.
+    return backend.backward(dout.contiguous(), a.q, a.k, a.v, out, softmax_lse, a, a.deterministic)
 
 
 _attention_bwd = torch.library.custom_op(

@@ -753,8 +753,8 @@ PADDED_HEAD_DIMS = [(96, False), (96, True), (192, True)]
 _SMOKE_LAYERS = textwrap.dedent("""
     import torch
     from inputs import cu_seqlens
-    from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, VARLEN_LAYERS, _fp8_inputs,
-                                 layer_fields, make_args)
+    from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, PADDED_HEAD_DIMS, VARLEN_LAYERS,
+                                 _fp8_inputs, layer_fields, make_args)
     from flash_attn_3.backends.triton import fwd_hopper
     # every compile the layer tests make, on one small shape each (LAYER_SHAPES[0])
     for head_dim, layer in DENSE_LAYERS:
