@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
@@ -139,6 +140,16 @@ class Launcher:
             raise TypeError(f"{self.names}: got {len(args)} runtime and {len(constexprs)} constexpr values")
         named = dict(zip(self.names[len(args):], constexprs))
         return self.fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
+
+
+class Autotuned:
+    """`triton.autotune(configs=..., key=..., **kwargs)(fn)`, launched as `kernel[grid](...)`."""
+
+    def __init__(self, fn, configs, key, **kwargs):
+        self.tuner = triton.autotune(configs=configs, key=key, **kwargs)(fn)
+
+    def __getitem__(self, grid):
+        return self.tuner[grid]
 
 
 class Launch(NamedTuple):
