@@ -20,6 +20,7 @@ and returns the kernel we cache. tests/test_launch.py checks the key against Tri
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
@@ -143,13 +144,30 @@ class Launcher:
 
 
 class Autotuned:
-    """`triton.autotune(configs=..., key=..., **kwargs)(fn)`, launched as `kernel[grid](...)`."""
+    """`triton.autotune(configs=..., key=..., **kwargs)(fn)`, launched as `kernel[grid](...)`
+    under a lock.
+
+    Triton 3.6's Autotuner keeps the running call's arguments on itself (`self.nargs`) from the
+    start of `run` to its end, and a tuning run drops the GIL for seconds of compiles and
+    benchmarks. A second thread launching meanwhile replaces them and sets them to None when it
+    returns: the tuning thread then fails ("'NoneType' object is not a mapping"), or its
+    reset_to_zero hook zeroes the other call's buffer (the backward's DQ_ACC).
+    triton-lang/triton#11494 is open; tests/test_reliability_concurrency.py reproduces it. The
+    lock covers the host side of a launch only (a few microseconds once tuned).
+    """
 
     def __init__(self, fn, configs, key, **kwargs):
         self.tuner = triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        self._lock = threading.Lock()
 
     def __getitem__(self, grid):
-        return self.tuner[grid]
+        launch = self.tuner[grid]
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return launch(*args, **kwargs)
+
+        return locked
 
 
 class Launch(NamedTuple):
