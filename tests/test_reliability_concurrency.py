@@ -75,6 +75,37 @@ def test_autotuned_kernel_launched_from_two_threads_while_tuning():
     assert not errors, errors
 
 
+def test_launcher_setup_publishes_its_guard_last(monkeypatch):
+    """Launcher.__call__ takes `_device is None` to mean "not set up": a second thread that sees
+    `_device` set calls `_stream` at once. So `_setup` must set `_device` after `_stream` (reading
+    `driver.active` between the two stores lets another thread run)."""
+    import triton.runtime.driver as driver_module
+
+    from flash_attn_3.backends.triton.launch import Launcher
+
+    seen = {}
+
+    class Active:
+        @property
+        def get_current_device(self):
+            return lambda: 0
+
+        @property
+        def get_current_stream(self):
+            seen["device set before stream"] = launcher._device is not None
+            return lambda device: 0
+
+    class Driver:
+        active = Active()
+
+    launcher = Launcher.__new__(Launcher)
+    launcher._device = launcher._stream = None
+    monkeypatch.setattr(driver_module, "driver", Driver())
+    launcher._setup()
+    assert seen == {"device set before stream": False}
+    assert launcher._device is not None and launcher._stream is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the same problems serial, on several streams, from threads, in a graph, on cuda:1
 
@@ -195,7 +226,7 @@ def test_threads_give_the_serial_bits(triton_backend):
     problems, _ = _problems("cuda")
     serial = _serial(problems)
     errors, results = [], {}
-    start = threading.Barrier(4)
+    start = threading.Barrier(4, timeout=120)
 
     def worker(t):
         try:
@@ -236,7 +267,7 @@ def test_cold_autotuning_from_threads(triton_backend, monkeypatch):
     inputs = [tuple(torch.randn(1, n, 4, 64, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
               for n in (100, 200, 400, 1000)]
     errors, outs = [], {}
-    start = threading.Barrier(len(inputs))
+    start = threading.Barrier(len(inputs), timeout=120)
 
     def worker(i):
         try:
@@ -292,7 +323,7 @@ def test_two_gpus_from_two_threads_at_once(triton_backend):
     torch.cuda.set_device(0)
     per_device = {d: _problems(torch.device("cuda", d), seed=4)[0] for d in (0, 1)}
     results, errors = {}, []
-    start = threading.Barrier(2)
+    start = threading.Barrier(2, timeout=120)
 
     def worker(d):
         try:
