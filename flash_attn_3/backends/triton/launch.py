@@ -96,8 +96,10 @@ class Launcher:
     def _setup(self):
         from triton.runtime.driver import driver
 
-        self._device = driver.active.get_current_device
+        # _device is the "set up" flag __call__ reads without a lock: it goes last, so a second
+        # thread never sees it with _stream still None.
         self._stream = driver.active.get_current_stream
+        self._device = driver.active.get_current_device
 
     def fast(self) -> bool:
         """Whether a cached kernel may be launched directly now (compiled kernels, no launch hooks)."""
