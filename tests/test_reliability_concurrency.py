@@ -79,9 +79,13 @@ def test_launcher_setup_publishes_its_guard_last(monkeypatch):
     """Launcher.__call__ takes `_device is None` to mean "not set up": a second thread that sees
     `_device` set calls `_stream` at once. So `_setup` must set `_device` after `_stream` (reading
     `driver.active` between the two stores lets another thread run)."""
-    import triton.runtime.driver as driver_module
+    import importlib
+    import sys
 
     from flash_attn_3.backends.triton.launch import Launcher
+
+    importlib.import_module("triton.runtime.driver")
+    driver_module = sys.modules["triton.runtime.driver"]  # triton.runtime.driver is also an object's name
 
     seen = {}
 
