@@ -11,6 +11,9 @@
 #           bench_op_layer: SDPA through PyTorch's FA3 switch vs flash_attn_func
 #   profile scripts/profile_decode_step.py (host time of an eager decode step)
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
+#   reliability  scripts/reliability.py (issue 17: hostile values, concurrency, > 2^31 elements,
+#           differential run, compute-sanitizer) under RELIABILITY_BUDGET s (default 240); only
+#           when named, never in `all`; needs .whl/ (RELIABILITY.md says which wheels)
 #
 # Every part runs under its own cap and a global deadline (GPU_CHECK_SECONDS, default 520), and a
 # part that fails or hits its cap does not stop the next. The benches share what the parts before
@@ -40,8 +43,8 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|compile) ;;
-    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile or compile"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|compile|reliability) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, compile or reliability"; exit 2 ;;
   esac
 done
 want() {
@@ -143,6 +146,15 @@ EOF
   want oplayer && bench_part op_layer 40
   want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
     "$PY" scripts/profile_decode_step.py
+  if [[ " ${parts[*]} " == *" reliability "* ]]; then
+    run_capped $((${RELIABILITY_BUDGET:-240} + 90)) reliability "$WORK/reliability.log" \
+      "$PY" scripts/reliability.py --budget "${RELIABILITY_BUDGET:-240}" --out "$WORK/reliability"
+    [[ -f $WORK/reliability/reliability.md ]] && cat "$WORK/reliability/reliability.md" >> "$SUMMARY"
+    [[ -f $WORK/reliability/reliability.json ]] && cp "$WORK/reliability/reliability.json" "$OUT/"
+    for f in "$WORK"/reliability/*.log "$WORK"/reliability/*.xml; do
+      [[ -f $f ]] && cp "$f" "$WORK/reliability_$(basename "$f")"
+    done
+  fi
   # The suite's backend fixture already runs every test on triton (CUDA) and reference.
   want suite && pytest_part pytest_suite "${PYTEST_SUITE_CAP:-200}" -m "not gpu" "${PYTEST_GPU_EXTRA[@]}" tests
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
+from .launch import Autotuned
 from .masks import tanh
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -423,8 +424,8 @@ def _launcher(name: str, width: int, tune: bool, config=None):
                    for m, n, w, st in _TABLES[name][width]]
         # tuning runs the atomic dK/dV several times: DQ_ACC must start at zero again after it
         reset = ["DQ_ACC"] if name == "dkdv" else None
-        kernel = triton.autotune(configs=configs, key=_TUNE_KEY, reset_to_zero=reset)(_KERNELS[name])
-        _tuned[(name, width)] = kernel
+        kernel = _tuned.setdefault((name, width), Autotuned(_KERNELS[name], configs, _TUNE_KEY,
+                                                            reset_to_zero=reset))
     return kernel, {}
 
 

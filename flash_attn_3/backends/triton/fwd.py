@@ -22,6 +22,7 @@ import triton.language as tl
 from ..params import AttnArgs
 from . import masks
 from .combine import combine_into, unsplit_strides
+from .launch import Autotuned
 from .scheduler import choose_num_splits
 
 LOG2E = 1.4426950408889634
@@ -381,8 +382,7 @@ def _tuned_kernel(head_class: int):
     if kernel is None:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in _TUNE_CONFIGS[head_class]]
-        kernel = triton.autotune(configs=configs, key=_TUNE_KEY)(_attn_fwd)
-        _tuned_kernels[head_class] = kernel
+        kernel = _tuned_kernels.setdefault(head_class, Autotuned(_attn_fwd, configs, _TUNE_KEY))
     return kernel
 
 

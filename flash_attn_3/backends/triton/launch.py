@@ -20,9 +20,11 @@ and returns the kernel we cache. tests/test_launch.py checks the key against Tri
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
@@ -94,8 +96,10 @@ class Launcher:
     def _setup(self):
         from triton.runtime.driver import driver
 
-        self._device = driver.active.get_current_device
+        # _device is the "set up" flag __call__ reads without a lock: it goes last, so a second
+        # thread never sees it with _stream still None.
         self._stream = driver.active.get_current_stream
+        self._device = driver.active.get_current_device
 
     def fast(self) -> bool:
         """Whether a cached kernel may be launched directly now (compiled kernels, no launch hooks)."""
@@ -139,6 +143,33 @@ class Launcher:
             raise TypeError(f"{self.names}: got {len(args)} runtime and {len(constexprs)} constexpr values")
         named = dict(zip(self.names[len(args):], constexprs))
         return self.fn[grid](*args, **named, num_warps=num_warps, num_stages=num_stages)
+
+
+class Autotuned:
+    """`triton.autotune(configs=..., key=..., **kwargs)(fn)`, launched as `kernel[grid](...)`
+    under a lock.
+
+    Triton 3.6's Autotuner keeps the running call's arguments on itself (`self.nargs`) from the
+    start of `run` to its end, and a tuning run drops the GIL for seconds of compiles and
+    benchmarks. A second thread launching meanwhile replaces them and sets them to None when it
+    returns: the tuning thread then fails ("'NoneType' object is not a mapping"), or its
+    reset_to_zero hook zeroes the other call's buffer (the backward's DQ_ACC).
+    triton-lang/triton#11494 is open; tests/test_reliability_concurrency.py reproduces it. The
+    lock covers the host side of a launch only (a few microseconds once tuned).
+    """
+
+    def __init__(self, fn, configs, key, **kwargs):
+        self.tuner = triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, grid):
+        launch = self.tuner[grid]
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return launch(*args, **kwargs)
+
+        return locked
 
 
 class Launch(NamedTuple):

@@ -1,0 +1,62 @@
+"""The reliability run's own machinery, on the CPU (CI's share of issue 17's differential run):
+the differential runner over a few classes under the Triton interpreter, its replay of recorded
+failures, and the compute-sanitizer driver's reading of the tool's output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def differential(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "triton")  # restored after; the runner sets it
+    pytest.importorskip("triton")
+    return _script("reliability_differential")
+
+
+def test_differential_runs_every_family_and_reports(differential, tmp_path):
+    assert differential.main(["--cases", "5", "--classes", "5", "--budget", "300", "--progress", "0",
+                              "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "differential.json").read_text())
+    assert result["cases_run"] == result["cases_planned"] >= 5
+    assert result["failures"] == [] and result["stopped"] is None
+    assert all(count > 0 for count in result["per_family"].values()), result["per_family"]
+
+
+def test_the_same_seed_draws_the_same_classes(differential):
+    assert differential.draw_classes("kvcache", 4, 7) == differential.draw_classes("kvcache", 4, 7)
+    assert differential.draw_classes("kvcache", 4, 7) != differential.draw_classes("kvcache", 4, 8)
+
+
+def test_replay_runs_recorded_cases_again(differential, tmp_path):
+    drawn = differential.draw_classes("varlen", 1, 3)[0]
+    recorded = tmp_path / "failures.json"
+    recorded.write_text(json.dumps({"failures": [dict(family="varlen", cls=0, drawn=repr(drawn), seed=12345)]}))
+    assert differential.main(["--replay", str(recorded), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "differential.json").read_text())["cases_run"] == 1
+
+
+def test_sanitizer_summaries_are_read():
+    sanitizer = _script("reliability_sanitizer")
+    memcheck = ("========= COMPUTE-SANITIZER\n========= Invalid __global__ read of size 2 bytes\n"
+                "=========     at _attn_fwd+0x1a70\n=========     by thread (5,0,0) in block (0,1,0)\n"
+                "========= Invalid __global__ read of size 2 bytes\n========= ERROR SUMMARY: 2 errors\n")
+    assert sanitizer.parse(memcheck) == dict(errors=2, warnings=None,
+                                             headlines=["Invalid __global__ read of size 2 bytes"])
+    racecheck = "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n"
+    assert sanitizer.parse(racecheck)["errors"] == 1 and sanitizer.parse(racecheck)["warnings"] == 2
+    assert sanitizer.parse("========= ERROR SUMMARY: 0 errors\n")["errors"] == 0
+    assert sanitizer.parse("workload ok\n[killed]\n")["errors"] is None, "no summary is no result, never 0"
