@@ -318,7 +318,11 @@ def test_scores_of_1e4(fa, case, device):
         out, lse, *_ = fa.flash_attn_with_kvcache(q, k.clone(), v.clone(), return_softmax_lse=True, **kw)
     ref, ref_lse = rm.attention_dense(q, k, v, **kw)
     twin = _fp32_twin(q, k, v, softmax_scale=scale, **kw)
-    assert_matches_reference("out", out, ref, twin, softcap=case["softcap"] > 0)
+    # Rows this peaked are one value of v: rounding it to the output dtype can land one ulp off
+    # where the fp32 twin lands half an ulp off (H100, 2026-12-07: 0.0156 at 3.31 against a
+    # bound of 2 x 0.0078), so one ulp of the largest output is allowed on top.
+    ulp = torch.finfo(out.dtype).eps * ref.abs().max().item()
+    assert_matches_reference("out", out, ref, twin, softcap=case["softcap"] > 0, slack=ulp)
     assert_lse_matches("lse", lse, ref_lse)
     if case["entry"] != "func":
         return
