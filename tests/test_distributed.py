@@ -236,3 +236,14 @@ def test_nccl_world_size_one_on_triton_kernels():
     results = spawn_group(1, ["ring", "allgather", "ulysses", "auto", "deterministic", "decode"], device="cuda",
                           timeout=480)  # first calls compile the Triton kernels
     assert_all_passed(results, "NCCL, world size 1, triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_nccl_several_gpus_on_triton_kernels(world):
+    """The CPU groups' checks over NCCL, one GPU per rank (the multi-GPU run of issue 18)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices; this machine has {torch.cuda.device_count()}")
+    results = spawn_group(world, ["ring", "allgather", "ulysses", "auto", "device_mesh", "deterministic", "decode",
+                                  "bad_input"], device="cuda", timeout=600)
+    assert_all_passed(results, f"NCCL, world size {world}, triton")
