@@ -26,9 +26,9 @@ and writes it with the raw figures to OUT/matrix.md and OUT/matrix.json.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,10 +42,6 @@ sys.path.insert(0, str(REPO))
 DEFAULT_VERSIONS = "3.6.0,3.7.1,3.8.0,3.9.0"
 # Relative change of a KV loop's SASS length still called the same shape.
 LOOP_TOLERANCE = 0.03
-# Figures that must equal 3.6's.
-EXACT = ("ptxas_registers", "spill_bytes", "shared_bytes", "num_warps", "wgmma_ptx", "hgmma_sass",
-         "qgmma_sass", "tma_loads_ptx", "tma_reduce_ptx", "setmaxnreg", "loops", "loop_gmma",
-         "loop_local", "loop_ex2", "ptxas_warnings")
 
 
 def cases(quick: bool) -> list[dict]:
@@ -63,7 +59,7 @@ def cases(quick: bool) -> list[dict]:
     for d in bwd_hopper.CONFIGS:
         for causal in (False, True):
             out.append(dict(kernel="bwd", head_dim=d, causal=causal))
-        out.append(dict(kernel="bwd", head_dim=d, causal=False,
+        out.append(dict(kernel="bwd", head_dim=d, causal=False, role="deterministic default",
                         config=list(bwd_hopper.DETERMINISTIC_CONFIGS[d])))
     if not quick:
         for d, configs in fwd_hopper.CANDIDATES.items():
@@ -83,7 +79,8 @@ def label(case: dict) -> str:
     parts = [case["kernel"], f"D={case['head_dim']}", "causal" if case["causal"] else "",
              case.get("dtype", "") if case.get("dtype") == "fp8" else "",
              "varlen+seqused" if case.get("seqused") else "",
-             "cfg " + ",".join(str(int(x)) for x in case["config"]) if case.get("config") else "default"]
+             "cfg " + ",".join(str(int(x)) for x in case["config"]) if case.get("config") else "",
+             case.get("role", "" if case.get("config") else "default")]
     return " ".join(p for p in parts if p)
 
 
@@ -192,17 +189,90 @@ def cell(r: dict) -> str:
     return f"{r['ptxas_registers']}r {r['spill_bytes']}sp {mma}mma {tma}tma L{loops}"
 
 
-def differences(base: dict, other: dict) -> list[str]:
-    """What departs from the base (3.6) figures; [] for the same shape."""
+def _loops(r: dict) -> list[tuple]:
+    """(GMMAs, exp2s, local ops, length) per KV loop, in a fixed order: ptxas may emit the two
+    consumer partitions' loops in either order (bwd D = 256 does between 3.7 and 3.8)."""
+    return sorted(zip(r["loop_gmma"], r["loop_ex2"], r["loop_local"], r["loop_instructions"]))
+
+
+def _structure(r: dict) -> dict:
+    keys = ("ptxas_registers", "shared_bytes", "num_warps", "wgmma_ptx", "hgmma_sass",
+            "qgmma_sass", "tma_loads_ptx", "tma_reduce_ptx", "setmaxnreg")
+    out = {k: r.get(k) for k in keys}
+    out["loops (gmma, exp2)"] = [loop[:2] for loop in _loops(r)]
+    # 3.9 runs its CUDA 13 ptxas, named ptxas-blackwell, for sm_90 too
+    out["ptxas notes"] = [re.sub(r"^ptxas(-blackwell)?", "ptxas", w).split(":", 1)[-1].strip()
+                          for w in r.get("ptxas_warnings", [])]
+    return out
+
+
+# Tiers of departure from 3.6, mildest first.
+SAME, SPILLS, LOOP, STRUCTURE = "same", "spills", "loop", "structure"
+
+
+def compare(base: dict, other: dict) -> tuple[str, list[str]]:
+    """(tier, what departs). same: every figure, loop lengths within LOOP_TOLERANCE. spills:
+    the same kernel structure (registers, shared memory, warps, wgmma / TMA counts,
+    setmaxnreg, each loop's GMMAs and exp2s), with spills outside the loops or loop lengths
+    (within 10%) moved. loop: more local-memory ops inside a KV loop, or a loop longer by more
+    than 10%. structure: anything else, a failed compile included."""
     if not other.get("ok"):
-        return [other.get("error", "failed")]
+        return STRUCTURE, [other.get("error", "failed")]
     if not base.get("ok"):
-        return []
-    diffs = [f"{k} {base.get(k)} -> {other.get(k)}" for k in EXACT if base.get(k) != other.get(k)]
-    for a, b in zip(base["loop_instructions"], other["loop_instructions"]):
-        if abs(b - a) > LOOP_TOLERANCE * a:
-            diffs.append(f"loop length {a} -> {b}")
-    return diffs
+        return SAME, []
+    a, b = _structure(base), _structure(other)
+    diffs = [f"{k} {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+    if diffs:
+        return STRUCTURE, diffs
+    tier = SAME
+    if base["spill_bytes"] != other["spill_bytes"]:
+        tier = SPILLS
+        diffs.append(f"spills {base['spill_bytes']} -> {other['spill_bytes']} B")
+    for x, y in zip(_loops(base), _loops(other)):
+        if y[2] > x[2]:
+            tier = LOOP
+            diffs.append(f"local ops in a loop {x[2]} -> {y[2]}")
+        if abs(y[3] - x[3]) > 0.10 * x[3] and y[3] > x[3]:
+            tier = LOOP
+            diffs.append(f"loop length {x[3]} -> {y[3]}")
+        elif abs(y[3] - x[3]) > LOOP_TOLERANCE * x[3]:
+            tier = tier if tier != SAME else SPILLS
+            diffs.append(f"loop length {x[3]} -> {y[3]}")
+    return tier, diffs
+
+
+def render(data: dict) -> str:
+    versions, cases_, matrix = data["versions"], data["cases"], data["results"]
+    base = matrix[versions[0]]
+    lines = ["| config | " + " | ".join(f"triton {v}" for v in versions) + " |",
+             "| --- |" + " --- |" * len(versions)]
+    for i, case in enumerate(cases_):
+        cells = [cell(base[i])]
+        for v in versions[1:]:
+            tier, _ = compare(base[i], matrix[v][i])
+            cells.append(cell(matrix[v][i]) + ("" if tier == SAME else f" *{tier}*"))
+        lines.append(f"| {label(case)} | " + " | ".join(cells) + " |")
+    verdicts = []
+    order = [SAME, SPILLS, LOOP, STRUCTURE]
+    for v in versions[1:]:
+        found = [(label(c), *compare(b, r)) for c, b, r in zip(cases_, base, matrix[v])]
+        counts = {t: sum(f[1] == t for f in found) for t in order}
+        worst = max((f[1] for f in found), key=order.index)
+        # the configs calls take (the rest are tuning candidates)
+        worst_default = max((f[1] for f in found if "default" in f[0]), key=order.index)
+        detail = "; ".join(f"{n}: {', '.join(d)}" for n, t, d in found if t in (LOOP, STRUCTURE))
+        verdicts.append(
+            f"- triton {v}: default configs at worst **{worst_default}**, all configs at worst "
+            f"**{worst}**; " + ", ".join(f"{counts[t]} {t}" for t in order)
+            + f" (of {len(found)})" + (f". Loop and structure departures: {detail}" if detail else ""))
+    legend = ("Cells: ptxas registers (r), spill bytes (sp), HGMMA/QGMMA in the SASS (mma), TMA "
+              "loads (+ reduces) in the PTX (tma), SASS length of each consumer KV loop (L), "
+              "local-memory ops inside the loops where any. Departure from "
+              f"{versions[0]}: *spills* (same structure, spills outside the loops or loop lengths "
+              "moved), *loop* (more local-memory ops inside a KV loop, or a loop > 10% longer), "
+              "*structure* (registers, shared memory, wgmma / TMA counts, setmaxnreg, a loop's "
+              "GMMAs or exp2s, ptxas notes, or a failed compile); unmarked: the same figures.")
+    return "\n".join(lines + ["", legend, ""] + verdicts) + "\n"
 
 
 def main() -> None:
@@ -212,10 +282,14 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "out" / "aot_matrix")
     p.add_argument("--keep-envs", action="store_true")
+    p.add_argument("--render", type=Path, help="print the table of an earlier run's matrix.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args.worker)
+        return
+    if args.render:
+        print(render(json.loads(args.render.read_text())), end="")
         return
     import triton
 
@@ -233,35 +307,12 @@ def main() -> None:
         print(f"triton {version}: {len(all_cases)} configs in {seconds[version]} s", file=sys.stderr)
     if not args.keep_envs:
         shutil.rmtree(envs, ignore_errors=True)
-
-    base = matrix[versions[0]]
-    lines = ["| config | " + " | ".join(f"triton {v}" for v in versions) + " |",
-             "| --- |" + " --- |" * len(versions)]
-    for i, case in enumerate(all_cases):
-        cells = [cell(matrix[versions[0]][i])]
-        for v in versions[1:]:
-            r = matrix[v][i]
-            cells.append(cell(r) + ("" if not differences(base[i], r) else " **differs**"))
-        lines.append(f"| {label(case)} | " + " | ".join(cells) + " |")
-    verdicts = []
-    for v in versions[1:]:
-        diffs = [(label(c), d) for c, b, r in zip(all_cases, base, matrix[v])
-                 if (d := differences(b, r))]
-        if not diffs:
-            verdicts.append(f"- triton {v}: every config compiles like {versions[0]}")
-        else:
-            verdicts.append(f"- triton {v}: {len(diffs)} of {len(all_cases)} configs differ from "
-                            f"{versions[0]}: " + "; ".join(f"{n}: {', '.join(d)}" for n, d in diffs))
-    legend = ("Cells: ptxas registers (r), spill bytes (sp), HGMMA/QGMMA in the SASS (mma), TMA "
-              "loads (+ reduces) in the PTX (tma), SASS length of each consumer KV loop (L). "
-              f"Same shape: equal {', '.join(EXACT)}; loop lengths within "
-              f"{LOOP_TOLERANCE:.0%}.")
-    text = "\n".join(lines + ["", legend, ""] + verdicts) + "\n"
-    print(text)
+    data = dict(versions=versions, seconds=seconds, cases=all_cases, results=matrix)
+    text = render(data)
+    print(text, end="")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "matrix.md").write_text(text)
-    (args.out / "matrix.json").write_text(json.dumps(dict(
-        versions=versions, seconds=seconds, cases=all_cases, results=matrix), indent=1))
+    (args.out / "matrix.json").write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ each against the target's shared memory and a register-spill budget.
 
 A "config" is what the launch code can pick on that arch (block sizes, warps, stages): every entry
 of the autotuned lists and every distinct fixed choice, each compiled for one representative call
-(`cases()`), exactly as the launch code builds it, with triton's own compiler and the ptxas its wheel
-ships (sm_100 and sm_120 take its Blackwell ptxas, as triton does). --subset keeps, per kernel and
-arch, the default config of each head-dim class plus the entry with the most shared memory (the
-CPU test suite's default run); without it, everything (tests marked slow).
+(`cases()`: causal bf16; the 512 class is MLA's d = 64, dv = 512), exactly as the launch code
+builds it, with triton's own compiler and the ptxas its wheel ships (sm_100 and sm_120 take its
+Blackwell ptxas, as triton does). --subset (the CPU test suite's default run) keeps, per kernel
+and arch, the default config of each head-dim class plus the one entry of the table with the
+largest K/V tiles, the fixed forward configs of 64 rows at D = 128 and dv = 512, three decode
+plans (paged and 64 rows at D = 128, 64 rows at D = 256), one prep, combine and append; without
+it, everything (tests marked slow).
 
 Prints one line per compile (or JSON lines with --json) and exits 1 when any compile fails or
 passes a budget: shared memory above the arch's opt-in limit, or spill bytes above SPILL_BUDGET.
@@ -55,6 +58,9 @@ KNOWN = {
     ("sm_90", "fwd", "few rows D=512 split", (64, 32, 4, 2)):
         "sm_90's fixed config for 64 rows at dv = 512 (MLA's qv decode): 5.8 KB of spills at "
         "4 warps; 8 warps compile spill-free (not timed on the H100)",
+    ("sm_90", "decode", "decode D=256 64 rows", (64, 32, 4, 3, True)):
+        "sm_90's decode plan for 64 packed rows at D = 256 with the in-launch merge (e.g. GQA 8 "
+        "with 8 query tokens): 888 bytes of spills at 4 warps; the decode timings had 4-16 rows",
 }
 KERNELS = ("fwd", "bwd", "decode", "combine", "append_kv")
 DTYPE = torch.bfloat16
@@ -95,15 +101,25 @@ def captured_runs(call) -> list:
 
 
 def compile_run(kernel, args, kwargs, capability: int):
-    """triton.compile of one captured launch for a target, as the JIT would compile it."""
+    """(triton.compile of one captured launch for a target, as the JIT would compile it; the
+    log of the ptxas run triton made, '' when the kernel came from its cache)."""
+    import io
+
+    from triton import knobs
+
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
                                                               specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
+    # triton prints its ptxas -v log with this knob: one ptxas run per config, not two
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), knobs.nvidia.scope():
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+    return compiled, log.getvalue()
 
 
 def launch_as_run(launch):
@@ -115,27 +131,29 @@ def launch_as_run(launch):
     return fn, launch.args, kwargs
 
 
-def ptxas_figures(kernel) -> dict:
-    """Registers and spill bytes from ptxas -v of the kernel's PTX (the ptxas and arch name
-    triton itself uses for the target)."""
-    import subprocess
-    import tempfile
+def ptxas_figures(kernel, log: str) -> dict:
+    """Registers and spill bytes from ptxas -v: triton's own run's log, else (a cached kernel)
+    a run of the ptxas and arch name triton uses for the target on the kernel's PTX."""
+    if "registers" not in log:
+        import subprocess
+        import tempfile
 
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-    capability = kernel.metadata.target.arch
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(kernel.asm["ptx"])
-        done = subprocess.run([get_ptxas(capability).path, "-v",
-                               f"--gpu-name={sm_arch_from_capability(capability)}", str(src),
-                               "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    registers = re.search(r"Used (\d+) registers", done.stderr)
+        capability = kernel.metadata.target.arch
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(kernel.asm["ptx"])
+            done = subprocess.run([get_ptxas(capability).path, "-v",
+                                   f"--gpu-name={sm_arch_from_capability(capability)}", str(src),
+                                   "-o", str(Path(tmp) / "k.cubin")], capture_output=True,
+                                  text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-2000:])
+        log = done.stderr
+    registers = re.search(r"Used (\d+) registers", log)
     return dict(registers=int(registers.group(1)) if registers else None,
-                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores",
-                                                           done.stderr)))
+                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,9 +173,10 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_class, dtype=DTYPE):
 
 def _fwd_cases(arch_name: str, subset: bool) -> list:
     cases = []
-    for head_class, configs in fwd.tune_configs(arch_name).items():
-        picks = _pick(configs, subset, lambda c: c[1] * c[3])  # BLOCK_N x stages: the K/V ring
-        for config in picks:
+    tables = fwd.tune_configs(arch_name)
+    # K/V ring (BLOCK_N x stages x width): the entry closest to the shared-memory limit
+    for head_class, configs in _pick(tables, subset, lambda d, c: c[1] * c[3] * d):
+        for config in configs:
             def call(config=config, d=head_class):
                 a = AttnArgs.plain(*_qkv(2, 4096, 4096, 16, 16, d), window_right=0)
                 fwd.forward(a, config=config)
@@ -168,7 +187,7 @@ def _fwd_cases(arch_name: str, subset: bool) -> list:
         for rows in (1, 17, 64):
             fixed.setdefault((fwd._fixed_config(rows, *DIMS[d], arch_name), d), rows)
     for (config, d), rows in fixed.items():
-        if subset and rows != 64:
+        if subset and (rows != 64 or d not in (128, 512)):
             continue
         def call(rows=rows, d=d):
             q, k, v = _qkv(2, rows, 8192, 8, 8, d)
@@ -183,8 +202,8 @@ def _bwd_cases(arch_name: str, subset: bool) -> list:
     cases = []
     tables = bwd.config_tables(arch_name)
     for name in ("dkdv", "dq"):
-        for width, configs in tables[name].items():
-            for config in _pick(configs, subset, lambda c: c[0] * c[1] * c[3]):
+        for width, configs in _pick(tables[name], subset, lambda d, c: c[0] * c[1] * c[3] * d):
+            for config in configs:
                 def call(name=name, config=config, d=width):
                     q, k, v = _qkv(2, 2048, 2048, 8, 8, d)
                     a = AttnArgs.plain(q, k, v, window_right=0)
@@ -192,13 +211,13 @@ def _bwd_cases(arch_name: str, subset: bool) -> list:
                     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=DTYPE)
                     bwd.backward(out, q, k, v, out, lse, a, False, configs={name: config})
                 cases.append((name, f"bwd D={width} causal", config, call))
-    for width in tables["dq"]:
+    for width in [128] if subset else tables["dq"]:
         def call(d=width):
             q, k, v = _qkv(2, 2048, 2048, 8, 8, d)
             out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=DTYPE)
             bwd.prep(out, out, torch.empty(2, 8, 2048), AttnArgs.plain(q, k, v))
         cases.append(("prep", f"bwd prep D={width}", None, call))
-    return cases[:-len(tables["dq"])] + cases[-len(tables["dq"]):][1:2] if subset else cases
+    return cases
 
 
 def _decode_cases(arch_name: str, subset: bool) -> list:
@@ -212,7 +231,7 @@ def _decode_cases(arch_name: str, subset: bool) -> list:
     seen = set()
     for d in (64, 128, 256):
         for branch, (batch, ctx, tokens, heads_q, heads_k, paged) in shapes.items():
-            if subset and d != 128:
+            if subset and (d, branch) not in ((128, "paged"), (128, "64 rows"), (256, "64 rows")):
                 continue
             def make(batch=batch, ctx=ctx, tokens=tokens, heads_q=heads_q, heads_k=heads_k,
                      paged=paged, d=d):
@@ -273,12 +292,16 @@ def _append_cases(arch_name: str, subset: bool) -> list:
     return cases[:1] if subset else cases
 
 
-def _pick(configs, subset: bool, smem_key) -> list:
-    """All configs, or the default (first) and the one with the largest K/V ring."""
+def _pick(table: dict, subset: bool, smem_key) -> list:
+    """[(head-dim class, configs)]: all of a {class: configs} table, or (subset) each class's
+    default (first) and, once, the entry with the largest smem_key(class, config)."""
     if not subset:
-        return list(configs)
-    largest = max(configs, key=smem_key)
-    return [configs[0]] + ([largest] if largest != configs[0] else [])
+        return list(table.items())
+    picks = {d: [configs[0]] for d, configs in table.items()}
+    d, config = max(((d, c) for d, cs in table.items() for c in cs), key=lambda x: smem_key(*x))
+    if config not in picks[d]:
+        picks[d].append(config)
+    return list(picks.items())
 
 
 CASES = {"fwd": _fwd_cases, "bwd": _bwd_cases, "decode": _decode_cases,
@@ -304,9 +327,9 @@ def run_case(arch_name: str, kernel_name: str, what: str, config, call) -> dict:
                 runs = returned[0]
         # the prep kernel of bwd and the combine of a split forward ride along: keep the one named
         runs = [r for r in runs if _kernel_name(r[0]) == _MAIN_KERNEL[kernel_name]] or runs
-        kernel = compile_run(*runs[0], target.capability)
+        kernel, log = compile_run(*runs[0], target.capability)
         row.update(shared_bytes=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
-                   num_stages=runs[0][2].get("num_stages"), **ptxas_figures(kernel))
+                   num_stages=runs[0][2].get("num_stages"), **ptxas_figures(kernel, log))
         row["ok"] = (row["shared_bytes"] <= target.shared_bytes
                      and row["spill_bytes"] <= SPILL_BUDGET)
         known = KNOWN.get((arch_name, kernel_name, what, config))

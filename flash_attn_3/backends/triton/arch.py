@@ -34,13 +34,13 @@ ARCHS = {
 }
 # The H100's: what the CPU tests (TRITON_INTERPRET) and anything off CUDA pretend to run on.
 DEFAULT = "sm_90"
-# Where triton lowers tl.dot to mma.sync (no wgmma, no tcgen05): both operands and the fp32
-# accumulator sit in registers, so a tile's register cost, not its shared memory, bounds it.
-MMA_V2 = frozenset({"sm_80", "sm_86", "sm_89", "sm_120"})
-# Accumulator elements of one tile from which mma.sync GPUs take 8 warps instead of 4: at 4 warps
-# 64 x 256 is 128 fp32 registers a thread before Q and the scores, and spilled on sm_86 (decode
-# at D = 256: 876 bytes; 8 warps: 12; the split forward at d = 64, dv = 512: 2576, 8 warps: 0).
-MMA_V2_WIDE_TILE = 64 * 256
+# Accumulator elements of one tile from which a GPU other than the H100 takes 8 warps instead of
+# 4: at 4 warps 64 x 256 fp32 is 128 registers a thread before Q and the scores. sm_86 (mma.sync):
+# decode at D = 256 spilled 876 bytes (8 warps: 12), the split forward at d = 64, dv = 512 2576
+# (8 warps: 0); sm_100 (tcgen05, whose accumulator still passes through registers for the
+# softmax): 880 and 1992 (8 warps: 48 and 0). sm_90 keeps its measured 4 warps.
+WIDE_TILE = 64 * 256
+WIDE_TILE_ARCHS = frozenset(ARCHS) - {"sm_90"}
 
 
 def arch_of(major: int, minor: int) -> str:

@@ -665,9 +665,9 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
         stages = _CONTIGUOUS_STAGES
         if batch * num_heads_kv * num_m_blocks <= _FEW_TILES and programs <= num_sms(device):
             warps = _CONTIGUOUS_WARPS_FEW_TILES
-    if arch_name in arch.MMA_V2 and block_m * max(dims) >= arch.MMA_V2_WIDE_TILE:
-        # mma.sync keeps the tile's accumulator and q in registers (arch.MMA_V2_WIDE_TILE); the
-        # 8-warp tile also needs 2 stages to stay within 99 KB (sm_86, D = 256: 100 KB at 3).
+    if arch_name in arch.WIDE_TILE_ARCHS and block_m * max(dims) >= arch.WIDE_TILE:
+        # 8 warps for the tile's accumulator and q in registers (arch.WIDE_TILE); on the 99 KB
+        # GPUs also 2 stages (sm_86, D = 256: 100 KB at 3).
         warps = 8
         if arch.ARCHS[arch_name].shared_bytes < 128 * 1024:
             stages = min(stages, 2)

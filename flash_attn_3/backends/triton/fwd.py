@@ -365,7 +365,7 @@ _TUNE_CONFIGS = {
 # Ampere, Ada and consumer Blackwell (tl.dot is mma.sync there: operands and accumulator in
 # registers, K/V staged by cp.async; 99 KB of shared memory a program, 163 KB on sm_80). Chosen
 # from sm_86 ptxas figures of the causal bf16 call (docs/perf-notes.md, "Portable kernels on other
-# GPUs", 2026-11-27): every entry spill-free and within 99 KB, BLOCK_M 128 only with 8 warps or a
+# GPUs", 2026-12-07): every entry spill-free and within 99 KB, BLOCK_M 128 only with 8 warps or a
 # narrow BLOCK_N at D >= 128 (at 4 warps the 128-row accumulator and Q fragment take all 255
 # registers: (128, 64, 4, 3) spilled 1140 bytes at D = 128). Not yet timed on those GPUs: the
 # autotuner picks among them on the first prefill call of a shape class.
@@ -425,7 +425,7 @@ def _fixed_config(rows: int, block_d: int, block_dv: int, arch_name: str = arch.
         return min(block_m, 32), 16, 4, 1
     block_n = 128 if max(block_d, block_dv) <= 64 else (64 if max(block_d, block_dv) <= 128 else 32)
     warps = 4
-    if arch_name in arch.MMA_V2 and block_m * max(block_d, block_dv) >= arch.MMA_V2_WIDE_TILE:
+    if arch_name in arch.WIDE_TILE_ARCHS and block_m * max(block_d, block_dv) >= arch.WIDE_TILE:
         warps = 8
     return block_m, block_n, warps, 3 if max(block_d, block_dv) <= 128 else 2
 
