@@ -170,9 +170,13 @@ def _print_triton_routes(device: torch.device) -> None:
     print("Triton kernels:")
     print(f"  Gluon (sm_90) under this triton: {gluon_compat.describe()}")
     if device.type != "cuda":
-        print(f"  on {device}: none (the triton backend runs on CUDA GPUs); on an sm_90 GPU the "
-              "forward and backward would take the Gluon kernels only where the line above says "
-              "verified")
+        gluon = gluon_compat.version_status() == gluon_compat.RUN
+        others = ", ".join(name for name in arch.ARCHS if name != "sm_90")
+        print(f"  on {device}: none (the triton kernels run on CUDA GPUs). With this triton an "
+              "sm_90 GPU takes " + ("the Gluon kernels for prefill and backward and the portable "
+                                    "ones for the rest" if gluon else "the portable kernels (the "
+                                    "Gluon kernels are refused, see above)")
+              + f"; {others} take the portable kernels with launch configs of their own")
         return
     from .backends.params import AttnArgs
     from .backends.triton import routes

@@ -51,7 +51,7 @@ def _case_key(r: dict) -> tuple:
     return r["section"], json.dumps(r["case"], sort_keys=True)
 
 
-SAME_MACHINE = ("gpu", "torch", "triton", "cuda", "cudnn")
+SAME_MACHINE = ("gpu", "torch", "triton", "cuda", "cudnn", "gluon")
 
 
 def merge_runs(docs: list[dict]) -> dict:

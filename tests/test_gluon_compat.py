@@ -86,3 +86,27 @@ def test_tma_keeps_the_kernels_names():
 def test_minor_version():
     assert gluon_compat.minor_version("3.8.0") == "3.8"
     assert gluon_compat.minor_version("3.10.1+git1234") == "3.10"
+
+
+def test_routes_say_why(monkeypatch):
+    """What `python -m flash_attn_3 info` prints per typical call: the kernel and the reason."""
+    from flash_attn_3.backends.triton import routes
+
+    q = torch.empty(1, 512, 4, 128, dtype=torch.bfloat16)
+    prefill = AttnArgs.plain(q, q, q, window_right=0)
+    module, why = routes.forward_route(prefill)
+    assert module == "fwd" and "Gluon refused" in why and "cpu" in why
+    assert routes.backward_route(prefill)[0] == "bwd"
+    step = AttnArgs.plain(torch.empty(1, 1, 4, 128, dtype=torch.bfloat16), q, q)
+    assert routes.forward_route(step)[0] == "decode"
+    monkeypatch.setattr(gluon_compat, "refusal", lambda device: None)
+    assert routes.forward_route(prefill)[0] == "fwd_hopper"
+    assert routes.backward_route(prefill)[0] == "bwd_hopper"
+
+
+def test_info_prints_the_triton_routes(capsys):
+    from flash_attn_3 import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "Triton kernels:" in out and "Gluon (sm_90) under this triton" in out

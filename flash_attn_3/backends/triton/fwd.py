@@ -365,10 +365,10 @@ _TUNE_CONFIGS = {
 # Ampere, Ada and consumer Blackwell (tl.dot is mma.sync there: operands and accumulator in
 # registers, K/V staged by cp.async; 99 KB of shared memory a program, 163 KB on sm_80). Chosen
 # from sm_86 ptxas figures of the causal bf16 call (docs/perf-notes.md, "Portable kernels on other
-# GPUs", 2026-12-07): every entry spill-free and within 99 KB, BLOCK_M 128 only with 8 warps or a
-# narrow BLOCK_N at D >= 128 (at 4 warps the 128-row accumulator and Q fragment take all 255
-# registers: (128, 64, 4, 3) spilled 1140 bytes at D = 128). Not yet timed on those GPUs: the
-# autotuner picks among them on the first prefill call of a shape class.
+# GPUs", 2026-12-07): every entry within 99 KB and spill-free (one: 4 bytes), BLOCK_M 128 only
+# with 8 warps or a narrow BLOCK_N at D >= 128 (at 4 warps the 128-row accumulator and Q fragment
+# take all 255 registers: (128, 64, 4, 3) spilled 1140 bytes at D = 128). Not yet timed on those
+# GPUs: the autotuner picks among them on the first prefill call of a shape class.
 _TUNE_CONFIGS_MMA_V2 = {
     64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
     128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
