@@ -3,8 +3,8 @@ generation they pick launch configs for (arch.ARCHS: sm_80, 86, 89, 90, 100, 120
 ptxas the triton wheel ships, each config within its target's shared memory and the register-spill
 budget of scripts/aot_portable.py.
 
-Default run: per kernel and arch, the default config of each head-dim class and the one with the
-largest K/V ring (`--subset`); the full matrix (every config the launch code can pick) is marked
+Default run: per kernel and arch, the default config of each head-dim class and the table's entry
+with the largest K/V tiles, and a few fixed and decode choices (`--subset`); the full matrix (every config the launch code can pick) is marked
 slow (FLASH_ATTN_3_SLOW_TESTS=1). Both compile in a subprocess: the compiler must not run under the
 interpreter switch conftest sets, and a fresh TRITON_CACHE_DIR keeps the check honest.
 """
@@ -26,44 +26,46 @@ pytest.importorskip("triton")
 from flash_attn_3.backends.triton import arch  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "aot_portable.py"
-_RESULTS: dict = {}
 
 
 def _compile(subset: bool) -> list[dict]:
-    if subset not in _RESULTS:
-        with tempfile.TemporaryDirectory() as cache:
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            env["TRITON_CACHE_DIR"] = cache
-            cmd = [sys.executable, str(SCRIPT), "--json", "--jobs", "2"] + (["--subset"] if subset else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                  timeout=600 if subset else 3600)
-        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        assert rows, done.stderr[-3000:]
-        _RESULTS[subset] = rows
-    return _RESULTS[subset]
+    with tempfile.TemporaryDirectory() as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = cache
+        cmd = [sys.executable, str(SCRIPT), "--json", "--jobs", "2"] + (["--subset"] if subset else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=600 if subset else 3600)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert rows, done.stderr[-3000:]
+    return rows
 
 
-def _check(rows: list[dict], arch_name: str) -> None:
-    mine = [r for r in rows if r["arch"] == arch_name]
-    assert mine
-    bad = [r for r in mine if not r["ok"]]
+def _check(rows: list[dict]) -> None:
+    bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(json.dumps(r, default=str) for r in bad)
-    limit = arch.ARCHS[arch_name].shared_bytes
-    assert all(r["shared_bytes"] <= limit for r in mine if "known" not in r)
-    # every portable kernel is covered on every arch
-    assert {r["kernel"] for r in mine} == {"fwd", "dkdv", "dq", "prep", "decode", "combine",
-                                             "append_kv"}
+    for arch_name, target in arch.ARCHS.items():
+        mine = [r for r in rows if r["arch"] == arch_name]
+        assert all(r["shared_bytes"] <= target.shared_bytes for r in mine if "known" not in r)
+        # every portable kernel is covered on every arch
+        assert {r["kernel"] for r in mine} == {"fwd", "dkdv", "dq", "prep", "decode", "combine",
+                                                 "append_kv"}, arch_name
 
 
-@pytest.mark.parametrize("arch_name", list(arch.ARCHS))
-def test_default_configs_compile_within_budget(arch_name):
-    _check(_compile(subset=True), arch_name)
+# One test each (not one per arch): under pytest-xdist every worker would compile the whole set.
+# Not on a GPU machine: an offline check that CI runs, and the device's time is for the GPU.
+offline = pytest.mark.skipif(torch.cuda.is_available(),
+                             reason="offline compile check (CI runs it); skipped where a GPU is")
 
 
+@offline
+def test_default_configs_compile_within_budget():
+    _check(_compile(subset=True))
+
+
+@offline
 @pytest.mark.slow
-@pytest.mark.parametrize("arch_name", list(arch.ARCHS))
-def test_every_config_compiles_within_budget(arch_name):
-    _check(_compile(subset=False), arch_name)
+def test_every_config_compiles_within_budget():
+    _check(_compile(subset=False))
 
 
 def test_capabilities_map_to_configs():
