@@ -178,6 +178,8 @@ def run_meta(fake: bool) -> dict:
         "python": platform.python_version(),
         "commit": _git_commit(),
         "backend": os.environ.get("FLASH_ATTN_3_BACKEND"),
+        # =0 (portable kernels on the H100) or =1 (Gluon under a triton not yet verified)
+        "gluon": os.environ.get("FLASH_ATTN_3_GLUON"),
         "fake": fake,
     }
 
@@ -416,6 +418,8 @@ def run_header(doc: dict) -> str:
         head = (f"{m['date']}, {m['gpu']}, torch {m['torch']}, triton {m['triton']}, "
                 f"CUDA {m['cuda']}, cuDNN {m['cudnn']}, commit {m['commit']}"
                 + (f"; ceilings in the same run: {ceil}" if ceil else ""))
+    if m.get("gluon"):
+        head += f"; FLASH_ATTN_3_GLUON={m['gluon']}"
     if doc.get("stop_reason"):
         head += f"; stopped early: {doc['stop_reason']}"
     return (FAKE_NOTE + "\n\n" + head) if doc["fake"] else head

@@ -154,7 +154,47 @@ def cmd_info(args) -> int:
     for backend, reason in unavailable.items():
         if reason:
             print(f"{backend}: {reason}")
+    _print_triton_routes(device)
     return 0
+
+
+def _print_triton_routes(device: torch.device) -> None:
+    """Which triton kernels typical calls take on this device, and why (the Gluon kernels'
+    refusal included: a triton version not verified, another GPU, FLASH_ATTN_3_GLUON)."""
+    try:
+        from .backends.triton import arch, gluon_compat
+    except Exception as exc:  # no triton: nothing to say beyond the backend line above
+        print(f"\nTriton kernels: not available ({type(exc).__name__}: {exc})")
+        return
+    print()
+    print("Triton kernels:")
+    print(f"  Gluon (sm_90) under this triton: {gluon_compat.describe()}")
+    if device.type != "cuda":
+        gluon = gluon_compat.version_status() == gluon_compat.RUN
+        others = ", ".join(name for name in arch.ARCHS if name != "sm_90")
+        print(f"  on {device}: none (the triton kernels run on CUDA GPUs). With this triton an "
+              "sm_90 GPU takes " + ("the Gluon kernels for prefill and backward and the portable "
+                                    "ones for the rest" if gluon else "the portable kernels (the "
+                                    "Gluon kernels are refused, see above)")
+              + f"; {others} take the portable kernels with launch configs of their own")
+        return
+    from .backends.params import AttnArgs
+    from .backends.triton import routes
+
+    name = arch.device_arch(device)
+    print(f"  this GPU: {torch.cuda.get_device_name(device)}, portable configs for {name} "
+          f"({arch.ARCHS[name].gpus})")
+    q, k, v = (torch.empty(2, 4096, 16, 128, device=device, dtype=torch.bfloat16) for _ in "qkv")
+    prefill = AttnArgs.plain(q, k, v, window_right=0)
+    cache = torch.empty(8, 4096, 8, 128, device=device, dtype=torch.bfloat16)
+    step = AttnArgs.plain(torch.empty(8, 1, 32, 128, device=device, dtype=torch.bfloat16), cache,
+                          cache, seqused_k=torch.full((8,), 4000, dtype=torch.int32, device=device),
+                          window_right=0)
+    calls = [("forward, bf16 (2, 4096, 16, 128) causal", routes.forward_route(prefill)),
+             ("backward, same call", routes.backward_route(prefill)),
+             ("kvcache step, 1 token, 32/8 heads, 4k cache", routes.forward_route(step))]
+    for what, (module, why) in calls:
+        print(f"  {what:<44} -> {module}.py: {why}")
 
 
 def cmd_bench(args) -> int:

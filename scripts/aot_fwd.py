@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
@@ -73,13 +72,19 @@ def compile_for_sm90(args, kwargs):
 
 
 def assemble(kernel, keep: Path) -> tuple[str, str]:
-    """Writes the kernel's PTX and TTGIR under keep and assembles the PTX for sm_90a there
-    (kernel.cubin) with the ptxas the triton wheel ships: (PTX, ptxas' -v report)."""
+    """Writes the kernel's PTX and TTGIR under keep and assembles the PTX for its target there
+    (kernel.cubin) with the ptxas and arch name triton itself takes for that target (its wheel
+    ships two: triton 3.6 takes the CUDA 12.8 one below sm_100, 3.9 its CUDA 13 one from sm_90
+    on): (PTX, ptxas' -v report)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    capability = kernel.metadata.target.arch
     ptx = kernel.asm["ptx"]
     (keep / "kernel.ptx").write_text(ptx)
     (keep / "kernel.ttgir").write_text(kernel.asm["ttgir"])
-    ptxas = subprocess.run([knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", str(keep / "kernel.ptx"),
-                            "-o", str(keep / "kernel.cubin")], capture_output=True, text=True)
+    ptxas = subprocess.run([get_ptxas(capability).path, f"--gpu-name={sm_arch_from_capability(capability)}",
+                            "-v", str(keep / "kernel.ptx"), "-o", str(keep / "kernel.cubin")],
+                           capture_output=True, text=True)
     if ptxas.returncode != 0:
         raise SystemExit(ptxas.stderr)
     return ptx, ptxas.stderr

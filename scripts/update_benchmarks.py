@@ -12,6 +12,10 @@ Each bench's tables replace what sits between `<!-- <bench>:begin -->` and `<!--
 headed by the run's date, GPU, torch/triton/CUDA/cuDNN versions and the ceilings measured in the
 same run; every ratio divides by a peer timed in that same process. Dry-run (fake) files and runs
 without a GPU are refused: BENCHMARKS.md only ever holds measurements.
+
+A run under another triton, or with FLASH_ATTN_3_GLUON set, keeps the main tables and goes to a
+block of its own, `<!-- <bench>@triton-3.8:begin -->` (or `@triton-3.8-gluon0`, ...), added at
+the end of the document under a heading the first time.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _case_key(r: dict) -> tuple:
     return r["section"], json.dumps(r["case"], sort_keys=True)
 
 
-SAME_MACHINE = ("gpu", "torch", "triton", "cuda", "cudnn")
+SAME_MACHINE = ("gpu", "torch", "triton", "cuda", "cudnn", "gluon")
 
 
 def merge_runs(docs: list[dict]) -> dict:
@@ -82,10 +86,31 @@ def merge_runs(docs: list[dict]) -> dict:
     return merged
 
 
+# The triton and Gluon setting BENCHMARKS.md's main tables are measured with.
+MAIN_TRITON = "3.6"
+
+
+def block_name(doc: dict) -> str:
+    """The block a run's tables go to: the bench's own, or one per other triton / Gluon setting."""
+    meta = doc["meta"]
+    minor = ".".join(str(meta.get("triton") or "").split(".")[:2])
+    gluon = meta.get("gluon")
+    if minor == MAIN_TRITON and not gluon:
+        return doc["bench"]
+    return f"{doc['bench']}@triton-{minor}" + (f"-gluon{gluon}" if gluon else "")
+
+
 def replace_block(text: str, bench: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {bench}:begin -->\n).*?(<!-- {bench}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {re.escape(bench)}:begin -->\n).*?(<!-- {re.escape(bench)}:end -->)",
+                         re.S)
     if not pattern.search(text):
-        raise SystemExit(f"no '<!-- {bench}:begin -->' ... '<!-- {bench}:end -->' block to fill")
+        if "@" not in bench:
+            raise SystemExit(f"no '<!-- {bench}:begin -->' ... '<!-- {bench}:end -->' block to fill")
+        name, variant = bench.split("@", 1)
+        _, minor, *gluon = variant.split("-")
+        title = f"{name}, triton {minor}" + (f", FLASH_ATTN_3_GLUON={gluon[0][5:]}" if gluon else "")
+        text = (text.rstrip("\n") + f"\n\n## {title}\n\n"
+                f"<!-- {bench}:begin -->\n<!-- {bench}:end -->\n")
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
@@ -102,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     by_bench: dict[str, list] = {}
     for path in files:
         doc = load_measured(path)
-        by_bench.setdefault(doc["bench"], []).append(doc)
+        by_bench.setdefault(block_name(doc), []).append(doc)
         print(f"{path}: {doc['bench']} from {doc['meta']['date']} on {doc['meta']['gpu']}",
               file=sys.stderr)
     for bench, docs in by_bench.items():

@@ -113,13 +113,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bigger shapes); skipped without one")
 
 
+# Tests marked slow (the full offline compile matrix, minutes) run only when this is 1.
+SLOW_TESTS = os.environ.get("FLASH_ATTN_3_SLOW_TESTS") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if ON_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: set FLASH_ATTN_3_SLOW_TESTS=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not SLOW_TESTS:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not ON_GPU:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(params=BACKENDS)

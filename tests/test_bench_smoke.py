@@ -176,6 +176,31 @@ def test_update_benchmarks_takes_measurements_only(bench, tmp_path):
     assert fwd_block(text) == fwd_block((REPO / "BENCHMARKS.md").read_text())  # others untouched
 
 
+def test_update_benchmarks_keeps_other_tritons_apart(bench, tmp_path):
+    """A run under another triton (or with FLASH_ATTN_3_GLUON set) gets a table of its own, named
+    by both, and leaves the main tables alone."""
+    from scripts import update_benchmarks
+
+    bench.decode.main(["--dry-run", "--quick", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "bench_decode.json").read_text())
+    doc["fake"] = doc["meta"]["fake"] = False
+    doc["meta"].update(gpu="Test GPU", triton="3.8.0", gluon="1")
+    doc["ceilings"] = {"copy_tbps": 3.0}
+    measured = tmp_path / "measured" / "bench_decode.json"
+    measured.parent.mkdir()
+    measured.write_text(json.dumps(doc))
+    target = tmp_path / "BENCHMARKS.md"
+    main_text = (REPO / "BENCHMARKS.md").read_text()
+    target.write_text(main_text)
+    for _ in range(2):  # the second run replaces the block the first one added
+        update_benchmarks.main([str(measured.parent), "--doc", str(target)])
+    text = target.read_text()
+    assert text.startswith(main_text.rstrip("\n"))
+    assert text.count("<!-- bench_decode@triton-3.8-gluon1:begin -->") == 1
+    block = text.split("<!-- bench_decode@triton-3.8-gluon1:begin -->")[1]
+    assert "triton 3.8.0" in block and "FLASH_ATTN_3_GLUON=1" in block
+
+
 def test_update_benchmarks_merges_runs_case_by_case():
     from scripts import update_benchmarks
 

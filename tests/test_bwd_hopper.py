@@ -329,7 +329,7 @@ def test_scope_and_routing(monkeypatch):
     assert routes.backward_kernel(base, True) is bwd_hopper
     monkeypatch.setenv("FLASH_ATTN_3_GLUON", "0")
     assert routes.backward_kernel(base, False) is not bwd_hopper
-    monkeypatch.delenv("FLASH_ATTN_3_GLUON")
+    monkeypatch.undo()  # the run's own setting: =1 where it checks a triton not yet verified
     out_of_scope = [
         dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
         dict(sinks=torch.zeros(4, device="cuda")),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
+from . import arch
 from .launch import Autotuned
 from .masks import tanh
 
@@ -378,6 +379,44 @@ _DQ_CONFIGS = {
     256: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     512: [(64, 32, 8, 1), (64, 16, 4, 2)],
 }
+# Ampere, Ada and consumer Blackwell (mma.sync: dK and dV of the key tile, or dQ of the query
+# tile, live in registers next to both operands): from sm_86 ptxas figures of the causal bf16 call
+# (docs/perf-notes.md, "Portable kernels on other GPUs"), each spill-free or nearly (at most 16
+# bytes) and within 99 KB. The H100's first dK/dV entries spill 600+ bytes there (64 query rows
+# against 64-128 keys at 4-8 warps). Not yet timed on those GPUs.
+_DKDV_CONFIGS_MMA_V2 = {
+    64: [(32, 128, 8, 2), (16, 64, 4, 3), (32, 64, 4, 2)],
+    128: [(32, 64, 8, 2), (64, 64, 8, 1), (16, 64, 4, 2)],
+    256: [(16, 64, 8, 1), (32, 32, 4, 1), (16, 32, 4, 2)],
+    512: [(16, 32, 8, 1), (16, 32, 4, 1)],
+}
+_DQ_CONFIGS_MMA_V2 = {
+    64: [(64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
+    128: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
+    256: [(32, 32, 4, 2), (64, 16, 4, 2)],
+    512: [(32, 32, 4, 1), (32, 16, 4, 2), (64, 16, 4, 1)],
+}
+_MMA_V2 = {"dkdv": _DKDV_CONFIGS_MMA_V2, "dq": _DQ_CONFIGS_MMA_V2}
+# A100's 163 KB: one more spill-free candidate each where it needs more than 99 KB.
+_SM80 = {"dkdv": {**_DKDV_CONFIGS_MMA_V2, 512: _DKDV_CONFIGS_MMA_V2[512] + [(32, 32, 8, 1)]},
+         "dq": {**_DQ_CONFIGS_MMA_V2, 256: _DQ_CONFIGS_MMA_V2[256] + [(64, 32, 8, 2)]}}
+# Datacenter Blackwell (tcgen05, Hopper's shared memory): the H100's dQ list compiles for sm_100
+# within budget; its dK/dV lists spill 230-810 bytes there, so dK/dV takes entries that compiled
+# spill-free for sm_100 (64 query rows at 1 stage, or 32 against 64 keys at 3).
+_DKDV_CONFIGS_SM100 = {
+    64: [(32, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)],
+    128: [(64, 128, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2)],
+    256: [(16, 64, 8, 1), (32, 64, 8, 1), (64, 64, 8, 1)],
+    512: [(16, 32, 8, 1), (32, 32, 8, 1)],
+}
+_CONFIGS_BY_ARCH = {
+    "sm_80": _SM80,
+    "sm_86": _MMA_V2,
+    "sm_89": _MMA_V2,
+    "sm_90": {"dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS},
+    "sm_100": {"dkdv": _DKDV_CONFIGS_SM100, "dq": _DQ_CONFIGS},
+    "sm_120": _MMA_V2,
+}
 # Unequal blocks in the interpreter exercise the edge-block rules from both sides.
 _INTERPRETER_CONFIGS = {"dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # Autotune only calls with at least this many (batch, head, query, key) score elements: below it
@@ -408,24 +447,31 @@ def _width_class(block_d: int, block_dv: int) -> int:
     return next(w for w in (64, 128, 256, 512) if max(block_d, block_dv) <= w)
 
 
-def _launcher(name: str, width: int, tune: bool, config=None):
+def config_tables(arch_name: str) -> dict:
+    """{"dkdv": {width class: configs}, "dq": ...}: (BLOCK_M, BLOCK_N, num_warps, num_stages),
+    the first the untuned default."""
+    return _CONFIGS_BY_ARCH[arch_name]
+
+
+def _launcher(name: str, width: int, tune: bool, config=None, arch_name: str = arch.DEFAULT):
     """(kernel, launch kwargs): a pinned config, or the autotuner over the class's list."""
     if config is None and _interpreting():
         config = _INTERPRETER_CONFIGS[name]
+    table = config_tables(arch_name)[name][width]
     if config is None and not tune:
-        config = _TABLES[name][width][0]
+        config = table[0]
     if config is not None:
         block_m, block_n, warps, stages = config
         return _KERNELS[name], dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
                                     num_stages=stages)
-    kernel = _tuned.get((name, width))
+    kernel = _tuned.get((arch_name, name, width))
     if kernel is None:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                   for m, n, w, st in _TABLES[name][width]]
+                   for m, n, w, st in table]
         # tuning runs the atomic dK/dV several times: DQ_ACC must start at zero again after it
         reset = ["DQ_ACC"] if name == "dkdv" else None
-        kernel = _tuned.setdefault((name, width), Autotuned(_KERNELS[name], configs, _TUNE_KEY,
-                                                            reset_to_zero=reset))
+        kernel = _tuned.setdefault((arch_name, name, width), Autotuned(_KERNELS[name], configs, _TUNE_KEY,
+                                                                       reset_to_zero=reset))
     return kernel, {}
 
 
@@ -481,6 +527,7 @@ class _Call:
         self.scalars = (a.softmax_scale, softcap, window_left, window_right,
                         self.heads_q // self.heads_kv)
         self.tune_key = (triton.next_power_of_2(max(self.max_q, self.max_k)), int(a.is_local))
+        self.arch = arch.device_arch(q.device)
 
     def prep(self, out, dout, lse, pad: int = 1):
         """(lse * log2(e), delta = rowsum(dout * out)): fp32, shaped like lse, unit stride along
@@ -510,7 +557,7 @@ class _Call:
         given (its row strides are the kernel's)."""
         if dq is None:
             dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        kernel, launch = _launcher("dq", self.width, self.tune, self.configs.get("dq"))
+        kernel, launch = _launcher("dq", self.width, self.tune, self.configs.get("dq"), self.arch)
         for b0, nb in self.slices:
             kernel[lambda meta, nb=nb: (triton.cdiv(self.max_q, meta["BLOCK_M"]), self.heads_q,
                                         nb)](
@@ -555,7 +602,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool, configs=
     atomic_dq = ATOMIC_DQ_BY_DEFAULT and not deterministic
     # without atomics the dK/dV kernel never touches DQ_ACC; dk stands in (fully overwritten)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dk
-    kernel, launch = _launcher("dkdv", call.width, call.tune, call.configs.get("dkdv"))
+    kernel, launch = _launcher("dkdv", call.width, call.tune, call.configs.get("dkdv"), call.arch)
     for b0, nb in call.slices:
         kernel[lambda meta, nb=nb: (triton.cdiv(call.max_k, meta["BLOCK_N"]), call.heads_kv, nb)](
             q, k, v, dout, lse2, delta, dq_acc, dk, dv, *call.seq, b0,

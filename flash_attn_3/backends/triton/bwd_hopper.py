@@ -1,7 +1,8 @@
 """Hopper (sm_90) backward in Gluon: the hot dense case, warp-specialized like FlashAttention-3.
 
-Written for triton 3.6.0's `triton.experimental.gluon` (experimental: `supports()` refuses any other
-version and the portable bwd.py kernels run instead).
+Written for triton 3.6.0's `triton.experimental.gluon` (experimental: `supports()` takes only the
+triton versions gluon_compat.py lists as verified, and the portable bwd.py kernels run under any
+other).
 
 One program per (block of BLOCK_N = 128 keys, KV head, batch). Its K and V tiles stay in shared
 memory while it walks every query block that sees them, for each query head of the KV head's GQA
@@ -28,12 +29,12 @@ has them; the causal diagonal (bottom-right) is masked only on the query blocks 
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
 from ..params import AttnArgs
+from . import gluon_compat
 
 try:
     import triton
@@ -42,10 +43,13 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language._core import builtin as _builtin
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    _GLUON_OK = triton.__version__.startswith("3.6.")
+    from .gluon_compat import tma
+
+    # Defined wherever the API imports; supports() decides which versions run them.
+    _GLUON_OK = gluon_compat.IMPORT_ERROR is None
 except ImportError:  # no triton, or a triton without Gluon's Hopper ops
     _GLUON_OK = False
 
@@ -698,15 +702,14 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
-    """True when this kernel computes the call: sm_90, triton 3.6 Gluon, fp16/bf16 dense
+    """True when this kernel computes the call: sm_90, a triton version gluon_compat takes,
+    fp16/bf16 dense
     (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA. Deterministic calls take it too:
     they keep its dK/dV and leave dQ to bwd.py's atomic-free kernel (H100, 15:03 UTC: 0.91x of
     the default's speed, against 0.75x for bwd.py's deterministic path). FLASH_ATTN_3_GLUON=0
-    turns it off, as for the forward."""
+    turns it off, =1 forces it on, as for the forward."""
     q, k, v = a.q, a.k, a.v
-    if not (_GLUON_OK and q.is_cuda
-                             and os.environ.get("FLASH_ATTN_3_GLUON", "1") != "0"
-                             and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not (_GLUON_OK and gluon_compat.refusal(q.device) is None):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
+from . import arch
 from .append_kv import _rotate
 from .combine import combine_launch, unsplit_strides
 from .launch import Launch, Launcher
@@ -640,7 +641,7 @@ class _Plan(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, max_seqlen_k: int,
           head_dim: int, head_dim_v: int, paged: bool, device: torch.device, num_splits: int,
-          config: Optional[tuple[int, int, int]]) -> _Plan:
+          config: Optional[tuple[int, int, int]], arch_name: str = arch.DEFAULT) -> _Plan:
     """Launch shape from Python ints only; cached because a decode loop repeats the same call
     and every microsecond of host work is a microsecond of step latency."""
     rows = max_seqlen_q * (num_heads_q // num_heads_kv)
@@ -664,6 +665,12 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
         stages = _CONTIGUOUS_STAGES
         if batch * num_heads_kv * num_m_blocks <= _FEW_TILES and programs <= num_sms(device):
             warps = _CONTIGUOUS_WARPS_FEW_TILES
+    if arch_name in arch.WIDE_TILE_ARCHS and block_m * max(dims) >= arch.WIDE_TILE:
+        # 8 warps for the tile's accumulator and q in registers (arch.WIDE_TILE); on the 99 KB
+        # GPUs also 2 stages (sm_86, D = 256: 100 KB at 3).
+        warps = 8
+        if arch.ARCHS[arch_name].shared_bytes < 128 * 1024:
+            stages = min(stages, 2)
     return _Plan(block_m, block_n, warps, stages, splits, num_m_blocks, *dims)
 
 
@@ -702,7 +709,8 @@ def _num_tokens(a: AttnArgs) -> int:
 def _call_plan(a: AttnArgs, config) -> _Plan:
     max_seqlen_q = a.max_seqlen_q if a.is_varlen_q else a.q.shape[1]
     return _plan(a.batch_size, a.num_heads_q, a.num_heads_kv, max_seqlen_q, a.max_seqlen_k, a.head_dim,
-                 a.head_dim_v, a.page_table is not None, a.q.device, a.num_splits, config)
+                 a.head_dim_v, a.page_table is not None, a.q.device, a.num_splits, config,
+                 arch.device_arch(a.q.device))
 
 
 def launches(a: AttnArgs, out: torch.Tensor, lse: torch.Tensor, partials: Optional[torch.Tensor] = None,

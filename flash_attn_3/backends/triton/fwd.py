@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..params import AttnArgs
-from . import masks
+from . import arch, masks
 from .combine import combine_into, unsplit_strides
 from .launch import Autotuned
 from .scheduler import choose_num_splits
@@ -363,6 +363,32 @@ _TUNE_CONFIGS = {
     256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
     512: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
 }
+# Ampere, Ada and consumer Blackwell (tl.dot is mma.sync there: operands and accumulator in
+# registers, K/V staged by cp.async; 99 KB of shared memory a program, 163 KB on sm_80). Chosen
+# from sm_86 ptxas figures of the causal bf16 call (docs/perf-notes.md, "Portable kernels on other
+# GPUs", 2026-12-07): every entry within 99 KB and spill-free (one: 4 bytes), BLOCK_M 128 only
+# with 8 warps or a narrow BLOCK_N at D >= 128 (at 4 warps the 128-row accumulator and Q fragment
+# take all 255 registers: (128, 64, 4, 3) spilled 1140 bytes at D = 128). Not yet timed on those
+# GPUs: the autotuner picks among them on the first prefill call of a shape class.
+_TUNE_CONFIGS_MMA_V2 = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
+    512: [(64, 32, 8, 2), (32, 32, 4, 2)],
+}
+# A100's 163 KB take one more candidate where a spill-free tile needs more than 99 KB.
+_TUNE_CONFIGS_SM80 = {**_TUNE_CONFIGS_MMA_V2,
+                      256: _TUNE_CONFIGS_MMA_V2[256] + [(64, 64, 8, 2)]}
+# Datacenter Blackwell has Hopper's 227 KB and a tensor-core MMA of its own (tcgen05, accumulator
+# in tensor memory): the H100 lists, which compile for sm_100 within budget.
+_TUNE_CONFIGS_BY_ARCH = {
+    "sm_80": _TUNE_CONFIGS_SM80,
+    "sm_86": _TUNE_CONFIGS_MMA_V2,
+    "sm_89": _TUNE_CONFIGS_MMA_V2,
+    "sm_90": _TUNE_CONFIGS,
+    "sm_100": _TUNE_CONFIGS,
+    "sm_120": _TUNE_CONFIGS_MMA_V2,
+}
 # CUDA caps grid axes 1 and 2 at 65535 programs; axis 2 (batch * splits) launches in slices.
 _MAX_GRID_Z = 65535
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "q_bucket", "k_bucket", "HAS_LEFT", "HAS_RIGHT",
@@ -377,23 +403,31 @@ def _interpreting() -> bool:
     return not isinstance(_attn_fwd, triton.runtime.JITFunction)
 
 
-def _tuned_kernel(head_class: int):
-    kernel = _tuned_kernels.get(head_class)
+def tune_configs(arch_name: str) -> dict:
+    """head-dim class -> the (BLOCK_M, BLOCK_N, num_warps, num_stages) prefill autotunes over."""
+    return _TUNE_CONFIGS_BY_ARCH[arch_name]
+
+
+def _tuned_kernel(arch_name: str, head_class: int):
+    kernel = _tuned_kernels.get((arch_name, head_class))
     if kernel is None:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in _TUNE_CONFIGS[head_class]]
-        kernel = _tuned_kernels.setdefault(head_class, Autotuned(_attn_fwd, configs, _TUNE_KEY))
+                   for m, n, w, s in tune_configs(arch_name)[head_class]]
+        kernel = _tuned_kernels.setdefault((arch_name, head_class), Autotuned(_attn_fwd, configs, _TUNE_KEY))
     return kernel
 
 
-def _fixed_config(rows: int, block_d: int, block_dv: int):
+def _fixed_config(rows: int, block_d: int, block_dv: int, arch_name: str = arch.DEFAULT):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for few query rows (decode), split-KV and the
-    interpreter; longer queries autotune over _TUNE_CONFIGS."""
+    interpreter; longer queries autotune over tune_configs(arch_name)."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     if _interpreting():
         return min(block_m, 32), 16, 4, 1
     block_n = 128 if max(block_d, block_dv) <= 64 else (64 if max(block_d, block_dv) <= 128 else 32)
-    return block_m, block_n, 4, 3 if max(block_d, block_dv) <= 128 else 2
+    warps = 4
+    if arch_name in arch.WIDE_TILE_ARCHS and block_m * max(block_d, block_dv) >= arch.WIDE_TILE:
+        warps = 8
+    return block_m, block_n, warps, 3 if max(block_d, block_dv) <= 128 else 2
 
 
 def _pack_gqa(a: AttnArgs, group: int, max_seqlen_q: int) -> bool:
@@ -488,12 +522,13 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
     rows = max_seqlen_q * (group if pack else 1)
 
     num_heads_grid = a.num_heads_kv if pack else num_heads_q
-    block_m, block_n, warps, stages = config or _fixed_config(rows, block_d, block_dv)
+    arch_name = arch.device_arch(q.device)
+    block_m, block_n, warps, stages = config or _fixed_config(rows, block_d, block_dv, arch_name)
     num_splits = _num_splits(a, num_heads_grid, rows, block_m, block_n)
     split = num_splits > 1
     prefill = rows > 64 and not split
     if prefill and config is None and not _interpreting():
-        kernel = _tuned_kernel(min(c for c in _TUNE_CONFIGS if c >= max(block_d, block_dv)))
+        kernel = _tuned_kernel(arch_name, min(c for c in _TUNE_CONFIGS if c >= max(block_d, block_dv)))
         launch = {}
     else:
         kernel = _attn_fwd

@@ -1,7 +1,8 @@
 """Hopper (sm_90) forward in Gluon: the hot dense case, warp-specialized like FlashAttention-3.
 
 Written for triton 3.6.0's `triton.experimental.gluon` (experimental: the API moves between
-releases, so `supports()` refuses any other version and the portable `fwd.py` kernel runs instead).
+releases, so `supports()` takes only the triton versions gluon_compat.py lists as verified and the
+portable `fwd.py` kernel runs under any other).
 
 A tile is BLOCK_M = 128 query rows of one (batch, head); a program walks work units (one program
 per SM when persistent, else one per unit; a causal unit pairs a long and a short query block so
@@ -50,7 +51,7 @@ import os
 import torch
 
 from ..params import AttnArgs
-from . import fwd
+from . import fwd, gluon_compat
 
 try:
     import triton
@@ -58,10 +59,14 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    _GLUON_OK = triton.__version__.startswith("3.6.")
+    from .gluon_compat import tma
+
+    # The kernels are defined wherever the API imports; which versions run them is supports()'s
+    # call (gluon_compat.refusal).
+    _GLUON_OK = gluon_compat.IMPORT_ERROR is None
     _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
                   torch.float8_e4m3fn: gl.float8e4nv}
 except ImportError:  # no triton, or a triton without Gluon's Hopper ops
@@ -881,15 +886,16 @@ def _portable_faster(a: AttnArgs) -> bool:
 
 
 def in_scope(a: AttnArgs) -> bool:
-    """True when the Gluon kernel can compute this call: sm_90, triton 3.6 Gluon, fp16/bf16 q/k/v,
+    """True when the Gluon kernel can compute this call: sm_90, a triton version gluon_compat
+    takes, fp16/bf16 q/k/v,
     each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
     fp8 e4m3 (with or without descales) dense q/k/v only; head dims up to 256 (fp8: 64, 128,
-    256; v's the same as q's and k's), GQA; any window, attention_chunk, softcap and sinks; nothing else (no paged or indexed K/V, leftpad,
-    qv, context parallelism or split).
-    FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs."""
+    256; v's the same as q's and k's), GQA; any window, attention_chunk, softcap and sinks; nothing
+    else (no paged or indexed K/V, leftpad, qv, context parallelism or split).
+    FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs; =1 forces it
+    on under a triton version not yet verified (gluon_compat.refusal says why not otherwise)."""
     q, k, v = a.q, a.k, a.v
-    if not (_GLUON_OK and q.is_cuda and os.environ.get("FLASH_ATTN_3_GLUON", "1") != "0"
-            and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not (_GLUON_OK and gluon_compat.refusal(q.device) is None):
         return False
     if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+from typing import Optional
 
 import torch
+
+from . import arch
 
 
 def on_device(t: torch.Tensor):
@@ -22,6 +25,15 @@ def on_device(t: torch.Tensor):
         if index is not None and index != torch.cuda.current_device():
             return torch.cuda.device(index)
     return contextlib.nullcontext()
+
+
+def unsupported_reason(a, backward: bool = False) -> Optional[str]:
+    """What the GPU itself rules out (dispatch asks before routing a call here): below sm_80, and
+    fp8 below sm_89; the call then goes to the next backend with this reason."""
+    q = a.q
+    if q.is_cuda:
+        return arch.gpu_refusal(q.device, a.is_fp8)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,6 +57,35 @@ def forward_kernel(a):
     if hopper.supports(a):
         return hopper
     return _kernel("fwd")
+
+
+def forward_route(a) -> tuple[str, str]:
+    """(the kernel module forward_kernel picks, why): for `python -m flash_attn_3 info`."""
+    module = forward_kernel(a).__name__.rsplit(".", 1)[-1]
+    if module == "decode":
+        return module, "few query rows per KV head: the split-KV decode kernel"
+    if module == "fwd_hopper":
+        return module, "the warp-specialized Gluon kernel (sm_90)"
+    return module, "the portable kernel; Gluon refused: " + _gluon_refusal(a, "fwd_hopper")
+
+
+def backward_route(a, deterministic: bool = False) -> tuple[str, str]:
+    """(the kernel module backward_kernel picks, why)."""
+    module = backward_kernel(a, deterministic).__name__.rsplit(".", 1)[-1]
+    if module == "bwd_hopper":
+        return module, "the warp-specialized Gluon kernel (sm_90)"
+    return module, "the portable kernels; Gluon refused: " + _gluon_refusal(a, "bwd_hopper")
+
+
+def _gluon_refusal(a, name: str) -> str:
+    from .gluon_compat import refusal
+
+    reason = refusal(a.q.device)
+    if reason:
+        return reason
+    if name == "fwd_hopper" and _kernel(name).in_scope(a):
+        return "the portable kernel measured faster for this shape"
+    return "a feature or layout outside the Gluon kernel's scope"
 
 
 def forward(a):

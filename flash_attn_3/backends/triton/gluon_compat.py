@@ -1,0 +1,147 @@
+"""The triton versions the Gluon kernels (fwd_hopper.py, bwd_hopper.py) may run on, and the one
+difference in triton's experimental Gluon API between them that the kernels meet.
+
+Gluon is experimental: its API moves between releases, and a kernel that still compiles can
+compile into different code (registers, spills, wgmma count, loop shape). So each triton minor
+version is taken only once checked: `scripts/aot_matrix.py` compiles every Gluon config for sm_90
+under each version and prints the figures beside 3.6's, and a GPU run of the test suite and the
+benchmarks confirms the kernels on the H100. Any other version gets the portable kernels (fwd.py,
+bwd.py) and `refusal()` says why; `python -m flash_attn_3 info` prints it.
+
+API difference adapted here: triton 3.8 renamed the TMA copies (`tma.async_copy_global_to_shared`
+-> `tma.async_load`, `tma.async_copy_shared_to_global` -> `tma.async_store`) and 3.9 removed the
+old names. The kernels keep 3.6's names and import `tma` from here, where the old names point to
+the new functions wherever those exist.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from typing import Optional
+
+import torch
+
+ENV_VAR = "FLASH_ATTN_3_GLUON"
+
+# What is known of the Gluon kernels under a triton minor version.
+RUN = "run on the H100"  # the GPU suite and the benchmarks passed under it: taken by default
+# scripts/aot_matrix.py: every default config compiles for sm_90 with 3.6's structure (registers,
+# shared memory, wgmma / TMA counts, setmaxnreg, KV loops with no more local-memory ops), at most
+# spills outside the loops moved. Never run on a GPU: taken only when forced.
+COMPILED = "compiles like 3.6"
+# Some default config compiles differently from 3.6 in a way that may cost speed (local-memory
+# ops entering a KV loop): not the code that was measured. Taken only when forced.
+DIFFERS = "compiles differently"
+
+# triton minor version -> (status, what aot_matrix.py found against 3.6.0), from its run of
+# 2026-12-07 (docs/perf-notes.md, "Triton 3.7-3.9"): 3.7.1, 3.8.0, 3.9.0, all 67 Gluon configs.
+# After a GPU run confirms a version (GPU suite and benchmark ratios under FLASH_ATTN_3_GLUON=1),
+# change its status to RUN: that one line is the whole switch.
+VERSIONS = {
+    "3.6": (RUN, "the version the kernels were written and measured for"),
+    "3.7": (DIFFERS, "the default causal backward at head dim 128 has one more local-memory op "
+                     "in its KV loop (5 against 3.6's 4); elsewhere only spills outside the loops "
+                     "move"),
+    "3.8": (COMPILED, "every default config as under 3.6; spills outside the loops move, mostly "
+                      "down (causal forward at head dim 128: 104 -> 0 bytes)"),
+    "3.9": (DIFFERS, "the causal forward at head dims 128 and 256 spills into its KV loop (2 "
+                     "local-memory ops; 104 -> 260 bytes of spills at 128)"),
+}
+
+TRITON_VERSION: Optional[str] = None
+IMPORT_ERROR: Optional[str] = None
+_tma = None
+try:
+    import triton
+
+    TRITON_VERSION = triton.__version__
+    from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
+except ImportError as exc:  # no triton, or one without Gluon's Hopper ops
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _tma_namespace():
+    """triton's Gluon `tma` module with 3.6's names for the TMA copies kept (see the docstring).
+    A plain module object: Gluon's compiler resolves attributes of module globals."""
+    ns = types.ModuleType(__name__ + ".tma", _tma.__doc__)
+    for name in dir(_tma):
+        if not name.startswith("__"):
+            setattr(ns, name, getattr(_tma, name))
+    if hasattr(_tma, "async_load"):
+        ns.async_copy_global_to_shared = _tma.async_load
+        ns.async_copy_shared_to_global = _tma.async_store
+    return ns
+
+
+tma = _tma_namespace() if _tma is not None else None
+
+
+def minor_version(version: str) -> str:
+    """'3.8.0' -> '3.8'; '3.10.0+git1234' -> '3.10'."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def version_status() -> Optional[str]:
+    """VERSIONS' status of the installed triton (None: not listed or not importable)."""
+    if TRITON_VERSION is None or IMPORT_ERROR is not None:
+        return None
+    return VERSIONS.get(minor_version(TRITON_VERSION), (None, ""))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _version_refusal() -> Optional[str]:
+    if IMPORT_ERROR is not None:
+        return f"triton's Gluon Hopper API does not import ({IMPORT_ERROR})"
+    status = version_status()
+    if status == RUN:
+        return None
+    verified = ", ".join(v for v, (s, _) in VERSIONS.items() if s == RUN)
+    tail = f"verified: triton {verified}; {ENV_VAR}=1 forces them"
+    if status is None:
+        return f"triton {TRITON_VERSION} is not a version the Gluon kernels were checked on ({tail})"
+    note = VERSIONS[minor_version(TRITON_VERSION)][1]
+    if status == COMPILED:
+        return (f"triton {TRITON_VERSION} compiles the Gluon kernels for sm_90 like triton 3.6 "
+                f"({note}) but they have not been run on a GPU under it ({tail})")
+    return (f"triton {TRITON_VERSION} compiles the Gluon kernels differently from triton 3.6 "
+            f"({note}) and they have not been run on a GPU under it ({tail})")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_refusal(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the Gluon kernels run on CUDA GPUs; tensors are on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return (f"the Gluon kernels are written for sm_90 (H100/H200); this GPU is sm_{major}{minor}")
+    return None
+
+
+def refusal(device: torch.device) -> Optional[str]:
+    """None when the Gluon kernels may run on `device` with this triton, else why not.
+
+    FLASH_ATTN_3_GLUON (read at each call): 0 turns them off; 1 forces them on under any triton
+    whose Gluon API imports, checked or not (for the GPU run that checks a version); unset or
+    anything else follows VERSIONS."""
+    setting = os.environ.get(ENV_VAR, "").strip()
+    if setting == "0":
+        return f"{ENV_VAR}=0 turns the Gluon kernels off"
+    reason = _device_refusal(device)
+    if reason is not None:
+        return reason
+    reason = _version_refusal()
+    if reason is not None and (setting != "1" or IMPORT_ERROR is not None):
+        return reason
+    return None
+
+
+def describe() -> str:
+    """One line on this triton and the Gluon kernels, for `python -m flash_attn_3 info`."""
+    if IMPORT_ERROR is not None:
+        return _version_refusal()
+    status = version_status()
+    if status == RUN:
+        return f"triton {TRITON_VERSION}: verified (compiled and run on the H100)"
+    return _version_refusal()
