@@ -451,8 +451,10 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str, names: list,
         torch.cuda.set_device(rank)
     else:  # up to 4 ranks share the CPU cores: one thread each, no oversubscription
         torch.set_num_threads(1)
+    # A collective waits this long for a slower rank (one compiling, on a loaded 2-core machine)
+    # before it errs; the parent's group timeout (longer) still catches a true hang.
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=240))
     ctx = Ctx(rank, world, seed, device)
     results, path = {}, Path(out_dir) / f"rank{rank}.json"
     for name in names:

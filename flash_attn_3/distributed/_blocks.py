@@ -267,3 +267,22 @@ def cached(builder, *key):
     """Plans depend only on lengths, ranks and masks: build each once per distinct call. A model's
     layers share one; packed plans hold index tensors on the device, so only a few are kept."""
     return builder(*key)
+
+
+class Attention(torch.autograd.Function):
+    """(out, lse) of one context-parallel strategy, differentiable: `forward(q, k, v, plan, opts,
+    group)` and `backward(dout, q, k, v, out, lse, plan, opts, group)` are the strategy's own."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, opts, group, forward, backward):
+        out, lse = forward(q, k, v, plan, opts, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.opts, ctx.group, ctx.strategy_backward = plan, opts, group, backward
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        grads = ctx.strategy_backward(dout, *ctx.saved_tensors, ctx.plan, ctx.opts, ctx.group)
+        return (*grads, None, None, None, None, None)
+

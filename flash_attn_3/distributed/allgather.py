@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import Options, band_limits, cached, dense_launches, gathered_calls, varlen_launches
+from ._blocks import Attention, Options, band_limits, cached, dense_launches, gathered_calls, varlen_launches
 from ._checks import validate
 from ._compile import eager_under_compile
 from ._comm import all_gather, reduce_scatter, resolve_group
@@ -100,21 +100,6 @@ def allgather_backward(dout, q, k, v, out, lse, plan: GatherPlan, opts: Options,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, opts, group):
-        out, lse = allgather_forward(q, k, v, plan, opts, group)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.opts, ctx.group = plan, opts, group
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        grads = allgather_backward(dout, *ctx.saved_tensors, ctx.plan, ctx.opts, ctx.group)
-        return (*grads, None, None, None)
-
-
 @eager_under_compile
 def allgather_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, layout="zigzag", deterministic=False, return_softmax_lse=False,
@@ -127,7 +112,8 @@ def allgather_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal
              deterministic=deterministic, strategy="allgather", enabled=validate_ranks)
     lo, hi = band_limits(causal, window_size)
     plan = cached(_dense_plan, q.shape[1], world_size, rank, layout, lo, hi, q.device)
-    out, lse = _AllGatherAttention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group)
+    out, lse = Attention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group,
+                               allgather_forward, allgather_backward)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -144,5 +130,6 @@ def allgather_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen=None, group
                   enabled=validate_ranks)
     lo, hi = band_limits(causal, window_size)
     plan = cached(_varlen_plan, tuple(cu), world_size, rank, layout, lo, hi, q.device)
-    out, lse = _AllGatherAttention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group)
+    out, lse = Attention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group,
+                               allgather_forward, allgather_backward)
     return (out, lse) if return_softmax_lse else out

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._blocks import Options, band_limits, cached, dense_launches, merge, shard_calls, varlen_launches
+from ._blocks import Attention, Options, band_limits, cached, dense_launches, merge, shard_calls, varlen_launches
 from ._checks import validate
 from ._compile import eager_under_compile
 from ._comm import Exchange, resolve_group
@@ -197,22 +197,6 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, opts: Options, group)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, opts, group):
-        out, lse = ring_forward(q, k, v, plan, opts, group)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.opts, ctx.group = plan, opts, group
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.plan, ctx.opts, ctx.group)
-        return dq, dk, dv, None, None, None
-
-
 def _options(q, softmax_scale, softcap, deterministic) -> Options:
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return Options(scale, float(softcap), bool(deterministic))
@@ -242,7 +226,8 @@ def ring_flash_attn_func(q, k, v, group=None, *, softmax_scale=None, causal=Fals
              deterministic=deterministic, strategy="ring", enabled=validate_ranks)
     lo, hi = band_limits(causal, window_size)
     plan = cached(_dense_plan, q.shape[1], world_size, rank, layout, lo, hi)
-    out, lse = _RingAttention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group)
+    out, lse = Attention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group,
+                               ring_forward, ring_backward)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -267,5 +252,6 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen=None, group=None
                   enabled=validate_ranks)
     lo, hi = band_limits(causal, window_size)
     plan = cached(_varlen_plan, tuple(cu), world_size, rank, layout, lo, hi, q.device)
-    out, lse = _RingAttention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group)
+    out, lse = Attention.apply(q, k, v, plan, _options(q, softmax_scale, softcap, deterministic), group,
+                               ring_forward, ring_backward)
     return (out, lse) if return_softmax_lse else out
