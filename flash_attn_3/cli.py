@@ -154,8 +154,32 @@ def cmd_info(args) -> int:
     for backend, reason in unavailable.items():
         if reason:
             print(f"{backend}: {reason}")
+    _print_entry_points(device)
     _print_triton_routes(device)
     return 0
+
+
+def _print_entry_points(device: torch.device) -> None:
+    """The ways in besides flash_attn_interface: the official op names, and whether PyTorch's
+    FA3 switch can send SDPA here (torch's wrapper takes sm_90 only)."""
+    from . import official_ops  # noqa: F401  (registers them, as flash_attn_3._C does)
+
+    ops = ", ".join(n for n in ("fwd", "bwd", "fwd_combine", "get_scheduler_metadata", "_flash_attn_forward",
+                                "_flash_attn_backward") if hasattr(torch.ops.flash_attn_3, n))
+    print()
+    print(f"Official ops (import flash_attn_3._C): torch.ops.flash_attn_3.{{{ops}}}")
+    attention = getattr(torch.nn, "attention", None)
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        switch = f"not in torch {torch.__version__} (it needs torch >= 2.11)"
+    elif device.type != "cuda":
+        switch = "needs a CUDA sm_90 GPU (torch's wrapper refuses other devices)"
+    elif torch.cuda.get_device_capability(device) != (9, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        switch = (f"torch's wrapper refuses sm_{major}{minor} (it takes sm_90 only): call "
+                  "flash_attn_interface directly on this GPU")
+    else:
+        switch = 'available: torch.nn.attention.activate_flash_attention_impl("FA3") sends SDPA here'
+    print(f"PyTorch's FA3 switch: {switch}")
 
 
 def _print_triton_routes(device: torch.device) -> None:

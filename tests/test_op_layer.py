@@ -346,3 +346,16 @@ def test_compiled_official_python_forward():
     compiled = torch.compile(lambda q, k, v: fa._flash_attn_forward(q, k, v, causal=True)[0], fullgraph=True,
                              backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), fa.flash_attn_func(q, k, v, causal=True), atol=0, rtol=0)
+
+
+def test_info_names_the_ways_in(capsys):
+    """`python -m flash_attn_3 info` lists the official ops and says whether PyTorch's switch
+    can use this device, and why not."""
+    from flash_attn_3 import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.ops.flash_attn_3.{fwd, bwd, fwd_combine, get_scheduler_metadata" in out
+    assert "PyTorch's FA3 switch: " in out
+    if not torch.cuda.is_available():
+        assert "needs a CUDA sm_90 GPU" in out
