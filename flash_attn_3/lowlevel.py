@@ -67,10 +67,7 @@ def backward(
     softmax_scale=None, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
     deterministic=False, sm_margin=0,
 ):
-    """Writes dq, dk, dv (those given; the others are computed and dropped, as officially) and
-    returns (dq, dk, dv, softmax_d): softmax_d = rowsum(dout * out) (products rounded to the input
-    dtype, sum in fp32), in the layout of softmax_lse (the official one is padded to its block
-    rows; ours is not)."""
+    """(dq, dk, dv), written into the given ones (the official ops drop those not given)."""
     window_size = checks.check_window((window_size_left, window_size_right))
     dout, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k = interface._unit_strides(
         dout, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k)
@@ -87,10 +84,13 @@ def backward(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validated=True,
     )
-    grads = ops.backward(dout, out, softmax_lse, a, (dq, dk, dv))
-    # Products in the input dtype, summed in fp32: one pass instead of two fp32 copies of dout
-    # and out (what nobody but a caller of this return reads should not cost a third of a
-    # short backward).
-    softmax_d = torch.sum(dout * out, dim=-1, dtype=torch.float32)
-    softmax_d = softmax_d.t() if cu_seqlens_q is not None else softmax_d.transpose(1, 2)
-    return (*grads, softmax_d.contiguous())
+    return ops.backward(dout, out, softmax_lse, a, (dq, dk, dv))
+
+
+def softmax_d(dout, out, varlen_q: bool):
+    """What the official backward returns: rowsum(dout * out), fp32, in the layout of softmax_lse
+    (the official one is padded to its block rows; ours is not). Products in the input dtype,
+    summed in fp32: one pass instead of two fp32 copies of dout and out, since only a caller of
+    the official ops reads it."""
+    rows = torch.sum(dout * out, dim=-1, dtype=torch.float32)
+    return (rows.t() if varlen_q else rows.transpose(1, 2)).contiguous()

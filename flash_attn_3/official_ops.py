@@ -102,13 +102,13 @@ def _fwd_fake(q, k, v, k_new, v_new, q_v, out, cu_seqlens_q, *rest):
 def _bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q,
          seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, window_size_left,
          window_size_right, softcap, deterministic, sm_margin):
-    *_, softmax_d = lowlevel.backward(
+    lowlevel.backward(
         dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
         max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, is_causal, window_size_left,
         window_size_right, softcap, deterministic, sm_margin)
     # (softmax_d, softmax_lse_log2, dq_accum, dk_accum, dv_accum): we keep no log2 LSE or
     # accumulators.
-    return softmax_d, *_empties(softmax_d, 4)
+    return lowlevel.softmax_d(dout, out, cu_seqlens_q is not None), *_empties(q, 4)
 
 
 def _softmax_d_shape(dout, cu_seqlens_q):
@@ -216,7 +216,7 @@ def _forward_backward(ctx, dout, *_):
                                   + " (the official FlashAttention-3 backward does not either)")
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k = ctx.saved_tensors
     max_seqlen_q, max_seqlen_k, softmax_scale, causal, left, right, softcap, sm_margin = ctx.scalars
-    dq, dk, dv, _ = lowlevel.backward(
+    dq, dk, dv = lowlevel.backward(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
         max_seqlen_k, None, None, None, softmax_scale, causal, left, right, softcap, False, sm_margin)
     return (dq, dk, dv) + (None,) * (len(_FORWARD_NAMES) - 3)
@@ -236,11 +236,11 @@ def _flash_attn_backward(
     window_size_right: int = -1, softcap: float = 0.0, deterministic: bool = False,
     sm_margin: int = 0,
 ) -> Tensor:
-    *_, softmax_d = lowlevel.backward(
+    lowlevel.backward(
         dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k,
         max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, is_causal, window_size_left,
         window_size_right, softcap, deterministic, sm_margin)
-    return softmax_d
+    return lowlevel.softmax_d(dout, out, cu_seqlens_q is not None)
 
 
 @_flash_attn_backward.register_fake

@@ -212,7 +212,7 @@ class Launch:
         which is what makes the block gradients exact) to the fp32 accumulators."""
         qs, ks, vs = self.q.take(q), self.k.take(k), self.k.take(v)
         cu_q, cu_k, max_q, max_k = self.varlen if self.varlen is not None else (None, None, None, None)
-        dq, dk, dv, _ = lowlevel.backward(
+        dq, dk, dv = lowlevel.backward(
             self.q.take(dout), qs, ks, vs, self.q.take(out), self.q.take(lse, self.q.dim + 1).contiguous(),
             cu_q, cu_k, None, None, max_q, max_k, None, None, None, opts.softmax_scale, False,
             self.window[0], self.window[1], opts.softcap, opts.deterministic,
