@@ -359,7 +359,11 @@ def _decode_steps(ctx, paged: bool):
         single, single_lse, *_ = flash_attn_with_kvcache(q, k_full.clone(), v_full.clone(), k_new, v_new,
                                                           cache_seqlens=seqlens, return_softmax_lse=True, **step)
         label = f"decode step {i} paged={paged} {step}"
-        assert_matches_reference(f"{label}: out", out, ref, lowp, softcap="softcap" in step)
+        # Each rank's partial out leaves flash_attn_with_kvcache rounded to bf16 before the fp32
+        # merge, a rounding the single-pass reference does not have (half an ulp per partial):
+        # one ulp of the largest output on top (a run at W=2 missed by 0.002 at |out| 2.5).
+        ulp = torch.finfo(out.dtype).eps * ref.abs().max().item()
+        assert_matches_reference(f"{label}: out", out, ref, lowp, softcap="softcap" in step, slack=ulp)
         assert_lse_matches(f"{label}: lse", lse, ref_lse)
         assert_matches_reference(f"{label}: single-rank out", single, ref, lowp, softcap="softcap" in step)
         k_full, v_full = k_after, v_after
