@@ -4,16 +4,20 @@
 #
 #   here:    scripts/carry_wheel.sh split VERSION
 #            downloads triton==VERSION's manylinux x86_64 wheel for CPython 3.12 (the device's
-#            Python), writes SHA256SUMS (the wheel's hash and each part's) and the parts of at most
-#            PART_MIB MiB (default 60) under .whl/parts/triton-VERSION/ (ignored by git), and
-#            prints the device calls that carry them.
+#            Python), unpacks it and leaves out what a kernel never loads (CUPTI and libproton,
+#            which only the profiler uses; the instrumentation test library; the ptxas that this
+#            version does not use for sm_90), packs the rest as .tar.xz (3.8.0: 237 MB wheel ->
+#            99 MB), writes SHA256SUMS (the pack's hash and each part's) and the parts of at most
+#            PART_MIB MiB (default 60; FIRST_MIB for part-00, to leave room for other carried
+#            files in the first call) under .whl/parts/triton-VERSION/ (ignored by git), and
+#            prints the device calls that carry them. PACK=0 splits the wheel itself.
 #
 #   device:  scripts/carry_wheel.sh receive VERSION
 #            one call per part, each carrying that part and SHA256SUMS: checks the part's hash
 #            and keeps it in $STORE (default /tmp/fa3_wheels; ignored files of the working tree
 #            may be replaced by the next call's, /tmp stays while the machine is warm). Once every
-#            part is there it joins them, checks the wheel's hash and installs it with
-#            `pip install --no-deps --target /tmp/triton-VERSION`; then
+#            part is there it joins them, checks the hash and unpacks the pack (or pip-installs
+#            the wheel) into /tmp/triton-VERSION; then
 #            `PYTHONPATH=/tmp/triton-VERSION python ...` imports that triton instead of the
 #            installed one (torch does not import triton at start-up).
 #
@@ -42,10 +46,19 @@ split_here() {
     -d ".whl/download-$version" "triton==$version"
   local wheel
   wheel=$(ls ".whl/download-$version"/triton-"$version"-*.whl)
+  if [[ ${PACK:-1} == 1 ]]; then
+    wheel=$(pack "$wheel")
+  fi
   local name
   name=$(basename "$wheel")
   (cd "$(dirname "$wheel")" && sha256sum "$name") > "$PARTS/SHA256SUMS"
-  split -b "${PART_MIB}M" -d -a 2 "$wheel" "$PARTS/part-"
+  if [[ -n ${FIRST_MIB:-} ]]; then
+    head -c "$((FIRST_MIB * 1048576))" "$wheel" > "$PARTS/part-00"
+    tail -c "+$((FIRST_MIB * 1048576 + 1))" "$wheel" | split -b "${PART_MIB}M" -d -a 2 \
+      --numeric-suffixes=1 - "$PARTS/part-"
+  else
+    split -b "${PART_MIB}M" -d -a 2 "$wheel" "$PARTS/part-"
+  fi
   (cd "$PARTS" && sha256sum part-*) >> "$PARTS/SHA256SUMS"
   local size parts
   size=$(stat -c %s "$wheel")
@@ -60,6 +73,24 @@ split_here() {
     echo "  carry [\"$p\", \"$PARTS/SHA256SUMS\"]   command: bash scripts/carry_wheel.sh receive $version"
   done
   echo "Then: PYTHONPATH=$TARGET python -c 'import triton; print(triton.__version__)'"
+}
+
+pack() {  # WHEEL -> prints the path of the .tar.xz of what the kernels need from it
+  local wheel=$1 dir
+  dir=$(dirname "$wheel")/unpacked
+  rm -rf "$dir" && mkdir -p "$dir"
+  "$PY" -m zipfile -e "$wheel" "$dir" >&2
+  local nv=$dir/triton/backends/nvidia
+  rm -rf "$nv/lib/cupti" "$nv/lib/cupti-blackwell" "$dir/triton/instrumentation" \
+    "$dir/triton/_C/libproton.so"
+  # Up to 3.8 sm_90 is assembled by ptxas; 3.9 takes ptxas-blackwell for every arch.
+  case $version in
+    3.6.*|3.7.*|3.8.*) rm -f "$nv/bin/ptxas-blackwell" ;;
+  esac
+  chmod +x "$nv"/bin/* 2>/dev/null || true
+  (cd "$dir" && tar cf - . | xz -9 -T2 > "../triton-$version-sm90.tar.xz")
+  rm -rf "$dir"
+  echo "$(dirname "$wheel")/triton-$version-sm90.tar.xz"
 }
 
 receive() {
@@ -107,7 +138,11 @@ install_wheel() {
     exit 1
   fi
   rm -rf "$TARGET"
-  "$PY" -m pip install -q --no-deps --no-index --target "$TARGET" "$STORE/$name"
+  if [[ $name == *.tar.xz ]]; then
+    mkdir -p "$TARGET" && tar -xJf "$STORE/$name" -C "$TARGET"
+  else
+    "$PY" -m pip install -q --no-deps --no-index --target "$TARGET" "$STORE/$name"
+  fi
   echo "$name: sha256 ok, installed in $TARGET"
   PYTHONPATH=$TARGET "$PY" -c 'import triton; print("PYTHONPATH='"$TARGET"' imports triton", triton.__version__, "from", triton.__file__)'
 }

@@ -21,7 +21,10 @@
 # "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
 # (added to the `gpu` and `suite` pytest runs, e.g. "-n 8": the GPU tests are compile-bound and the
 # device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11),
-# FLASH_ATTN_3_COMMIT (the commit the bench JSON records: set it on the caller's side, e.g.
+# ALT_TRITON=VERSION (every part runs under that triton instead of the installed one, with the Gluon
+# kernels forced on, FLASH_ATTN_3_GLUON=1 unless set: the GPU check of a triton version that
+# gluon_compat.VERSIONS does not yet list as run; its parts travel first, see
+# scripts/carry_wheel.sh), FLASH_ATTN_3_COMMIT (the commit the bench JSON records: set it on the caller's side, e.g.
 # `FLASH_ATTN_3_COMMIT=abc1234 bash scripts/gpu_check.sh ...`, since the device's copy of .git can
 # lag behind the working tree it receives).
 #
@@ -37,6 +40,12 @@ DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-520}))
 QUICK_FLAG=$([[ ${QUICK:-1} == 0 ]] && echo "" || echo "--quick")
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 mkdir -p "$OUT"
+if [[ -n ${ALT_TRITON:-} ]]; then
+  bash scripts/carry_wheel.sh receive "$ALT_TRITON" || exit 1
+  [[ -d /tmp/triton-$ALT_TRITON/triton ]] || { echo "triton $ALT_TRITON: not all parts here"; exit 1; }
+  export PYTHONPATH=/tmp/triton-$ALT_TRITON${PYTHONPATH:+:$PYTHONPATH}
+  export FLASH_ATTN_3_GLUON=${FLASH_ATTN_3_GLUON:-1}
+fi
 WORK=$(mktemp -d)
 SUMMARY=$WORK/summary.md
 
@@ -120,6 +129,7 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DE
 print(f"{gpu}; python {platform.python_version()}; torch {torch.__version__}; triton {tv}; "
       f"CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}")
 EOF
+    echo "FLASH_ATTN_3_GLUON=${FLASH_ATTN_3_GLUON:-unset}"
     echo
   } >> "$SUMMARY"
   cat "$SUMMARY"
