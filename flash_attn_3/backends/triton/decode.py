@@ -649,7 +649,9 @@ def _plan(batch: int, num_heads_q: int, num_heads_kv: int, max_seqlen_q: int, ma
     num_m_blocks = -(-rows // block_m)
     splits = decode_num_splits(batch, num_heads_q, num_heads_kv, max_seqlen_q, max_seqlen_k,
                                head_dim, head_dim_v, device, num_splits)
-    dims = (triton.next_power_of_2(head_dim), triton.next_power_of_2(head_dim_v))
+    # tl.dot takes K >= 16 on the GPU (head dims 8 failed to compile there; the interpreter
+    # takes any): narrower heads run in 16 columns, the rest masked.
+    dims = (max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(head_dim_v)))
     if config is not None:
         return _Plan(block_m, *config, splits, num_m_blocks, *dims)
     programs = batch * num_heads_kv * num_m_blocks * splits
