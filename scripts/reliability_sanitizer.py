@@ -270,11 +270,23 @@ def parse(log: str) -> dict:
     return dict(errors=errors, warnings=warnings, headlines=headlines[:15])
 
 
+def _tensor_op_checks(binary: str) -> list[str]:
+    """The memcheck switches that make it follow the TMA copies and wgmma operands. Their names
+    moved between releases: 2025.3 (CUDA 13.0, the device's) has --check-bulk-copy and
+    --check-warpgroup-mma and refuses --check-tensor-ops, which 13.4 has."""
+    helptext = subprocess.run([binary, "--help"], capture_output=True, text=True).stdout
+    switches = []
+    for option in ("--check-tensor-ops", "--check-bulk-copy", "--check-warpgroup-mma"):
+        if option in helptext:
+            switches += [option, "yes"]
+    return switches
+
+
 def _tool_command(binary: str, tool: str, workload_budget: float) -> list[str]:
     cmd = [binary, "--tool", tool, "--print-limit", "50", "--target-processes", "application-only",
            "--report-api-errors", "no", "--show-backtrace", "device"]
     if tool == "memcheck":
-        cmd += ["--check-tensor-ops", "yes", "--leak-check", "no"]
+        cmd += _tensor_op_checks(binary) + ["--leak-check", "no"]
     if tool == "racecheck":
         cmd += ["--racecheck-report", "analysis"]
     cmd += [sys.executable, str(Path(__file__).resolve()), "--workload", "--budget", f"{workload_budget:.0f}"]

@@ -322,7 +322,15 @@ def test_scores_of_1e4(fa, case, device):
     # where the fp32 twin lands half an ulp off (H100, 2026-12-07: 0.0156 at 3.31 against a
     # bound of 2 x 0.0078), so one ulp of the largest output is allowed on top.
     ulp = torch.finfo(out.dtype).eps * ref.abs().max().item()
-    assert_matches_reference("out", out, ref, twin, softcap=case["softcap"] > 0, slack=ulp)
+    # The mean too: the kernels (as FA3's) take exp2(s * c - m) in one FMA, whose rounding
+    # residual at |s * c| ~ 2e3 puts the top key's fp32 p (in the row sum) 4e-5 off 1 while its
+    # fp16 / bf16 copy (in P @ V) rounds to exactly 1, so ~5 % of outputs land one ulp off (H100
+    # 2026-12-07: Gluon fp16 mean err 7e-5; portable bf16 causal 3.6e-6 against 3.4e-6), which
+    # the fp32 twin, exact there, does not model. Half an ulp of the mean output covers it; the
+    # max bound and the NaN check still catch a wrong key or an overflow.
+    mean_ulp = 0.5 * torch.finfo(out.dtype).eps * ref.abs().mean().item()
+    assert_matches_reference("out", out, ref, twin, softcap=case["softcap"] > 0, slack=ulp,
+                             mean_slack=mean_ulp)
     assert_lse_matches("lse", lse, ref_lse)
     if case["entry"] != "func":
         return

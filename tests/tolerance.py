@@ -29,9 +29,11 @@ def assert_matches_reference(
     softcap: bool = False,
     rows: Optional[torch.Tensor] = None,
     slack: float = 0.0,
+    mean_slack: float = 0.0,
 ) -> None:
     """rows: optional bool mask over the leading dim selecting the elements the contract defines.
-    slack: an absolute allowance on the max error added to the rule's (0 unless a test says why).
+    slack / mean_slack: absolute allowances on the max / mean error added to the rule's (0 unless
+    a test says why).
 
     softcap: the official tests allow 3x instead of 2x on the max with softcap (tanh amplifies the
     rounding of the scores), so we do too.
@@ -59,7 +61,7 @@ def assert_matches_reference(
         f"mean err {mean_err:.3g}, low-precision mean err {mean_base:.3g}"
     )
     assert max_err <= max_mult * max_base + 1e-5 + slack, detail
-    assert mean_err <= mean_mult * mean_base + 1e-7, detail
+    assert mean_err <= mean_mult * mean_base + 1e-7 + mean_slack, detail
 
 
 def assert_lse_matches(name: str, lse: torch.Tensor, ref: torch.Tensor, *, rows=None, dim=-1) -> None:
