@@ -44,8 +44,12 @@ VERSIONS = {
     "3.7": (DIFFERS, "the default causal backward at head dim 128 has one more local-memory op "
                      "in its KV loop (5 against 3.6's 4); elsewhere only spills outside the loops "
                      "move"),
-    "3.8": (COMPILED, "every default config as under 3.6; spills outside the loops move, mostly "
-                      "down (causal forward at head dim 128: 104 -> 0 bytes)"),
+    # H100, 2026-12-07 10:20 UTC, torch 2.11: 406 GPU tests passed (of the suite's ~550; the
+    # rest cut by the call's time cap, none failed); forward within 2 % of 3.6's ratio to cuDNN
+    # in the same call, fp8 +3 %; backward 1-5 % below 3.6's (D = 64 0.85 vs 0.90, D = 128
+    # 0.88-0.89 vs 0.91), still well above the portable kernels.
+    "3.8": (RUN, "every default config as under 3.6 (spills outside the loops move, mostly "
+                 "down); run on the H100: forward at 3.6's speed, backward 1-5 % slower"),
     "3.9": (DIFFERS, "the causal forward at head dims 128 and 256 spills into its KV loop (2 "
                      "local-memory ops; 104 -> 260 bytes of spills at 128)"),
 }
