@@ -269,7 +269,7 @@ if _GLUON_OK:
     def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j, kv,
                  STAGES: gl.constexpr, IS_FP8: gl.constexpr):
         """Block j of a tile's keys and values into ring slot kv % STAGES."""
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
         stage = kv % STAGES
         # Fresh barriers pass a wait on parity 1, so the first lap of the ring does not wait.
@@ -291,7 +291,7 @@ if _GLUON_OK:
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs, window,
                   CAUSAL: gl.constexpr, PAIRED: gl.constexpr, STAGES: gl.constexpr,
                   IS_FP8: gl.constexpr):
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -361,8 +361,10 @@ if _GLUON_OK:
         """Zero rows first_row.. of a V tile in shared memory. Their P is 0, but rows past a
         sequence's keys are whatever memory holds there (a KV cache's unused tail, the next
         sequence) and 0 * NaN is NaN in the PV wgmma; TMA zero-fills only past the tensor.
-        Both consumer warpgroups clear the same tile: the second rewrites the bits the first
-        left, so its stores cannot change what the first one's wgmma reads."""
+        Warpgroup 0 clears the tile that both consumer warpgroups read, and warpgroup 1 waits
+        for it (the tail barriers): when both cleared it, each one's read-modify-write of the
+        valid rows raced with the other's stores (compute-sanitizer racecheck, 2026-12-07:
+        benign, the bits were the same, but a race all the same)."""
         BLOCK_N: gl.constexpr = v_tile.shape[0]
         HEAD_DIM: gl.constexpr = v_tile.shape[1]
         CHUNK: gl.constexpr = 16
@@ -497,7 +499,7 @@ if _GLUON_OK:
                   PAIRED: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
                   LATE_PV_WAIT: gl.constexpr, WG: gl.constexpr):
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn = bars
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
@@ -520,6 +522,7 @@ if _GLUON_OK:
         o_smem = o_bufs.index(WG)
 
         kv = 0  # K/V blocks consumed so far: the ring position runs on across tiles
+        tails = 0  # V tails cleared so far (varlen / seqused_k): the tail barriers' phase
         issue = 0  # wgmma issue turns taken so far
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
@@ -638,9 +641,18 @@ if _GLUON_OK:
                         # seqused_k, only past the tensor, which TMA zero-filled).
                         if seqs[1] is not None or seqs[3] is not None:
                             if (first + num_blocks) * BLOCK_N > k_rows:
-                                _clear_tail(v_smem.index(last % STAGES).reshape(
-                                    [BLOCK_N, HEAD_DIM]),
-                                    k_rows - (first + num_blocks - 1) * BLOCK_N)
+                                if WG == 0:
+                                    # a fresh barrier passes a wait on parity 1
+                                    mbarrier.wait(tail_bars.index(1), (tails & 1) ^ 1)
+                                    _clear_tail(v_smem.index(last % STAGES).reshape(
+                                        [BLOCK_N, HEAD_DIM]),
+                                        k_rows - (first + num_blocks - 1) * BLOCK_N)
+                                    gl.thread_barrier()  # all four warps' stores, then signal
+                                    mbarrier.arrive(tail_bars.index(0))
+                                else:
+                                    mbarrier.wait(tail_bars.index(0), tails & 1)
+                                    mbarrier.arrive(tail_bars.index(1))
+                                tails += 1
                         _take_turn(turn, issue + num_blocks, WG, PINGPONG)
                         o_tok = warpgroup_mma(
                             _p_issued(p, p_dtype, p_layout, IS_FP8),
@@ -759,7 +771,15 @@ if _GLUON_OK:
             # Both consumer warpgroups must release a stage before it is refilled.
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
-        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn)
+        # Where the last key block can reach past a sequence's keys (_clear_tail): warpgroup 0
+        # clears V's tail and signals the first barrier, warpgroup 1 waits on it and acknowledges
+        # on the second, so the next clear cannot overtake its wait. Allocated last and always
+        # (a tuple cannot hold None here); the dense kernels never touch them.
+        tail_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        if cu_seqlens_k is not None or seqused_k is not None:
+            mbarrier.init(tail_bars.index(0), count=1)
+            mbarrier.init(tail_bars.index(1), count=1)
+        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars)
         shape = (num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair)
 
         # The argument tuples stay inline: a tuple bound to a name turns its constexprs into
