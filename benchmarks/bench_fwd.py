@@ -14,8 +14,15 @@ them). TFLOP/s there count the score entries each mask keeps (4·B·H·D per ent
 ours / ours_causal is (causal time × kept fraction) / layer time: >= 0.95 meets the issue's
 target of a time within 1.05x of causal's scaled by the kept fraction.
 
+Paged chunked prefill (layout=paged, issue 16): flash_attn_with_kvcache's prefill step of a
+serving engine, varlen chunks of 2k query tokens, each the last 2k of a 32k cache held in shuffled
+pages of 16 (64, 256) tokens, causal, Llama-3-8B's heads (32 over 8, D = 128), 4 sequences;
+against our own varlen forward over the same keys in one contiguous buffer (target
+ours/ours_dense >= 0.9: what the page table costs) and FlexAttention over the contiguous cache.
+
     python -m benchmarks.bench_fwd [--quick] [--out DIR] [--only D=128 --only layout=dense]
     python -m benchmarks.bench_fwd --quick --only layout=layer     # the model layers only
+    python -m benchmarks.bench_fwd --only layout=paged             # paged chunked prefill only
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ HEAD_DIMS = (64, 128, 256)
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
 LAYOUTS = ("dense", "varlen_equal", "varlen_ragged")
 DTYPES = ("bf16", "fp8")
-CASE_KEYS = ("D", "H", "N", "B", "causal", "layout", "dtype", "layer")
+CASE_KEYS = ("D", "H", "N", "B", "causal", "layout", "dtype", "layer", "page")
 PEERS = ("cudnn", "fa2")
 # name -> head dim, KV heads (of H = 2048 / D query heads: the model's group size, Llama 4's 5
 # rounded to 4), window (left, right), chunk, softcap, sinks
@@ -44,6 +51,9 @@ LAYERS = {
     "llama4_chunk8192": dict(D=128, Hk=4, window=(-1, 0), chunk=8192),
 }
 LAYER_SEQLENS = (8192, 32768)
+# Paged chunked prefill: query chunk, cache length (chunk included), sequences, heads, KV heads
+PAGED = dict(chunk=2048, N=32768, B=4, H=32, Hk=8, D=128)
+PAGE_SIZES = (16, 64, 256)
 
 
 def cases(quick: bool) -> Iterator[dict]:
@@ -96,6 +106,73 @@ def kept_entries(case: dict, layer: Optional[str] = None) -> int:
 
 def layer_flops(case: dict, layer: Optional[str]) -> float:
     return 4.0 * case["B"] * case["H"] * case["D"] * kept_entries(case, layer)
+
+
+def paged_cases(quick: bool) -> Iterator[dict]:
+    for page in PAGE_SIZES[:1] if quick else PAGE_SIZES:
+        yield dict(D=PAGED["D"], H=PAGED["H"], N=PAGED["N"], B=PAGED["B"], causal=True,
+                   layout="paged", dtype="bf16", page=page)
+
+
+def paged_flops(case: dict) -> float:
+    """4·D per kept score entry: a chunk of c queries over n keys, bottom-right causal, keeps
+    c·(n - c) + c·(c + 1) / 2 per (sequence, head)."""
+    c, n = PAGED["chunk"], case["N"]
+    return 4.0 * case["B"] * case["H"] * case["D"] * (c * (n - c) + c * (c + 1) / 2)
+
+
+def make_paged_inputs(case: dict) -> dict:
+    """Packed query chunks; the cache once as shuffled pages and once contiguous (the same keys),
+    its lengths, and each sequence's cu_seqlens for the contiguous twin."""
+    c, n, b, page = PAGED["chunk"], case["N"], case["B"], case["page"]
+    hk, d = PAGED["Hk"], case["D"]
+    q = torch.randn(b * c, case["H"], d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b * n, hk, d, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    pages_per_seq = n // page
+    table = torch.randperm(b * pages_per_seq, device="cuda").view(b, pages_per_seq)
+    k_pages, v_pages = (torch.empty(b * pages_per_seq, page, hk, d, device="cuda",
+                                    dtype=torch.bfloat16) for _ in "kv")
+    k_pages[table.flatten()] = k.view(-1, page, hk, d)
+    v_pages[table.flatten()] = v.view(-1, page, hk, d)
+    arange = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+    return dict(q=q, k=k, v=v, k_pages=k_pages, v_pages=v_pages, table=table.to(torch.int32),
+                cu_q=arange * c, cu_k=arange * n,
+                cache_seqlens=torch.full((b, ), n, device="cuda", dtype=torch.int32))
+
+
+def ours_paged(case: dict, t: dict, dense: bool = False):
+    import flash_attn_interface as fa3
+
+    c, n = PAGED["chunk"], case["N"]
+    if dense:
+        return lambda: fa3.flash_attn_varlen_func(t["q"], t["k"], t["v"], t["cu_q"], t["cu_k"],
+                                                  c, n, causal=True)
+    return lambda: fa3.flash_attn_with_kvcache(
+        t["q"], t["k_pages"], t["v_pages"], cache_seqlens=t["cache_seqlens"],
+        page_table=t["table"], cu_seqlens_q=t["cu_q"], max_seqlen_q=c, causal=True)
+
+
+def peer_flex_paged(case: dict, t: dict):
+    """Flex over the contiguous cache ((B, chunk) queries, (B, N) keys), bottom-right causal."""
+    c, n, b = PAGED["chunk"], case["N"], case["B"]
+    q = t["q"].view(b, c, *t["q"].shape[1:])
+    k, v = (t[x].view(b, n, *t[x].shape[1:]) for x in "kv")
+
+    def mask_mod(batch, h, q_idx, kv_idx):
+        return q_idx + (n - c) >= kv_idx
+
+    call = flex_masked(q, k, v, mask_mod)
+    return lambda: call().transpose(1, 2).flatten(0, 1)
+
+
+def measure_paged(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
+    inputs = functools.cache(lambda: make_paged_inputs(case))
+    flops = paged_flops(case)
+    builds = dict(ours=lambda: ours_paged(case, inputs()),
+                  ours_dense=lambda: ours_paged(case, inputs(), dense=True),
+                  flex=lambda: peer_flex_paged(case, inputs()))
+    for impl in impls:
+        run.measure("paged", case, impl, builds[impl], flops=flops)
 
 
 def make_layer_inputs(case: dict) -> dict:
@@ -265,19 +342,29 @@ def main(argv: Optional[list[str]] = None) -> None:
             "Model layers, forward TFLOP/s of the score entries each mask keeps (B·N = 32k, "
             "H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's time scaled by the "
             "kept fraction; target ours/flex >= 1.3)", "tflops",
-            ratios=[("ours", "ours_causal"), ("ours", "flex")])}
+            ratios=[("ours", "ours_causal"), ("ours", "flex")]),
+        "paged": Section(
+            "Paged chunked prefill, forward TFLOP/s of the kept score entries (2k-token chunks "
+            "over 32k caches, 4 sequences, 32/8 heads, D = 128, causal; target "
+            "ours/ours_dense >= 0.9)", "tflops",
+            ratios=[("ours", "ours_dense"), ("ours", "flex")])}
     with Runner("bench_fwd", args, sections, CASE_KEYS) as run:
         todo = [c for c in cases(args.quick) if run.keep(c)]
         layers = [c for c in layer_cases(args.quick) if run.keep(c)]
+        paged = [c for c in paged_cases(args.quick) if run.keep(c)]
         for case in todo:
             peers = PEERS if case["dtype"] == "bf16" else ("cudnn",)
             measure_case(run, case, ("ours",) + peers)
         for case in layers:
             measure_layer(run, case, ("ours", "ours_causal"))
+        for case in paged:
+            measure_paged(run, case, ("ours", "ours_dense"))
         # Flex last: its compiles are the slowest part, and a time cap should cut them first
         # (the layers' first: the grid's have earlier runs to stand on)
         for case in layers:
             measure_layer(run, case, ("flex",))
+        for case in paged:
+            measure_paged(run, case, ("flex",))
         for case in todo:
             if wants_flex(case, args.quick):
                 measure_case(run, case, ("flex",))

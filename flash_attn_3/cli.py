@@ -214,9 +214,16 @@ def _print_triton_routes(device: torch.device) -> None:
     step = AttnArgs.plain(torch.empty(8, 1, 32, 128, device=device, dtype=torch.bfloat16), cache,
                           cache, seqused_k=torch.full((8,), 4000, dtype=torch.int32, device=device),
                           window_right=0)
+    pages = torch.empty(256, 16, 8, 128, device=device, dtype=torch.bfloat16)
+    chunk = AttnArgs.plain(
+        torch.empty(1, 2048, 32, 128, device=device, dtype=torch.bfloat16), pages, pages,
+        page_table=torch.arange(256, dtype=torch.int32, device=device).view(1, 256),
+        seqused_k=torch.full((1,), 4096, dtype=torch.int32, device=device), max_seqlen_k=4096,
+        window_right=0)
     calls = [("forward, bf16 (2, 4096, 16, 128) causal", routes.forward_route(prefill)),
              ("backward, same call", routes.backward_route(prefill)),
-             ("kvcache step, 1 token, 32/8 heads, 4k cache", routes.forward_route(step))]
+             ("kvcache step, 1 token, 32/8 heads, 4k cache", routes.forward_route(step)),
+             ("kvcache chunked prefill, 2k tokens, page 16", routes.forward_route(chunk))]
     for what, (module, why) in calls:
         print(f"  {what:<44} -> {module}.py: {why}")
 

@@ -2,7 +2,7 @@
 
     python scripts/aot_fwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16|fp8]
                                      [--varlen] [--seqused] [--window L,R] [--chunk C]
-                                     [--softcap C] [--sinks]
+                                     [--softcap C] [--sinks] [--paged PAGE_SIZE]
     python scripts/aot_fwd_hopper.py --check-plain
                                      [--config BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]]]
                                      [--keep DIR]
@@ -12,7 +12,9 @@ that reads seqused_q/k; both together are what flash_attn_varlen_func with sequs
 fp8 is dense only (forward() sends fp8 varlen to the portable kernel). --window, --chunk,
 --softcap and --sinks compile the layer variants (sliding window, attention_chunk, softcap,
 attention sinks); the sequences are 256 tokens long, and a window side of 255 or more is no
-bound (fwd_hopper.mask_bounds).
+bound (fwd_hopper.mask_bounds). --paged compiles the paged-cache variant that
+flash_attn_with_kvcache's prefill launches: K/V as (num_pages, PAGE_SIZE, Hk, D) pages through a
+page table, with cache_seqlens (seqused_k); q dense, or packed with --varlen (cu_seqlens_q only).
 
 --check-plain compiles every plain variant recorded in tests/fwd_hopper_plain_sass.json (the
 kernels before the layer variants: bf16 / fp16 / fp8, D = 64 / 128 / 256, causal or not, dense /
@@ -55,12 +57,25 @@ from scripts.aot_fwd import assemble, ptxas_figures  # noqa: E402
 
 
 def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
-               seqused: bool = False, **fields) -> AttnArgs:
+               seqused: bool = False, page_size: int = 0, **fields) -> AttnArgs:
     """CPU AttnArgs of one shape class: 2 sequences of 256 tokens, 4 query heads over 2 KV heads,
-    packed (with cu_seqlens) when varlen, seqused_q/k when seqused; `fields` override the rest
-    (window, chunk, softcap, sinks)."""
+    packed (with cu_seqlens) when varlen, seqused_q/k when seqused; with a page_size, K/V in
+    pages of a 2048-token cache (seqused_k its lengths) and only q packed when varlen; `fields`
+    override the rest (window, chunk, softcap, sinks)."""
     q, k, v = (torch.empty(2, 256, h, head_dim, dtype=dtype) for h in (4, 2, 2))
     extra = {}
+    if page_size:
+        max_pages = 2048 // page_size
+        k, v = (torch.empty(2 * max_pages + 3, page_size, 2, head_dim, dtype=dtype)
+                for _ in "kv")
+        extra.update(page_table=torch.empty(2, max_pages, dtype=torch.int32),
+                     seqused_k=torch.empty(2, dtype=torch.int32), max_seqlen_k=2048)
+        if varlen:
+            q = q.flatten(0, 1)
+            extra.update(cu_seqlens_q=torch.tensor([0, 256, 512], dtype=torch.int32),
+                         max_seqlen_q=256)
+        return AttnArgs.plain(q, k, v, **{"window_right": 0 if causal else -1, **extra,
+                                          **fields})
     if varlen:
         q, k, v = (x.flatten(0, 1) for x in (q, k, v))
         lengths = torch.tensor([0, 256, 512], dtype=torch.int32)
@@ -237,6 +252,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=0, help="attention_chunk")
     p.add_argument("--softcap", type=float, default=0.0)
     p.add_argument("--sinks", action="store_true", help="with attention sinks")
+    p.add_argument("--paged", type=int, default=0, metavar="PAGE_SIZE",
+                   help="K/V in a paged cache of pages of this many tokens")
     p.add_argument("--keep", type=Path)
     p.add_argument("--check-plain", action="store_true",
                    help="compare every recorded plain variant's SASS (and nothing else)")
@@ -245,21 +262,21 @@ def main() -> None:
         raise SystemExit(0 if check_plain() else 1)
     dtype = DTYPES[args.dtype]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    if dtype == torch.float8_e4m3fn and (args.varlen or args.seqused):
+    if dtype == torch.float8_e4m3fn and (args.varlen or args.seqused or args.paged):
         raise SystemExit("fp8 is dense only")
     left, right = (int(x) for x in args.window.split(","))
     layer = dict(window_left=left, window_right=0 if args.causal else right,
                  attention_chunk=args.chunk, softcap=args.softcap,
                  sinks=torch.empty(4) if args.sinks else None)
     kernel = compile_for_sm90(plain_args(args.head_dim, args.causal, dtype, args.varlen,
-                                         args.seqused, **layer), config)
+                                         args.seqused, args.paged, **layer), config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
         got = report(kernel, keep)
     # A plain variant at its default config: is its SASS the recorded one (None: none recorded)?
-    plain = (left, right, args.chunk, args.softcap, args.sinks, config) == (-1, -1, 0, 0.0,
-                                                                             False, None)
+    plain = (left, right, args.chunk, args.softcap, args.sinks, config, args.paged) == (
+        -1, -1, 0, 0.0, False, None, 0)
     recorded = json.loads(PLAIN_SASS.read_text())
     key = plain_key(args.dtype, args.head_dim, args.causal, args.varlen, args.seqused)
     if plain and recorded["triton"] == triton.__version__ and key in recorded["sass_sha256"]:

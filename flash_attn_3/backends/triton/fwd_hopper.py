@@ -37,6 +37,12 @@ cleared in shared memory, and a query tile that crosses its sequence's end store
 registers, row-masked, instead of by TMA. None index tensors are constexprs, so the dense kernel
 is compiled without any of it.
 
+Paged K/V (PAGE_SIZE, flash_attn_with_kvcache's chunked prefill): the K and V descriptors cover
+the page pool (num_pages, page_size, Hk, D), and the producer fills a ring slot with one TMA copy
+per page the key block spans (or one slice of a larger page), each into its rows of the slot,
+on the slot's one barrier; the page ids come from page_table[b] (clamped to the sequence's last
+page). The consumers see a cache with seqused_k whose rows happen to live in pages.
+
 fp8 e4m3 (IS_FP8, dense only): q and k as given, V as a copy with the keys contiguous,
 (B, Hk, D, Sk), because fp8 wgmma reads both shared-memory operands only K-major and the K of
 P @ V is the key axis. The descales fold into the score scale per (batch, KV head) (q's and k's)
@@ -113,14 +119,15 @@ _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
 _SMEM_BUDGET = 220 * 1024  # of the 227 KB, leaving room for barriers
 # _fwd_kernel's arguments whose values follow sequence lengths or batch size (the descales'
-# strides: a transposed (Hk, B) view's follow the batch). Triton would specialize them (multiple
+# strides: a transposed (Hk, B) view's follow the batch; the page table's row stride follows the
+# cache capacity). Triton would specialize them (multiple
 # of 16, or 1 as a constant) and compile a kernel per class: seqlen 5120 and 1000 compiled twice
 # on the H100 (scripts/compile_cost.py). Head counts and group size follow the model and stay
 # specialized. The strides are arguments of their own because Triton specializes the members of
 # a tuple argument whatever do_not_specialize says.
 UNSPECIALIZED = ("num_units", "num_m_blocks", "seqlen_q", "seqlen_k", "pair", "q_descale_sb",
                  "q_descale_sh", "k_descale_sb", "k_descale_sh", "v_descale_sb", "v_descale_sh",
-                 "window_left", "window_right", "chunk")
+                 "window_left", "window_right", "chunk", "page_table_stride")
 
 
 def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> bool:
@@ -266,52 +273,90 @@ if _GLUON_OK:
                 k_rows, first, num_blocks, full_lo, full_hi)
 
     @gluon.jit
-    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j, kv,
-                 STAGES: gl.constexpr, IS_FP8: gl.constexpr):
-        """Block j of a tile's keys and values into ring slot kv % STAGES."""
+    def _kv_pages(page_row, last_page, j, BLOCK_N: gl.constexpr, ROWS: gl.constexpr,
+                  PAGE_SIZE: gl.constexpr):
+        """Physical page of each of key block j's BLOCK_N // ROWS copies (ROWS keys each, never
+        across a page). Keys past the sequence read its last page instead of whatever the table
+        holds past its end: the mask drops their scores and _clear_tail their V rows. All loads
+        go out before the first copy needs one: in a loop of load-then-copy each copy waited for
+        its own page-table read."""
+        pages = ()
+        for c in gl.static_range(BLOCK_N // ROWS):
+            logical = (j * BLOCK_N + c * ROWS) // PAGE_SIZE
+            pages = pages + (gl.load(page_row + gl.minimum(logical, last_page)), )
+        return pages
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk, j, kv, page_row,
+                 last_page, STAGES: gl.constexpr, IS_FP8: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """Block j of a tile's keys and values into ring slot kv % STAGES. Paged, the block is
+        filled by one TMA copy per page it spans (or one per block within a larger page),
+        each into its rows of the slot, all on the slot's one barrier."""
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
-        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.type.shape[2]
         stage = kv % STAGES
         # Fresh barriers pass a wait on parity 1, so the first lap of the ring does not wait.
         phase = ((kv // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(stage), phase)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
-                                        k_ready.index(stage), k_smem.index(stage))
-        mbarrier.wait(v_empty.index(stage), phase)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        if IS_FP8:  # V copied to (B, Hk, D, Sk); dense only, so k_start is 0
-            tma.async_copy_global_to_shared(v_desc, [k_batch, hk, 0, j * BLOCK_N],
-                                            v_ready.index(stage), v_smem.index(stage))
+        if PAGE_SIZE is None:
+            mbarrier.wait(k_empty.index(stage), phase)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
+                                            k_ready.index(stage), k_smem.index(stage))
+            mbarrier.wait(v_empty.index(stage), phase)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            if IS_FP8:  # V copied to (B, Hk, D, Sk); dense only, so k_start is 0
+                tma.async_copy_global_to_shared(v_desc, [k_batch, hk, 0, j * BLOCK_N],
+                                                v_ready.index(stage), v_smem.index(stage))
+            else:
+                tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
+                                                v_ready.index(stage), v_smem.index(stage))
         else:
-            tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + j * BLOCK_N, hk, 0],
-                                            v_ready.index(stage), v_smem.index(stage))
+            ROWS: gl.constexpr = k_desc.block_type.shape[1]
+            COPIES: gl.constexpr = BLOCK_N // ROWS
+            pages = _kv_pages(page_row, last_page, j, BLOCK_N, ROWS, PAGE_SIZE)
+            mbarrier.wait(k_empty.index(stage), phase)
+            mbarrier.expect(k_ready.index(stage), COPIES * k_desc.block_type.nbytes)
+            for c in gl.static_range(COPIES):
+                tma.async_copy_global_to_shared(
+                    k_desc, [pages[c], (j * BLOCK_N + c * ROWS) % PAGE_SIZE, hk, 0],
+                    k_ready.index(stage), k_smem.index(stage).slice(c * ROWS, ROWS, dim=1))
+            mbarrier.wait(v_empty.index(stage), phase)
+            mbarrier.expect(v_ready.index(stage), COPIES * v_desc.block_type.nbytes)
+            for c in gl.static_range(COPIES):
+                tma.async_copy_global_to_shared(
+                    v_desc, [pages[c], (j * BLOCK_N + c * ROWS) % PAGE_SIZE, hk, 0],
+                    v_ready.index(stage), v_smem.index(stage).slice(c * ROWS, ROWS, dim=1))
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape, seqs, window,
-                  CAUSAL: gl.constexpr, PAIRED: gl.constexpr, STAGES: gl.constexpr,
-                  IS_FP8: gl.constexpr):
+                  page_table, page_table_stride, CAUSAL: gl.constexpr, PAIRED: gl.constexpr,
+                  STAGES: gl.constexpr, IS_FP8: gl.constexpr, PAGE_SIZE: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = q_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.type.shape[2]
         kv = 0  # K/V blocks loaded so far: the ring position runs on across tiles
         done = 0
         for u in range(gl.program_id(0), num_units, gl.num_programs(0)):
             bh, heavy, light, num = _unit(u, num_m_blocks, pair, PAIRED)
             for i in range(0, num):
-                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, _, _, first, num_blocks,
-                 _, _) = _tile(bh, heavy - i * (heavy - light), shape, seqs, window, 2 * BLOCK_MW,
-                               BLOCK_N, CAUSAL)
+                (b, h, q_batch, q_start, k_batch, k_start, m0, q_rows, _, k_rows, first,
+                 num_blocks, _, _) = _tile(bh, heavy - i * (heavy - light), shape, seqs, window,
+                                           2 * BLOCK_MW, BLOCK_N, CAUSAL)
                 # Packed, the grid covers max_seqlen_q: blocks past a shorter sequence are skipped
                 # here and by the consumers alike.
                 if seqs[0] is None or m0 < q_rows:
                     hk = h // group_size
+                    page_row = page_table
+                    last_page = 0
+                    if PAGE_SIZE is not None:
+                        page_row = page_table + b * page_table_stride
+                        last_page = (k_rows - 1) // PAGE_SIZE
                     # The first K/V block goes out before Q, whose buffers wait for the previous
                     # tile: so the next tile's loads overlap that tile's end.
                     if num_blocks > 0:
                         _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk,
-                                 first, kv, STAGES, IS_FP8)
+                                 first, kv, page_row, last_page, STAGES, IS_FP8, PAGE_SIZE)
                     for w in gl.static_range(2):
                         # A consumer frees its Q buffer after its last QK wgmma, or, where O is
                         # staged in that buffer, once the O store has read it.
@@ -322,7 +367,8 @@ if _GLUON_OK:
                             q_ready.index(w), q_smem.index(w))
                     for j in range(1, num_blocks):
                         _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_batch, k_start, hk,
-                                 first + j, kv + j, STAGES, IS_FP8)
+                                 first + j, kv + j, page_row, last_page, STAGES, IS_FP8,
+                                 PAGE_SIZE)
                     kv += num_blocks
                     done += 1
 
@@ -741,9 +787,10 @@ if _GLUON_OK:
                     seqused_q, seqused_k, qk_scale, num_units, num_m_blocks, num_heads_q, seqlen_q,
                     seqlen_k, group_size, pair, descales, q_descale_sb, q_descale_sh,
                     k_descale_sb, k_descale_sh, v_descale_sb, v_descale_sh, window_left,
-                    window_right, chunk, softcap, sinks, head_dim, CAUSAL: gl.constexpr,
-                    PAIRED: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                    SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr, LATE_PV_WAIT: gl.constexpr,
+                    window_right, chunk, softcap, sinks, head_dim, page_table, page_table_stride,
+                    CAUSAL: gl.constexpr, PAIRED: gl.constexpr, STAGES: gl.constexpr,
+                    PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
+                    LATE_PV_WAIT: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -752,8 +799,19 @@ if _GLUON_OK:
                                                o_desc.layout)
         else:
             o_bufs = q_smem
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        if PAGE_SIZE is None:
+            k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape,
+                                               k_desc.layout)
+            v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape,
+                                               v_desc.layout)
+        else:
+            # Paged descriptors copy a page (or BLOCK_N rows of a larger one) at a time: the
+            # ring's tiles are BLOCK_N rows all the same, in the layout of a BLOCK_N-row box
+            # (forward() gives the descriptors that layout).
+            k_smem = gl.allocate_shared_memory(
+                dtype, [STAGES, 1, BLOCK_N, 1, k_desc.block_type.shape[3]], k_desc.layout)
+            v_smem = gl.allocate_shared_memory(
+                dtype, [STAGES, 1, BLOCK_N, 1, v_desc.block_type.shape[3]], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -799,7 +857,8 @@ if _GLUON_OK:
                          PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
-                         (window_left, window_right, chunk), CAUSAL, PAIRED, STAGES, IS_FP8)),
+                         (window_left, window_right, chunk), page_table, page_table_stride,
+                         CAUSAL, PAIRED, STAGES, IS_FP8, PAGE_SIZE)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -815,6 +874,18 @@ def _descriptor(x: torch.Tensor, rows: int, width: int):
 def _descriptor_of_block(x: torch.Tensor, block: list):
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[x.dtype])
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def _paged_descriptor(cache: torch.Tensor, block_n: int, width: int):
+    """TMA descriptor over a paged cache (num_pages, page_size, Hk, D), coordinates (page, row in
+    the page, head, 0): one copy reads min(page_size, block_n) rows of one page, so a key block
+    takes block_n / page_size copies of small pages, or a slice of a large one. Its layout is a
+    block_n-row box's: the copies land in rows of the kernel's block_n-row ring tiles, which the
+    wgmmas read in that layout (the same swizzle for any row count of 8 or more)."""
+    rows = min(cache.shape[1], block_n)
+    layout = gl.NVMMASharedLayout.get_default_for([1, block_n, 1, width], _GL_DTYPES[cache.dtype])
+    return TensorDescriptor(cache, list(cache.shape), list(cache.stride()), [1, rows, 1, width],
+                            layout)
 
 
 # The copy is a byte transpose: torch's strided copy reads one byte per 2 KB row stride and took
@@ -898,10 +969,13 @@ def supports(a: AttnArgs) -> bool:
 
 
 def _portable_faster(a: AttnArgs) -> bool:
+    if a.page_table is not None:
+        # fwd.py gathers paged keys row by row: the short causal case it won was dense.
+        return False
     # H100, bf16, B·N = 32k, H·D = 2048 (docs/perf-notes.md, run 2): causal D = 64 at N = 1k ran
     # 237 TFLOP/s here against 286 for fwd.py (per-tile prologue/epilogue over 4.5 key blocks on
     # average); at N = 4k the two tied (381 vs 382), at 16k this kernel led (418 vs 410).
-    seqlen_k = a.max_seqlen_k if a.cu_seqlens_k is not None else a.k.shape[1]
+    seqlen_k = _seqlen_k(a)
     return a.window_right == 0 and a.q.shape[-1] == 64 and seqlen_k <= 1024
 
 
@@ -911,7 +985,8 @@ def in_scope(a: AttnArgs) -> bool:
     each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
     fp8 e4m3 (with or without descales) dense q/k/v only; head dims up to 256 (fp8: 64, 128,
     256; v's the same as q's and k's), GQA; any window, attention_chunk, softcap and sinks; nothing
-    else (no paged or indexed K/V, leftpad, qv, context parallelism or split).
+    else (no indexed K/V, leftpad, qv, context parallelism or split). Paged K/V (fp16/bf16):
+    pages of a power of two >= 16 tokens (paged_refusal).
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs; =1 forces it
     on under a triton version not yet verified (gluon_compat.refusal says why not otherwise)."""
     q, k, v = a.q, a.k, a.v
@@ -919,8 +994,10 @@ def in_scope(a: AttnArgs) -> bool:
         return False
     if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k)
+    extras = (a.qv, a.kv_batch_idx, a.leftpad_k)
     if any(x is not None for x in extras):
+        return False
+    if a.page_table is not None and paged_refusal(a) is not None:
         return False
     if a.sinks is not None and a.sinks.shape != (q.shape[-2], ):
         return False
@@ -942,7 +1019,7 @@ def in_scope(a: AttnArgs) -> bool:
     if k.dim() != (3 if a.cu_seqlens_k is not None else 4):
         return False
     batch = a.batch_size
-    if k.dim() == 4 and k.shape[0] != batch:
+    if k.dim() == 4 and k.shape[0] != batch and a.page_table is None:
         return False
     if a.cu_seqlens_k is not None and a.cu_seqlens_k.shape[0] != batch + 1:
         return False
@@ -962,13 +1039,39 @@ def in_scope(a: AttnArgs) -> bool:
     return all(_tma_ok(x) for x in ((q, k) if a.is_fp8 else (q, k, v)))
 
 
+def paged_refusal(a: AttnArgs):
+    """Why this kernel does not take a paged call (page_table set), or None. A key block of
+    BLOCK_N rows (64 or 128) must be whole pages or lie inside one, and a TMA copy's rows must
+    fill whole 8-row swizzle atoms: pages of 16, 32, 64, ... tokens. Smaller or odd pages (1,
+    3, 48, ...) and cache_leftpad / cache_batch_idx go to the portable kernels."""
+    page_size = a.k.shape[1]
+    if page_size < 16 or page_size & (page_size - 1):
+        return f"page size {page_size}: the Gluon kernel takes pages of 16, 32, 64, ... tokens"
+    if a.is_fp8:
+        return "fp8 with paged K/V: the Gluon kernel's fp8 V copy is dense only"
+    if a.leftpad_k is not None or a.kv_batch_idx is not None:
+        return "cache_leftpad / cache_batch_idx with paged K/V"
+    table = a.page_table
+    if table.dim() != 2 or table.shape[0] != a.batch_size or table.stride(1) != 1:
+        return "a page table that is not (batch_size, max_pages) with unit column stride"
+    return None
+
+
+def _seqlen_k(a: AttnArgs) -> int:
+    """The longest key sequence the call may have: a paged cache's capacity, the varlen max, or
+    the dense length."""
+    if a.page_table is not None:
+        return a.page_table.shape[1] * a.k.shape[1]
+    return a.max_seqlen_k if a.cu_seqlens_k is not None else a.k.shape[1]
+
+
 def mask_bounds(a: AttnArgs) -> tuple:
     """(window_left, window_right, attention_chunk) as the kernel takes them: None where
     unbounded. A window side reaching past every row's keys is unbounded (the official
     mha_fwd does the same with max_seqlen_k / max_seqlen_q), so that e.g. a 4096 window over
     4k tokens runs the plain causal kernel."""
     seqlen_q = a.max_seqlen_q if a.cu_seqlens_q is not None else a.q.shape[1]
-    seqlen_k = a.max_seqlen_k if a.cu_seqlens_k is not None else a.k.shape[1]
+    seqlen_k = _seqlen_k(a)
     left = a.window_left if 0 <= a.window_left < seqlen_k - 1 else None
     right = a.window_right if 0 <= a.window_right < seqlen_q - 1 else None
     return left, right, a.attention_chunk if a.attention_chunk > 0 else None
@@ -1027,7 +1130,8 @@ def forward(a: AttnArgs, config=None):
         lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     if max_seqlen_q <= 0 or batch == 0:
         return out, lse
-    seqlen_k = 0 if a.cu_seqlens_k is not None else k.shape[1]
+    # Packed keys take their lengths from cu_seqlens; a paged cache's capacity bounds seqused_k.
+    seqlen_k = 0 if a.cu_seqlens_k is not None else _seqlen_k(a)
     num_m_blocks = triton.cdiv(max_seqlen_q, 2 * ROWS_PER_WARPGROUP)
     num_tiles = num_m_blocks * heads_q * batch
     # Causal pairs (see _unit) only where a persistent program walks more than one tile: with
@@ -1037,22 +1141,32 @@ def forward(a: AttnArgs, config=None):
     pair = int(paired and persistent and num_tiles > _num_sms(q.device.index))
     num_units = (num_m_blocks + pair) // (1 + pair) * heads_q * batch
     programs = min(num_units, _num_sms(q.device.index)) if persistent else num_units
+    page_size = page_table_stride = None
+    if a.page_table is not None:
+        page_size, page_table_stride = k.shape[1], a.page_table.stride(0)
+        if page_size % block_n and block_n % page_size:
+            raise ValueError(f"config {config}: key blocks of {block_n} rows neither hold whole "
+                             f"pages of {page_size} nor fit in one")
+        k_desc, v_desc = (_paged_descriptor(x, block_n, width) for x in (k, v))
+    else:
+        k_desc = _descriptor(k, block_n, width)
+        v_desc = None if fp8 else _descriptor(v, block_n, width)  # fp8 reads V's copy (below)
+    descales, descale_strides = None, [None] * 6
     if fp8:
         v_desc = _descriptor_of_block(_values_keys_inner(v), [1, 1, head_dim, block_n])
         descales, descale_strides = _descale_args(a)
         if not separate_o(width, block_n, stages, fp8):
             raise ValueError(f"fp8 config {config} leaves no room for the bf16 O buffers")
-    else:
-        v_desc, descales, descale_strides = _descriptor(v, block_n, width), None, [None] * 6
     # The softcap's kernel argument is c * log2(e) (the scores stay in the log2 domain).
     softcap = a.softcap * LOG2E if a.softcap > 0 else None
     sinks = None if a.sinks is None else a.sinks.float().contiguous()
     _fwd_kernel[(programs, )](
-        _descriptor(q, ROWS_PER_WARPGROUP, width), _descriptor(k, block_n, width), v_desc,
+        _descriptor(q, ROWS_PER_WARPGROUP, width), k_desc, v_desc,
         _descriptor(out, ROWS_PER_WARPGROUP, width), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, window_left,
-        window_right, chunk, softcap, sinks, head_dim if head_dim != width else None, causal,
-        paired, stages, bool(pingpong), separate_o(width, block_n, stages, fp8), fp8, late_pv_wait,
+        window_right, chunk, softcap, sinks, head_dim if head_dim != width else None,
+        a.page_table, page_table_stride, causal, paired, stages, bool(pingpong),
+        separate_o(width, block_n, stages, fp8), fp8, late_pv_wait, page_size, block_n,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse

@@ -46,9 +46,10 @@ def forward_kernel(a):
     """The kernel module that computes this forward call.
 
     Few query rows per KV head (decode) go to the memory-bound split-KV kernel; the prefill on
-    Hopper (fp16/bf16 dense or varlen, fp8 e4m3 dense) to the warp-specialized Gluon kernel where
-    it is the faster one (dense: 0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable
-    kernel, BENCHMARKS.md); everything else to the portable tiled kernel.
+    Hopper (fp16/bf16 dense or varlen, fp8 e4m3 dense, and chunked prefill over a paged cache
+    with pages of 16+ tokens) to the warp-specialized Gluon kernel where it is the faster one
+    (dense: 0.98-1.09x cuDNN at N >= 4k against 0.75-0.92x for the portable kernel,
+    BENCHMARKS.md); everything else to the portable tiled kernel.
     """
     decode = _kernel("decode")
     if decode.supports(a) is None:
@@ -65,6 +66,9 @@ def forward_route(a) -> tuple[str, str]:
     if module == "decode":
         return module, "few query rows per KV head: the split-KV decode kernel"
     if module == "fwd_hopper":
+        if a.page_table is not None:
+            return module, ("the warp-specialized Gluon kernel (sm_90), paged K/V by one TMA "
+                            "copy per page")
         return module, "the warp-specialized Gluon kernel (sm_90)"
     return module, "the portable kernel; Gluon refused: " + _gluon_refusal(a, "fwd_hopper")
 
@@ -83,6 +87,10 @@ def _gluon_refusal(a, name: str) -> str:
     reason = refusal(a.q.device)
     if reason:
         return reason
+    if name == "fwd_hopper" and a.page_table is not None:
+        paged = _kernel(name).paged_refusal(a)
+        if paged:
+            return paged
     if name == "fwd_hopper" and _kernel(name).in_scope(a):
         return "the portable kernel measured faster for this shape"
     return "a feature or layout outside the Gluon kernel's scope"
