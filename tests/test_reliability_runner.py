@@ -60,3 +60,26 @@ def test_sanitizer_summaries_are_read():
     assert sanitizer.parse(racecheck)["errors"] == 1 and sanitizer.parse(racecheck)["warnings"] == 2
     assert sanitizer.parse("========= ERROR SUMMARY: 0 errors\n")["errors"] == 0
     assert sanitizer.parse("workload ok\n[killed]\n")["errors"] is None, "no summary is no result, never 0"
+
+
+def test_racecheck_reports_inside_tritons_dispatch_are_told_apart():
+    """A report whose every access is on the kernel's def line or its gl.warp_specialize( call
+    is triton's generated dispatch; one that names a statement of ours counts as ours."""
+    sanitizer = _script("reliability_sanitizer")
+    lines = (_SCRIPTS.parent / "flash_attn_3" / "backends" / "triton" / "fwd_hopper.py").read_text().splitlines()
+    number = {what: next(i + 1 for i, text in enumerate(lines) if text.strip().startswith(what))
+              for what in ("def _fwd_kernel(", "gl.warp_specialize(", "def _clear_tail(")}
+    ours = number["def _clear_tail("] + 12  # a statement in _clear_tail's body
+    assert not lines[ours - 1].strip().startswith("def ")
+    log = "\n".join([
+        "========= COMPUTE-SANITIZER",
+        f"========= Error: Race reported between Read access at _fwd_kernel+0x250 in fwd_hopper.py:{number['def _fwd_kernel(']}",
+        f"=========     and Write access at _fwd_kernel+0xa850 in fwd_hopper.py:{number['def _fwd_kernel(']} [278 hazards]",
+        f"=========     and Write access at _fwd_kernel+0x144b0 in fwd_hopper.py:{number['gl.warp_specialize(']} [299 hazards]",
+        "=========",
+        f"========= Error: Race reported between Read access at _fwd_kernel+0x6840 in fwd_hopper.py:{ours}",
+        f"=========     and Write access at _fwd_kernel+0x7000 in fwd_hopper.py:{ours} [4 hazards]",
+        "=========",
+        "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)", ""])
+    parsed = sanitizer.parse(log)
+    assert (parsed["errors"], parsed["triton_dispatch"], parsed["errors_ours"]) == (2, 1, 1)

@@ -323,3 +323,20 @@ def test_descale_stand_in_is_not_kept_from_a_graph_capture(monkeypatch):
     monkeypatch.setattr(fwd, "_capturing", lambda d: False)
     after = fwd._ones(device)
     assert after is not during and fwd._ones(device) is after
+
+
+def test_absent_fp8_descales_are_read_at_stride_zero():
+    """The stand-in for an absent descale is one element: read with its own strides, batch b and
+    KV head h landed b + h elements into it (compute-sanitizer memcheck on the H100, 2026-12-07:
+    a paged fp8 call without descales read past it). Given descales keep their strides."""
+    from flash_attn_3.backends.params import AttnArgs
+    from flash_attn_3.backends.triton import fwd
+
+    q = randn(3, 16, 4, 64, dtype=torch.bfloat16, device=DEVICE).to(FP8)
+    k, v = (randn(3, 16, 2, 64, dtype=torch.bfloat16, device=DEVICE).to(FP8) for _ in range(2))
+    tensors, strides = fwd.descale_operands(AttnArgs.plain(q, k, v))
+    assert strides == [0] * 6
+    assert all(t.numel() == 1 and float(t.reshape(-1)[0]) == 1.0 for t in tensors)
+    given = torch.rand(3, 2, dtype=torch.float32, device=DEVICE) + 0.5
+    tensors, strides = fwd.descale_operands(AttnArgs.plain(q, k, v, k_descale=given))
+    assert tensors[1] is given and strides == [0, 0, 2, 1, 0, 0]

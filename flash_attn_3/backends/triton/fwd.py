@@ -481,6 +481,18 @@ def _ones(device: torch.device) -> torch.Tensor:
     return ones
 
 
+def descale_operands(a: AttnArgs) -> tuple[list, list]:
+    """The fp8 call's (q, k, v descale tensors, their six (batch, head) strides). An absent one
+    is the shared 1.0, read at strides 0: its own strides (1, 1) sent the read of batch b, KV
+    head h to element b + h of a one-element tensor (compute-sanitizer memcheck, H100
+    2026-12-07: a paged fp8 call without descales read 4 bytes past it)."""
+    tensors, strides = [], []
+    for t in (a.q_descale, a.k_descale, a.v_descale):
+        tensors.append(_ones(a.q.device) if t is None else t)
+        strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
+    return tensors, strides
+
+
 def _kv_strides(t: torch.Tensor, packed: bool):
     """(batch or page, row, head) strides of K or V; packed varlen has no batch stride."""
     return (0, t.stride(0), t.stride(1)) if packed else (t.stride(0), t.stride(1), t.stride(2))
@@ -560,12 +572,10 @@ def forward(a: AttnArgs, config: Optional[tuple[int, int, int, int]] = None
     qv = a.qv
     qv_strides = (0, 0, 0) if qv is None else (
         (0, qv.stride(0), qv.stride(1)) if varlen_q else qv.stride()[:3])
-    descale_args, descale_strides = [], []
-    for t in (a.q_descale, a.k_descale, a.v_descale):
-        if fp8 and t is None:
-            t = _ones(q.device)
-        descale_args.append(t if fp8 else None)
-        descale_strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
+    if fp8:
+        descale_args, descale_strides = descale_operands(a)
+    else:
+        descale_args, descale_strides = [None] * 3, [0] * 6
     sinks = None if a.sinks is None else a.sinks.float().contiguous()
 
     k_strides, v_strides = _kv_strides(k, varlen_k), _kv_strides(v, varlen_k)

@@ -940,10 +940,7 @@ if _GLUON_OK:
 
 def _descale_args(a: AttnArgs) -> tuple:
     """((q, k, v descale pointers), their six (batch, head) strides); an absent descale is 1."""
-    tensors, strides = [], []
-    for t in (a.q_descale, a.k_descale, a.v_descale):
-        tensors.append(fwd._ones(a.q.device) if t is None else t)
-        strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
+    tensors, strides = fwd.descale_operands(a)
     return tuple(tensors), strides
 
 
