@@ -76,6 +76,10 @@ def test_compiles_for_sm90(head_dim, causal):
     # D = 128 parks a few scalars (addresses, loop bounds) in local memory; a spilled
     # accumulator would be kilobytes
     assert got["spill_bytes"] <= 512 and got["shared_bytes"] <= 227 * 1024, got
+    # the layer variants (window, softcap, varlen, padded head dims) leave the plain kernels'
+    # SASS as it was before them (tests/bwd_hopper_plain_sass.json; `aot_bwd_hopper.py
+    # --check-plain` compares every recorded variant)
+    assert got["recorded_sass_same"], got
 
 
 @needs_gluon
