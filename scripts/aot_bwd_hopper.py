@@ -1,13 +1,19 @@
 """Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
 
     python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
-        [--deterministic] [--keep DIR]
+        [--deterministic] [--varlen] [--seqused] [--window L,R] [--softcap C] [--sinks]
+        [--keep DIR]
         [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP]]]
     python scripts/aot_bwd_hopper.py --check-plain
 
 The kernel is compiled exactly as backward() launches it (the launch is captured, and triton's
 own binder makes its signature and specialization). --deterministic compiles the deterministic
 call's kernel (dQ left to bwd.py).
+
+--varlen, --seqused, --window, --softcap and --sinks compile the layer variants (packed q/k/v with
+cu_seqlens, seqused_q/k, sliding window, softcap, attention sinks); the sequences are 256 tokens
+long, and a window side of 255 or more is no bound (fwd_hopper.mask_bounds). A head dim under
+256 other than 64 / 128 compiles the next one's tiles.
 
 --check-plain compiles every plain variant recorded in tests/bwd_hopper_plain_sass.json (the
 kernels before the layer variants: bf16 / fp16, D = 64 / 128 / 256, causal or not,
@@ -187,13 +193,19 @@ def wgmma_waits(body: list) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="up to 256: 64, 128, 256 or a head dim padded to the next of them")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--deterministic", action="store_true",
                    help="the deterministic call's kernel (dQ left to bwd.py)")
     p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S"
                    "[,EARLY_DV,PIN_DP]] (bwd_hopper.Config fields; default: CONFIGS[head_dim])")
+    p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
+    p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
+    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (-1: unbounded; write --window=-1,R)")
+    p.add_argument("--softcap", type=float, default=0.0)
+    p.add_argument("--sinks", action="store_true", help="with attention sinks (no gradient)")
     p.add_argument("--keep", type=Path)
     p.add_argument("--check-plain", action="store_true",
                    help="compare every recorded plain variant's SASS (and nothing else)")
@@ -201,7 +213,11 @@ def main() -> None:
     if args.check_plain:
         raise SystemExit(0 if check_plain() else 1)
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    a = plain_args(args.head_dim, args.causal, DTYPES[args.dtype])
+    left, right = (int(x) for x in args.window.split(","))
+    layer = dict(window_left=left, window_right=0 if args.causal else right,
+                 softcap=args.softcap, sinks=torch.empty(4) if args.sinks else None)
+    a = plain_args(args.head_dim, args.causal, DTYPES[args.dtype], args.varlen, args.seqused,
+                   **layer)
     kernel = compile_for_sm90(a, args.deterministic, config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
@@ -214,7 +230,9 @@ def main() -> None:
         got["wgmma_waits"] = [wgmma_waits([o for _, o in body]) for body in gmma_loops(sass)]
     # A plain variant at its default config: is its SASS the recorded one?
     key = plain_key(args.dtype, args.head_dim, args.causal, args.deterministic)
-    if PLAIN_SASS.exists() and config is None:
+    plain = (left, right, args.softcap, args.sinks, args.varlen, args.seqused) == (
+        -1, -1, 0.0, False, False, False)
+    if PLAIN_SASS.exists() and config is None and plain:
         recorded = json.loads(PLAIN_SASS.read_text())
         if recorded["triton"] == triton.__version__ and key in recorded["sass_sha256"]:
             got["recorded_sass_same"] = got["sass_sha256"] == recorded["sass_sha256"][key]
