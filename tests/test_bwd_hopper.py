@@ -158,6 +158,57 @@ def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
 
 
+# (head dim, aot_bwd_hopper.py flags): what a model layer launches. The plain kernel of the same
+# config spills (sm_90 ptxas, triton 3.6): D = 64 and 256 none, D = 128 52-64 bytes with dQ in the
+# kernel and 136-160 with dQ left to bwd.py, which the D = 128 windowed and packed calls take
+# (bwd_hopper.LAYER_CONFIGS).
+LAYER_VARIANTS = [
+    (64, ["--window", "128,0", "--sinks"]),  # GPT-OSS
+    (128, ["--window", "100,0"]),  # Mistral
+    (128, ["--window", "40,20", "--varlen", "--seqused"]),
+    (128, ["--softcap", "30"]),
+    (256, ["--softcap", "50", "--causal"]),  # Gemma 2
+    (256, ["--window", "40,20", "--softcap", "30", "--varlen"]),
+    (64, ["--causal", "--varlen", "--seqused", "--deterministic"]),
+    (96, ["--causal"]),
+    (192, ["--window", "40,0", "--varlen"]),
+]
+PLAIN_SPILLS = {64: 0, 128: 160, 256: 0}
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,variant", LAYER_VARIANTS, ids=str)
+def test_layer_variants_compile_for_sm90(head_dim, variant):
+    """Sliding window, softcap, sinks, packed / seqused sequences and a head dim padded to the
+    next tile width compile into the same pipeline: the wgmmas of the plain kernel of the same
+    config (none serialized), spills within the plain kernels' (plus a few scalars: at most 64
+    bytes and 8 local accesses per loop), and softcap's tanh one MUFU op per exp2."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", str(head_dim)] + variant
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    width = bwd_hopper.tile_width(head_dim)
+    dq_in_kernel = "--deterministic" not in variant and (
+        bwd_hopper.LAYER_CONFIGS.get(width, bwd_hopper.CONFIGS[width]).dq_in_kernel
+        if {"--window", "--varlen", "--seqused"} & set(variant)
+        else bwd_hopper.CONFIGS[width].dq_in_kernel)
+    if width in bwd_hopper.SPLIT_HEAD_DIMS:
+        per_side = width // 16 + 64 // 16 + (64 // 16 if dq_in_kernel else 0)
+        wgmma = 2 * per_side
+    else:
+        dq = bwd_hopper.BLOCK_N // 16 if dq_in_kernel else 0
+        wgmma = 2 * (2 * width // 16 + 2 * 64 // 16 + dq)
+    assert got["wgmma_ptx"] == wgmma and got["hgmma_sass"] == wgmma, got
+    assert not got["ptxas_warnings"], got
+    assert got["spill_bytes"] <= PLAIN_SPILLS[width] + 64, got
+    assert all(loop["local"] <= 8 for loop in got["kv_loops"]) and got["kv_loops"], got
+    for loop in got["kv_loops"]:
+        tanh = loop["ops"].get("MUFU.TANH", 0)
+        assert tanh == (loop["ops"].get("MUFU.EX2", 0) if "--softcap" in variant else 0), loop
+
+
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(q, q, q, causal=False))

@@ -25,6 +25,23 @@ delta = rowsum(dO * O) and lse * log2(e) come from bwd.py's prep kernel; scores 
 (P = exp2(S * scale * log2 e - lse2)). Query rows past seqlen_q read lse2 = +inf (P = 0) and TMA
 zero-fills their Q/dO; keys past seqlen_k are zero-filled and masked in the one key block that
 has them; the causal diagonal (bottom-right) is masked only on the query blocks that cross it.
+
+Model layers are variants of the same kernels, their arguments None when off, so the plain
+kernels compile as if they did not exist (same SASS, tests/bwd_hopper_plain_sass.json):
+- a sliding window (either side, causal being left -1, right 0): a key block walks only the query
+  blocks whose rows see some key of it, [n0 - offset - right, n0 + BLOCK_N - 1 - offset + left],
+  so the work follows the window; the blocks every row of which sees every key skip the mask.
+- softcap: S^T goes through tanh (one MUFU op) before the exp2, and dS^T takes 1 - tanh^2.
+- sinks: the sink logit is in the forward's LSE, so P and dS need nothing more (its own gradient
+  is not computed; the op layer refuses a sinks tensor that requires one).
+- packed (total, H, D) q/k/v with cu_seqlens, seqused_q/k: the descriptors see (1, total, H, D)
+  and each program reads its sequence's first row and lengths on the device; the grid covers
+  max_seqlen_k, and key blocks past a shorter sequence store nothing. Tiles may reach into the
+  next sequence: its query rows are masked (P, dS exact zeros, dQ adds zeros there), its keys
+  zeroed in shared memory. The row statistics are gathered into a dense (B, H, max_seqlen_q)
+  copy so that their TMA boxes start on 16 bytes.
+- head dims between 64, 128 and 256 take the next one's tiles (TMA reads zeros past D, dK/dV
+  stores and dQ reduces skip those columns).
 """
 
 from __future__ import annotations
@@ -331,21 +348,14 @@ if _GLUON_OK:
         return gl.where(ok, p, 0.0)
 
     @gluon.jit
-    def _clear_query_tail(q_smem, do_smem, stage, m0, used_q, seqs):
-        """Packed (or with seqused_q), a query block crossing the sequence's end holds the next
-        sequence's rows (or a tail of unused memory): zeroed in shared memory, so that what they
-        hold (NaN, inf) cannot reach dK and dV through 0 * x in the wgmmas."""
-        if seqs[0] is not None or seqs[2] is not None:
-            BLOCK_M: gl.constexpr = q_smem.type.shape[2]
-            HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
-            if m0 + BLOCK_M > used_q:
-                _clear_tail(q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), used_q - m0)
-                _clear_tail(do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), used_q - m0)
-
-    @gluon.jit
     def _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs):
-        """The same for the keys past the sequence's (packed or seqused_k), before any wgmma
-        reads K or V: dQ = dS K and dP^T = V dO^T would carry them into real rows."""
+        """Packed (or with seqused_k), the key block crossing the sequence's end holds the next
+        sequence's keys or unused memory (a KV cache's tail): zeroed in shared memory before any
+        wgmma reads K or V, since 0 * NaN is NaN and dQ = dS K, dP^T = V dO^T would carry it
+        into real rows. Once per program. Query rows past a sequence are not cleared (that cost
+        the D = 128 loop 160-300 bytes of spills): their P and dS are exact zeros, so they add
+        nothing as long as q and dout hold finite numbers there (the next sequence's rows, or
+        rows past seqused_q)."""
         if seqs[1] is not None or seqs[3] is not None:
             KEYS: gl.constexpr = k_smem.type.shape[1]
             HEAD_DIM: gl.constexpr = k_smem.type.shape[3]
@@ -456,7 +466,6 @@ if _GLUON_OK:
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             else:
                 mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
-                _clear_query_tail(q_smem, do_smem, stage, m0, used_q, seqs)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(
                     _issue_s(k_w, q_smem, stage,
                              gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)), ))
@@ -717,7 +726,6 @@ if _GLUON_OK:
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
-            _clear_query_tail(q_smem, do_smem, stage, m0, used_q, seqs)
             if S_SIDE:
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
                     k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
