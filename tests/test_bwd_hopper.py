@@ -385,14 +385,22 @@ def test_scope_and_routing(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_3_GLUON", "0")
     assert routes.backward_kernel(base, False) is not bwd_hopper
     monkeypatch.undo()  # the run's own setting: =1 where it checks a triton not yet verified
-    out_of_scope = [
-        dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
+    # the model layers' variants are in scope (tests/test_bwd_hopper_layers.py checks them)
+    in_scope = [
+        dict(window_left=32), dict(window_right=16), dict(softcap=5.0),
         dict(sinks=torch.zeros(4, device="cuda")),
         dict(seqused_k=torch.full((1,), 100, dtype=torch.int32, device="cuda")),
     ]
+    for change in in_scope:
+        assert bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    # attention_chunk has no backward (officially neither); fp8, qv, paged K/V are not here
+    out_of_scope = [dict(attention_chunk=64), dict(softcap=-1.0),
+                    dict(sinks=torch.zeros(3, device="cuda"))]
     for change in out_of_scope:
         assert not bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
     x = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
+    assert bwd_hopper.supports(make_args(x, x, x, causal=False))  # 128-wide tiles
+    x = torch.randn(1, 256, 4, 264, device="cuda", dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(x, x, x, causal=False))
     x = torch.randn(1, 256, 4, 256, device="cuda", dtype=torch.bfloat16)
     assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is bwd_hopper
