@@ -203,7 +203,7 @@ def main() -> None:
                    "[,EARLY_DV,PIN_DP]] (bwd_hopper.Config fields; default: CONFIGS[head_dim])")
     p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
     p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
-    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (-1: unbounded; write --window=-1,R)")
+    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (-1: unbounded; as --window=-1,R)")
     p.add_argument("--softcap", type=float, default=0.0)
     p.add_argument("--sinks", action="store_true", help="with attention sinks (no gradient)")
     p.add_argument("--keep", type=Path)

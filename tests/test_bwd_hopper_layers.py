@@ -107,37 +107,35 @@ def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=4, heads_kv=2, head_d
     return got, (dout, q, k, v, out, lse, a, deterministic)
 
 
-# What the tests below compile, each once: (head dim, layer arguments).
+# The pipelines the tests below run, each once: (head dim, layer arguments, deterministic).
 _SMOKE_CASES = [
-    (d, dict(window=w, softcap=c, varlen=vl, sinks=sk))
+    (d, dict(window=w, softcap=c, varlen=vl, sinks=sk), False)
     for d in (64, 96, 128, 192, 256)
     for w, c, vl, sk in [((128, 0), 0.0, False, False), ((40, 20), 30.0, False, True),
                          ((-1, 0), 0.0, True, False), ((100, 0), 0.0, True, False)]
-]
+] + [(d, dict(window=(64, 0), softcap=0.0, varlen=True, sinks=False), True)
+     for d in (64, 128, 256)]
 _SMOKE = textwrap.dedent("""
     import torch
     from test_bwd_hopper_layers import _SMOKE_CASES
     from flash_attn_3.backends.params import AttnArgs
     from flash_attn_3.backends.triton import bwd_hopper
-    for head_dim, case in _SMOKE_CASES:
-        for deterministic in (False, True):
-            lengths = [1, 300, 129] if case["varlen"] else [300] * 3
-            shape = ((sum(lengths), ) if case["varlen"] else (3, 300))
-            q, do = (torch.randn(*shape, 4, head_dim, device="cuda", dtype=torch.bfloat16)
-                     for _ in "qo")
-            k, v = (torch.randn(*shape, 2, head_dim, device="cuda", dtype=torch.bfloat16)
-                    for _ in "kv")
-            lse = torch.randn(*((4, sum(lengths)) if case["varlen"] else (3, 4, 300)),
-                              device="cuda") + 10
-            cu = torch.tensor([0, 1, 301, 430], device="cuda", dtype=torch.int32)
-            varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300)
-            a = AttnArgs.plain(q, k, v, window_left=case["window"][0],
-                               window_right=case["window"][1], softcap=case["softcap"],
-                               sinks=torch.zeros(4, device="cuda") if case["sinks"] else None,
-                               **(varlen if case["varlen"] else {}))
-            bwd_hopper.backward(do, q, k, v, do, lse, a, deterministic)
-            torch.cuda.synchronize()
-            print(head_dim, case, deterministic, flush=True)
+    cu = torch.tensor([0, 1, 301, 430], device="cuda", dtype=torch.int32)
+    for head_dim, case, deterministic in _SMOKE_CASES:
+        rows = (430, ) if case["varlen"] else (3, 300)
+        q, do = (torch.randn(*rows, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+                 for _ in "qo")
+        k, v = (torch.randn(*rows, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+                for _ in "kv")
+        lse = torch.randn(*((4, 430) if case["varlen"] else (3, 4, 300)), device="cuda") + 10
+        varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300)
+        a = AttnArgs.plain(q, k, v, window_left=case["window"][0],
+                           window_right=case["window"][1], softcap=case["softcap"],
+                           sinks=torch.zeros(4, device="cuda") if case["sinks"] else None,
+                           **(varlen if case["varlen"] else {}))
+        bwd_hopper.backward(do, q, k, v, do, lse, a, deterministic)
+        torch.cuda.synchronize()
+        print(head_dim, case, deterministic, flush=True)
 """)
 
 

@@ -226,7 +226,9 @@ if _GLUON_OK:
         m_start = 0
         m_full = 0
         m_end = used_q
-        m_full_hi = used_q  # blocks from here on need the mask again (read only with an upper bound, see _edge_mask)
+        # Blocks from m_full_hi on need the mask again (read only with an upper bound, see
+        # _edge_mask).
+        m_full_hi = used_q
         if window_left is not None or window_right is not None:
             # Query i sees key j iff i + offset - left <= j <= i + offset + right: the block's
             # keys are seen from rows [n0 - offset - right, n0 + BLOCK_N - 1 - offset + left],
@@ -591,8 +593,8 @@ if _GLUON_OK:
                     delta_ptr, dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k, num_heads_kv,
                     num_n_blocks, group, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-                    window_left, window_right, softcap, head_dim, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                    DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
+                    window_left, window_right, softcap, head_dim, CAUSAL: gl.constexpr,
+                    STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                     PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
