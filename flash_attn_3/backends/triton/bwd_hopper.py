@@ -156,11 +156,11 @@ DETERMINISTIC_CANDIDATES = {
 }
 # Sliding windows and packed / seqused sequences at D = 128: the dQ-in-kernel default is at the
 # edge of its registers (52 bytes of spills), and their few extra per-thread scalars tip it into
-# spilling 280-430 bytes with local memory traffic in the loop (sm_90 ptxas, 2026-12-07); with dQ
-# left to bwd.py (whose dQ pass takes the same masks) they spill what the plain deterministic
-# kernel does (156-208 bytes, 3-5 local accesses per loop). Not yet timed against each other on
-# the GPU (benchmarks/bench_bwd.py --only layout=layer --config). softcap and padded head dims
-# alone stay on CONFIGS (76 / 68-80 bytes).
+# spilling 216-330 bytes with 7-23 local accesses per loop (sm_90 ptxas, 2026-12-07); with dQ
+# left to bwd.py (whose dQ pass takes the same masks) they spill at most what the plain
+# deterministic kernel does (0-164 bytes against its 160, at most 6 local accesses per loop).
+# Not yet timed against each other on the GPU. softcap and padded head dims alone stay on
+# CONFIGS (76 / 68-80 bytes).
 LAYER_CONFIGS = {128: DETERMINISTIC_CONFIGS[128]}
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
@@ -305,7 +305,8 @@ if _GLUON_OK:
 
     @gluon.jit
     def _key_bounds(keys, qs, ks, seqs, window, CAUSAL: gl.constexpr):
-        """(first query row, last query row or None) that sees each key (spec sec 4, bottom-right
+        """(first, last query row) that sees each key (the last read only where _edge_mask has an
+        upper bound) (spec sec 4, bottom-right
         diagonal); keys past the sequence's get no row. The element mask is then two compares
         per score against these per-key bounds."""
         q_batch, q_start, used_q = qs
@@ -332,18 +333,11 @@ if _GLUON_OK:
         return first_query, last_query
 
     @gluon.jit
-    def _edge_mask(p, queries, bounds, keys, qs, ks, seqs, window, CAUSAL: gl.constexpr):
-        """P with the scores no query sees zeroed. A key's rows have an upper bound with a left
-        window side, or rows past a packed or seqused_q sequence; query blocks past the first
-        masked ones then take the mask again. The plain kernels hold the bounds (bounds, from
-        _key_bounds) across the loop; the layer variants recompute them here from scalars,
-        which live in uniform registers: at D = 128 the dQ-in-kernel loop has no vector
-        registers to spare."""
-        if window[0] is None and window[1] is None and seqs[0] is None and seqs[1] is None \
-                and seqs[2] is None and seqs[3] is None:
-            first_query, last_query = bounds
-        else:
-            first_query, last_query = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
+    def _edge_mask(p, queries, bounds, seqs, window):
+        """P with the scores no query sees zeroed (bounds: _key_bounds'). A key's rows have an
+        upper bound with a left window side, or rows past a packed or seqused_q sequence; query
+        blocks past the first masked ones then take the mask again."""
+        first_query, last_query = bounds
         ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
         if window[0] is not None or seqs[0] is not None or seqs[2] is not None:
             ok = ok & (gl.expand_dims(queries, 0) <= gl.expand_dims(last_query, 1))
@@ -437,10 +431,7 @@ if _GLUON_OK:
         keys = n0 + WG * KEYS + gl.arange(0, KEYS, layout=key_layout)
         # Visible iff first_query <= query (<= last_query), one bound per key: the column
         # compare is then one per element.
-        bounds = (keys, keys)  # the layer variants' masks recompute them (_edge_mask)
-        if window[0] is None and window[1] is None and seqs[0] is None and seqs[1] is None \
-                and seqs[2] is None and seqs[3] is None:
-            bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
+        bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
         dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_ready, 0)
@@ -498,7 +489,7 @@ if _GLUON_OK:
             else:
                 edge = m0 < m_full
             if edge:
-                p = _edge_mask(p, queries, bounds, keys, qs, ks, seqs, window, CAUSAL)
+                p = _edge_mask(p, queries, bounds, seqs, window)
             if EARLY_DV:
                 p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
@@ -709,10 +700,7 @@ if _GLUON_OK:
         k_all = k_smem.reshape([KEYS, HEAD_DIM])
         v_all = v_smem.reshape([KEYS, HEAD_DIM])
         keys = n0 + gl.arange(0, KEYS, layout=key_layout)
-        bounds = (keys, keys)  # as in _consumer
-        if window[0] is None and window[1] is None and seqs[0] is None and seqs[1] is None \
-                and seqs[2] is None and seqs[3] is None:
-            bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
+        bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
         acc = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)  # dV (S side) or dK
         mbarrier.wait(kv_ready, 0)
         _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs)
@@ -743,7 +731,7 @@ if _GLUON_OK:
                 else:
                     edge = m0 < m_full
                 if edge:
-                    p = _edge_mask(p, queries, bounds, keys, qs, ks, seqs, window, CAUSAL)
+                    p = _edge_mask(p, queries, bounds, seqs, window)
                 p16 = p.to(dtype)
                 # Two P^T buffers: the dP side has read this one (into registers) before it
                 # publishes the dS^T this side waits on next iteration (without dQ here: before
