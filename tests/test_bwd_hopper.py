@@ -158,6 +158,17 @@ def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
 
 
+@needs_gluon
+def test_plain_kernels_sass_unchanged():
+    """Every recorded plain variant (bf16 / fp16, D = 64 / 128 / 256, causal or not,
+    deterministic or not) compiles to the SASS it had before the layer variants existed
+    (tests/bwd_hopper_plain_sass.json)."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"), "--check-plain"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 # (head dim, aot_bwd_hopper.py flags): what a model layer launches. The plain kernel of the same
 # config spills (sm_90 ptxas, triton 3.6): D = 64 and 256 none, D = 128 52-64 bytes with dQ in the
 # kernel and 136-160 with dQ left to bwd.py, which the D = 128 windowed and packed calls take
