@@ -5,7 +5,18 @@ pass=bwd times the gradient of an output computed once; pass=fwd_bwd times forwa
 together. TFLOP/s count 2.5× (bwd) or 3.5× (fwd_bwd) the forward's 4·B·H·N²·D, halved when causal.
 torch.autograd.grad returns fresh gradients each call, so nothing accumulates between timings.
 
+Model layers (layout=layer, issue 16): the layers of bench_fwd that have a backward (attention_chunk
+has none, officially or here), each dense and, for Mistral's window, as packed sequences of equal
+and ragged lengths; and a head dim padded to the next tile (192, causal). Compared with our plain
+causal call of the same shape (ours_causal; TFLOP/s count the score entries each mask keeps, so
+ours / ours_causal >= 0.95 means within 1.05x of causal's time scaled by the kept fraction),
+cuDNN's plain causal call (the nearest case SDPA expresses: it has no window or softcap) and
+FlexAttention with the same mask and softcap. GPT-OSS's sinks get no gradient (the backward
+computes none); Flex runs that layer without them (they change no work). DeepSeek's 192 / 128 head
+dims (dv != d) have no Gluon backward yet and are not in the grid.
+
     python -m benchmarks.bench_bwd [--quick] [--out DIR] [--only pass=bwd --only D=128]
+    python -m benchmarks.bench_bwd --quick --only layout=layer     # the model layers only
 """
 
 from __future__ import annotations
@@ -17,7 +28,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from benchmarks import bench_fwd
-from benchmarks.harness import Runner, Section, attention_flops, parse_args, sdpa_context
+from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops,
+                                flex_masked, parse_args, sdpa, sdpa_context)
 
 PASSES = ("bwd", "fwd_bwd")
 CASE_KEYS = bench_fwd.CASE_KEYS + ("pass",)
@@ -38,6 +50,142 @@ def in_quick(case: dict) -> bool:
         return case["N"] == 4096 or (case["N"] == 1024 and case["pass"] == "bwd")
     return (case["layout"] == "varlen_ragged" and case["D"] == 128 and case["N"] == 4096
             and case["pass"] == "bwd")
+
+
+# name -> bench_fwd.LAYERS's fields, plus the packing of the sequences ("equal" or "ragged", as
+# bench_fwd's varlen layouts); the chunked layer has no backward.
+LAYERS = {name: spec for name, spec in bench_fwd.LAYERS.items() if not spec.get("chunk")}
+LAYERS.update({
+    "mistral_window4096_varlen_equal": dict(bench_fwd.LAYERS["mistral_window4096"],
+                                            packing="equal"),
+    "mistral_window4096_varlen_ragged": dict(bench_fwd.LAYERS["mistral_window4096"],
+                                             packing="ragged"),
+    "causal_d192": dict(D=192, Hk=4, window=(-1, 0)),
+})
+LAYER_FACTOR = {"bwd": 2.5, "fwd_bwd": 3.5}  # of the forward's FLOPs, as attention_flops counts
+
+
+def layer_cases(quick: bool) -> Iterator[dict]:
+    for name, n, pass_ in itertools.product(LAYERS, bench_fwd.LAYER_SEQLENS, PASSES):
+        d = LAYERS[name]["D"]
+        case = dict(D=d, H=MODEL_WIDTH // d, N=n, B=TOKENS // n, causal=True,
+                    layout="layer", dtype="bf16", layer=name, **{"pass": pass_})
+        if not quick or in_quick_layers(case):
+            yield case
+
+
+def in_quick_layers(case: dict) -> bool:
+    """The backward pass of every layer at 8k, Mistral's window at 32k too."""
+    return case["pass"] == "bwd" and (case["N"] == 8192 or case["layer"] == "mistral_window4096")
+
+
+def layer_lengths(case: dict) -> list[int]:
+    """The sequences of a layer case: B of N tokens, or bench_fwd's ragged lengths (same total)."""
+    layout = {"ragged": "varlen_ragged"}.get(LAYERS[case["layer"]].get("packing"), "dense")
+    return bench_fwd.seqlens(dict(case, layout=layout))
+
+
+def layer_kept(case: dict, plain_causal: bool = False) -> int:
+    """Score entries the layer's mask (or plain causal's) keeps per head, over its sequences."""
+    spec = dict(window=(-1, 0)) if plain_causal else LAYERS[case["layer"]]
+    return sum(_kept(n, spec) for n in layer_lengths(case))
+
+
+def _kept(n: int, spec: dict) -> int:
+    i = torch.arange(n, dtype=torch.int64)
+    left, right = spec["window"]
+    lo = (i - left).clamp(min=0) if left >= 0 else torch.zeros_like(i)
+    hi = (i + right).clamp(max=n - 1) if right >= 0 else torch.full_like(i, n - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
+def layer_flops(case: dict, plain_causal: bool = False) -> float:
+    return (4.0 * case["H"] * case["D"] * layer_kept(case, plain_causal)
+            * LAYER_FACTOR[case["pass"]])
+
+
+def make_layer_inputs(case: dict) -> dict:
+    spec = LAYERS[case["layer"]]
+    lens = layer_lengths(case)
+    packed = "packing" in spec
+    rows = (sum(lens), ) if packed else (case["B"], case["N"])
+    q = torch.randn(*rows, case["H"], case["D"], device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    k, v = (torch.randn(*rows, spec["Hk"], case["D"], device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True) for _ in "kv")
+    t = dict(q=q, k=k, v=v, dout=torch.randn_like(q), lens=lens, max_seqlen=max(lens),
+             sinks=torch.randn(case["H"], device="cuda") if spec.get("sinks") else None)
+    if packed:
+        t["cu_seqlens"] = torch.tensor([0] + list(itertools.accumulate(lens)), device="cuda",
+                                       dtype=torch.int32)
+    return t
+
+
+def ours_layer(case: dict, t: dict, plain_causal: bool = False):
+    import flash_attn_interface as fa3
+
+    spec = LAYERS[case["layer"]]
+    kw = dict(causal=True) if plain_causal else dict(
+        window_size=spec["window"], softcap=spec.get("softcap", 0.0), sinks=t["sinks"])
+    if "packing" in spec:
+        cu, m = t["cu_seqlens"], t["max_seqlen"]
+        return lambda: fa3.flash_attn_varlen_func(t["q"], t["k"], t["v"], cu, cu, m, m, **kw)
+    return lambda: fa3.flash_attn_func(t["q"], t["k"], t["v"], **kw)
+
+
+def cudnn_causal_layer(case: dict, t: dict):
+    """cuDNN's plain causal call over the layer's dense shape (packed: the same tokens as one
+    dense batch of equal lengths, as bench_fwd does for varlen_equal)."""
+    q, k, v = t["q"], t["k"], t["v"]
+    if "packing" in LAYERS[case["layer"]]:
+        q, k, v = (x.view(case["B"], -1, *x.shape[1:]) for x in (q, k, v))
+    call = sdpa(q, k, v, True)
+    if "packing" in LAYERS[case["layer"]]:
+        return lambda: call().transpose(1, 2).reshape(t["q"].shape)
+    return lambda: call().transpose(1, 2)
+
+
+def flex_layer(case: dict, t: dict):
+    """Flex with the layer's mask and softcap (no sinks: see the module docstring); packed
+    sequences through document ids."""
+    spec = LAYERS[case["layer"]]
+    (left, _), cap = spec["window"], spec.get("softcap", 0.0)
+    packed = "packing" in spec
+    if packed:
+        doc = torch.repeat_interleave(torch.arange(len(t["lens"]), device="cuda"),
+                                      torch.tensor(t["lens"], device="cuda"))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx  # every layer here is causal
+        if left >= 0:
+            keep = keep & (q_idx - kv_idx <= left)
+        if packed:
+            keep = keep & (doc[q_idx] == doc[kv_idx])
+        return keep
+
+    def softcapped(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    q, k, v = ((x.unsqueeze(0) for x in (t["q"], t["k"], t["v"])) if packed
+               else (t["q"], t["k"], t["v"]))
+    call = flex_masked(q, k, v, mask_mod, softcapped if cap else None)
+    if packed:
+        return lambda: call()[0].transpose(0, 1)
+    return lambda: call().transpose(1, 2)
+
+
+def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
+    inputs = functools.cache(lambda: make_layer_inputs(case))
+    builds = {"ours": lambda: ours_layer(case, inputs()),
+              "ours_causal": lambda: ours_layer(case, inputs(), plain_causal=True),
+              "cudnn_causal": lambda: cudnn_causal_layer(case, inputs()),
+              "flex": lambda: flex_layer(case, inputs())}
+    for impl in impls:
+        plain = impl in ("ours_causal", "cudnn_causal")
+        context = functools.partial(sdpa_context, "cudnn") if impl == "cudnn_causal" else None
+        run.measure("layers", case, impl,
+                    lambda: gradient_call(builds[impl](), inputs(), case["pass"]),
+                    flops=layer_flops(case, plain), context=context)
 
 
 def gradient_call(forward: Callable[[], torch.Tensor], t: dict, pass_: str):
@@ -79,11 +227,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     sections = {"bwd": Section(
         "Backward and forward+backward TFLOP/s (B·N = 32k, H·D = 2048, bf16)", "tflops",
         ratios=[("ours", "cudnn"), ("ours_det", "cudnn")], plot_x="N", plot_panel="D",
-        plot_series=["causal"], plot_where={"layout": "dense", "pass": "bwd"})}
+        plot_series=["causal"], plot_where={"layout": "dense", "pass": "bwd"}),
+        "layers": Section(
+            "Model layers, backward and forward+backward TFLOP/s of the score entries each mask "
+            "keeps (B·N = 32k, H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's "
+            "time scaled by the kept fraction)", "tflops",
+            ratios=[("ours", "ours_causal"), ("ours", "cudnn_causal"), ("ours", "flex")])}
     with Runner("bench_bwd", args, sections, CASE_KEYS) as run:
         todo = [c for c in cases(args.quick) if run.keep(c)]
+        layers = [c for c in layer_cases(args.quick) if run.keep(c)]
         for case in todo:
             measure_case(run, case, IMPLS)
+        for case in layers:
+            measure_layer(run, case, ("ours", "ours_causal", "cudnn_causal"))
+        # Flex last (its compiles are the slowest part; a time cap cuts them first), the
+        # layers' before the grid's
+        for case in layers:
+            measure_layer(run, case, ("flex",))
         for case in todo:
             if bench_fwd.wants_flex(case, args.quick):
                 measure_case(run, case, ("flex",))

@@ -1,7 +1,24 @@
 """Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
 
-    python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16] [--keep DIR]
+    python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
+        [--deterministic] [--varlen] [--seqused] [--window L,R] [--softcap C] [--sinks]
+        [--keep DIR]
         [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP]]]
+    python scripts/aot_bwd_hopper.py --check-plain
+
+The kernel is compiled exactly as backward() launches it (the launch is captured, and triton's
+own binder makes its signature and specialization). --deterministic compiles the deterministic
+call's kernel (dQ left to bwd.py).
+
+--varlen, --seqused, --window, --softcap and --sinks compile the layer variants (packed q/k/v with
+cu_seqlens, seqused_q/k, sliding window, softcap, attention sinks); the sequences are 256 tokens
+long, and a window side of 255 or more is no bound (fwd_hopper.mask_bounds). A head dim under
+256 other than 64 / 128 compiles the next one's tiles.
+
+--check-plain compiles every plain variant recorded in tests/bwd_hopper_plain_sass.json (the
+kernels before the layer variants: bf16 / fp16, D = 64 / 128 / 256, causal or not,
+deterministic or not) and prints, for each, whether its SASS is still the recorded one; it exits
+1 if any differs.
 
 Prints one JSON object: shared memory bytes, warps, wgmma / TMA / TMA-reduce instructions in the
 PTX, HGMMA in the SASS, ptxas' register and spill figures, and per consumer loop (`wgmma_waits`)
@@ -27,46 +44,107 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import mangle_type  # noqa: E402
 
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from flash_attn_3.backends.params import AttnArgs  # noqa: E402
 from flash_attn_3.backends.triton import bwd_hopper  # noqa: E402
 from scripts.aot_fwd_hopper import gmma_loops, report  # noqa: E402
 
 
-def compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype, config=None):
-    """The kernel as backward() launches it (same descriptors, constants and options)."""
-    cfg = bwd_hopper.Config(*config) if config else bwd_hopper.CONFIGS[head_dim]
-    x = torch.empty(2, 256, 4, head_dim, dtype=dtype)
-    rows = bwd_hopper._descriptor(x, cfg.block_m)
-    keys = bwd_hopper._key_descriptor(x)
-    dq = (bwd_hopper._descriptor(x.float(), cfg.block_m, bwd_hopper.DQ_REDUCE_COLS)
-          if cfg.dq_in_kernel else rows)
-    # prep()'s layout: (B, H, S) rows padded to STATS_PAD
-    ptr = torch.empty(2, 4, 256 + bwd_hopper.STATS_PAD)[..., :256]
-    stats = bwd_hopper._stats_descriptor(ptr, cfg.block_m)
-    constants = dict(CAUSAL=causal, STAGES=cfg.stages, DQ_IN_KERNEL=bool(cfg.dq_in_kernel),
-                     CONSUMER_REGS=bwd_hopper._CONSUMER_REGS,
-                     PRODUCER_REGS=bwd_hopper._PRODUCER_REGS)
-    if head_dim in bwd_hopper.SPLIT_HEAD_DIMS:
-        keys = bwd_hopper._descriptor(x, bwd_hopper.KEYS_PER_WARPGROUP)
-        # dk, dv, their strides, softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
-        # group
-        runtime = [rows, rows, keys, keys, dq, stats, stats, x, x, *x.stride()[:3],
-                   *x.stride()[:3], 0.125, 256, 256, 2, 4, 2]
-        kernel = bwd_hopper._bwd_kernel_split
-    else:
-        # lse2 / delta descriptors and pointers, dk, dv, dk / dv strides, softmax_scale,
-        # seqlen_q, seqlen_k, heads_kv, num_n_blocks, group
-        runtime = [rows, rows, keys, keys, dq, stats, stats, ptr, ptr, x, x, *x.stride()[:3],
-                   *x.stride()[:3], 0.125, 256, 256, 2, 2, 2]
-        kernel = bwd_hopper._bwd_kernel
-        constants.update(STATS_SMEM=bool(cfg.stats_smem), PREFETCH_S=bool(cfg.prefetch_s),
-                         EARLY_DV=bool(cfg.early_dv), PIN_DP=bool(cfg.pin_dp))
-    signature = {name: mangle_type(value) for name, value in zip(kernel.arg_names, runtime)}
-    signature.update({name: "constexpr" for name in constants})
-    return triton.compile(GluonASTSource(kernel, signature, constants),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=bwd_hopper._MAXNREG))
+def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
+               seqused: bool = False, **fields) -> AttnArgs:
+    """CPU AttnArgs of one shape class: 2 sequences of 256 tokens, 4 query heads over 2 KV heads,
+    packed (with cu_seqlens) when varlen, seqused_q/k when seqused; `fields` override the rest
+    (window, softcap, sinks)."""
+    q, k, v = (torch.empty(2, 256, h, head_dim, dtype=dtype) for h in (4, 2, 2))
+    extra = {}
+    if varlen:
+        q, k, v = (x.flatten(0, 1) for x in (q, k, v))
+        lengths = torch.tensor([0, 256, 512], dtype=torch.int32)
+        extra.update(cu_seqlens_q=lengths, cu_seqlens_k=lengths, max_seqlen_q=256,
+                     max_seqlen_k=256)
+    if seqused:
+        extra.update(seqused_q=torch.empty(2, dtype=torch.int32),
+                     seqused_k=torch.empty(2, dtype=torch.int32))
+    return AttnArgs.plain(q, k, v, **{"window_right": 0 if causal else -1, **extra, **fields})
+
+
+PLAIN_SASS = Path(__file__).resolve().parent.parent / "tests" / "bwd_hopper_plain_sass.json"
+DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16)
+
+
+def plain_key(dtype: str, head_dim: int, causal: bool, deterministic: bool) -> str:
+    """A variant's name in tests/bwd_hopper_plain_sass.json."""
+    return (f"{dtype} D={head_dim} {'causal' if causal else 'full'}"
+            + (" deterministic" if deterministic else ""))
+
+
+def launch_of(a: AttnArgs, deterministic: bool = False, config=None):
+    """(kernel, args, kwargs) of the launch backward() makes for a, captured instead of run
+    (prep's statistics stood in for by empty tensors of its layout, dQ's pass not run)."""
+    from flash_attn_3.backends.triton import bwd
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    def prep(out, dout, lse, a, pad=1):
+        rows = -(-lse.shape[-1] // pad) * pad
+        return tuple(torch.empty(*lse.shape[:-1], rows)[..., :lse.shape[-1]] for _ in "ld")
+
+    saved = (bwd_hopper._bwd_kernel, bwd_hopper._bwd_kernel_split, bwd.prep, bwd.dq_only)
+    bwd_hopper._bwd_kernel = Recorder(saved[0])
+    bwd_hopper._bwd_kernel_split = Recorder(saved[1])
+    bwd.prep, bwd.dq_only = prep, lambda *args: None
+    try:
+        q = a.q
+        lse_shape = ((q.shape[1], q.shape[0]) if q.dim() == 3
+                     else (q.shape[0], q.shape[2], q.shape[1]))
+        bwd_hopper.backward(torch.empty_like(q), q, a.k, a.v, torch.empty_like(q),
+                            torch.empty(lse_shape), a, deterministic, config=config)
+    finally:
+        bwd_hopper._bwd_kernel, bwd_hopper._bwd_kernel_split, bwd.prep, bwd.dq_only = saved
+    return launches[0]
+
+
+def compile_for_sm90(a: AttnArgs, deterministic: bool = False, config=None):
+    """The kernel exactly as backward() launches it for a (same descriptors, constants,
+    specialization and options)."""
+    kernel, args, kwargs = launch_of(a, deterministic, config)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    # Triton's own binder makes the signature, the constexprs (None arguments, ints of 1) and the
+    # divisibility attributes, as at a launch: do_not_specialize is honoured.
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    launch = {k: kwargs[k] for k in ("num_warps", "maxnreg")}
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch, bound,
+                                                              specialization, options)
+    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def check_plain() -> bool:
+    recorded = json.loads(PLAIN_SASS.read_text())
+    if recorded["triton"] != triton.__version__:
+        raise SystemExit(f"recorded with triton {recorded['triton']}, this is {triton.__version__}")
+    same = True
+    for key, sha in recorded["sass_sha256"].items():
+        dtype, head_dim, mask, *mode = key.split()
+        a = plain_args(int(head_dim[2:]), mask == "causal", DTYPES[dtype])
+        with tempfile.TemporaryDirectory() as tmp:
+            got = report(compile_for_sm90(a, "deterministic" in mode), Path(tmp))
+        same &= got["sass_sha256"] == sha
+        print(json.dumps(dict(variant=key, same_sass=got["sass_sha256"] == sha,
+                              spill_bytes=got["spill_bytes"])), flush=True)
+    return same
 
 
 # What the consumer does between a wgmma's issue and its wait: exp2 (P^T), the fp32 -> bf16
@@ -115,16 +193,32 @@ def wgmma_waits(body: list) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=128, choices=sorted(bwd_hopper.CONFIGS))
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="up to 256: 64, 128, 256 or a head dim padded to the next of them")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--deterministic", action="store_true",
+                   help="the deterministic call's kernel (dQ left to bwd.py)")
     p.add_argument("--config", help="BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S"
                    "[,EARLY_DV,PIN_DP]] (bwd_hopper.Config fields; default: CONFIGS[head_dim])")
+    p.add_argument("--varlen", action="store_true", help="packed q/k/v with cu_seqlens")
+    p.add_argument("--seqused", action="store_true", help="with seqused_q and seqused_k")
+    p.add_argument("--window", default="-1,-1", help="LEFT,RIGHT (-1: unbounded; as --window=-1,R)")
+    p.add_argument("--softcap", type=float, default=0.0)
+    p.add_argument("--sinks", action="store_true", help="with attention sinks (no gradient)")
     p.add_argument("--keep", type=Path)
+    p.add_argument("--check-plain", action="store_true",
+                   help="compare every recorded plain variant's SASS (and nothing else)")
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    if args.check_plain:
+        raise SystemExit(0 if check_plain() else 1)
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
-    kernel = compile_for_sm90(args.head_dim, args.causal, dtype, config)
+    left, right = (int(x) for x in args.window.split(","))
+    layer = dict(window_left=left, window_right=0 if args.causal else right,
+                 softcap=args.softcap, sinks=torch.empty(4) if args.sinks else None)
+    a = plain_args(args.head_dim, args.causal, DTYPES[args.dtype], args.varlen, args.seqused,
+                   **layer)
+    kernel = compile_for_sm90(a, args.deterministic, config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
@@ -134,7 +228,15 @@ def main() -> None:
         got["tma_loads_2d_ptx"] = kernel.asm["ptx"].count("cp.async.bulk.tensor.2d.shared")
         sass = (keep / "kernel.sass").read_text()
         got["wgmma_waits"] = [wgmma_waits([o for _, o in body]) for body in gmma_loops(sass)]
-        print(json.dumps(got))
+    # A plain variant at its default config: is its SASS the recorded one?
+    key = plain_key(args.dtype, args.head_dim, args.causal, args.deterministic)
+    plain = (left, right, args.softcap, args.sinks, args.varlen, args.seqused) == (
+        -1, -1, 0.0, False, False, False)
+    if PLAIN_SASS.exists() and config is None and plain:
+        recorded = json.loads(PLAIN_SASS.read_text())
+        if recorded["triton"] == triton.__version__ and key in recorded["sass_sha256"]:
+            got["recorded_sass_same"] = got["sass_sha256"] == recorded["sass_sha256"][key]
+    print(json.dumps(got))
 
 
 if __name__ == "__main__":

@@ -99,12 +99,12 @@ def compile_case(case: dict) -> dict:
     config = tuple(case["config"]) if case.get("config") else None
     if case["kernel"] == "fwd":
         dtype = dict(bf16=torch.bfloat16, fp8=torch.float8_e4m3fn)[case["dtype"]]
-        kernel = aot_fwd_hopper.compile_for_sm90(case["head_dim"], case["causal"], dtype, config,
-                                                 case.get("varlen", False),
-                                                 case.get("seqused", False))
+        kernel = aot_fwd_hopper.compile_for_sm90(aot_fwd_hopper.plain_args(
+            case["head_dim"], case["causal"], dtype, case.get("varlen", False),
+            case.get("seqused", False)), config)
     else:
-        kernel = aot_bwd_hopper.compile_for_sm90(case["head_dim"], case["causal"], torch.bfloat16,
-                                                 config)
+        kernel = aot_bwd_hopper.compile_for_sm90(aot_bwd_hopper.plain_args(
+            case["head_dim"], case["causal"], torch.bfloat16), config=config)
     compile_s = time.time() - t0
     with tempfile.TemporaryDirectory() as tmp:
         got = aot_fwd_hopper.report(kernel, Path(tmp))

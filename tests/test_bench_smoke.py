@@ -75,6 +75,26 @@ def test_model_layer_grid(bench):
     assert {c["layer"] for c in fwd.layer_cases(quick=True)} == set(fwd.LAYERS)
 
 
+def test_backward_model_layer_grid(bench):
+    """The backward's layers: the forward's that have a backward (not the chunk), Mistral's
+    window also packed (equal and ragged lengths, same token count), a padded head dim; both
+    passes; kept fractions as the forward counts them."""
+    bwd, fwd = bench.bwd, bench.fwd
+    layers = list(bwd.layer_cases(quick=False))
+    names = {c["layer"] for c in layers}
+    assert names >= {n for n in fwd.LAYERS if not fwd.LAYERS[n].get("chunk")}
+    assert not any(bwd.LAYERS[n].get("chunk") for n in names)
+    assert {c["pass"] for c in layers} == {"bwd", "fwd_bwd"}
+    for c in layers:
+        lens = bwd.layer_lengths(c)
+        assert sum(lens) == 32 * 1024 and len(lens) == c["B"]
+        if c["layer"] in fwd.LAYERS:
+            assert bwd.layer_kept(c) == c["B"] * fwd.kept_entries(c, c["layer"])
+            assert bwd.layer_kept(c, True) == c["B"] * fwd.kept_entries(c)
+    ragged = [c for c in layers if c["layer"].endswith("ragged") and c["N"] == 8192]
+    assert ragged and all(len(set(bwd.layer_lengths(c))) > 1 for c in ragged)
+
+
 def test_dry_runs_write_fake_json_and_tables(bench, tmp_path, capsys):
     backend_before = os.environ.get("FLASH_ATTN_3_BACKEND")
     for module, name in ((bench.fwd, "bench_fwd"), (bench.bwd, "bench_bwd"),

@@ -76,6 +76,10 @@ def test_compiles_for_sm90(head_dim, causal):
     # D = 128 parks a few scalars (addresses, loop bounds) in local memory; a spilled
     # accumulator would be kilobytes
     assert got["spill_bytes"] <= 512 and got["shared_bytes"] <= 227 * 1024, got
+    # the layer variants (window, softcap, varlen, padded head dims) leave the plain kernels'
+    # SASS as it was before them (tests/bwd_hopper_plain_sass.json; `aot_bwd_hopper.py
+    # --check-plain` compares every recorded variant)
+    assert got["recorded_sass_same"], got
 
 
 @needs_gluon
@@ -152,6 +156,68 @@ def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     assert got["tma_reduce_ptx"] == reduces, got
     assert got["tma_loads_2d_ptx"] == 2 and got["num_warps"] == 12, got
     assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
+
+
+@needs_gluon
+def test_plain_kernels_sass_unchanged():
+    """Every recorded plain variant (bf16 / fp16, D = 64 / 128 / 256, causal or not,
+    deterministic or not) compiles to the SASS it had before the layer variants existed
+    (tests/bwd_hopper_plain_sass.json)."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"), "--check-plain"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# (head dim, aot_bwd_hopper.py flags): what a model layer launches. The plain kernel of the same
+# config spills (sm_90 ptxas, triton 3.6): D = 64 and 256 none, D = 128 52-64 bytes with dQ in the
+# kernel and 136-160 with dQ left to bwd.py, which the D = 128 windowed and packed calls take
+# (bwd_hopper.LAYER_CONFIGS).
+LAYER_VARIANTS = [
+    (64, ["--window", "128,0", "--sinks"]),  # GPT-OSS
+    (128, ["--window", "100,0"]),  # Mistral
+    (128, ["--window", "40,20", "--varlen", "--seqused"]),
+    (128, ["--softcap", "30"]),
+    (256, ["--softcap", "50", "--causal"]),  # Gemma 2
+    (256, ["--window", "40,20", "--softcap", "30", "--varlen"]),
+    (64, ["--causal", "--varlen", "--seqused", "--deterministic"]),
+    (96, ["--causal"]),
+    (192, ["--window", "40,0", "--varlen"]),
+]
+PLAIN_SPILLS = {64: 0, 128: 160, 256: 0}
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,variant", LAYER_VARIANTS, ids=str)
+def test_layer_variants_compile_for_sm90(head_dim, variant):
+    """Sliding window, softcap, sinks, packed / seqused sequences and a head dim padded to the
+    next tile width compile into the same pipeline: the wgmmas of the plain kernel of the same
+    config (none serialized), spills within the plain kernels' (plus a few scalars: at most 64
+    bytes and 8 local accesses per loop), and softcap's tanh one MUFU op per exp2."""
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+           "--head-dim", str(head_dim)] + variant
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    width = bwd_hopper.tile_width(head_dim)
+    dq_in_kernel = "--deterministic" not in variant and (
+        bwd_hopper.LAYER_CONFIGS.get(width, bwd_hopper.CONFIGS[width]).dq_in_kernel
+        if {"--window", "--varlen", "--seqused"} & set(variant)
+        else bwd_hopper.CONFIGS[width].dq_in_kernel)
+    if width in bwd_hopper.SPLIT_HEAD_DIMS:
+        per_side = width // 16 + 64 // 16 + (64 // 16 if dq_in_kernel else 0)
+        wgmma = 2 * per_side
+    else:
+        dq = bwd_hopper.BLOCK_N // 16 if dq_in_kernel else 0
+        wgmma = 2 * (2 * width // 16 + 2 * 64 // 16 + dq)
+    assert got["wgmma_ptx"] == wgmma and got["hgmma_sass"] == wgmma, got
+    assert not got["ptxas_warnings"], got
+    assert got["spill_bytes"] <= PLAIN_SPILLS[width] + 64, got
+    assert all(loop["local"] <= 8 for loop in got["kv_loops"]) and got["kv_loops"], got
+    for loop in got["kv_loops"]:
+        tanh = loop["ops"].get("MUFU.TANH", 0)
+        assert tanh == (loop["ops"].get("MUFU.EX2", 0) if "--softcap" in variant else 0), loop
 
 
 def test_refuses_without_hopper():
@@ -330,14 +396,30 @@ def test_scope_and_routing(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_3_GLUON", "0")
     assert routes.backward_kernel(base, False) is not bwd_hopper
     monkeypatch.undo()  # the run's own setting: =1 where it checks a triton not yet verified
-    out_of_scope = [
-        dict(window_left=32), dict(window_right=16), dict(softcap=5.0), dict(attention_chunk=64),
+    # the model layers' variants are in scope (tests/test_bwd_hopper_layers.py checks them)
+    in_scope = [
+        dict(window_left=32), dict(window_right=16), dict(softcap=5.0),
         dict(sinks=torch.zeros(4, device="cuda")),
         dict(seqused_k=torch.full((1,), 100, dtype=torch.int32, device="cuda")),
     ]
+    for change in in_scope:
+        assert bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    # attention_chunk has no backward (officially neither); fp8, qv, paged K/V are not here
+    out_of_scope = [dict(attention_chunk=64), dict(softcap=-1.0),
+                    dict(sinks=torch.zeros(3, device="cuda"))]
     for change in out_of_scope:
         assert not bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+    # rows past seqused_q (or past a packed sequence) would reach the wgmmas: opt-in only
+    used_q = AttnArgs(**{**base.__dict__, "seqused_q": torch.full((1,), 100, dtype=torch.int32,
+                                                                   device="cuda")})
+    assert not bwd_hopper.supports(used_q)
+    assert "NaN" in routes.backward_route(used_q)[1]
+    monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
+    assert bwd_hopper.supports(used_q)
+    monkeypatch.delenv(bwd_hopper.VARLEN_ENV)
     x = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
+    assert bwd_hopper.supports(make_args(x, x, x, causal=False))  # 128-wide tiles
+    x = torch.randn(1, 256, 4, 264, device="cuda", dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(x, x, x, causal=False))
     x = torch.randn(1, 256, 4, 256, device="cuda", dtype=torch.bfloat16)
     assert routes.backward_kernel(make_args(x, x, x, causal=True), False) is bwd_hopper

@@ -25,11 +25,29 @@ delta = rowsum(dO * O) and lse * log2(e) come from bwd.py's prep kernel; scores 
 (P = exp2(S * scale * log2 e - lse2)). Query rows past seqlen_q read lse2 = +inf (P = 0) and TMA
 zero-fills their Q/dO; keys past seqlen_k are zero-filled and masked in the one key block that
 has them; the causal diagonal (bottom-right) is masked only on the query blocks that cross it.
+
+Model layers are variants of the same kernels, their arguments None when off, so the plain
+kernels compile as if they did not exist (same SASS, tests/bwd_hopper_plain_sass.json):
+- a sliding window (either side, causal being left -1, right 0): a key block walks only the query
+  blocks whose rows see some key of it, [n0 - offset - right, n0 + BLOCK_N - 1 - offset + left],
+  so the work follows the window; the blocks every row of which sees every key skip the mask.
+- softcap: S^T goes through tanh (one MUFU op) before the exp2, and dS^T takes 1 - tanh^2.
+- sinks: the sink logit is in the forward's LSE, so P and dS need nothing more (its own gradient
+  is not computed; the op layer refuses a sinks tensor that requires one).
+- packed (total, H, D) q/k/v with cu_seqlens, seqused_q/k: the descriptors see (1, total, H, D)
+  and each program reads its sequence's first row and lengths on the device; the grid covers
+  max_seqlen_k, and key blocks past a shorter sequence store nothing. Tiles may reach into the
+  next sequence: its query rows are masked (P, dS exact zeros, dQ adds zeros there), its keys
+  zeroed in shared memory. The row statistics are gathered into a dense (B, H, max_seqlen_q)
+  copy so that their TMA boxes start on 16 bytes.
+- head dims between 64, 128 and 256 take the next one's tiles (TMA reads zeros past D, dK/dV
+  stores and dQ reduces skip those columns).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -46,6 +64,7 @@ try:
         fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from .fwd_hopper import _clear_tail, _softcapped
     from .gluon_compat import tma
 
     # Defined wherever the API imports; supports() decides which versions run them.
@@ -136,6 +155,14 @@ DETERMINISTIC_CANDIDATES = {
           Config(64, 2, False, True, pin_dp=True),
           Config(64, 3, False, True, early_dv=True, pin_dp=True)],
 }
+# Sliding windows and packed / seqused sequences at D = 128: the dQ-in-kernel default is at the
+# edge of its registers (52 bytes of spills), and their few extra per-thread scalars tip it into
+# spilling 216-330 bytes with 7-23 local accesses per loop (sm_90 ptxas, 2026-12-07); with dQ
+# left to bwd.py (whose dQ pass takes the same masks) they spill at most what the plain
+# deterministic kernel does (0-164 bytes against its 160, at most 6 local accesses per loop).
+# Not yet timed against each other on the GPU. softcap and padded head dims alone stay on
+# CONFIGS (76 / 68-80 bytes).
+LAYER_CONFIGS = {128: DETERMINISTIC_CONFIGS[128]}
 # fp32 columns per dQ reduce-add: 128 bytes, the widest TMA box a 128-byte swizzle allows.
 DQ_REDUCE_COLS = 32
 # prep()'s lse2 / delta rows (one per batch and query head) start on 16 bytes: a TMA copy must
@@ -143,6 +170,8 @@ DQ_REDUCE_COLS = 32
 # instruction on the H100) and the descriptor's row stride must be a multiple of 16 bytes.
 STATS_PAD = 4
 _MAXNREG = 168
+# Arguments whose values follow the call (lengths, block counts, window sides): not specialized.
+UNSPECIALIZED = ("seqlen_q", "seqlen_k", "num_n_blocks", "window_left", "window_right")
 _CONSUMER_REGS = 240
 _PRODUCER_REGS = 24
 
@@ -161,42 +190,95 @@ if _GLUON_OK:
                                                   tensor_desc.handle, coord, src.handle)
 
     @gluon.jit
-    def _program(seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, BLOCK_M: gl.constexpr,
-                 CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        """-> (b, hk, first key, first query row, query blocks to visit, first query row whose
-        block needs no mask). Key blocks of one head are adjacent program ids, so the programs
-        running together share that head's Q/dO in L2; block 0 (the most queries when causal)
-        goes first."""
+    def _program(shape, seqs, window, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+                 BLOCK_N: gl.constexpr):
+        """-> (b, hk, (q_batch, q_start, used_q), (k_batch, k_start, k_rows, k_stored), first
+        key, first query row, query blocks to visit, first query row whose block needs no mask,
+        first query row whose block needs it again). (x_batch, x_start) is the descriptor
+        coordinate of the sequence's first token: (b, 0) dense, (0, cu_seqlens[b]) packed;
+        used_q / k_rows the rows attended (seqused), k_stored the keys stored for the sequence.
+        window: (window_left, window_right), None where unbounded. Key blocks of one head are
+        adjacent program ids, so the programs running together share that head's Q/dO in L2;
+        block 0 (the most queries when causal) goes first."""
+        seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
+        cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k = seqs
+        window_left, window_right = window
         pid = gl.program_id(0)
         n0 = (pid % num_n_blocks) * BLOCK_N
         bh = pid // num_n_blocks
-        offset = seqlen_k - seqlen_q
-        if CAUSAL:
+        # The batch index is computed where it is first needed (dense: the return; computed
+        # first, the plain kernels' SASS changed order).
+        q_start, used_q = 0, seqlen_q
+        if cu_seqlens_q is not None:
+            q_start = gl.load(cu_seqlens_q + bh // num_heads_kv)
+            used_q = gl.load(cu_seqlens_q + bh // num_heads_kv + 1) - q_start
+        k_start, k_stored = 0, seqlen_k
+        if cu_seqlens_k is not None:
+            k_start = gl.load(cu_seqlens_k + bh // num_heads_kv)
+            k_stored = gl.load(cu_seqlens_k + bh // num_heads_kv + 1) - k_start
+        # seqused never reaches past the sequence: a length the checks cannot read must not turn
+        # into reads of the next sequence (or past the tensor).
+        if seqused_q is not None:
+            used_q = gl.minimum(gl.load(seqused_q + bh // num_heads_kv), used_q)
+        k_rows = k_stored
+        if seqused_k is not None:
+            k_rows = gl.minimum(gl.load(seqused_k + bh // num_heads_kv), k_stored)
+        offset = k_rows - used_q
+        m_start = 0
+        m_full = 0
+        m_end = used_q
+        # Blocks from m_full_hi on need the mask again (read only with an upper bound, see
+        # _edge_mask).
+        m_full_hi = used_q
+        if window_left is not None or window_right is not None:
+            # Query i sees key j iff i + offset - left <= j <= i + offset + right: the block's
+            # keys are seen from rows [n0 - offset - right, n0 + BLOCK_N - 1 - offset + left],
+            # each key by every row from n0 + BLOCK_N - 1 - offset - right (the right side) up
+            # to n0 - offset + left (the left side).
+            if window_right is not None:
+                m_start = gl.maximum(n0 - offset - window_right, 0) // BLOCK_M * BLOCK_M
+                m_full = n0 + BLOCK_N - 1 - offset - window_right
+            if window_left is not None:
+                m_end = gl.minimum(n0 + BLOCK_N - offset + window_left, used_q)
+                m_full_hi = n0 - offset + window_left - BLOCK_M + 2
+        elif CAUSAL:
             # Query i sees key j iff j <= i + offset (bottom-right diagonal).
             m_start = gl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
             # Every key of the block is visible from query rows >= n0 + BLOCK_N - 1 - offset.
             m_full = n0 + BLOCK_N - 1 - offset
-        else:
-            m_start = 0
-            m_full = 0
-        if n0 + BLOCK_N > seqlen_k:
-            m_full = seqlen_q  # the key tail: every block takes the mask
-        num_m = gl.maximum(gl.cdiv(seqlen_q - m_start, BLOCK_M), 0)
-        return bh // num_heads_kv, bh % num_heads_kv, n0, m_start, num_m, m_full
+        if n0 + BLOCK_N > k_rows:
+            m_full = used_q  # the key tail: every block takes the mask
+        if seqs[0] is not None or seqs[2] is not None:
+            # A query block crossing the sequence's end masks its rows past it (packed, they
+            # are the next sequence's).
+            m_full_hi = gl.minimum(m_full_hi, used_q - BLOCK_M + 1)
+        num_m = gl.maximum(gl.cdiv(m_end - m_start, BLOCK_M), 0)
+        if seqs[1] is not None or seqs[3] is not None:
+            num_m = gl.where(n0 < k_rows, num_m, 0)  # a block past the keys stores zeros
+        b = bh // num_heads_kv
+        q_batch = b  # the descriptor's batch coordinate: packed tensors have one batch
+        if cu_seqlens_q is not None:
+            q_batch = 0
+        k_batch = b
+        if cu_seqlens_k is not None:
+            k_batch = 0
+        return (b, bh % num_heads_kv, (q_batch, q_start, used_q),
+                (k_batch, k_start, k_rows, k_stored), n0, m_start, num_m, m_full, m_full_hi)
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem, k_smem,
-                  v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL: gl.constexpr,
+                  v_smem, lse2_smem, delta_smem, bars, shape, seqs, window, CAUSAL: gl.constexpr,
                   STAGES: gl.constexpr, STATS_SMEM: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
-        b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL,
-                                                     k_desc.block_type.shape[1])
+        b, hk, qs, ks, n0, m_start, num_m, m_full, m_full_hi = _program(
+            shape, seqs, window, BLOCK_M, CAUSAL, k_desc.block_type.shape[1])
+        q_batch, q_start, used_q = qs
+        k_batch, k_start, k_rows, k_stored = ks
         mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, 0], kv_ready, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, 0], kv_ready, v_smem)
+        tma.async_copy_global_to_shared(k_desc, [k_batch, k_start + n0, hk, 0], kv_ready, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + n0, hk, 0], kv_ready, v_smem)
         nbytes: gl.constexpr = 2 * q_desc.block_type.nbytes + (
             2 * lse2_desc.block_type.nbytes if STATS_SMEM else 0)
         for it in range(0, group * num_m):
@@ -207,19 +289,94 @@ if _GLUON_OK:
             # Fresh barriers pass a wait on parity 1, so the first lap of the ring does not wait.
             mbarrier.wait(q_empty.index(stage), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(q_ready.index(stage), nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, m0, hq, 0], q_ready.index(stage),
-                                            q_smem.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [b, m0, hq, 0], q_ready.index(stage),
-                                            do_smem.index(stage))
+            tma.async_copy_global_to_shared(q_desc, [q_batch, q_start + m0, hq, 0],
+                                            q_ready.index(stage), q_smem.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [q_batch, q_start + m0, hq, 0],
+                                            q_ready.index(stage), do_smem.index(stage))
             if STATS_SMEM:
                 # One row of the (B * Hq, Sq) statistics from query m0 on: 16-byte aligned since
                 # rows are padded to 16 bytes and m0 is a multiple of BLOCK_M; the box is
-                # zero-filled past seqlen_q (the consumers select those rows away).
+                # zero-filled past seqlen_q (the consumers select those rows away). Packed
+                # sequences get the same dense layout (_dense_stats).
                 bh = b * num_heads_kv * group + hq
                 tma.async_copy_global_to_shared(lse2_desc, [bh, m0], q_ready.index(stage),
                                                 lse2_smem.index(stage))
                 tma.async_copy_global_to_shared(delta_desc, [bh, m0], q_ready.index(stage),
                                                 delta_smem.index(stage))
+
+    @gluon.jit
+    def _key_bounds(keys, qs, ks, seqs, window, CAUSAL: gl.constexpr):
+        """(first, last query row) that sees each key (the last read only where _edge_mask has an
+        upper bound) (spec sec 4, bottom-right
+        diagonal); keys past the sequence's get no row. The element mask is then two compares
+        per score against these per-key bounds."""
+        q_batch, q_start, used_q = qs
+        k_batch, k_start, k_rows, k_stored = ks
+        window_left, window_right = window
+        offset = k_rows - used_q
+        last_query = keys  # read only with an upper bound (see _edge_mask)
+        if window_left is not None or window_right is not None:
+            first_query = gl.zeros_like(keys)
+            if window_right is not None:
+                first_query = keys - offset - window_right
+            if window_left is not None:
+                last_query = keys - offset + window_left
+        elif CAUSAL:
+            first_query = keys - offset
+        else:
+            first_query = gl.zeros_like(keys)
+        first_query = gl.where(keys < k_rows, first_query, 2147483647)
+        if seqs[0] is not None or seqs[2] is not None:
+            if window_left is None:
+                last_query = gl.zeros_like(keys) + (used_q - 1)
+            else:
+                last_query = gl.minimum(last_query, used_q - 1)
+        return first_query, last_query
+
+    @gluon.jit
+    def _edge_mask(p, queries, bounds, seqs, window):
+        """P with the scores no query sees zeroed (bounds: _key_bounds'). A key's rows have an
+        upper bound with a left window side, or rows past a packed or seqused_q sequence; query
+        blocks past the first masked ones then take the mask again."""
+        first_query, last_query = bounds
+        ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
+        if window[0] is not None or seqs[0] is not None or seqs[2] is not None:
+            ok = ok & (gl.expand_dims(queries, 0) <= gl.expand_dims(last_query, 1))
+        return gl.where(ok, p, 0.0)
+
+    @gluon.jit
+    def _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs):
+        """Packed (or with seqused_k), the key block crossing the sequence's end holds the next
+        sequence's keys or unused memory (a KV cache's tail): zeroed in shared memory before any
+        wgmma reads K or V, since 0 * NaN is NaN and dQ = dS K, dP^T = V dO^T would carry it
+        into real rows. Once per program. Query rows past a sequence are not cleared (that cost
+        the D = 128 loop 160-300 bytes of spills): their P and dS are exact zeros, so they add
+        nothing as long as q and dout hold finite numbers there (the next sequence's rows, or
+        rows past seqused_q)."""
+        if seqs[1] is not None or seqs[3] is not None:
+            KEYS: gl.constexpr = k_smem.type.shape[1]
+            HEAD_DIM: gl.constexpr = k_smem.type.shape[3]
+            if n0 + KEYS > k_rows:
+                _clear_tail(k_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
+                _clear_tail(v_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
+
+    @gluon.jit
+    def _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM: gl.constexpr):
+        if head_dim is None:
+            return (rows < k_stored) & (cols < HEAD_DIM)  # the column term only broadcasts
+        else:
+            # A head dim under the tile's width: its padding columns stay unwritten.
+            return (rows < k_stored) & (cols < head_dim)
+
+    @gluon.jit
+    def _reduce_dq(dq_desc, coord, src, head_dim):
+        """One dQ chunk's TMA reduce-add; a chunk wholly in a padded head dim's padding is not
+        issued (TMA would drop all of it)."""
+        if head_dim is None:
+            _tma_reduce_add(dq_desc, coord, src)
+        else:
+            if coord[3] < head_dim:
+                _tma_reduce_add(dq_desc, coord, src)
 
     @gluon.jit
     def _issue_s(k_w, q_smem, stage, acc):
@@ -232,7 +389,8 @@ if _GLUON_OK:
     @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem, dq_smem, bars,
                   dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dk_strides, dv_strides,
-                  softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  softmax_scale, shape, seqs, window, softcap, head_dim, CAUSAL: gl.constexpr,
+                  STAGES: gl.constexpr,
                   DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                   PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
                   WG: gl.constexpr):
@@ -257,24 +415,28 @@ if _GLUON_OK:
         key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         query_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         qk_scale = softmax_scale * _LOG2E
+        if softcap is not None:
+            # score = c * tanh(scale * s / c), in the log2 domain: tanh's argument takes the
+            # scale over c, the exponent's scale is c * log2(e) (the argument softcap).
+            cap_in = qk_scale / softcap
+            qk_scale = softcap
 
-        b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL, _BLOCK_N)
+        b, hk, qs, ks, n0, m_start, num_m, m_full, m_full_hi = _program(
+            shape, seqs, window, BLOCK_M, CAUSAL, _BLOCK_N)
+        q_batch, q_start, used_q = qs
+        k_batch, k_start, k_rows, k_stored = ks
         total = group * num_m
         k_all = k_smem.reshape([_BLOCK_N, HEAD_DIM])
         k_w = k_all.slice(WG * KEYS, KEYS, dim=0)
         v_w = v_smem.reshape([_BLOCK_N, HEAD_DIM]).slice(WG * KEYS, KEYS, dim=0)
         keys = n0 + WG * KEYS + gl.arange(0, KEYS, layout=key_layout)
-        # Visible iff key <= query + offset and key < seqlen_k, as one bound per key: the column
+        # Visible iff first_query <= query (<= last_query), one bound per key: the column
         # compare is then one per element.
-        if CAUSAL:
-            first_query = keys - (seqlen_k - seqlen_q)
-        else:
-            first_query = gl.zeros([KEYS], gl.int32, key_layout)
-        first_query = gl.where(keys < seqlen_k, first_query, 2147483647)
+        bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
         dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_ready, 0)
+        _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs)
         if PREFETCH_S:
             # Every program has at least one query block (see _program).
             mbarrier.wait(q_ready.index(0), 0)
@@ -286,7 +448,7 @@ if _GLUON_OK:
             hq = hk * group + g
             stage = it % STAGES
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            in_q = queries < seqlen_q
+            in_q = queries < used_q
             if not STATS_SMEM:
                 row = (b * num_heads_kv * group + hq).to(gl.int64) * seqlen_q
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
@@ -314,10 +476,21 @@ if _GLUON_OK:
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
                 lse2 = gl.where(in_q, lse2_smem.index(stage).reshape([BLOCK_M]).load(
                     query_layout), float("inf"))
+            if softcap is not None:
+                s = _softcapped(s, cap_in)
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
-            if m0 < m_full:
-                ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
-                p = gl.where(ok, p, 0.0)
+            if softcap is not None:
+                # dS's factor 1 - tanh^2, held in fp16 until dS: half the registers of the fp32
+                # tanh, and fp16's rounding (2^-11) is that of tanh.approx itself.
+                dtanh = (1.0 - s * s).to(gl.float16)
+            # The tests are inline: a helper's debug labels split ptxas' basic blocks (see
+            # fwd_hopper._consumer).
+            if window[0] is not None or seqs[0] is not None or seqs[2] is not None:
+                edge = (m0 < m_full) | (m0 >= m_full_hi)
+            else:
+                edge = m0 < m_full
+            if edge:
+                p = _edge_mask(p, queries, bounds, seqs, window)
             if EARLY_DV:
                 p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
@@ -328,6 +501,8 @@ if _GLUON_OK:
                 delta = gl.where(in_q, delta_smem.index(stage).reshape([BLOCK_M]).load(
                     query_layout), 0.0)
             ds = p * (dp - gl.expand_dims(delta, 0))
+            if softcap is not None:
+                ds = ds * dtanh.to(gl.float32)
             if not EARLY_DV:
                 p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout, assert_trivial=True)
@@ -372,8 +547,8 @@ if _GLUON_OK:
                 # One reduce per 128-byte column chunk: the TMA box of a 128-byte swizzle is at
                 # most that wide, and the tile's chunks lie one after the other in shared memory.
                 for c in gl.static_range(HALF_DIM // DQ_COLS):
-                    _tma_reduce_add(dq_desc, [b, m0, hq, WG * HALF_DIM + c * DQ_COLS],
-                                    dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3))
+                    _reduce_dq(dq_desc, [q_batch, q_start + m0, hq, WG * HALF_DIM + c * DQ_COLS],
+                               dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3), head_dim)
             else:
                 if PREFETCH_S:
                     s_tok = _issue_s(k_w, q_smem, nxt, s)
@@ -388,26 +563,30 @@ if _GLUON_OK:
         if DQ_IN_KERNEL:
             tma.store_wait(pendings=0)
 
-        # dK, dV of this warpgroup's keys, clipped at seqlen_k.
+        # dK, dV of this warpgroup's keys, clipped at the sequence's stored keys (zeros past
+        # seqused_k) and at the head dim.
         rows = gl.expand_dims(n0 + WG * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(
             1, kv_layout)), 1)
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
-        keep = (rows < seqlen_k) & (cols < HEAD_DIM)  # the column term only broadcasts
-        dk_at = (dk_ptr + b.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
-                 + rows.to(gl.int64) * dk_strides[1] + cols)
-        dv_at = (dv_ptr + b.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
-                 + rows.to(gl.int64) * dv_strides[1] + cols)
+        keep = _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM)
+        dk_at = (dk_ptr + k_batch.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
+                 + (k_start + rows).to(gl.int64) * dk_strides[1] + cols)
+        dv_at = (dv_ptr + k_batch.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
+                 + (k_start + rows).to(gl.int64) * dv_strides[1] + cols)
         gl.store(dk_at, (dk * softmax_scale).to(dtype), mask=keep)
         gl.store(dv_at, dv.to(dtype), mask=keep)
 
-    # Lengths and block counts change between calls: triton would otherwise compile a variant
-    # per `% 16` pattern of them, with no faster code.
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_n_blocks"])
+    # Lengths, block counts and windows change between calls: triton would otherwise compile a
+    # variant per `% 16` pattern of them, with no faster code. The layer variants' arguments
+    # (cu_seqlens, seqused, window sides, softcap, a padded head dim) are None when off, so the
+    # plain kernels compile as if they did not exist (tests/bwd_hopper_plain_sass.json).
+    @gluon.jit(do_not_specialize=UNSPECIALIZED)
     def _bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc, lse2_ptr,
                     delta_ptr, dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                     stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k, num_heads_kv,
-                    num_n_blocks, group, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                    DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
+                    num_n_blocks, group, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                    window_left, window_right, softcap, head_dim, CAUSAL: gl.constexpr,
+                    STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                     PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
@@ -460,16 +639,21 @@ if _GLUON_OK:
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
                          dq_smem0, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
-                         (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
+                         (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
+                         DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
                          dq_smem1, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
-                         (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                         STAGES, DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 1)),
+                         (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
+                         DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 1)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
-                         k_smem, v_smem, lse2_smem, delta_smem, bars, shape, CAUSAL, STAGES,
-                         STATS_SMEM)),
+                         k_smem, v_smem, lse2_smem, delta_smem, bars, shape,
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (window_left, window_right), CAUSAL, STAGES, STATS_SMEM)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -483,7 +667,8 @@ if _GLUON_OK:
     @gluon.jit
     def _consumer_split(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem, ds_smem,
                         dq_smem, bars, dq_desc, dk_ptr, dv_ptr, dk_strides, dv_strides,
-                        softmax_scale, shape, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                        softmax_scale, shape, seqs, window, softcap, head_dim,
+                        CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                         DQ_IN_KERNEL: gl.constexpr, S_SIDE: gl.constexpr):
         kv_ready, q_ready, q_empty, p_ready, ds_ready = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
@@ -504,20 +689,22 @@ if _GLUON_OK:
         key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         query_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         qk_scale = softmax_scale * _LOG2E
+        if softcap is not None:
+            cap_in = qk_scale / softcap  # as in _consumer
+            qk_scale = softcap
         WG: gl.constexpr = 0 if S_SIDE else 1
 
-        b, hk, n0, m_start, num_m, m_full = _program(seqlen_q, seqlen_k, num_heads_kv,
-                                                     num_n_blocks, BLOCK_M, CAUSAL, KEYS)
+        b, hk, qs, ks, n0, m_start, num_m, m_full, m_full_hi = _program(
+            shape, seqs, window, BLOCK_M, CAUSAL, KEYS)
+        q_batch, q_start, used_q = qs
+        k_batch, k_start, k_rows, k_stored = ks
         k_all = k_smem.reshape([KEYS, HEAD_DIM])
         v_all = v_smem.reshape([KEYS, HEAD_DIM])
         keys = n0 + gl.arange(0, KEYS, layout=key_layout)
-        if CAUSAL:
-            first_query = keys - (seqlen_k - seqlen_q)
-        else:
-            first_query = gl.zeros([KEYS], gl.int32, key_layout)
-        first_query = gl.where(keys < seqlen_k, first_query, 2147483647)
+        bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
         acc = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)  # dV (S side) or dK
         mbarrier.wait(kv_ready, 0)
+        _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs)
 
         for it in range(0, group * num_m):
             g = it // num_m
@@ -526,7 +713,7 @@ if _GLUON_OK:
             stage = it % STAGES
             buf = it % 2
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            in_q = queries < seqlen_q
+            in_q = queries < used_q
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
@@ -537,15 +724,25 @@ if _GLUON_OK:
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
                 lse2 = gl.where(in_q, lse2_smem.index(stage).reshape([BLOCK_M]).load(
                     query_layout), float("inf"))
+                if softcap is not None:
+                    s = _softcapped(s, cap_in)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
-                if m0 < m_full:
-                    ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
-                    p = gl.where(ok, p, 0.0)
+                if window[0] is not None or seqs[0] is not None or seqs[2] is not None:
+                    edge = (m0 < m_full) | (m0 >= m_full_hi)
+                else:
+                    edge = m0 < m_full
+                if edge:
+                    p = _edge_mask(p, queries, bounds, seqs, window)
                 p16 = p.to(dtype)
                 # Two P^T buffers: the dP side has read this one (into registers) before it
                 # publishes the dS^T this side waits on next iteration (without dQ here: before
                 # it releases the ring slot this side waits on two iterations on, STAGES <= 2).
-                p_smem.index(buf).store(p16)
+                if softcap is not None:
+                    # The dP side needs P^T only for dS^T: it gets P^T (1 - tanh^2), so the
+                    # tanh stays on this side.
+                    p_smem.index(buf).store((p * (1.0 - s * s)).to(dtype))
+                else:
+                    p_smem.index(buf).store(p16)
                 fence_async_shared()
                 mbarrier.arrive(p_ready.index(buf))
                 p_op = gl.convert_layout(p16, op_layout, assert_trivial=True)
@@ -583,8 +780,8 @@ if _GLUON_OK:
                 dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
                 fence_async_shared()
                 for c in gl.static_range(HALF_DIM // DQ_COLS):
-                    _tma_reduce_add(dq_desc, [b, m0, hq, WG * HALF_DIM + c * DQ_COLS],
-                                    dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3))
+                    _reduce_dq(dq_desc, [q_batch, q_start + m0, hq, WG * HALF_DIM + c * DQ_COLS],
+                               dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3), head_dim)
             else:
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(own_tok, p_op))
                 mbarrier.arrive(q_empty.index(stage))
@@ -593,21 +790,23 @@ if _GLUON_OK:
 
         rows = gl.expand_dims(n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout)), 1)
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
-        keep = (rows < seqlen_k) & (cols < HEAD_DIM)  # the column term only broadcasts
+        keep = _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM)
         if S_SIDE:
-            dv_at = (dv_ptr + b.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
-                     + rows.to(gl.int64) * dv_strides[1] + cols)
+            dv_at = (dv_ptr + k_batch.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
+                     + (k_start + rows).to(gl.int64) * dv_strides[1] + cols)
             gl.store(dv_at, acc.to(dtype), mask=keep)
         else:
-            dk_at = (dk_ptr + b.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
-                     + rows.to(gl.int64) * dk_strides[1] + cols)
+            dk_at = (dk_ptr + k_batch.to(gl.int64) * dk_strides[0] + hk * dk_strides[2]
+                     + (k_start + rows).to(gl.int64) * dk_strides[1] + cols)
             gl.store(dk_at, (acc * softmax_scale).to(dtype), mask=keep)
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_n_blocks"])
+    @gluon.jit(do_not_specialize=UNSPECIALIZED)
     def _bwd_kernel_split(q_desc, do_desc, k_desc, v_desc, dq_desc, lse2_desc, delta_desc,
                           dk_ptr, dv_ptr, stride_dkb, stride_dks, stride_dkh, stride_dvb,
                           stride_dvs, stride_dvh, softmax_scale, seqlen_q, seqlen_k,
-                          num_heads_kv, num_n_blocks, group, CAUSAL: gl.constexpr,
+                          num_heads_kv, num_n_blocks, group, cu_seqlens_q, cu_seqlens_k,
+                          seqused_q, seqused_k, window_left, window_right, softcap, head_dim,
+                          CAUSAL: gl.constexpr,
                           STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
@@ -656,21 +855,31 @@ if _GLUON_OK:
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
                                ds_smem, dq_smem0, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
                                dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
-                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                               STAGES, DQ_IN_KERNEL, True)),
+                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
+                               (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                               (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
+                               DQ_IN_KERNEL, True)),
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
                                ds_smem, dq_smem1, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
                                dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
-                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape, CAUSAL,
-                               STAGES, DQ_IN_KERNEL, False)),
+                               (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
+                               (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                               (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
+                               DQ_IN_KERNEL, False)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
                          k_smem, v_smem, lse2_smem, delta_smem,
-                         (kv_ready, q_ready, q_empty, ds_ready), shape, CAUSAL, STAGES, True)),
+                         (kv_ready, q_ready, q_empty, ds_ready), shape,
+                         (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+                         (window_left, window_right), CAUSAL, STAGES, True)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def _descriptor(x: torch.Tensor, rows: int, cols: int = None, swizzle: int = None):
-    """Rank-4 TMA descriptor over (B, S, H, D) reading one (rows x cols) tile of one head."""
+    """Rank-4 TMA descriptor over (B, S, H, D), or a packed (total, H, D) seen as
+    (1, total, H, D), reading one (rows x cols) tile of one head: columns past D read zeros
+    (a padded head dim) and are not written."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
     block = [1, rows, 1, cols or x.shape[-1]]
     dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
              torch.float32: gl.float32}[x.dtype]
@@ -680,10 +889,10 @@ def _descriptor(x: torch.Tensor, rows: int, cols: int = None, swizzle: int = Non
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
-def _key_descriptor(x: torch.Tensor):
+def _key_descriptor(x: torch.Tensor, width: int):
     """K's (and V's) tile: each warpgroup's dQ wgmma reads half of K's columns, so the swizzle
     pattern is at most that half wide (64 bytes at D = 64) and the half starts on a pattern."""
-    return _descriptor(x, BLOCK_N, swizzle=min(128, x.shape[-1] // 2 * x.element_size()))
+    return _descriptor(x, BLOCK_N, width, swizzle=min(128, width // 2 * x.element_size()))
 
 
 def _stats_descriptor(x: torch.Tensor, rows: int):
@@ -695,38 +904,99 @@ def _stats_descriptor(x: torch.Tensor, rows: int):
     return TensorDescriptor(x, [batch * heads, seqlen], [x.stride(1), 1], [1, rows], layout)
 
 
+def _dense_stats(x: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int):
+    """A packed (Hq, total_q) statistic as (B, Hq, max_seqlen_q), rows padded to STATS_PAD: the
+    kernel's TMA boxes then start at (b * Hq + h, m0), m0 a multiple of BLOCK_M, on 16 bytes
+    whatever cu_seqlens holds. Rows past a sequence repeat other rows; the kernel selects them
+    away. Gathered on the device (no host sync)."""
+    batch = cu_seqlens_q.shape[0] - 1
+    rows = -(-max_seqlen_q // STATS_PAD) * STATS_PAD
+    at = cu_seqlens_q[:batch, None].long() + torch.arange(rows, device=x.device)
+    dense = x[:, at.clamp_(max=x.shape[-1] - 1)].transpose(0, 1).contiguous()
+    return dense[..., :max_seqlen_q]
+
+
+def _rows_strides(x: torch.Tensor):
+    """(batch, row, head) strides of a (B, S, H, D) or packed (total, H, D) tensor."""
+    return tuple(x.stride()[:3]) if x.dim() == 4 else (0, x.stride(0), x.stride(1))
+
+
 def _tma_ok(x: torch.Tensor) -> bool:
     # TMA needs a 16-byte aligned base, 16-byte aligned nonzero strides and a unit inner stride.
     return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
             and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1]))
 
 
+def tile_width(head_dim: int):
+    """The instantiated head dim (CONFIGS) the tiles of a head dim take: the next one up, the
+    padding read as zeros (96 -> 128, 192 -> 256); None past 256."""
+    return next((width for width in sorted(CONFIGS) if width >= head_dim), None)
+
+
+VARLEN_ENV = "FLASH_ATTN_3_GLUON_VARLEN_BWD"
+
+
+def query_tail_refusal(a: AttnArgs) -> Optional[str]:
+    """Why packed or seqused_q calls stay on bwd.py, or None. A key block's program reads whole
+    query blocks, and the last one of a sequence reaches past its end: into the next sequence,
+    rows past seqused_q, or a packed buffer's unused tail. Their P and dS are exact zeros, but
+    the dV += P^T dO and dK += dS^T Q wgmmas still multiply them by those rows' q and dout, and
+    0 * NaN is NaN: a NaN or Inf there (another sequence's, or uninitialized memory) would land
+    in this sequence's dK / dV. Clearing those rows in shared memory cost the D = 128 loops
+    160-300 bytes of spills (docs/perf-notes.md), so until a clear that does not spill, these
+    calls take the portable backward, which masks its loads. FLASH_ATTN_3_GLUON_VARLEN_BWD=1
+    takes them here anyway (finite inputs: the GPU tests and benchmarks of this variant)."""
+    if a.cu_seqlens_q is None and a.seqused_q is None:
+        return None
+    if os.environ.get(VARLEN_ENV, "").strip() == "1":
+        return None
+    return ("packed or seqused_q query rows: the Gluon backward's matmuls would read rows past "
+            f"each sequence, whose NaN / Inf would reach its dK / dV ({VARLEN_ENV}=1 takes them)")
+
+
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     """True when this kernel computes the call: sm_90, a triton version gluon_compat takes,
-    fp16/bf16 dense
-    (B, S, H, D) q/k/v with head dim 64/128/256, causal or not, GQA. Deterministic calls take it too:
-    they keep its dK/dV and leave dQ to bwd.py's atomic-free kernel (H100, 15:03 UTC: 0.91x of
-    the default's speed, against 0.75x for bwd.py's deterministic path). FLASH_ATTN_3_GLUON=0
-    turns it off, =1 forces it on, as for the forward."""
+    fp16/bf16 q/k/v, each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens,
+    seqused_q/k or not, head dims up to 256 (v's the same as q's and k's; between 64, 128 and
+    256 the next one's tiles), GQA, any window (causal included), softcap, sinks (their logit
+    is in the LSE; no gradient for them, which the op layer refuses). Not attention_chunk (the
+    official backward has none), paged or indexed K/V, qv, fp8, context parallelism.
+    Deterministic calls take it too: they keep its dK/dV and leave dQ to bwd.py's atomic-free
+    kernel (H100, 15:03 UTC: 0.91x of the default's speed, against 0.75x for bwd.py's
+    deterministic path). FLASH_ATTN_3_GLUON=0 turns it off, =1 forces it on, as for the
+    forward."""
     q, k, v = a.q, a.k, a.v
     if not (_GLUON_OK and gluon_compat.refusal(q.device) is None):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+    if query_tail_refusal(a) is not None:
         return False
-    extras = (a.qv, a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, a.page_table,
-              a.kv_batch_idx, a.leftpad_k, a.q_descale, a.k_descale, a.v_descale, a.sinks)
+    extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k, a.q_descale, a.k_descale,
+              a.v_descale)
     if any(x is not None for x in extras):
         return False
-    if a.softcap != 0.0 or a.attention_chunk != 0 or a.cp_world_size != 1:
+    if a.sinks is not None and a.sinks.shape != (q.shape[-2], ):
         return False
-    if a.window_left != -1 or a.window_right not in (-1, 0) or not a.softmax_scale > 0:
+    if a.attention_chunk != 0 or a.cp_world_size != 1 or not a.softmax_scale > 0 or a.softcap < 0:
         return False
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    if k.shape[0] != batch or head_dim not in CONFIGS or k.shape[-1] != head_dim:
+    if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape != v.shape:
         return False
-    if q.numel() == 0 or k.numel() == 0 or heads_q % k.shape[2] != 0:
+    if k.dim() != (3 if a.cu_seqlens_k is not None else 4):
+        return False
+    batch = a.batch_size
+    if k.dim() == 4 and k.shape[0] != batch:
+        return False
+    if a.cu_seqlens_k is not None and a.cu_seqlens_k.shape[0] != batch + 1:
+        return False
+    # The kernel reads the index tensors at b and b + 1.
+    if not all(t is None or t.is_contiguous() for t in (a.cu_seqlens_q, a.cu_seqlens_k,
+                                                          a.seqused_q, a.seqused_k)):
+        return False
+    head_dim = q.shape[-1]
+    if tile_width(head_dim) is None or k.shape[-1] != head_dim:
+        return False
+    if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False
     return all(_tma_ok(x) for x in (q, k, v))
 
@@ -736,21 +1006,49 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     """dq, dk, dv (shaped like q, k, v; GQA summed over each KV head's query group) for a call
     `supports()` accepts; config (a Config or a tuple of its leading fields) overrides
     CONFIGS. grads: (dq, dk, dv) buffers to write into (any strides, unit last stride), None
-    entries allocated here."""
+    entries allocated here. Packed, the rows outside every sequence get dq 0 and keep what
+    dk / dv held."""
     from . import bwd
+    from .fwd_hopper import mask_bounds
 
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    cfg = Config(*config) if config is not None else (DETERMINISTIC_CONFIGS if deterministic else CONFIGS)[head_dim]
+    heads_q, head_dim = q.shape[-2:]
+    heads_kv = k.shape[-2]
+    width = tile_width(head_dim)
+    batch = a.batch_size
+    packed_q = a.cu_seqlens_q is not None
+    seqlen_q = a.max_seqlen_q if packed_q else q.shape[1]
+    seqlen_k = a.max_seqlen_k if a.cu_seqlens_k is not None else k.shape[1]
+    window_left, window_right, _ = mask_bounds(a)
+    # The plain causal mask has code of its own; any other window takes the general bounds.
+    causal = window_right == 0 and window_left is None
+    if causal:
+        window_right = None
+    layer = (window_left is not None or window_right is not None or a.cu_seqlens_q is not None
+             or a.cu_seqlens_k is not None or a.seqused_q is not None or a.seqused_k is not None)
+    if config is not None:
+        cfg = Config(*config)
+    elif deterministic:
+        cfg = DETERMINISTIC_CONFIGS[width]
+    else:
+        cfg = (LAYER_CONFIGS if layer else {}).get(width, CONFIGS[width])
     dq_in_kernel = cfg.dq_in_kernel and not deterministic
     if cfg.prefetch_s and not cfg.stats_smem:
         raise ValueError(f"{cfg}: prefetch_s needs stats_smem")
+    # A window or a key block past seqused_k can leave a program no query block, and
+    # prefetch_s issues the first S^T before the loop; packed rows need the statistics'
+    # dense copy, which only the TMA path reads.
+    if layer and (cfg.prefetch_s or not cfg.stats_smem):
+        raise ValueError(f"{cfg}: windows and varlen need stats_smem and no prefetch_s")
     if dout.stride(-1) != 1 or not _tma_ok(dout):
         dout = dout.contiguous()
     # Padded rows only where TMA reads them: the kernel's global loads (stats_smem off) take
     # the row stride to be seqlen_q, an extra argument that cost the D = 128 default 24 bytes
     # more spills.
     lse2, delta = bwd.prep(out, dout, lse, a, pad=STATS_PAD if cfg.stats_smem else 1)
+    stats_lse2, stats_delta = lse2, delta
+    if packed_q:
+        stats_lse2, stats_delta = (_dense_stats(x, a.cu_seqlens_q, seqlen_q)
+                                   for x in (lse2, delta))
     dq, dk, dv = grads or (None, None, None)
     # The kernels take dK / dV row strides: a caller's buffer (SDPA's, through the official
     # bwd op) is written in place.
@@ -761,8 +1059,12 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
         dq_desc = _descriptor(dq_acc, cfg.block_m, DQ_REDUCE_COLS)
     else:
         dq_acc = None
-        dq_desc = _descriptor(q, cfg.block_m)  # not read: stands in for the argument
-    if head_dim in SPLIT_HEAD_DIMS:
+        dq_desc = _descriptor(q, cfg.block_m, width)  # not read: stands in for the argument
+    # The softcap's kernel argument is c * log2(e) (the scores stay in the log2 domain).
+    softcap = a.softcap * LOG2E if a.softcap > 0 else None
+    layer_args = (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, window_left,
+                  window_right, softcap, head_dim if head_dim != width else None)
+    if width in SPLIT_HEAD_DIMS:
         if (not cfg.stats_smem or cfg.prefetch_s or cfg.early_dv or cfg.pin_dp
                 or (cfg.stages > 2 and not dq_in_kernel)):
             raise ValueError(f"{cfg}: the split kernel takes the statistics by TMA, no prefetch, "
@@ -770,28 +1072,31 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
         keys = KEYS_PER_WARPGROUP
         num_n_blocks = triton.cdiv(seqlen_k, keys)
         _bwd_kernel_split[(num_n_blocks * heads_kv * batch, )](
-            _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
-            _descriptor(k, keys), _descriptor(v, keys), dq_desc,
-            _stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m), dk, dv,
-            *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q, seqlen_k, heads_kv,
-            num_n_blocks, heads_q // heads_kv, a.window_right == 0, cfg.stages,
-            bool(dq_in_kernel), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+            _descriptor(q, cfg.block_m, width), _descriptor(dout, cfg.block_m, width),
+            _descriptor(k, keys, width), _descriptor(v, keys, width), dq_desc,
+            _stats_descriptor(stats_lse2, cfg.block_m),
+            _stats_descriptor(stats_delta, cfg.block_m), dk, dv, *_rows_strides(dk),
+            *_rows_strides(dv), a.softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
+            heads_q // heads_kv, *layer_args, causal, cfg.stages, bool(dq_in_kernel),
+            _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     else:
         num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
         if cfg.stats_smem:
-            stats = (_stats_descriptor(lse2, cfg.block_m), _stats_descriptor(delta, cfg.block_m))
+            stats = (_stats_descriptor(stats_lse2, cfg.block_m),
+                     _stats_descriptor(stats_delta, cfg.block_m))
         else:
             # Not read, but a descriptor needs 16-byte strides, which unpadded rows lack
             # (seqlen_q = 1001): an aligned stand-in of the same block type.
             stand_in = torch.empty(1, 1, cfg.block_m, dtype=torch.float32, device=q.device)
             stats = (_stats_descriptor(stand_in, cfg.block_m), ) * 2
         _bwd_kernel[(num_n_blocks * heads_kv * batch, )](
-            _descriptor(q, cfg.block_m), _descriptor(dout, cfg.block_m),
-            _key_descriptor(k), _key_descriptor(v), dq_desc, *stats, lse2,
-            delta, dk, dv, *dk.stride()[:3], *dv.stride()[:3], a.softmax_scale, seqlen_q,
-            seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, a.window_right == 0,
+            _descriptor(q, cfg.block_m, width), _descriptor(dout, cfg.block_m, width),
+            _key_descriptor(k, width), _key_descriptor(v, width), dq_desc, *stats, lse2,
+            delta, dk, dv, *_rows_strides(dk), *_rows_strides(dv), a.softmax_scale, seqlen_q,
+            seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, *layer_args, causal,
             cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
-            bool(cfg.early_dv), bool(cfg.pin_dp), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+            bool(cfg.early_dv), bool(cfg.pin_dp), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4,
+            maxnreg=_MAXNREG)
     if dq_in_kernel:
         return (dq_acc.to(q.dtype) if dq is None else dq.copy_(dq_acc)), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a, dq), dk, dv

@@ -91,6 +91,10 @@ def _gluon_refusal(a, name: str) -> str:
         paged = _kernel(name).paged_refusal(a)
         if paged:
             return paged
+    if name == "bwd_hopper":
+        tail = _kernel(name).query_tail_refusal(a)
+        if tail:
+            return tail
     if name == "fwd_hopper" and _kernel(name).in_scope(a):
         return "the portable kernel measured faster for this shape"
     return "a feature or layout outside the Gluon kernel's scope"
