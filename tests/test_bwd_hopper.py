@@ -403,7 +403,12 @@ def test_scope_and_routing(monkeypatch):
         dict(seqused_k=torch.full((1,), 100, dtype=torch.int32, device="cuda")),
     ]
     for change in in_scope:
-        assert bwd_hopper.supports(AttnArgs(**{**base.__dict__, **change})), change
+        changed = AttnArgs(**{**base.__dict__, **change})
+        if "seqused_k" not in change and not bwd_hopper.LAYERS_RUN:
+            assert not bwd_hopper.supports(changed) and "GPU" in routes.backward_route(changed)[1]
+            monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")
+        assert bwd_hopper.supports(changed), change
+        monkeypatch.delenv(bwd_hopper.LAYERS_ENV, raising=False)
     # attention_chunk has no backward (officially neither); fp8, qv, paged K/V are not here
     out_of_scope = [dict(attention_chunk=64), dict(softcap=-1.0),
                     dict(sinks=torch.zeros(3, device="cuda"))]
@@ -418,6 +423,7 @@ def test_scope_and_routing(monkeypatch):
     assert bwd_hopper.supports(used_q)
     monkeypatch.delenv(bwd_hopper.VARLEN_ENV)
     x = torch.randn(1, 256, 4, 96, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")
     assert bwd_hopper.supports(make_args(x, x, x, causal=False))  # 128-wide tiles
     x = torch.randn(1, 256, 4, 264, device="cuda", dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(x, x, x, causal=False))

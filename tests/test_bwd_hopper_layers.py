@@ -38,6 +38,7 @@ def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=4, heads_kv=2, head_d
     """Random inputs, bwd_hopper.backward (which supports() and the router must take), dq, dk,
     dv against float64 autograd of the reference; returns the gradients and the call."""
     batch = len(seqlens_q)
+    monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")  # opt-in until a GPU run (LAYERS_RUN)
     if varlen or seqused_q is not None:
         # refused by default (bwd_hopper.query_tail_refusal); the inputs here are finite
         monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
@@ -246,11 +247,12 @@ def test_fp16(monkeypatch):
              softcap=30.0, dtype=torch.float16)
 
 
-def test_public_api_routes_layers_here():
+def test_public_api_routes_layers_here(monkeypatch):
     """flash_attn_func with a window or softcap: the dispatcher's backward route is this kernel,
     and autograd's gradients come from it; flash_attn_varlen_func's stays on bwd.py."""
     import flash_attn_interface as fa
 
+    monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")  # opt-in until a GPU run (LAYERS_RUN)
     q, k, v = (torch.randn(2, 600, h, 128, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for h in (4, 2, 2))
     calls = []

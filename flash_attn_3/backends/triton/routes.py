@@ -92,9 +92,9 @@ def _gluon_refusal(a, name: str) -> str:
         if paged:
             return paged
     if name == "bwd_hopper":
-        tail = _kernel(name).query_tail_refusal(a)
-        if tail:
-            return tail
+        held = _kernel(name).query_tail_refusal(a) or _kernel(name).layer_refusal(a)
+        if held:
+            return held
     if name == "fwd_hopper" and _kernel(name).in_scope(a):
         return "the portable kernel measured faster for this shape"
     return "a feature or layout outside the Gluon kernel's scope"
