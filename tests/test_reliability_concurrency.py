@@ -154,6 +154,7 @@ def _problems(device, seed=0):
         randn(num_pages, page_size, 2, 128), randn(num_pages, page_size, 2, 128),
         randn(3, 1, 16, 128), randn(3, 1, 2, 128), randn(3, 1, 2, 128),
         torch.cos(angle).to(torch.bfloat16).to(device), torch.sin(angle).to(torch.bfloat16).to(device)]
+    inputs["decode"].append(table)  # drawn from the seed too: a replaced problem needs it
 
     def decode():
         """Two steps: the second replays the first's plan (interface._KVCACHE_PLANS)."""
@@ -295,11 +296,24 @@ def test_cold_autotuning_from_threads(triton_backend, monkeypatch):
                           (fa.flash_attn_func(q, k, v, causal=True),))
 
 
+def test_inputs_hold_everything_a_problem_reads(monkeypatch):
+    """The graph test replaces a problem's values by copying another seed's `inputs` into it:
+    that is only the other problem if `inputs` holds every seed-drawn tensor the call reads. The
+    decode problem's page table was left out, so its graph replayed seed 2's table over seed
+    3's pages and differed from the eager seed-3 call (H100, 08:27 UTC: max diff 3.75), which
+    read as a kernel defect. On the CPU with the reference backend: after the copy, each
+    problem gives the other seed's bits."""
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "reference")
+    problems, inputs = _problems("cpu", seed=2)
+    fresh, fresh_inputs = _problems("cpu", seed=3)
+    for name in problems:
+        for now, new in zip(inputs[name], fresh_inputs[name], strict=True):
+            now.copy_(new)
+        _assert_same_bits(f"{name} after the copy", _run(problems[name]), _run(fresh[name]))
+
+
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.xfail(reason="open defect (H100 run 2026-12-07 08:27 UTC): the decode problem replayed from a graph "
-                          "captured on a side stream differs from the eager call (max diff 3.75); the other "
-                          "problems match. RELIABILITY.md, 'Open findings'", strict=False)
 def test_graph_captured_on_a_side_stream(triton_backend):
     """Every problem captured into one CUDA graph on an explicit side stream, replayed on the
     main stream for new input values: the eager calls' bits for those values."""
