@@ -42,33 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-
-from triton.compiler.compiler import make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from flash_attn_3.backends.params import AttnArgs  # noqa: E402
 from flash_attn_3.backends.triton import bwd_hopper  # noqa: E402
-from scripts.aot_fwd_hopper import gmma_loops, report  # noqa: E402
+from scripts import aot_fwd_hopper  # noqa: E402
+from scripts.aot_fwd_hopper import compile_launch, gmma_loops, report  # noqa: E402
 
 
 def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
                seqused: bool = False, **fields) -> AttnArgs:
-    """CPU AttnArgs of one shape class: 2 sequences of 256 tokens, 4 query heads over 2 KV heads,
-    packed (with cu_seqlens) when varlen, seqused_q/k when seqused; `fields` override the rest
-    (window, softcap, sinks)."""
-    q, k, v = (torch.empty(2, 256, h, head_dim, dtype=dtype) for h in (4, 2, 2))
-    extra = {}
-    if varlen:
-        q, k, v = (x.flatten(0, 1) for x in (q, k, v))
-        lengths = torch.tensor([0, 256, 512], dtype=torch.int32)
-        extra.update(cu_seqlens_q=lengths, cu_seqlens_k=lengths, max_seqlen_q=256,
-                     max_seqlen_k=256)
-    if seqused:
-        extra.update(seqused_q=torch.empty(2, dtype=torch.int32),
-                     seqused_k=torch.empty(2, dtype=torch.int32))
-    return AttnArgs.plain(q, k, v, **{"window_right": 0 if causal else -1, **extra, **fields})
+    """CPU AttnArgs of one shape class, the forward script's (2 sequences of 256 tokens, 4 query
+    heads over 2 KV heads, packed when varlen, seqused_q/k when seqused; `fields` override the
+    rest: window, softcap, sinks)."""
+    return aot_fwd_hopper.plain_args(head_dim, causal, dtype, varlen, seqused, **fields)
 
 
 PLAIN_SASS = Path(__file__).resolve().parent.parent / "tests" / "bwd_hopper_plain_sass.json"
@@ -117,34 +103,14 @@ def launch_of(a: AttnArgs, deterministic: bool = False, config=None):
 def compile_for_sm90(a: AttnArgs, deterministic: bool = False, config=None):
     """The kernel exactly as backward() launches it for a (same descriptors, constants,
     specialization and options)."""
-    kernel, args, kwargs = launch_of(a, deterministic, config)
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    # Triton's own binder makes the signature, the constexprs (None arguments, ints of 1) and the
-    # divisibility attributes, as at a launch: do_not_specialize is honoured.
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    launch = {k: kwargs[k] for k in ("num_warps", "maxnreg")}
-    options, signature, constexprs, attrs = kernel._pack_args(backend, launch, bound,
-                                                              specialization, options)
-    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
+    return compile_launch(*launch_of(a, deterministic, config))
 
 
 def check_plain() -> bool:
-    recorded = json.loads(PLAIN_SASS.read_text())
-    if recorded["triton"] != triton.__version__:
-        raise SystemExit(f"recorded with triton {recorded['triton']}, this is {triton.__version__}")
-    same = True
-    for key, sha in recorded["sass_sha256"].items():
-        dtype, head_dim, mask, *mode = key.split()
-        a = plain_args(int(head_dim[2:]), mask == "causal", DTYPES[dtype])
-        with tempfile.TemporaryDirectory() as tmp:
-            got = report(compile_for_sm90(a, "deterministic" in mode), Path(tmp))
-        same &= got["sass_sha256"] == sha
-        print(json.dumps(dict(variant=key, same_sass=got["sass_sha256"] == sha,
-                              spill_bytes=got["spill_bytes"])), flush=True)
-    return same
+    def compile_variant(dtype, head_dim, causal, words):
+        return compile_for_sm90(plain_args(head_dim, causal, DTYPES[dtype]),
+                                "deterministic" in words)
+    return aot_fwd_hopper.check_recorded(PLAIN_SASS, compile_variant)
 
 
 # What the consumer does between a wgmma's issue and its wait: exp2 (P^T), the fp32 -> bf16

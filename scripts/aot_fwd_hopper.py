@@ -100,16 +100,25 @@ def plain_key(dtype: str, head_dim: int, causal: bool, varlen: bool, seqused: bo
 
 
 def check_plain() -> bool:
-    recorded = json.loads(PLAIN_SASS.read_text())
+    def compile_variant(dtype, head_dim, causal, layout):
+        return compile_for_sm90(plain_args(head_dim, causal, DTYPES[dtype], "varlen" in layout,
+                                           "seqused" in layout))
+    return check_recorded(PLAIN_SASS, compile_variant)
+
+
+def check_recorded(recorded_path: Path, compile_variant) -> bool:
+    """Compile every variant a plain-SASS record names (keys "<dtype> D=<d> causal|full
+    [words...]"; compile_variant(dtype, d, causal, words)) and print whether its SASS is the
+    recorded one; True when all are."""
+    recorded = json.loads(recorded_path.read_text())
     if recorded["triton"] != triton.__version__:
         raise SystemExit(f"recorded with triton {recorded['triton']}, this is {triton.__version__}")
     same = True
     for key, sha in recorded["sass_sha256"].items():
-        dtype, head_dim, mask, *layout = key.split()
-        a = plain_args(int(head_dim[2:]), mask == "causal", DTYPES[dtype], "varlen" in layout,
-                       "seqused" in layout)
+        dtype, head_dim, mask, *words = key.split()
         with tempfile.TemporaryDirectory() as tmp:
-            got = report(compile_for_sm90(a), Path(tmp))
+            got = report(compile_variant(dtype, int(head_dim[2:]), mask == "causal", words),
+                         Path(tmp))
         same &= got["sass_sha256"] == sha
         print(json.dumps(dict(variant=key, same_sass=got["sass_sha256"] == sha,
                               spill_bytes=got["spill_bytes"])), flush=True)
@@ -143,7 +152,11 @@ def compile_for_sm90(a: AttnArgs, config=None):
     """The kernel exactly as forward() launches it for a (same descriptors, constants and
     options)."""
     args, kwargs = launch_of(a, config)
-    kernel = fwd_hopper._fwd_kernel
+    return compile_launch(fwd_hopper._fwd_kernel, args, kwargs)
+
+
+def compile_launch(kernel, args, kwargs):
+    """A captured Gluon launch compiled for sm_90 as the JIT would compile it at that launch."""
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     # Triton's own binder makes the signature, the constexprs (None arguments, ints of 1) and the

@@ -83,9 +83,11 @@ pack() {  # WHEEL -> prints the path of the .tar.xz of what the kernels need fro
   local nv=$dir/triton/backends/nvidia
   rm -rf "$nv/lib/cupti" "$nv/lib/cupti-blackwell" "$dir/triton/instrumentation" \
     "$dir/triton/_C/libproton.so"
-  # Up to 3.8 sm_90 is assembled by ptxas; 3.9 takes ptxas-blackwell for every arch.
+  # Up to 3.8 sm_90 is assembled by ptxas (ptxas-blackwell is for sm_100+); from 3.9 sm_90 and
+  # newer take ptxas-blackwell and ptxas serves only below sm_90. The pack is for sm_90.
   case $version in
     3.6.*|3.7.*|3.8.*) rm -f "$nv/bin/ptxas-blackwell" ;;
+    *) rm -f "$nv/bin/ptxas" ;;
   esac
   chmod +x "$nv"/bin/* 2>/dev/null || true
   (cd "$dir" && tar cf - . | xz -9 -T2 > "../triton-$version-sm90.tar.xz")

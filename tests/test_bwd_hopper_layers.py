@@ -14,19 +14,15 @@ this module (naming the variant) instead of hanging the run.
 
 from __future__ import annotations
 
-import math
 import textwrap
 
 import pytest
 import torch
 
-import reference_math as rm
 from hopper import on_hopper
-from inputs import poison_new_buffers
-from tolerance import assert_grad_matches
+from test_triton_bwd import run_case as _bwd_case
 from watched import run_watched
 
-from flash_attn_3.backends.params import AttnArgs
 from flash_attn_3.backends.triton import bwd_hopper, routes
 
 pytestmark = [pytest.mark.gpu, on_hopper]
@@ -35,80 +31,24 @@ pytestmark = [pytest.mark.gpu, on_hopper]
 def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=4, heads_kv=2, head_dim=128,
              varlen=False, seqused_q=None, seqused_k=None, window=(-1, -1), softcap=0.0,
              sinks=False, deterministic=False, dtype=torch.bfloat16):
-    """Random inputs, bwd_hopper.backward (which supports() and the router must take), dq, dk,
-    dv against float64 autograd of the reference; returns the gradients and the call."""
-    batch = len(seqlens_q)
+    """test_triton_bwd.run_case's inputs and float64 autograd reference through
+    bwd_hopper.backward, which supports() and the router must take; returns the gradients and
+    the call."""
     monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")  # opt-in until a GPU run (LAYERS_RUN)
     if varlen or seqused_q is not None:
         # refused by default (bwd_hopper.query_tail_refusal); the inputs here are finite
         monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
-    if not varlen:
-        assert len(set(seqlens_q)) == 1 and len(set(seqlens_k)) == 1
-    used_q = list(seqused_q) if seqused_q is not None else list(seqlens_q)
-    used_k = list(seqused_k) if seqused_k is not None else list(seqlens_k)
 
-    def rand(lengths, heads):
-        shape = ((sum(lengths), heads, head_dim) if varlen
-                 else (batch, lengths[0], heads, head_dim))
-        return torch.randn(shape, device="cuda").to(dtype)
+    def routed_here(a):
+        assert bwd_hopper.supports(a, deterministic)
+        assert routes.backward_kernel(a, deterministic) is bwd_hopper
 
-    q, dout = rand(seqlens_q, heads_q), rand(seqlens_q, heads_q)
-    k, v = rand(seqlens_k, heads_kv), rand(seqlens_k, heads_kv)
-    sink_logits = torch.randn(heads_q, device="cuda") if sinks else None
-    scale = 1.0 / math.sqrt(head_dim)
-
-    def rows(lengths, b, used):
-        if varlen:
-            start = sum(lengths[:b])
-            return (slice(start, start + used), )
-        return (b, slice(0, used))
-
-    out = torch.full(dout.shape, float("nan"), device="cuda", dtype=dtype)
-    lse_shape = (heads_q, sum(seqlens_q)) if varlen else (batch, heads_q, seqlens_q[0])
-    lse = torch.full(lse_shape, float("nan"), device="cuda")
-    grads = {exact: [torch.zeros(t.shape, dtype=torch.float64 if exact else dtype, device="cuda")
-                     for t in (q, k, v)] for exact in (True, False)}
-    for b in range(batch):
-        rq, rk = rows(seqlens_q, b, used_q[b]), rows(seqlens_k, b, used_k[b])
-        for exact in (True, False):
-            leaves = [t[r].to(torch.float64 if exact else dtype).requires_grad_()
-                      for t, r in ((q, rq), (k, rk), (v, rk))]
-            o, l = rm.attention(*leaves, softmax_scale=scale, window_size=window, softcap=softcap,
-                                sinks=sink_logits, lowp=not exact)
-            o.backward(dout[rq].to(o.dtype))
-            for acc, leaf, r in zip(grads[exact], leaves, (rq, rk, rk)):
-                acc[r] = leaf.grad
-            if exact:
-                out[rq] = o.detach().to(dtype)
-                if varlen:
-                    lse[:, rq[0]] = l.detach().float()
-                else:
-                    lse[b, :, :used_q[b]] = l.detach().float()
-
-    def cu(lengths):
-        return torch.tensor([0] + list(lengths), device="cuda").cumsum(0).to(torch.int32)
-
-    def used(lengths):
-        return None if lengths is None else torch.tensor(lengths, device="cuda",
-                                                         dtype=torch.int32)
-
-    a = AttnArgs.plain(
-        q, k, v, softmax_scale=scale, window_left=window[0], window_right=window[1],
-        softcap=softcap, sinks=sink_logits, seqused_q=used(seqused_q), seqused_k=used(seqused_k),
-        cu_seqlens_q=cu(seqlens_q) if varlen else None,
-        cu_seqlens_k=cu(seqlens_k) if varlen else None, max_seqlen_q=max(seqlens_q),
-        max_seqlen_k=max(seqlens_k))
-    assert bwd_hopper.supports(a, deterministic)
-    assert routes.backward_kernel(a, deterministic) is bwd_hopper
-    with monkeypatch.context() as patch:
-        poison_new_buffers(patch)
-        got = bwd_hopper.backward(dout, q, k, v, out, lse, a, deterministic)
-    for name, g, ref, lowp in zip(("dq", "dk", "dv"), got, grads[True], grads[False]):
-        assert g.dtype == dtype and g.shape == ref.shape, name
-        # every element written: rows past seqused get 0, as the reference's gradient
-        assert torch.isfinite(g).all(), name
-        assert_grad_matches(name, g, ref, lowp, softcap=softcap > 0)
-    return got, (dout, q, k, v, out, lse, a, deterministic)
+    got, call = _bwd_case(monkeypatch, seqlens_q=seqlens_q, seqlens_k=seqlens_k, heads_q=heads_q,
+                          heads_kv=heads_kv, head_dim=head_dim, dtype=dtype, varlen=varlen,
+                          seqused_q=seqused_q, seqused_k=seqused_k, window=window,
+                          softcap=softcap, sinks=sinks, deterministic=deterministic,
+                          device="cuda", kernel=bwd_hopper, check_args=routed_here)
+    return got, (*call, deterministic)
 
 
 # The pipelines the tests below run, each once: (head dim, layer arguments, deterministic).

@@ -38,8 +38,11 @@ def _make_args(q, k, v, **overrides):
 
 def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=2, heads_kv=1, head_dim=32,
              head_dim_v=None, dtype=torch.bfloat16, varlen=False, seqused_q=None, seqused_k=None,
-             window=(-1, -1), softcap=0.0, sinks=False, deterministic=False, device=DEVICE):
-    """Build random inputs, run bwd.backward and check dq, dk, dv against float64 autograd."""
+             window=(-1, -1), softcap=0.0, sinks=False, deterministic=False, device=DEVICE,
+             kernel=bwd, check_args=None):
+    """Build random inputs, run kernel.backward (bwd.py's, or bwd_hopper's from
+    test_bwd_hopper_layers.py) and check dq, dk, dv against float64 autograd; check_args(args)
+    runs before the call (the routing assertions of the Gluon tests)."""
     head_dim_v = head_dim_v or head_dim
     batch = len(seqlens_q)
     if not varlen:
@@ -96,11 +99,14 @@ def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=2, heads_kv=1, head_d
         cu_seqlens_q=cu(seqlens_q) if varlen else None, cu_seqlens_k=cu(seqlens_k) if varlen else None,
         max_seqlen_q=max(seqlens_q), max_seqlen_k=max(seqlens_k),
     )
+    if check_args is not None:
+        check_args(args)
     with monkeypatch.context() as patch:
         poison_new_buffers(patch)
-        got = bwd.backward(dout, q, k, v, out, lse, args, deterministic)
+        got = kernel.backward(dout, q, k, v, out, lse, args, deterministic)
     for name, g, ref, lowp in zip(("dq", "dk", "dv"), got, grads[True], grads[False]):
-        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        # every element written: rows past seqused get 0, as the reference's gradient
+        assert g.dtype == dtype and g.shape == ref.shape and torch.isfinite(g).all(), name
         assert_grad_matches(name, g, ref, lowp, softcap=softcap > 0)
     return got, (dout, q, k, v, out, lse, args)
 

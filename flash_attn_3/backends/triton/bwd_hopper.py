@@ -52,7 +52,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..params import AttnArgs
-from . import gluon_compat
+from . import gluon_compat, gluon_layout
 
 try:
     import triton
@@ -997,18 +997,7 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
         return False
     if a.attention_chunk != 0 or a.cp_world_size != 1 or not a.softmax_scale > 0 or a.softcap < 0:
         return False
-    if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape != v.shape:
-        return False
-    if k.dim() != (3 if a.cu_seqlens_k is not None else 4):
-        return False
-    batch = a.batch_size
-    if k.dim() == 4 and k.shape[0] != batch:
-        return False
-    if a.cu_seqlens_k is not None and a.cu_seqlens_k.shape[0] != batch + 1:
-        return False
-    # The kernel reads the index tensors at b and b + 1.
-    if not all(t is None or t.is_contiguous() for t in (a.cu_seqlens_q, a.cu_seqlens_k,
-                                                          a.seqused_q, a.seqused_k)):
+    if not gluon_layout.takes_layout(a):
         return False
     head_dim = q.shape[-1]
     if tile_width(head_dim) is None or k.shape[-1] != head_dim:

@@ -1,0 +1,23 @@
+"""The tensor layouts both Gluon kernels (fwd_hopper.py, bwd_hopper.py) read through their TMA
+descriptors and index loads: what their supports() share."""
+
+from __future__ import annotations
+
+from ..params import AttnArgs
+
+
+def takes_layout(a: AttnArgs, paged: bool = False) -> bool:
+    """q, k and v each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens (k and v
+    alike; with `paged`, k / v are the page pool and need not have B rows), and contiguous index
+    tensors: the kernels read cu_seqlens and seqused at b and b + 1."""
+    q, k, v = a.q, a.k, a.v
+    if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape != v.shape:
+        return False
+    if k.dim() != (3 if a.cu_seqlens_k is not None else 4):
+        return False
+    if k.dim() == 4 and k.shape[0] != a.batch_size and not paged:
+        return False
+    if a.cu_seqlens_k is not None and a.cu_seqlens_k.shape[0] != a.batch_size + 1:
+        return False
+    return all(t is None or t.is_contiguous()
+               for t in (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k))
