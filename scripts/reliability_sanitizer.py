@@ -42,7 +42,8 @@ TOOLS = ("memcheck", "racecheck", "synccheck")
 _SHARES = {"memcheck": 0.5, "racecheck": 0.3, "synccheck": 0.2}
 # racecheck and synccheck check shared memory and barriers: the calls of the pipelined kernels
 # (Gluon fwd / bwd, decode, append, combine) at small shapes; memcheck gets every call.
-QUICK = ("(fwd_hopper)", "decode paged 16", "(bwd_hopper)", "combine", "(append_kv.py")
+QUICK = ("(fwd_hopper)", "(fwd_hopper paged)", "decode paged 16", "(bwd_hopper)", "(bwd_hopper layers",
+         "combine", "(append_kv.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +121,18 @@ def _workload(dev: str = "cuda"):
         return fa.flash_attn_combine(torch.randn(splits, batch, length, heads, d, device=dev), lse,
                                      out_dtype=bf16)
 
+    def opted_in(variable, call):
+        """call() with an opt-in switch on (bwd_hopper's variants not yet taken by default)."""
+        before = os.environ.get(variable)
+        os.environ[variable] = "1"
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ[variable]
+            else:
+                os.environ[variable] = before
+
     edges = [1, 127, 129, 4097]
     ragged = [1, 127, 129, 4097, 3, 64]
     calls = {
@@ -139,6 +152,9 @@ def _workload(dev: str = "cuda"):
             rnd(2, 129, 8, 64), rnd(2, 127, 1, 64), rnd(2, 127, 1, 512), qv=rnd(2, 129, 8, 512), causal=True),
         "paged fp8 (fwd.py fp8)": lambda: kvcache(2, 129, 1000, (4, 2), 128, page_size=64, new=0, lens=[999, 1],
                                                   dtype=fp8, causal=True),
+        # fwd_hopper's paged variant (chunked prefill over pages of 16, the pool read from its end)
+        "paged prefill page 16 ragged (fwd_hopper paged)": lambda: kvcache(
+            3, 300, 4097, (8, 2), 128, page_size=16, new=0, lens=[4097, 1, 129], causal=True),
         # decode.py: contiguous, paged (page sizes 1, 16, 256), fused append + rotary, splits, plan replay
         "decode paged 16 append rotary splits + plan replay (decode.py, step.py)": lambda: kvcache(
             3, 1, 4097, (32, 8), 128, page_size=16, rotary=True, causal=True, steps=3, lens=[4096 - 3, 1, 126]),
@@ -159,6 +175,13 @@ def _workload(dev: str = "cuda"):
         "varlen backward ragged window softcap (bwd.py)": lambda: varlen_backward(
             ragged, ragged[::-1], (6, 2), 64, window_size=(64, 3), softcap=20.0),
         "dense backward d256 mqa (bwd.py / bwd_hopper)": lambda: dense(127, 129, (8, 1), 256, backward=True),
+        "backward window softcap d96 (bwd_hopper layers, opt-in)": lambda: opted_in(
+            "FLASH_ATTN_3_GLUON_BWD_LAYERS", lambda: dense(129, 4097, (4, 2), 96, backward=True,
+                                                           window_size=(128, 0), softcap=20.0)),
+        "varlen backward ragged (bwd_hopper layers, opt-in)": lambda: opted_in(
+            "FLASH_ATTN_3_GLUON_BWD_LAYERS", lambda: opted_in(
+                "FLASH_ATTN_3_GLUON_VARLEN_BWD", lambda: varlen_backward(ragged, ragged[::-1], (6, 2), 128,
+                                                                          causal=True))),
         # combine.py
         "combine 2..133 splits": lambda: [combine(s, 2, 129, 4, 128) for s in (2, 17, 133)],
     }
