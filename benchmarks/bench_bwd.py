@@ -13,7 +13,10 @@ ours / ours_causal >= 0.95 means within 1.05x of causal's time scaled by the kep
 cuDNN's plain causal call (the nearest case SDPA expresses: it has no window or softcap) and
 FlexAttention with the same mask and softcap. GPT-OSS's sinks get no gradient (the backward
 computes none); Flex runs that layer without them (they change no work). DeepSeek's 192 / 128 head
-dims (dv != d) have no Gluon backward yet and are not in the grid.
+dims (dv != d) have no Gluon backward yet and are not in the grid. `ours` is what a call gets by
+default; `ours_gluon` the same call with the Gluon backward's opt-in variants switched on
+(FLASH_ATTN_3_GLUON_BWD_LAYERS, FLASH_ATTN_3_GLUON_VARLEN_BWD: bwd_hopper.py says why they are
+opt-in), so one run times both.
 
     python -m benchmarks.bench_bwd [--quick] [--out DIR] [--only pass=bwd --only D=128]
     python -m benchmarks.bench_bwd --quick --only layout=layer     # the model layers only
@@ -21,8 +24,10 @@ dims (dv != d) have no Gluon backward yet and are not in the grid.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import os
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -174,15 +179,33 @@ def flex_layer(case: dict, t: dict):
     return lambda: call().transpose(1, 2)
 
 
+@contextlib.contextmanager
+def gluon_variants_on():
+    """The Gluon backward's opt-in variants taken while timing (read at each call)."""
+    names = ("FLASH_ATTN_3_GLUON_BWD_LAYERS", "FLASH_ATTN_3_GLUON_VARLEN_BWD")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: "1" for name in names})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
     inputs = functools.cache(lambda: make_layer_inputs(case))
     builds = {"ours": lambda: ours_layer(case, inputs()),
+              "ours_gluon": lambda: ours_layer(case, inputs()),
               "ours_causal": lambda: ours_layer(case, inputs(), plain_causal=True),
               "cudnn_causal": lambda: cudnn_causal_layer(case, inputs()),
               "flex": lambda: flex_layer(case, inputs())}
     for impl in impls:
         plain = impl in ("ours_causal", "cudnn_causal")
-        context = functools.partial(sdpa_context, "cudnn") if impl == "cudnn_causal" else None
+        context = (functools.partial(sdpa_context, "cudnn") if impl == "cudnn_causal"
+                   else gluon_variants_on if impl == "ours_gluon" else None)
         run.measure("layers", case, impl,
                     lambda: gradient_call(builds[impl](), inputs(), case["pass"]),
                     flops=layer_flops(case, plain), context=context)
@@ -232,14 +255,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             "Model layers, backward and forward+backward TFLOP/s of the score entries each mask "
             "keeps (B·N = 32k, H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's "
             "time scaled by the kept fraction)", "tflops",
-            ratios=[("ours", "ours_causal"), ("ours", "cudnn_causal"), ("ours", "flex")])}
+            ratios=[("ours", "ours_causal"), ("ours_gluon", "ours_causal"), ("ours", "cudnn_causal"),
+                    ("ours", "flex"), ("ours_gluon", "flex")])}
     with Runner("bench_bwd", args, sections, CASE_KEYS) as run:
         todo = [c for c in cases(args.quick) if run.keep(c)]
         layers = [c for c in layer_cases(args.quick) if run.keep(c)]
         for case in todo:
             measure_case(run, case, IMPLS)
         for case in layers:
-            measure_layer(run, case, ("ours", "ours_causal", "cudnn_causal"))
+            measure_layer(run, case, ("ours", "ours_gluon", "ours_causal", "cudnn_causal"))
         # Flex last (its compiles are the slowest part; a time cap cuts them first), the
         # layers' before the grid's
         for case in layers:
