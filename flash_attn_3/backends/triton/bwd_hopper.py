@@ -936,7 +936,7 @@ def tile_width(head_dim: int):
 VARLEN_ENV = "FLASH_ATTN_3_GLUON_VARLEN_BWD"
 LAYERS_ENV = "FLASH_ATTN_3_GLUON_BWD_LAYERS"
 # The model-layer variants (windows other than causal, softcap, sinks, head dims padded to a
-# tile width) compile for sm_90 with the plain kernels' SASS unchanged, but no GPU has run them
+# tile width, keys cut by seqused_k) compile for sm_90 with the plain kernels' SASS unchanged, but no GPU has run them
 # yet (2026-12-07: the pool refused the call). Until a run of tests/test_bwd_hopper_layers.py
 # passes they are opt-in (FLASH_ATTN_3_GLUON_BWD_LAYERS=1) and these calls take bwd.py; the
 # passing run flips this to True.
@@ -946,11 +946,11 @@ LAYERS_RUN = False
 def layer_refusal(a: AttnArgs) -> Optional[str]:
     """Why a model-layer variant is not taken by default (LAYERS_RUN), or None."""
     layered = (a.window_left >= 0 or a.window_right > 0 or a.softcap > 0 or a.sinks is not None
-               or a.q.shape[-1] not in CONFIGS)
+               or a.seqused_k is not None or a.q.shape[-1] not in CONFIGS)
     if not layered or LAYERS_RUN or os.environ.get(LAYERS_ENV, "").strip() == "1":
         return None
-    return ("windows, softcap, sinks and padded head dims in the Gluon backward have not yet run "
-            f"on a GPU ({LAYERS_ENV}=1 takes them)")
+    return ("windows, softcap, sinks, seqused_k and padded head dims in the Gluon backward have "
+            f"not yet run on a GPU ({LAYERS_ENV}=1 takes them)")
 
 
 def query_tail_refusal(a: AttnArgs) -> Optional[str]:
