@@ -21,6 +21,7 @@
 # "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
 # (added to the `gpu` and `suite` pytest runs, e.g. "-n 8": the GPU tests are compile-bound and the
 # device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11),
+# GPU_TESTS (the paths the `gpu` part collects; default tests),
 # ALT_TRITON=VERSION (every part runs under that triton instead of the installed one, with the Gluon
 # kernels forced on, FLASH_ATTN_3_GLUON=1 unless set: the GPU check of a triton version that
 # gluon_compat.VERSIONS does not yet list as run; its parts travel first, see
@@ -143,7 +144,8 @@ EOF
     run_capped 60 "flash_attn_3 bench" "$WORK/cli_bench.log" "$PY" -m flash_attn_3 bench
   fi
   read -r -a PYTEST_GPU_EXTRA <<< "${PYTEST_GPU_ARGS:-}"
-  want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${PYTEST_GPU_EXTRA[@]}" tests
+  read -r -a GPU_TEST_PATHS <<< "${GPU_TESTS:-tests}"
+  want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${PYTEST_GPU_EXTRA[@]}" "${GPU_TEST_PATHS[@]}"
   if want compile; then
     run_capped 240 "compile_cost" "$WORK/compile_cost.log" "$PY" scripts/compile_cost.py --out "$WORK"
     [[ -f $WORK/compile_cost.json ]] && cp "$WORK/compile_cost.json" "$OUT/"
