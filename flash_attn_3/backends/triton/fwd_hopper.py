@@ -68,7 +68,7 @@ try:
         fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_compat import tma
+    from .gluon_compat import thread_barrier, tma
 
     # The kernels are defined wherever the API imports; which versions run them is supports()'s
     # call (gluon_compat.refusal).
@@ -693,7 +693,7 @@ if _GLUON_OK:
                                     _clear_tail(v_smem.index(last % STAGES).reshape(
                                         [BLOCK_N, HEAD_DIM]),
                                         k_rows - (first + num_blocks - 1) * BLOCK_N)
-                                    gl.thread_barrier()  # all four warps' stores, then signal
+                                    thread_barrier()  # all four warps' stores, then signal
                                     mbarrier.arrive(tail_bars.index(0))
                                 else:
                                     mbarrier.wait(tail_bars.index(0), tails & 1)

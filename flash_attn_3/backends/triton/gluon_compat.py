@@ -8,10 +8,13 @@ under each version and prints the figures beside 3.6's, and a GPU run of the tes
 benchmarks confirms the kernels on the H100. Any other version gets the portable kernels (fwd.py,
 bwd.py) and `refusal()` says why; `python -m flash_attn_3 info` prints it.
 
-API difference adapted here: triton 3.8 renamed the TMA copies (`tma.async_copy_global_to_shared`
--> `tma.async_load`, `tma.async_copy_shared_to_global` -> `tma.async_store`) and 3.9 removed the
-old names. The kernels keep 3.6's names and import `tma` from here, where the old names point to
-the new functions wherever those exist.
+API differences adapted here:
+- triton 3.8 renamed the TMA copies (`tma.async_copy_global_to_shared` -> `tma.async_load`,
+  `tma.async_copy_shared_to_global` -> `tma.async_store`) and 3.9 removed the old names. The
+  kernels keep 3.6's names and import `tma` from here, where the old names point to the new
+  functions wherever those exist.
+- triton 3.9 removed `gl.thread_barrier()`; `gl.barrier()` (cluster=False) emits the same CTA
+  barrier (both are `_semantic.debug_barrier()`). The kernels call `thread_barrier` from here.
 """
 
 from __future__ import annotations
@@ -57,11 +60,17 @@ VERSIONS = {
 TRITON_VERSION: Optional[str] = None
 IMPORT_ERROR: Optional[str] = None
 _tma = None
+thread_barrier = None
 try:
     import triton
 
     TRITON_VERSION = triton.__version__
+    from triton.experimental.gluon import language as _gl
     from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
+
+    # A barrier over the CTA's threads (in a warp-specialized partition, its warps): 3.6-3.8's
+    # name, or 3.9's gl.barrier, the same builtin under its new name.
+    thread_barrier = getattr(_gl, "thread_barrier", None) or _gl.barrier
 except ImportError as exc:  # no triton, or one without Gluon's Hopper ops
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
