@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
@@ -71,22 +73,50 @@ def compile_for_sm90(args, kwargs):
                           options=options.__dict__)
 
 
+def triton_ptxas_flags(kernel) -> list:
+    """The flags besides -v and --gpu-name that change code with which triton's own make_cubin
+    ran ptxas for this kernel: --fmad=false without FP fusion, and from triton 3.9 on
+    `--regAllocOptLevel=2` (its workaround for a CUDA 13 ptxas bug). Without the latter the
+    sm_90 figures of 3.9 were not those of the cubin triton builds (default causal forward at
+    D = 128: 260 B of spills and 0 / 2 local ops in the KV loops reassembled plainly, 140 B and
+    1 / 1 in triton's cubin)."""
+    import inspect
+
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    source = inspect.getsource(CUDABackend.make_cubin)
+    flags = re.findall(r"'(--regAllocOptLevel=\d+)'", source)
+    if not getattr(kernel.metadata, "enable_fp_fusion", True):
+        flags.append("--fmad=false")
+    return flags
+
+
 def assemble(kernel, keep: Path) -> tuple[str, str]:
     """Writes the kernel's PTX and TTGIR under keep and assembles the PTX for its target there
-    (kernel.cubin) with the ptxas and arch name triton itself takes for that target (its wheel
-    ships two: triton 3.6 takes the CUDA 12.8 one below sm_100, 3.9 its CUDA 13 one from sm_90
-    on): (PTX, ptxas' -v report)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
+    (kernel.cubin) with the ptxas, arch name and code-changing flags triton itself takes for that
+    target (its wheel ships two ptxas: triton 3.6 takes the CUDA 12.8 one below sm_100, 3.9 its
+    CUDA 13 one from sm_90 on; triton_ptxas_flags): (PTX, ptxas' -v report). The cubin's SASS
+    is that of the cubin triton built (kernel.asm["cubin"]); checked here, as a flag triton adds
+    in a later release would otherwise go unseen."""
     capability = kernel.metadata.target.arch
     ptx = kernel.asm["ptx"]
     (keep / "kernel.ptx").write_text(ptx)
     (keep / "kernel.ttgir").write_text(kernel.asm["ttgir"])
-    ptxas = subprocess.run([get_ptxas(capability).path, f"--gpu-name={sm_arch_from_capability(capability)}",
-                            "-v", str(keep / "kernel.ptx"), "-o", str(keep / "kernel.cubin")],
+    ptxas = subprocess.run([get_ptxas(capability).path, "-lineinfo",
+                            f"--gpu-name={sm_arch_from_capability(capability)}",
+                            *triton_ptxas_flags(kernel), "-v", str(keep / "kernel.ptx"),
+                            "-o", str(keep / "kernel.cubin")],
                            capture_output=True, text=True)
     if ptxas.returncode != 0:
         raise SystemExit(ptxas.stderr)
+    if "cubin" in kernel.asm:
+        (keep / "triton.cubin").write_bytes(kernel.asm["cubin"])
+        sass = [subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(keep / name)],
+                               capture_output=True, text=True).stdout
+                for name in ("kernel.cubin", "triton.cubin")]
+        if sass[0] != sass[1]:
+            raise SystemExit("ptxas here made other SASS than triton's own cubin: "
+                             "triton_ptxas_flags misses a flag triton passes")
     return ptx, ptxas.stderr
 
 
