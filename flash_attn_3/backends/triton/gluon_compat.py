@@ -15,6 +15,14 @@ API differences adapted here:
   functions wherever those exist.
 - triton 3.9 removed `gl.thread_barrier()`; `gl.barrier()` (cluster=False) emits the same CTA
   barrier (both are `_semantic.debug_barrier()`). The kernels call `thread_barrier` from here.
+
+Code-generation difference chosen here (a constexpr the kernel reads, so the other branch is not
+compiled and triton 3.6's SASS stays the measured one, tests/fwd_hopper_plain_sass.json):
+- CAUSAL_MASK_BY_LANE (triton >= 3.9): fwd_hopper._masked compares per-register constants with a
+  per-row limit for the plain causal mask instead of the columns with the diagonal. Under 3.9's
+  CUDA 13.4 ptxas the columns stayed in registers across the KV loop and the causal forward at
+  head dims 128 and 256 spilled inside it; with the constant form it does not (see
+  docs/perf-notes.md, "Gluon under triton 3.9: the causal mask").
 """
 
 from __future__ import annotations
@@ -57,10 +65,17 @@ VERSIONS = {
                      "local-memory ops; 104 -> 260 bytes of spills at 128)"),
 }
 
+
+def _minor_tuple(version: str) -> tuple:
+    """'3.9.0' -> (3, 9)."""
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+
+
 TRITON_VERSION: Optional[str] = None
 IMPORT_ERROR: Optional[str] = None
 _tma = None
 thread_barrier = None
+CAUSAL_MASK_BY_LANE = False
 try:
     import triton
 
@@ -71,6 +86,9 @@ try:
     # A barrier over the CTA's threads (in a warp-specialized partition, its warps): 3.6-3.8's
     # name, or 3.9's gl.barrier, the same builtin under its new name.
     thread_barrier = getattr(_gl, "thread_barrier", None) or _gl.barrier
+    # Code-generation choices that differ by version (see the docstring): constexprs the kernels
+    # read, so that each version's other branch is never compiled and 3.6's code stays the same.
+    CAUSAL_MASK_BY_LANE = _gl.constexpr(_minor_tuple(TRITON_VERSION) >= (3, 9))
 except ImportError as exc:  # no triton, or one without Gluon's Hopper ops
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
