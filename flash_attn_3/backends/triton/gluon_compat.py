@@ -92,7 +92,11 @@ try:
     thread_barrier = getattr(_gl, "thread_barrier", None) or _gl.barrier
     # Code-generation choices that differ by version (see the docstring): constexprs the kernels
     # read, so that each version's other branch is never compiled and 3.6's code stays the same.
-    CAUSAL_MASK_BY_LANE = _gl.constexpr(_minor_tuple(TRITON_VERSION) >= (3, 9))
+    # FLASH_ATTN_3_CAUSAL_MASK_BY_LANE=0/1 (read at import) overrides the version's choice: the
+    # A/B timing of the two forms under one triton.
+    _by_lane = os.environ.get("FLASH_ATTN_3_CAUSAL_MASK_BY_LANE", "").strip()
+    CAUSAL_MASK_BY_LANE = _gl.constexpr(
+        _by_lane == "1" if _by_lane in ("0", "1") else _minor_tuple(TRITON_VERSION) >= (3, 9))
 except ImportError as exc:  # no triton, or one without Gluon's Hopper ops
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
