@@ -65,7 +65,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .fwd_hopper import _clear_tail, _softcapped
-    from .gluon_compat import tma
+    from .gluon_compat import CAUSAL_MASK_BY_LANE, tma
 
     # Defined wherever the API imports; supports() decides which versions run them.
     _GLUON_OK = gluon_compat.IMPORT_ERROR is None
@@ -334,15 +334,50 @@ if _GLUON_OK:
         return first_query, last_query
 
     @gluon.jit
-    def _edge_mask(p, queries, bounds, seqs, window):
+    def _edge_mask(p, queries, m0, bounds, seqs, window):
         """P with the scores no query sees zeroed (bounds: _key_bounds'). A key's rows have an
         upper bound with a left window side, or rows past a packed or seqused_q sequence; query
         blocks past the first masked ones then take the mask again."""
         first_query, last_query = bounds
-        ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
-        if window[0] is not None or seqs[0] is not None or seqs[2] is not None:
-            ok = ok & (gl.expand_dims(queries, 0) <= gl.expand_dims(last_query, 1))
+        upper: gl.constexpr = window[0] is not None or seqs[0] is not None or seqs[2] is not None
+        if CAUSAL_MASK_BY_LANE:
+            # fwd_hopper._masked's form (queries >= fq iff ar - lane >= fq - m0 - lane): one
+            # compare of a per-register constant against a per-key limit, so no column offsets
+            # stay live across the KV loop. Under triton 3.9 (CUDA 13 ptxas) the 16 offsets
+            # stayed in registers beside the wgmma descriptors it hoists out of the loop, and
+            # both spilled inside it (D = 128: 336 B, 10 / 24 local ops); this mask and
+            # _in_queries together: 0 B, none. A constexpr: triton 3.6's SASS is as measured.
+            col, lane = _cols_by_lane(queries)
+            col = gl.expand_dims(col, 0)
+            lane = gl.expand_dims(lane, 0)
+            ok = col >= gl.expand_dims(first_query - m0, 1) - lane
+            if upper:
+                ok = ok & (col <= gl.expand_dims(last_query - m0, 1) - lane)
+        else:
+            ok = gl.expand_dims(queries, 0) >= gl.expand_dims(first_query, 1)
+            if upper:
+                ok = ok & (gl.expand_dims(queries, 0) <= gl.expand_dims(last_query, 1))
         return gl.where(ok, p, 0.0)
+
+    @gluon.jit
+    def _cols_by_lane(queries):
+        """(ar - lane, lane), ar = arange over queries' layout: in the wgmma accumulator layout
+        a thread's columns are (lane % 4) * 2 plus constants, so ar & 6 is one value per thread
+        and ar - (ar & 6) a constant per register. Exact for any layout (col + lane = ar)."""
+        ar = gl.arange(0, queries.shape[0], layout=queries.type.layout)
+        lane = ar & 6
+        return ar - lane, lane
+
+    @gluon.jit
+    def _in_queries(queries, m0, used_q):
+        """queries < used_q, in _cols_by_lane's form where CAUSAL_MASK_BY_LANE: the compare of
+        the columns would keep them live across the loop as the mask's did (see _edge_mask; the
+        mask alone left D = 128 at 200 B, 10 / 7 local ops under triton 3.9)."""
+        if CAUSAL_MASK_BY_LANE:
+            col, lane = _cols_by_lane(queries)
+            return col < (used_q - m0) - lane
+        else:
+            return queries < used_q
 
     @gluon.jit
     def _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs):
@@ -448,7 +483,7 @@ if _GLUON_OK:
             hq = hk * group + g
             stage = it % STAGES
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            in_q = queries < used_q
+            in_q = _in_queries(queries, m0, used_q)
             if not STATS_SMEM:
                 row = (b * num_heads_kv * group + hq).to(gl.int64) * seqlen_q
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
@@ -490,7 +525,7 @@ if _GLUON_OK:
             else:
                 edge = m0 < m_full
             if edge:
-                p = _edge_mask(p, queries, bounds, seqs, window)
+                p = _edge_mask(p, queries, m0, bounds, seqs, window)
             if EARLY_DV:
                 p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
@@ -713,7 +748,7 @@ if _GLUON_OK:
             stage = it % STAGES
             buf = it % 2
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            in_q = queries < used_q
+            in_q = _in_queries(queries, m0, used_q)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
@@ -732,7 +767,7 @@ if _GLUON_OK:
                 else:
                     edge = m0 < m_full
                 if edge:
-                    p = _edge_mask(p, queries, bounds, seqs, window)
+                    p = _edge_mask(p, queries, m0, bounds, seqs, window)
                 p16 = p.to(dtype)
                 # Two P^T buffers: the dP side has read this one (into registers) before it
                 # publishes the dS^T this side waits on next iteration (without dQ here: before
