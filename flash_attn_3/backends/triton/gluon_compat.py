@@ -22,7 +22,10 @@ compiled and triton 3.6's SASS stays the measured one, tests/fwd_hopper_plain_sa
   per-row limit for the plain causal mask instead of the columns with the diagonal. Under 3.9's
   CUDA 13.4 ptxas the columns stayed in registers across the KV loop and the causal forward at
   head dims 128 and 256 spilled inside it; with the constant form it does not (see
-  docs/perf-notes.md, "Gluon under triton 3.9: the causal mask").
+  docs/perf-notes.md, "Gluon under triton 3.9: the causal mask"). bwd_hopper._edge_mask and
+  _in_queries take the same form for the backward's query columns, which 3.9 kept live across
+  its KV loops beside the wgmma descriptors it hoists (D = 128: 336 B of spills, 10 / 24 local
+  ops in the loops -> none; "Gluon under triton 3.9: the backward").
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ VERSIONS = {
     "3.8": (RUN, "every default config as under 3.6 (spills outside the loops move, mostly "
                  "down); run on the H100: forward at 3.6's speed, backward 1-5 % slower"),
     # 3.9 with triton's own ptxas flags (--regAllocOptLevel=2; docs/perf-notes.md, "Gluon under
-    # triton 3.9: the causal mask"): the forward compiles with no local op in a KV loop since
-    # CAUSAL_MASK_BY_LANE; the backward does not.
-    "3.9": (DIFFERS, "the backward at head dim 128 spills into its KV loops (10 and 24 "
-                     "local-memory ops against 3.6's 5 and 2; 64 -> 336 bytes of spills), at "
-                     "256 one local op per loop; the forward compiles like 3.6 or better"),
+    # triton 3.9: the causal mask" and "... the backward"): with CAUSAL_MASK_BY_LANE no default
+    # forward or backward has a local op in a KV loop but the non-causal D = 256 backward (one
+    # per loop: the thread id, reloaded for the mbarrier arrive's predicate).
+    "3.9": (DIFFERS, "the non-causal backward at head dim 256 reloads one spilled value in each "
+                     "KV loop (3.6: none); every other default config compiles like 3.6 or "
+                     "better (head dim 128: no spills, 3.6 52-160 bytes)"),
 }
 
 
