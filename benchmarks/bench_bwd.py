@@ -65,7 +65,7 @@ LAYERS.update({
                                             packing="equal"),
     "mistral_window4096_varlen_ragged": dict(bench_fwd.LAYERS["mistral_window4096"],
                                              packing="ragged"),
-    "causal_d192": dict(D=192, Hk=4, window=(-1, 0)),
+    "causal_d192": dict(D=192, Hk=2, window=(-1, 0)),  # 10 query heads (H·D = 2048)
 })
 LAYER_FACTOR = {"bwd": 2.5, "fwd_bwd": 3.5}  # of the forward's FLOPs, as attention_flops counts
 

@@ -49,6 +49,9 @@ LAYERS = {
     "gemma2_softcap50": dict(D=256, Hk=4, window=(-1, 0), softcap=50.0),
     "gptoss_window128_sinks": dict(D=64, Hk=4, window=(127, 0), sinks=True),
     "llama4_chunk8192": dict(D=128, Hk=4, window=(-1, 0), chunk=8192),
+    # Phi-3's head dim (multi-head): the D = 128 tiles with zero padding; issue 16 reads its
+    # TFLOP/s against the D = 128 causal rows (ours_causal of the Mistral and Llama 4 layers).
+    "phi3_d96": dict(D=96, Hk=21, window=(-1, 0)),
 }
 LAYER_SEQLENS = (8192, 32768)
 # Paged chunked prefill: query chunk, cache length (chunk included), sequences, heads, KV heads
@@ -84,7 +87,7 @@ def layer_cases(quick: bool) -> Iterator[dict]:
 
 def in_quick_layers(case: dict) -> bool:
     """The sliding window at both lengths, the chunk at 32k (at 8k one chunk is all of causal),
-    softcap and sinks at 8k."""
+    softcap, sinks and head dim 96 at 8k."""
     name = case["layer"]
     return name.startswith("mistral") or (case["N"] == 32768) == name.startswith("llama4")
 

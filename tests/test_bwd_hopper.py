@@ -404,7 +404,7 @@ def test_scope_and_routing(monkeypatch):
     ]
     for change in in_scope:
         changed = AttnArgs(**{**base.__dict__, **change})
-        if not bwd_hopper.LAYERS_RUN:
+        if "seqused_k" in change and not bwd_hopper.SEQUSED_K_RUN:
             assert not bwd_hopper.supports(changed) and "GPU" in routes.backward_route(changed)[1]
             monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")
         assert bwd_hopper.supports(changed), change

@@ -248,3 +248,16 @@ def test_bound_launch_refuses_ambiguous_views():
     same = launch.Launch(None, (1,), args, constexprs, 4, 3)
     with pytest.raises(launch.Unbindable):  # one tensor in two roles: which one moves later?
         launch.Bound(same, roles + [k])
+
+
+def test_autotuned_keys_name_only_the_kernels_arguments():
+    """bwd.py tunes its dK/dV and dQ kernels with one key list; ATOMIC_DQ is an argument of the
+    first only. triton 3.9's Autotuner refuses a key name the kernel lacks (every tuned dQ launch
+    failed on the H100 under 3.9), so Autotuned keeps, in order, the names each kernel has."""
+    bwd = importlib.import_module("flash_attn_3.backends.triton.bwd")
+    for fn in (bwd._bwd_dkdv_kernel, bwd._bwd_dq_kernel):
+        tuned = launch.Autotuned(fn, [bwd.triton.Config({})], bwd._TUNE_KEY)
+        want = [name for name in bwd._TUNE_KEY if name in fn.arg_names]
+        assert list(tuned.tuner.keys) == want
+    assert "ATOMIC_DQ" in bwd._bwd_dkdv_kernel.arg_names
+    assert "ATOMIC_DQ" not in bwd._bwd_dq_kernel.arg_names

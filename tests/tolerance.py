@@ -92,13 +92,15 @@ def assert_lse_matches(name: str, lse: torch.Tensor, ref: torch.Tensor, *, rows=
 
 
 def assert_grad_matches(name: str, grad: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor,
-                        *, softcap: bool = False) -> None:
+                        *, softcap: bool = False, extra: float = 0.0) -> None:
     """Gradients, as the official tests judge them: 2x (3x with softcap) the low-precision max
     error, floored like the output, plus their small constant: twice the rounding error of
     (g + 0.3) - 0.3 in the gradient's dtype, one rounding step at the gradient's magnitude (what
     delta = rowsum(dO * O) loses when O is rounded to the input dtype; it binds on a few-element
     gradient, where the max error is a noisy estimate), and 3e-4 more with softcap. 1e-4 besides:
-    fp32 accumulation noise where the exact gradient is 0 (one key: P = 1)."""
+    fp32 accumulation noise where the exact gradient is 0 (one key: P = 1). `extra`: a caller's
+    allowance on top for a case the official bound does not model (the scores of 1e4 in
+    test_reliability_hostile)."""
     assert grad is not None, f"{name}: no gradient"
     assert grad.shape == ref.shape, f"{name}: shape {tuple(grad.shape)}, expected {tuple(ref.shape)}"
     grad_dtype = grad.dtype
@@ -112,6 +114,6 @@ def assert_grad_matches(name: str, grad: torch.Tensor, ref: torch.Tensor, ref_lo
     mult = 3.0 if softcap else 2.0
     in_dtype = ref.to(grad_dtype)
     step = ((in_dtype + 0.3) - 0.3 - in_dtype).abs().max().to(F64).item()
-    slack = 1e-4 + 2 * step + (3e-4 if softcap else 0.0)
+    slack = 1e-4 + 2 * step + (3e-4 if softcap else 0.0) + extra
     assert err <= mult * base + slack, (f"{name}: max err {err:.3g}, low-precision max err "
                                         f"{base:.3g}, constant {slack:.3g}")

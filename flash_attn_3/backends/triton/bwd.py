@@ -423,7 +423,7 @@ _INTERPRETER_CONFIGS = {"dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # one tuning pass (every config compiled and timed) costs more than it can save.
 _TUNE_MIN_SCORES = 2**28
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "tune_seqlen", "tune_local", "group", "SOFTCAP",
-             "IS_VARLEN_Q", "ATOMIC_DQ"]  # the autotuner skips names a kernel lacks
+             "IS_VARLEN_Q", "ATOMIC_DQ"]  # launch.Autotuned keeps the names each kernel has
 
 # dQ by fp32 atomics inside the dK/dV pass (5 matmuls per tile pair) or a second pass that
 # recomputes P and dP (7 matmuls, no atomics). Measured on the H100 (BENCHMARKS.md, 2026-11-25):

@@ -65,7 +65,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .fwd_hopper import _clear_tail, _softcapped
-    from .gluon_compat import CAUSAL_MASK_BY_LANE, tma
+    from .gluon_compat import CAUSAL_MASK_BY_LANE, thread_barrier, tma
 
     # Defined wherever the API imports; supports() decides which versions run them.
     _GLUON_OK = gluon_compat.IMPORT_ERROR is None
@@ -380,20 +380,38 @@ if _GLUON_OK:
             return queries < used_q
 
     @gluon.jit
-    def _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs):
+    def _tail_barrier(cu_seqlens_k, seqused_k):
+        """_clear_key_tail's barrier: allocated last and always (a tuple cannot hold None here),
+        initialized only where keys can end inside a block; the dense kernels never touch it."""
+        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        if cu_seqlens_k is not None or seqused_k is not None:
+            mbarrier.init(bar, count=1)
+        return bar
+
+    @gluon.jit
+    def _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs, tail_bar, WG: gl.constexpr):
         """Packed (or with seqused_k), the key block crossing the sequence's end holds the next
         sequence's keys or unused memory (a KV cache's tail): zeroed in shared memory before any
         wgmma reads K or V, since 0 * NaN is NaN and dQ = dS K, dP^T = V dO^T would carry it
         into real rows. Once per program. Query rows past a sequence are not cleared (that cost
         the D = 128 loop 160-300 bytes of spills): their P and dS are exact zeros, so they add
         nothing as long as q and dout hold finite numbers there (the next sequence's rows, or
-        rows past seqused_q)."""
+        rows past seqused_q).
+        Warpgroup 0 clears and arrives on tail_bar; warpgroup 1 waits for it before its first
+        wgmma. When both cleared the tile, each one's read-modify-write of the valid rows raced
+        with the other's stores and wgmma reads (compute-sanitizer racecheck, H100 2026-12-07
+        13:08 UTC: 35 reports in the varlen backward; the forward's _clear_tail had the same)."""
         if seqs[1] is not None or seqs[3] is not None:
             KEYS: gl.constexpr = k_smem.type.shape[1]
             HEAD_DIM: gl.constexpr = k_smem.type.shape[3]
             if n0 + KEYS > k_rows:
-                _clear_tail(k_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
-                _clear_tail(v_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
+                if WG == 0:
+                    _clear_tail(k_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
+                    _clear_tail(v_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
+                    thread_barrier()  # all four warps' stores, then signal
+                    mbarrier.arrive(tail_bar)
+                else:
+                    mbarrier.wait(tail_bar, 0)
 
     @gluon.jit
     def _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM: gl.constexpr):
@@ -429,7 +447,7 @@ if _GLUON_OK:
                   DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                   PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
                   WG: gl.constexpr):
-        kv_ready, q_ready, q_empty, ds_ready = bars
+        kv_ready, q_ready, q_empty, ds_ready, tail_bar = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
         HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
@@ -471,7 +489,7 @@ if _GLUON_OK:
         dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_ready, 0)
-        _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs)
+        _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs, tail_bar, WG)
         if PREFETCH_S:
             # Every program has at least one query block (see _program).
             mbarrier.wait(q_ready.index(0), 0)
@@ -665,6 +683,7 @@ if _GLUON_OK:
             mbarrier.init(q_empty.index(i), count=2)
         for i in gl.static_range(2):
             mbarrier.init(ds_ready.index(i), count=2)
+        tail_bar = _tail_barrier(cu_seqlens_k, seqused_k)
         bars = (kv_ready, q_ready, q_empty, ds_ready)
         shape = (seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group)
 
@@ -672,14 +691,14 @@ if _GLUON_OK:
         # tensors.
         gl.warp_specialize([
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
-                         dq_smem0, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         dq_smem0, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
                          DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
-                         dq_smem1, bars, dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         dq_smem1, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
@@ -705,7 +724,7 @@ if _GLUON_OK:
                         softmax_scale, shape, seqs, window, softcap, head_dim,
                         CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                         DQ_IN_KERNEL: gl.constexpr, S_SIDE: gl.constexpr):
-        kv_ready, q_ready, q_empty, p_ready, ds_ready = bars
+        kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar = bars
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
         HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
@@ -739,7 +758,7 @@ if _GLUON_OK:
         bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
         acc = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)  # dV (S side) or dK
         mbarrier.wait(kv_ready, 0)
-        _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs)
+        _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs, tail_bar, WG)
 
         for it in range(0, group * num_m):
             g = it // num_m
@@ -884,18 +903,19 @@ if _GLUON_OK:
         for i in gl.static_range(2):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(ds_ready.index(i), count=1)
+        tail_bar = _tail_barrier(cu_seqlens_k, seqused_k)
         shape = (seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group)
 
         gl.warp_specialize([
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
-                               ds_smem, dq_smem0, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
+                               ds_smem, dq_smem0, (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
                                dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
                                (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                                (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                                (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
                                DQ_IN_KERNEL, True)),
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
-                               ds_smem, dq_smem1, (kv_ready, q_ready, q_empty, p_ready, ds_ready),
+                               ds_smem, dq_smem1, (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
                                dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
                                (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                                (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
@@ -970,22 +990,21 @@ def tile_width(head_dim: int):
 
 VARLEN_ENV = "FLASH_ATTN_3_GLUON_VARLEN_BWD"
 LAYERS_ENV = "FLASH_ATTN_3_GLUON_BWD_LAYERS"
-# The model-layer variants (windows other than causal, softcap, sinks, head dims padded to a
-# tile width, keys cut by seqused_k) compile for sm_90 with the plain kernels' SASS unchanged, but no GPU has run them
-# yet (2026-12-07: the pool refused the call). Until a run of tests/test_bwd_hopper_layers.py
-# passes they are opt-in (FLASH_ATTN_3_GLUON_BWD_LAYERS=1) and these calls take bwd.py; the
-# passing run flips this to True.
-LAYERS_RUN = False
+# The model-layer variants (windows other than causal, softcap, sinks, head dims padded to a tile
+# width) passed their first GPU run (H100, 2026-12-07 13:06 UTC, commit 15ca948: the 131 tests of
+# tests/test_bwd_hopper_layers.py) and are taken by default. Keys cut by seqused_k stay opt-in
+# (FLASH_ATTN_3_GLUON_BWD_LAYERS=1): they reach _clear_key_tail, which racecheck flagged in the
+# same call's reliability run (both consumer warpgroups cleared the same tile); its fix has not
+# run on a GPU yet, and a passing racecheck flips SEQUSED_K_RUN.
+SEQUSED_K_RUN = False
 
 
 def layer_refusal(a: AttnArgs) -> Optional[str]:
-    """Why a model-layer variant is not taken by default (LAYERS_RUN), or None."""
-    layered = (a.window_left >= 0 or a.window_right > 0 or a.softcap > 0 or a.sinks is not None
-               or a.seqused_k is not None or a.q.shape[-1] not in CONFIGS)
-    if not layered or LAYERS_RUN or os.environ.get(LAYERS_ENV, "").strip() == "1":
+    """Why a model-layer variant is not taken by default (SEQUSED_K_RUN), or None."""
+    if a.seqused_k is None or SEQUSED_K_RUN or os.environ.get(LAYERS_ENV, "").strip() == "1":
         return None
-    return ("windows, softcap, sinks, seqused_k and padded head dims in the Gluon backward have "
-            f"not yet run on a GPU ({LAYERS_ENV}=1 takes them)")
+    return ("seqused_k in the Gluon backward: its key-tail clear's fix has not yet run on a GPU "
+            f"({LAYERS_ENV}=1 takes it)")
 
 
 def query_tail_refusal(a: AttnArgs) -> Optional[str]:
