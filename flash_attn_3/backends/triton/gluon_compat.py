@@ -18,14 +18,18 @@ API differences adapted here:
 
 Code-generation difference chosen here (a constexpr the kernel reads, so the other branch is not
 compiled and triton 3.6's SASS stays the measured one, tests/fwd_hopper_plain_sass.json):
-- CAUSAL_MASK_BY_LANE (triton >= 3.9): fwd_hopper._masked compares per-register constants with a
+- CAUSAL_MASK_BY_LANE (triton 3.7 and >= 3.9): fwd_hopper._masked compares per-register constants with a
   per-row limit for the plain causal mask instead of the columns with the diagonal. Under 3.9's
   CUDA 13.4 ptxas the columns stayed in registers across the KV loop and the causal forward at
   head dims 128 and 256 spilled inside it; with the constant form it does not (see
   docs/perf-notes.md, "Gluon under triton 3.9: the causal mask"). bwd_hopper._edge_mask and
   _in_queries take the same form for the backward's query columns, which 3.9 kept live across
   its KV loops beside the wgmma descriptors it hoists (D = 128: 336 B of spills, 10 / 24 local
-  ops in the loops -> none; "Gluon under triton 3.9: the backward").
+  ops in the loops -> none; "Gluon under triton 3.9: the backward"). Under 3.7.1 the same form
+  takes the one default config that compiled worse than 3.6 (the causal D = 128 backward: 5
+  local ops in a KV loop against 3.6's 4) to 4, and every other default config to 3.6's figures
+  or fewer spills ("Gluon under triton 3.7 with the by-lane form"). Not 3.8: it was run on the
+  H100 with the other form, which compiles no default config worse than 3.6 there.
 """
 
 from __future__ import annotations
@@ -55,9 +59,18 @@ DIFFERS = "compiles differently"
 # change its status to RUN: that one line is the whole switch.
 VERSIONS = {
     "3.6": (RUN, "the version the kernels were written and measured for"),
-    "3.7": (DIFFERS, "the default causal backward at head dim 128 has one more local-memory op "
-                     "in its KV loop (5 against 3.6's 4); elsewhere only spills outside the loops "
-                     "move"),
+    # 3.7.1 with CAUSAL_MASK_BY_LANE (docs/perf-notes.md, "Gluon under triton 3.7 with the
+    # by-lane form"; aot_matrix --quick and 21 layer / dtype variants, 2026-12-07): every default
+    # config 168 registers and 3.6's wgmma / TMA structure, no KV loop with more local ops than
+    # 3.6's (causal D = 128 backward 4 / 0 as 3.6, was 5 / 0 with the other form; D = 128
+    # backward 4 / 0 against 3.6's 5 / 2, deterministic 0 against 4 / 5), causal forward 0 B of
+    # spills at every head dim but varlen D = 256 (64 B, as 3.6), its loops 13-19 % shorter. The
+    # exception is a layer variant: the softcapped D = 128 backward (3.6: 6 / 2 and, causal,
+    # 11 / 2 local ops; 3.7.1: 11 / 4 and 14 / 7, loops 4-7 % shorter), already worse than 3.6
+    # without the by-lane form (10 / 3 non-causal). Never run on a GPU under 3.7.
+    "3.7": (COMPILED, "with the by-lane causal mask every default config compiles like 3.6 or "
+                      "with fewer spills; the softcapped head-dim-128 backward has more "
+                      "local-memory ops in its KV loops"),
     # H100, 2026-12-07 10:20 UTC, torch 2.11: 406 GPU tests passed (of the suite's ~550; the
     # rest cut by the call's time cap, none failed); forward within 2 % of 3.6's ratio to cuDNN
     # in the same call, fp8 +3 %; backward 1-5 % below 3.6's (D = 64 0.85 vs 0.90, D = 128
@@ -85,6 +98,14 @@ def _minor_tuple(version: str) -> tuple:
     return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
 
 
+def _by_lane_default(version: str) -> bool:
+    """CAUSAL_MASK_BY_LANE's value for a triton version: 3.7 and >= 3.9, not 3.6 (its SASS is
+    the measured one) nor 3.8 (run on the H100 with the other form, under which no default
+    config has more local ops in a KV loop than 3.6: changing its code would undo that run)."""
+    minor = _minor_tuple(version)
+    return minor == (3, 7) or minor >= (3, 9)
+
+
 TRITON_VERSION: Optional[str] = None
 IMPORT_ERROR: Optional[str] = None
 _tma = None
@@ -106,7 +127,7 @@ try:
     # A/B timing of the two forms under one triton.
     _by_lane = os.environ.get("FLASH_ATTN_3_CAUSAL_MASK_BY_LANE", "").strip()
     CAUSAL_MASK_BY_LANE = _gl.constexpr(
-        _by_lane == "1" if _by_lane in ("0", "1") else _minor_tuple(TRITON_VERSION) >= (3, 9))
+        _by_lane == "1" if _by_lane in ("0", "1") else _by_lane_default(TRITON_VERSION))
 except ImportError as exc:  # no triton, or one without Gluon's Hopper ops
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
