@@ -30,6 +30,30 @@ def gluon_required(kernel_module) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not kernel_module._GLUON_OK, reason="needs triton's Gluon Hopper API")
 
 
+def _recorded_triton() -> str:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "fwd_hopper_plain_sass.json").read_text())["triton"]
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+# Offline compile tests whose bounds are ptxas figures (spill bytes, local-memory ops in a KV
+# loop, the recorded plain SASS): those move with every triton release's ptxas, so they hold for
+# the triton they were recorded under (CI pins it); scripts/aot_matrix.py compares the others.
+figures_of_pinned_triton = pytest.mark.skipif(
+    _triton_version() != _recorded_triton(),
+    reason=f"compile figures recorded under triton {_recorded_triton()}, this is "
+           f"{_triton_version()} (scripts/aot_matrix.py compares it)")
+
+
 def alternative_configs(candidates: dict) -> list:
     """(head_dim, config) for each of a kernel's CANDIDATES: the configs its tuning bench times
     besides the defaults, tested so that none of the bench's figures comes from a wrong kernel."""

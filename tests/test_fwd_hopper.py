@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hopper import COMMON_SHAPES, alternative_configs, gluon_required, on_hopper, qkv
+from hopper import (COMMON_SHAPES, alternative_configs, figures_of_pinned_triton, gluon_required,
+                    on_hopper, qkv)
 from inputs import FP8, cu_seqlens, descales, poison_new_buffers, randn
 from reference_math import attention_dense, attention_varlen
 from tolerance import assert_lse_matches, assert_matches_reference
@@ -60,6 +61,7 @@ def make_args(q, k, v, *, causal: bool, softmax_scale=None, cu_seqlens_q=None,
 
 
 @needs_gluon
+@figures_of_pinned_triton
 @pytest.mark.parametrize("head_dim,causal,variant", [(128, True, []), (64, False, []),
                                                      (128, True, ["--varlen", "--seqused"]),
                                                      (256, False, ["--varlen"])], ids=str)
@@ -87,6 +89,7 @@ def test_compiles_for_sm90(head_dim, causal, variant):
 
 
 @needs_gluon
+@figures_of_pinned_triton
 @pytest.mark.parametrize("head_dim,variant", [
     (128, ["--window", "100,0", "--softcap", "30", "--sinks"]),
     (64, ["--chunk", "96", "--causal"]),
@@ -544,6 +547,7 @@ def test_varlen_routes_here():
 
 
 @needs_gluon
+@figures_of_pinned_triton
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (256, True), (64, True)])
 def test_fp8_compiles_for_sm90(head_dim, causal):
     cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"), "--dtype", "fp8",

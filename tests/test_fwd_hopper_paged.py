@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import reference_math as rm
-from hopper import gluon_required, on_hopper
+from hopper import figures_of_pinned_triton, gluon_required, on_hopper
 from inputs import cu_seqlens, poison_new_buffers
 from tolerance import assert_lse_matches, assert_matches_reference
 from watched import run_watched
@@ -91,6 +91,7 @@ def _aot(head_dim, page_size, variant):
 
 
 @needs_gluon
+@figures_of_pinned_triton
 @pytest.mark.parametrize("head_dim,page_size,variant", [
     (128, 16, ["--causal", "--varlen"]),  # 8 page copies per key block
     (128, 64, []),
