@@ -256,11 +256,8 @@ def _decode_kernel(
             else:
                 k_dst = kv_row.to(tl.int64) * stride_kb + new_pos.to(tl.int64) * stride_ks
                 v_dst = kv_row.to(tl.int64) * stride_vb + new_pos.to(tl.int64) * stride_vs
-            # new_ok folds into the column bound: triton 3.9's interpreter refuses the mask that
-            # `scalar bool & block` makes there ("mask has unsupported dtype").
-            tl.store(k_head + k_dst + cols[None, :], k_new, mask=(cols < tl.where(new_ok, HEAD_DIM, 0))[None, :])
-            tl.store(v_head + v_dst + cols_v[None, :], v_new,
-                     mask=(cols_v < tl.where(new_ok, HEAD_DIM_V, 0))[None, :])
+            tl.store(k_head + k_dst + cols[None, :], k_new, mask=new_ok & (cols < HEAD_DIM)[None, :])
+            tl.store(v_head + v_dst + cols_v[None, :], v_new, mask=new_ok & (cols_v < HEAD_DIM_V)[None, :])
 
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_idx = rows // GROUP

@@ -55,10 +55,8 @@ def _block(first, t, skip_from, skip_count, MASKED: tl.constexpr):
 def _page_ids(PageRow, leftpad, blk, seqlen_k, page_size, valid, BLOCK_N: tl.constexpr):
     """Physical page of each key row of block blk (0 past the sequence or when not valid)."""
     cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    # The scalar condition folds into the bound: triton 3.9's interpreter refuses the mask that
-    # `block & scalar bool` makes there ("mask has unsupported dtype").
-    return tl.load(PageRow + (leftpad + cols) // page_size,
-                   mask=cols < tl.where(valid, seqlen_k, 0), other=0)
+    return tl.load(PageRow + (leftpad + cols) // page_size, mask=(cols < seqlen_k) & valid,
+                   other=0)
 
 
 @triton.jit
