@@ -52,6 +52,8 @@ LAYERS = {
     # Phi-3's head dim (multi-head): the D = 128 tiles with zero padding; issue 16 reads its
     # TFLOP/s against the D = 128 causal rows (ours_causal of the Mistral and Llama 4 layers).
     "phi3_d96": dict(D=96, Hk=21, window=(-1, 0)),
+    # Grok-1's attention: softcap 30 at head dim 128 (its 6-head groups rounded to 4)
+    "grok_softcap30": dict(D=128, Hk=4, window=(-1, 0), softcap=30.0),
 }
 LAYER_SEQLENS = (8192, 32768)
 # Paged chunked prefill: query chunk, cache length (chunk included), sequences, heads, KV heads

@@ -5,6 +5,7 @@
         [--keep DIR]
         [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP]]]
     python scripts/aot_bwd_hopper.py --check-plain
+    python scripts/aot_bwd_hopper.py --record-plain WHY
 
 The kernel is compiled exactly as backward() launches it (the launch is captured, and triton's
 own binder makes its signature and specialization). --deterministic compiles the deterministic
@@ -107,10 +108,11 @@ def compile_for_sm90(a: AttnArgs, deterministic: bool = False, config=None):
 
 
 def check_plain() -> bool:
-    def compile_variant(dtype, head_dim, causal, words):
-        return compile_for_sm90(plain_args(head_dim, causal, DTYPES[dtype]),
-                                "deterministic" in words)
-    return aot_fwd_hopper.check_recorded(PLAIN_SASS, compile_variant)
+    return aot_fwd_hopper.check_recorded(PLAIN_SASS, _compile_plain)
+
+
+def _compile_plain(dtype, head_dim, causal, words):
+    return compile_for_sm90(plain_args(head_dim, causal, DTYPES[dtype]), "deterministic" in words)
 
 
 # What the consumer does between a wgmma's issue and its wait: exp2 (P^T), the fp32 -> bf16
@@ -175,9 +177,15 @@ def main() -> None:
     p.add_argument("--keep", type=Path)
     p.add_argument("--check-plain", action="store_true",
                    help="compare every recorded plain variant's SASS (and nothing else)")
+    p.add_argument("--record-plain", metavar="WHY",
+                   help="write every recorded plain variant's SASS hash anew, WHY appended to "
+                        "the record's note (a deliberate change of the plain kernels)")
     args = p.parse_args()
     if args.check_plain:
         raise SystemExit(0 if check_plain() else 1)
+    if args.record_plain:
+        aot_fwd_hopper.rerecord(PLAIN_SASS, _compile_plain, args.record_plain)
+        return
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     left, right = (int(x) for x in args.window.split(","))
     layer = dict(window_left=left, window_right=0 if args.causal else right,

@@ -125,6 +125,23 @@ def check_recorded(recorded_path: Path, compile_variant) -> bool:
     return same
 
 
+def rerecord(recorded_path: Path, compile_variant, why: str) -> None:
+    """Compile every variant a plain-SASS record names and write their SASS hashes under this
+    triton, `why` appended to the record's "about": for a deliberate change of the plain
+    kernels, measured on the GPU (the record then guards the new SASS)."""
+    recorded = json.loads(recorded_path.read_text())
+    for key in recorded["sass_sha256"]:
+        dtype, head_dim, mask, *words = key.split()
+        with tempfile.TemporaryDirectory() as tmp:
+            got = report(compile_variant(dtype, int(head_dim[2:]), mask == "causal", words),
+                         Path(tmp))
+        recorded["sass_sha256"][key] = got["sass_sha256"]
+        print(json.dumps(dict(variant=key, spill_bytes=got["spill_bytes"])), flush=True)
+    recorded["triton"] = triton.__version__
+    recorded["about"] = f"{recorded['about']} {why}"
+    recorded_path.write_text(json.dumps(recorded, indent=1) + "\n")
+
+
 def launch_of(a: AttnArgs, config=None):
     """(args, kwargs) of the _fwd_kernel launch forward() makes for a, captured instead of
     launched (fp8's V copy, a kernel of its own, is stood in for by an empty tensor)."""

@@ -182,6 +182,10 @@ def _workload(dev: str = "cuda"):
             "FLASH_ATTN_3_GLUON_BWD_LAYERS", lambda: opted_in(
                 "FLASH_ATTN_3_GLUON_VARLEN_BWD", lambda: varlen_backward(ragged, ragged[::-1], (6, 2), 128,
                                                                           causal=True))),
+        "varlen backward seqused_k (bwd_hopper layers)": lambda: opted_in(
+            "FLASH_ATTN_3_GLUON_VARLEN_BWD", lambda: varlen_backward(
+                ragged, ragged, (6, 2), 128, causal=True,
+                seqused_k=torch.tensor([1, 100, 129, 3000, 0, 64], dtype=torch.int32, device=dev))),
         # combine.py
         "combine 2..133 splits": lambda: [combine(s, 2, 129, 4, 128) for s in (2, 17, 133)],
     }

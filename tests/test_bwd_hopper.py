@@ -214,7 +214,10 @@ def test_layer_variants_compile_for_sm90(head_dim, variant):
     assert got["wgmma_ptx"] == wgmma and got["hgmma_sass"] == wgmma, got
     assert not got["ptxas_warnings"], got
     assert got["spill_bytes"] <= PLAIN_SPILLS[width] + 64, got
-    assert all(loop["local"] <= 8 for loop in got["kv_loops"]) and got["kv_loops"], got
+    # The softcapped D = 128 loops hold the fp16 tanh factor too: with the by-lane masks 9 / 6
+    # local ops under triton 3.6 (the column compare: 6 / 2), the loops 3-7 % shorter.
+    local = 10 if "--softcap" in variant and width == 128 else 8
+    assert all(loop["local"] <= local for loop in got["kv_loops"]) and got["kv_loops"], got
     for loop in got["kv_loops"]:
         tanh = loop["ops"].get("MUFU.TANH", 0)
         assert tanh == (loop["ops"].get("MUFU.EX2", 0) if "--softcap" in variant else 0), loop
@@ -404,9 +407,12 @@ def test_scope_and_routing(monkeypatch):
     ]
     for change in in_scope:
         changed = AttnArgs(**{**base.__dict__, **change})
-        if "seqused_k" in change and not bwd_hopper.SEQUSED_K_RUN:
-            assert not bwd_hopper.supports(changed) and "GPU" in routes.backward_route(changed)[1]
-            monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")
+        if "seqused_k" in change:
+            # taken by default since its racecheck run; the switch's 0 sends it to bwd.py
+            monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "0")
+            assert not bwd_hopper.supports(changed)
+            assert "switched off" in routes.backward_route(changed)[1]
+            monkeypatch.delenv(bwd_hopper.LAYERS_ENV)
         assert bwd_hopper.supports(changed), change
         monkeypatch.delenv(bwd_hopper.LAYERS_ENV, raising=False)
     # attention_chunk has no backward (officially neither); fp8, qv, paged K/V are not here

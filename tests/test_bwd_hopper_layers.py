@@ -34,7 +34,6 @@ def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=4, heads_kv=2, head_d
     """test_triton_bwd.run_case's inputs and float64 autograd reference through
     bwd_hopper.backward, which supports() and the router must take; returns the gradients and
     the call."""
-    monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")  # seqused_k: opt-in until SEQUSED_K_RUN
     if varlen or seqused_q is not None:
         # refused by default (bwd_hopper.query_tail_refusal); the inputs here are finite
         monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
@@ -192,7 +191,6 @@ def test_public_api_routes_layers_here(monkeypatch):
     and autograd's gradients come from it; flash_attn_varlen_func's stays on bwd.py."""
     import flash_attn_interface as fa
 
-    monkeypatch.setenv(bwd_hopper.LAYERS_ENV, "1")  # seqused_k: opt-in until SEQUSED_K_RUN
     q, k, v = (torch.randn(2, 600, h, 128, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for h in (4, 2, 2))
     calls = []

@@ -65,7 +65,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .fwd_hopper import _clear_tail, _softcapped
-    from .gluon_compat import CAUSAL_MASK_BY_LANE, thread_barrier, tma
+    from .gluon_compat import BWD_MASK_BY_LANE, CAUSAL_MASK_BY_LANE, thread_barrier, tma
 
     # Defined wherever the API imports; supports() decides which versions run them.
     _GLUON_OK = gluon_compat.IMPORT_ERROR is None
@@ -334,19 +334,19 @@ if _GLUON_OK:
         return first_query, last_query
 
     @gluon.jit
-    def _edge_mask(p, queries, m0, bounds, seqs, window):
+    def _edge_mask(p, queries, m0, bounds, seqs, window, BY_LANE: gl.constexpr):
         """P with the scores no query sees zeroed (bounds: _key_bounds'). A key's rows have an
         upper bound with a left window side, or rows past a packed or seqused_q sequence; query
         blocks past the first masked ones then take the mask again."""
         first_query, last_query = bounds
         upper: gl.constexpr = window[0] is not None or seqs[0] is not None or seqs[2] is not None
-        if CAUSAL_MASK_BY_LANE:
+        if BY_LANE:
             # fwd_hopper._masked's form (queries >= fq iff ar - lane >= fq - m0 - lane): one
             # compare of a per-register constant against a per-key limit, so no column offsets
             # stay live across the KV loop. Under triton 3.9 (CUDA 13 ptxas) the 16 offsets
             # stayed in registers beside the wgmma descriptors it hoists out of the loop, and
             # both spilled inside it (D = 128: 336 B, 10 / 24 local ops); this mask and
-            # _in_queries together: 0 B, none. A constexpr: triton 3.6's SASS is as measured.
+            # _in_queries together: 0 B, none; under 3.6 it cuts D = 128's spills (gluon_compat).
             col, lane = _cols_by_lane(queries)
             col = gl.expand_dims(col, 0)
             lane = gl.expand_dims(lane, 0)
@@ -369,11 +369,11 @@ if _GLUON_OK:
         return ar - lane, lane
 
     @gluon.jit
-    def _in_queries(queries, m0, used_q):
-        """queries < used_q, in _cols_by_lane's form where CAUSAL_MASK_BY_LANE: the compare of
+    def _in_queries(queries, m0, used_q, BY_LANE: gl.constexpr):
+        """queries < used_q, in _cols_by_lane's form where BWD_MASK_BY_LANE: the compare of
         the columns would keep them live across the loop as the mask's did (see _edge_mask; the
         mask alone left D = 128 at 200 B, 10 / 7 local ops under triton 3.9)."""
-        if CAUSAL_MASK_BY_LANE:
+        if BY_LANE:
             col, lane = _cols_by_lane(queries)
             return col < (used_q - m0) - lane
         else:
@@ -448,9 +448,17 @@ if _GLUON_OK:
                   PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
                   WG: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready, tail_bar = bars
+        HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+        # The by-lane masks (gluon_compat.BWD_MASK_BY_LANE) but where triton 3.6 compiles them
+        # worse: its deterministic (dQ by bwd.py) D = 128 kernel without causal mask or window
+        # (local ops in the KV loops 4 / 5 -> 15 / 23; causal 5 / 5 -> 0 / 0), which keeps the
+        # forward's choice (the column compare under 3.6). Both masks take one form: mixing
+        # them compiled worse than either (D = 128 causal: 10 / 10 local ops).
+        PLAIN_FULL_DET: gl.constexpr = (not DQ_IN_KERNEL and not CAUSAL and window[0] is None
+                                        and window[1] is None and HEAD_DIM == 128)
+        BY_LANE: gl.constexpr = CAUSAL_MASK_BY_LANE if PLAIN_FULL_DET else BWD_MASK_BY_LANE
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
-        HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
         HALF_DIM: gl.constexpr = HEAD_DIM // 2
         DQ_COLS: gl.constexpr = dq_desc.block_type.shape[3]
         KEYS: gl.constexpr = _KEYS
@@ -501,7 +509,7 @@ if _GLUON_OK:
             hq = hk * group + g
             stage = it % STAGES
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            in_q = _in_queries(queries, m0, used_q)
+            in_q = _in_queries(queries, m0, used_q, BY_LANE)
             if not STATS_SMEM:
                 row = (b * num_heads_kv * group + hq).to(gl.int64) * seqlen_q
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
@@ -543,7 +551,7 @@ if _GLUON_OK:
             else:
                 edge = m0 < m_full
             if edge:
-                p = _edge_mask(p, queries, m0, bounds, seqs, window)
+                p = _edge_mask(p, queries, m0, bounds, seqs, window, BY_LANE)
             if EARLY_DV:
                 p_op = gl.convert_layout(p.to(dtype), op_layout, assert_trivial=True)
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
@@ -725,6 +733,7 @@ if _GLUON_OK:
                         CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                         DQ_IN_KERNEL: gl.constexpr, S_SIDE: gl.constexpr):
         kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar = bars
+        BY_LANE: gl.constexpr = BWD_MASK_BY_LANE
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
         HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
@@ -767,7 +776,7 @@ if _GLUON_OK:
             stage = it % STAGES
             buf = it % 2
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-            in_q = _in_queries(queries, m0, used_q)
+            in_q = _in_queries(queries, m0, used_q, BY_LANE)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
@@ -786,7 +795,7 @@ if _GLUON_OK:
                 else:
                     edge = m0 < m_full
                 if edge:
-                    p = _edge_mask(p, queries, m0, bounds, seqs, window)
+                    p = _edge_mask(p, queries, m0, bounds, seqs, window, BY_LANE)
                 p16 = p.to(dtype)
                 # Two P^T buffers: the dP side has read this one (into registers) before it
                 # publishes the dS^T this side waits on next iteration (without dQ here: before
@@ -992,19 +1001,24 @@ VARLEN_ENV = "FLASH_ATTN_3_GLUON_VARLEN_BWD"
 LAYERS_ENV = "FLASH_ATTN_3_GLUON_BWD_LAYERS"
 # The model-layer variants (windows other than causal, softcap, sinks, head dims padded to a tile
 # width) passed their first GPU run (H100, 2026-12-07 13:06 UTC, commit 15ca948: the 131 tests of
-# tests/test_bwd_hopper_layers.py) and are taken by default. Keys cut by seqused_k stay opt-in
-# (FLASH_ATTN_3_GLUON_BWD_LAYERS=1): they reach _clear_key_tail, which racecheck flagged in the
-# same call's reliability run (both consumer warpgroups cleared the same tile); its fix has not
-# run on a GPU yet, and a passing racecheck flips SEQUSED_K_RUN.
-SEQUSED_K_RUN = False
+# tests/test_bwd_hopper_layers.py) and are taken by default. Keys cut by seqused_k reach
+# _clear_key_tail, which racecheck flagged in that call's reliability run (both consumer
+# warpgroups cleared the same tile); with warpgroup 0 alone clearing it and an mbarrier before the
+# other's reads, the 131 tests passed and racecheck found nothing in our code (H100, 2026-12-07
+# 15:06 UTC, commit 9f1c3f8, RELIABILITY.md run 4): taken by default since.
+# FLASH_ATTN_3_GLUON_BWD_LAYERS=0 sends them to bwd.py again.
+SEQUSED_K_RUN = True
 
 
 def layer_refusal(a: AttnArgs) -> Optional[str]:
     """Why a model-layer variant is not taken by default (SEQUSED_K_RUN), or None."""
-    if a.seqused_k is None or SEQUSED_K_RUN or os.environ.get(LAYERS_ENV, "").strip() == "1":
+    switch = os.environ.get(LAYERS_ENV, "").strip()
+    if a.seqused_k is None or switch == "1" or (SEQUSED_K_RUN and switch != "0"):
         return None
-    return ("seqused_k in the Gluon backward: its key-tail clear's fix has not yet run on a GPU "
-            f"({LAYERS_ENV}=1 takes it)")
+    if not SEQUSED_K_RUN:
+        return ("seqused_k in the Gluon backward: its key-tail clear's fix has not yet run on a "
+                f"GPU ({LAYERS_ENV}=1 takes it)")
+    return f"seqused_k in the Gluon backward: switched off by {LAYERS_ENV}=0"
 
 
 def query_tail_refusal(a: AttnArgs) -> Optional[str]:

@@ -16,20 +16,25 @@ API differences adapted here:
 - triton 3.9 removed `gl.thread_barrier()`; `gl.barrier()` (cluster=False) emits the same CTA
   barrier (both are `_semantic.debug_barrier()`). The kernels call `thread_barrier` from here.
 
-Code-generation difference chosen here (a constexpr the kernel reads, so the other branch is not
-compiled and triton 3.6's SASS stays the measured one, tests/fwd_hopper_plain_sass.json):
-- CAUSAL_MASK_BY_LANE (triton 3.7 and >= 3.9): fwd_hopper._masked compares per-register constants with a
-  per-row limit for the plain causal mask instead of the columns with the diagonal. Under 3.9's
-  CUDA 13.4 ptxas the columns stayed in registers across the KV loop and the causal forward at
-  head dims 128 and 256 spilled inside it; with the constant form it does not (see
-  docs/perf-notes.md, "Gluon under triton 3.9: the causal mask"). bwd_hopper._edge_mask and
+Code-generation differences chosen here (constexprs the kernels read, so the other branch is not
+compiled; each version keeps the form its GPU run measured):
+- CAUSAL_MASK_BY_LANE (the forward; triton 3.7 and >= 3.9): fwd_hopper._masked compares
+  per-register constants with a per-row limit for the plain causal mask instead of the columns
+  with the diagonal. Under 3.9's CUDA 13.4 ptxas the columns stayed in registers across the KV
+  loop and the causal forward at head dims 128 and 256 spilled inside it; with the constant form
+  it does not (see docs/perf-notes.md, "Gluon under triton 3.9: the causal mask"). Under 3.6 the
+  two forms time alike (the same call, H100), so 3.6 keeps its recorded SASS
+  (tests/fwd_hopper_plain_sass.json).
+- BWD_MASK_BY_LANE (the backward; triton 3.6, 3.7 and >= 3.9): bwd_hopper._edge_mask and
   _in_queries take the same form for the backward's query columns, which 3.9 kept live across
   its KV loops beside the wgmma descriptors it hoists (D = 128: 336 B of spills, 10 / 24 local
-  ops in the loops -> none; "Gluon under triton 3.9: the backward"). Under 3.7.1 the same form
-  takes the one default config that compiled worse than 3.6 (the causal D = 128 backward: 5
-  local ops in a KV loop against 3.6's 4) to 4, and every other default config to 3.6's figures
-  or fewer spills ("Gluon under triton 3.7 with the by-lane form"). Not 3.8: it was run on the
-  H100 with the other form, which compiles no default config worse than 3.6 there.
+  ops in the loops -> none; "Gluon under triton 3.9: the backward"). Under 3.7.1 it takes the
+  causal D = 128 backward from 5 local ops in a KV loop to 3.6's 4. Under 3.6 it cuts the
+  D = 128 spills (plain 52-64 B -> 16, deterministic 160 -> 0, windowed 156-212 -> 24-32) and the
+  loops by 8-9 %; the H100 timed the dense backward 4-11 % faster at D = 64 / 128 in one call
+  ("The by-lane backward under triton 3.6"). Not 3.8: it was run on the H100 with the other form.
+FLASH_ATTN_3_CAUSAL_MASK_BY_LANE=0/1 (read at import) overrides both: the A/B timing of the forms
+under one triton.
 """
 
 from __future__ import annotations
@@ -59,18 +64,17 @@ DIFFERS = "compiles differently"
 # change its status to RUN: that one line is the whole switch.
 VERSIONS = {
     "3.6": (RUN, "the version the kernels were written and measured for"),
-    # 3.7.1 with CAUSAL_MASK_BY_LANE (docs/perf-notes.md, "Gluon under triton 3.7 with the
+    # 3.7.1 with the by-lane forms (docs/perf-notes.md, "Gluon under triton 3.7 with the
     # by-lane form"; aot_matrix --quick and 21 layer / dtype variants, 2026-12-07): every default
     # config 168 registers and 3.6's wgmma / TMA structure, no KV loop with more local ops than
-    # 3.6's (causal D = 128 backward 4 / 0 as 3.6, was 5 / 0 with the other form; D = 128
-    # backward 4 / 0 against 3.6's 5 / 2, deterministic 0 against 4 / 5), causal forward 0 B of
-    # spills at every head dim but varlen D = 256 (64 B, as 3.6), its loops 13-19 % shorter. The
-    # exception is a layer variant: the softcapped D = 128 backward (3.6: 6 / 2 and, causal,
-    # 11 / 2 local ops; 3.7.1: 11 / 4 and 14 / 7, loops 4-7 % shorter), already worse than 3.6
-    # without the by-lane form (10 / 3 non-causal). Never run on a GPU under 3.7.
-    "3.7": (COMPILED, "with the by-lane causal mask every default config compiles like 3.6 or "
-                      "with fewer spills; the softcapped head-dim-128 backward has more "
-                      "local-memory ops in its KV loops"),
+    # 3.6's; the softcapped D = 128 backward has more (11 / 4, causal 14 / 7; 3.6: 6 / 2 and
+    # 11 / 2). H100, 2026-12-07 15:12 UTC, torch 2.11, commit 9f1c3f8: tests/test_fwd_hopper.py
+    # and test_bwd_hopper.py, 313 passed, none failed; in the same call forward 0.97-1.09x cuDNN
+    # (fp8 1.31-1.34x cuDNN's bf16), backward 0.90-1.05x (D = 64 0.90 / 0.93, D = 128 0.95,
+    # D = 256 1.05 / 0.99).
+    "3.7": (RUN, "every default config compiles like 3.6 or with fewer spills with the by-lane "
+                 "causal mask; run on the H100: forward at 3.6's speed, backward 0.90-1.05x "
+                 "cuDNN"),
     # H100, 2026-12-07 10:20 UTC, torch 2.11: 406 GPU tests passed (of the suite's ~550; the
     # rest cut by the call's time cap, none failed); forward within 2 % of 3.6's ratio to cuDNN
     # in the same call, fp8 +3 %; backward 1-5 % below 3.6's (D = 64 0.85 vs 0.90, D = 128
@@ -98,12 +102,12 @@ def _minor_tuple(version: str) -> tuple:
     return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
 
 
-def _by_lane_default(version: str) -> bool:
-    """CAUSAL_MASK_BY_LANE's value for a triton version: 3.7 and >= 3.9, not 3.6 (its SASS is
-    the measured one) nor 3.8 (run on the H100 with the other form, under which no default
-    config has more local ops in a KV loop than 3.6: changing its code would undo that run)."""
+def _by_lane_default(version: str, backward: bool = False) -> bool:
+    """The by-lane forms' default for a triton version (see the docstring): the forward's under
+    3.7 and >= 3.9, the backward's under 3.6 too; never under 3.8 (run on the H100 with the
+    other form: changing its code would undo that run)."""
     minor = _minor_tuple(version)
-    return minor == (3, 7) or minor >= (3, 9)
+    return minor == (3, 7) or minor >= (3, 9) or (backward and minor == (3, 6))
 
 
 TRITON_VERSION: Optional[str] = None
@@ -111,6 +115,7 @@ IMPORT_ERROR: Optional[str] = None
 _tma = None
 thread_barrier = None
 CAUSAL_MASK_BY_LANE = False
+BWD_MASK_BY_LANE = False
 try:
     import triton
 
@@ -122,12 +127,12 @@ try:
     # name, or 3.9's gl.barrier, the same builtin under its new name.
     thread_barrier = getattr(_gl, "thread_barrier", None) or _gl.barrier
     # Code-generation choices that differ by version (see the docstring): constexprs the kernels
-    # read, so that each version's other branch is never compiled and 3.6's code stays the same.
-    # FLASH_ATTN_3_CAUSAL_MASK_BY_LANE=0/1 (read at import) overrides the version's choice: the
-    # A/B timing of the two forms under one triton.
+    # read, so that each version's other branch is never compiled.
     _by_lane = os.environ.get("FLASH_ATTN_3_CAUSAL_MASK_BY_LANE", "").strip()
     CAUSAL_MASK_BY_LANE = _gl.constexpr(
         _by_lane == "1" if _by_lane in ("0", "1") else _by_lane_default(TRITON_VERSION))
+    BWD_MASK_BY_LANE = _gl.constexpr(
+        _by_lane == "1" if _by_lane in ("0", "1") else _by_lane_default(TRITON_VERSION, True))
 except ImportError as exc:  # no triton, or one without Gluon's Hopper ops
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
