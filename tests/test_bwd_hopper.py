@@ -104,7 +104,9 @@ def test_candidates_compile_for_sm90(head_dim, config):
     assert got["wgmma_ptx"] == 2 * per_warpgroup and got["hgmma_sass"] == got["wgmma_ptx"], got
     # lse2 and delta: one rank-2 copy each (a row of the (B * H, S) statistics)
     assert got["tma_loads_2d_ptx"] == 2, got
-    assert got["spill_bytes"] <= 128 and got["shared_bytes"] <= 227 * 1024, got
+    # D = 128 with dQ in the kernel: 148 B under 3.6's by-lane masks (its loop 730 instructions,
+    # 15 local ops; the column compare: 72 B, 941, 8)
+    assert got["spill_bytes"] <= 160 and got["shared_bytes"] <= 227 * 1024, got
 
 
 @needs_gluon
