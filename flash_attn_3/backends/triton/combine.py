@@ -1,9 +1,9 @@
 """Merge split-KV partial results: lse = logsumexp over splits, out = sum_s exp(lse_s - lse) out_s.
 
-One program owns BLOCK_M (batch, position, head) rows and one BLOCK_D slice of the head dim. It
-reads the split LSEs three times (max, sum, weights; they are tiny) and each partial output once;
-partial outputs of splits whose LSE is -inf are never read, so an empty split may leave its
-partial output unwritten.
+One program owns BLOCK_D columns of the head dim for BLOCK_M (batch, position, head) rows and
+reads each split once, BLOCK_S splits at a time, with a running max (what was summed is rescaled
+when the max grows). Partial outputs of splits whose LSE is -inf are never read, so an empty split
+may leave its partial output unwritten.
 """
 
 from __future__ import annotations
@@ -18,70 +18,91 @@ from .launch import Launcher
 
 
 # Row counts and split counts change between calls: not specialized, so no recompile per pattern.
-@triton.jit(do_not_specialize=["num_rows", "num_splits", "seqlen"])
+# Nor are the strides, for the layout reason in the kernel.
+@triton.jit(do_not_specialize=[
+    "num_rows", "num_splits", "seqlen",
+    "stride_ops", "stride_opb", "stride_opl", "stride_oph", "stride_lps", "stride_lpb", "stride_lpl",
+    "stride_lph", "stride_ob", "stride_ol", "stride_oh", "stride_lb", "stride_ll", "stride_lh",
+    "stride_sink",
+])
 def _combine_kernel(
     out_partial, lse_partial, out, lse, sinks,
     num_rows, num_splits, seqlen, num_heads, head_dim,
     stride_ops, stride_opb, stride_opl, stride_oph,
     stride_lps, stride_lpb, stride_lpl, stride_lph,
     stride_ob, stride_ol, stride_oh,
-    stride_lb, stride_ll, stride_lh,
+    stride_lb, stride_ll, stride_lh, stride_sink,
     EMPTY_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    splits = tl.arange(0, BLOCK_S)
+    # Every value is a (BLOCK_D, BLOCK_M) tile in one register layout, a row's LSE and running
+    # sums repeated down its columns, so no value ever moves between threads: a reduction or a
+    # layout conversion would go through shared memory, where the threads holding copies of one
+    # value all write it to the same address (compute-sanitizer's racecheck reports each such
+    # pair of writes). Triton gives each load and store a layout from its pointer: dims in order
+    # of contiguity, ties to dim 0, one element per thread unless the alignment is known. Columns
+    # as dim 0 put the partials (contiguous along it) and the LSE tiles (constant along it) in
+    # the same order, and unspecialized strides leave every pointer's alignment unknown, so every
+    # load and store takes the same layout.
+    shape: tl.constexpr = (BLOCK_D, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
     row_ok = rows < num_rows
+    col_ok = cols < head_dim
     # int64 offsets: partials of long varlen batches exceed 2**31 elements.
     head = (rows % num_heads).to(tl.int64)
     pos = ((rows // num_heads) % seqlen).to(tl.int64)
     batch = (rows // num_heads // seqlen).to(tl.int64)
-    # (BLOCK_S, BLOCK_M) LSE tiles: BLOCK_S splits per load, so a decode row's few dozen splits
-    # cost a few memory round trips instead of one per split.
-    lse_in = (lse_partial + (batch * stride_lpb + pos * stride_lpl + head * stride_lph)[None, :]
-              + splits.to(tl.int64)[:, None] * stride_lps)
+    lse_in = tl.broadcast_to(lse_partial + batch * stride_lpb + pos * stride_lpl + head * stride_lph, shape)
+    out_in = out_partial + batch * stride_opb + pos * stride_opl + head * stride_oph + cols
 
-    lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    # The loop's split base is 32-bit: s0 * stride passes 2**31 on its own, so it is widened.
+    lse_max = tl.full(shape, float("-inf"), tl.float32)
+    total = tl.zeros(shape, tl.float32)
+    acc = tl.zeros(shape, tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
-        ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
-        tile = tl.load(lse_in + tl.cast(s0, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
-        lse_max = tl.maximum(lse_max, tl.max(tile, 0))
+        # Unrolled: the BLOCK_S splits' loads do not depend on each other, so they are in flight
+        # together.
+        for i in tl.static_range(BLOCK_S):
+            split = s0 + i
+            # The split bound folds into the row bound (triton 3.9's interpreter refuses a
+            # `block & scalar` mask); the 32-bit split index is widened before it meets a stride.
+            ok = rows < tl.where(split < num_splits, num_rows, 0)
+            lse_s = tl.load(lse_in + tl.cast(split, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
+            # Empty splits (lse -inf) may have left their partial unwritten: never read it.
+            part = tl.load(out_in + tl.cast(split, tl.int64) * stride_ops,
+                           mask=ok & (lse_s != float("-inf")) & col_ok, other=0.0)
+            # One exp a split, not two (each thread repeats a row's math for its column): of the
+            # running max and this split's LSE, the larger weighs 1 and the other exp(its lead).
+            # A row with no key yet measures against 0, since exp(-inf - -inf) would be NaN.
+            grows = lse_s > lse_max
+            lead = tl.where(grows, lse_max - lse_s,
+                            lse_s - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+            rel = tl.exp(lead)
+            total = tl.where(grows, total * rel + 1.0, total + rel)
+            acc = tl.where(grows, acc * rel + part, acc + rel * part)
+            lse_max = tl.maximum(lse_max, lse_s)
     empty = lse_max == float("-inf")
     if HAS_SINKS:
         # The sink logit joins the denominator only of rows that saw a key (spec: empty rows stay empty).
-        sink = tl.load(sinks + head, mask=row_ok & ~empty, other=float("-inf")).to(tl.float32)
-        lse_max = tl.maximum(lse_max, sink)
-    # An all-empty row would give exp(-inf - -inf) = NaN; any finite pivot works since every term is 0.
+        sink = tl.load(tl.broadcast_to(sinks + head * stride_sink, shape), mask=row_ok & ~empty,
+                       other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(lse_max, sink)
+        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
+        scale = tl.exp(lse_max - pivot)
+        total = total * scale + tl.exp(sink - pivot)
+        acc = acc * scale
+        lse_max = new_max
+    # An all-empty row has total 0 and acc 0: out 0 and lse EMPTY_LSE, never 0 / 0 or log(0).
     pivot = tl.where(empty, 0.0, lse_max)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
-        tile = tl.load(lse_in + tl.cast(s0, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
-        total += tl.sum(tl.exp(tile - pivot[None, :]), 0)
-    if HAS_SINKS:
-        total += tl.exp(sink - pivot)
     inv_total = tl.where(empty, 0.0, 1.0 / total)
 
-    col_ok = cols < head_dim
-    out_in = (out_partial + (batch * stride_opb + pos * stride_opl + head * stride_oph)[None, :, None]
-              + splits.to(tl.int64)[:, None, None] * stride_ops + cols[None, None, :])
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = ((s0 + splits) < num_splits)[:, None] & row_ok[None, :]
-        lse_s = tl.load(lse_in + tl.cast(s0, tl.int64) * stride_lps, mask=ok, other=float("-inf"))
-        weight = tl.exp(lse_s - pivot[None, :]) * inv_total[None, :]
-        # Empty splits (lse -inf) may have left their partial unwritten: never read it.
-        part_ok = (ok & (lse_s != float("-inf")))[:, :, None] & col_ok[None, None, :]
-        part = tl.load(out_in + tl.cast(s0, tl.int64) * stride_ops, mask=part_ok, other=0.0)
-        acc += tl.sum(weight[:, :, None] * part, 0)
-
-    out_ptrs = out + (batch * stride_ob + pos * stride_ol + head * stride_oh)[:, None] + cols[None, :]
-    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out_ptrs = out + batch * stride_ob + pos * stride_ol + head * stride_oh + cols
+    tl.store(out_ptrs, (acc * inv_total).to(out.dtype.element_ty), mask=row_ok & col_ok)
     if tl.program_id(1) == 0:
+        # Column 0's copy of each row's LSE is the one stored.
         final_lse = tl.where(empty, EMPTY_LSE, tl.log(total) + pivot)
-        tl.store(lse + batch * stride_lb + pos * stride_ll + head * stride_lh, final_lse, mask=row_ok)
+        lse_ptrs = tl.broadcast_to(lse + batch * stride_lb + pos * stride_ll + head * stride_lh, shape)
+        tl.store(lse_ptrs, final_lse, mask=row_ok & (cols == 0))
 
 
 _launch = Launcher(_combine_kernel)  # constexprs: EMPTY_LSE, HAS_SINKS, BLOCK_S, BLOCK_M, BLOCK_D
@@ -101,17 +122,18 @@ def combine_launch(
     num_rows = batch * seqlen * num_heads
     if num_rows == 0 or head_dim == 0:
         return None
-    # An 8K-element (split, row, column) tile per load: 64 fp32 registers a thread at 4 warps.
-    # Plain int arithmetic: triton's cdiv / next_power_of_2 cost over a microsecond each on the
-    # host, and this runs once per split decode step.
-    block_s = min(16, 1 << (num_splits - 1).bit_length())
+    # A 512-element tile: 4 fp32 registers a thread at 4 warps for each of the BLOCK_S splits
+    # whose loads are in flight at once. Plain int arithmetic: triton's cdiv / next_power_of_2
+    # cost over a microsecond each on the host, and this runs once per split decode step.
+    block_s = min(8, 1 << (num_splits - 1).bit_length())
     block_d = min(32, 1 << (head_dim - 1).bit_length())
-    block_m = 8192 // (block_s * block_d)
+    block_m = 512 // block_d
     grid = (-(-num_rows // block_m), -(-head_dim // block_d))
     return _launch, grid, (
         out_partial, lse_partial, out, lse, sinks if sinks is not None else lse_partial,
         num_rows, num_splits, seqlen, num_heads, head_dim,
         *out_partial.stride()[:4], *lse_partial.stride(), *out.stride()[:3], *lse.stride(),
+        0 if sinks is None else sinks.stride(0),
     ), (empty_lse, sinks is not None, block_s, block_m, block_d), 4, 3
 
 
