@@ -10,6 +10,7 @@
 #   fwd bwd decode oplayer   benchmarks/bench_*.py --quick (tables + JSON + PNG); oplayer is
 #           bench_op_layer: SDPA through PyTorch's FA3 switch vs flash_attn_func
 #   profile scripts/profile_decode_step.py (host time of an eager decode step)
+#   combine scripts/time_combine.py (the split-KV merge against its last shared-memory form)
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
 #   reliability  scripts/reliability.py (issue 17: hostile values, concurrency, > 2^31 elements,
 #           differential run, compute-sanitizer) under RELIABILITY_BUDGET s (default 240); only
@@ -53,8 +54,8 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|compile|reliability) ;;
-    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, compile or reliability"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|combine|compile|reliability) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, combine, compile or reliability"; exit 2 ;;
   esac
 done
 want() {
@@ -158,6 +159,7 @@ EOF
   want oplayer && bench_part op_layer 40
   want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
     "$PY" scripts/profile_decode_step.py
+  want combine && run_capped 60 "time_combine" "$WORK/time_combine.log" "$PY" scripts/time_combine.py
   if [[ " ${parts[*]} " == *" reliability "* ]]; then
     run_capped $((${RELIABILITY_BUDGET:-240} + 90)) reliability "$WORK/reliability.log" \
       "$PY" scripts/reliability.py --budget "${RELIABILITY_BUDGET:-240}" --out "$WORK/reliability"
