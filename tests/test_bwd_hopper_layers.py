@@ -217,3 +217,27 @@ def test_public_api_routes_layers_here(monkeypatch):
     # the packed call stays on bwd.py by default (bwd_hopper.query_tail_refusal)
     assert len(calls) == 3, calls
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v, qp, kp, vp))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", range(4))
+def test_poison_stays_in_its_sequence_under_the_query_tail_clear(monkeypatch, case, causal):
+    """The packed / seqused_q variant (opt-in) with NaN / Inf in a victim sequence, in rows past
+    seqused and past cu_seqlens[-1]: a query block crossing a sequence's end reads those rows,
+    and only _clear_query_tail keeps them (0 * NaN in the dK / dV wgmmas) out of the clean
+    sequences' gradients. test_reliability_hostile's check, with the Gluon backward taking it."""
+    import flash_attn_interface as fa
+    from test_reliability_hostile import VARLEN_POISON_GPU, test_poison_stays_in_its_varlen_sequence
+
+    monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
+    monkeypatch.setenv("FLASH_ATTN_3_BACKEND", "triton")
+    calls = []
+    real = bwd_hopper.backward
+
+    def spy(*args, **kwargs):
+        calls.append(args[6])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bwd_hopper, "backward", spy)
+    test_poison_stays_in_its_varlen_sequence(fa, VARLEN_POISON_GPU[case], causal, "cuda")
+    assert calls and all(a.cu_seqlens_q is not None for a in calls), "not the Gluon backward"

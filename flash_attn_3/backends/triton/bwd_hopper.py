@@ -380,23 +380,51 @@ if _GLUON_OK:
             return queries < used_q
 
     @gluon.jit
-    def _tail_barrier(cu_seqlens_k, seqused_k):
-        """_clear_key_tail's barrier: allocated last and always (a tuple cannot hold None here),
-        initialized only where keys can end inside a block; the dense kernels never touch it."""
-        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    def _tail_barrier(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k):
+        """The tail clears' barriers: [0] _clear_key_tail's, where keys can end inside a block;
+        [1] (cleared) and [2] (acknowledged) _clear_query_tail's, where queries can. Allocated
+        last and always (a tuple cannot hold None here), each initialized only where its clear
+        exists; the dense kernels never touch them."""
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         if cu_seqlens_k is not None or seqused_k is not None:
-            mbarrier.init(bar, count=1)
-        return bar
+            mbarrier.init(bars.index(0), count=1)
+        if cu_seqlens_q is not None or seqused_q is not None:
+            mbarrier.init(bars.index(1), count=1)
+            mbarrier.init(bars.index(2), count=1)
+        return bars
+
+    @gluon.jit
+    def _clear_query_tail(q_smem, do_smem, stage, m0, used_q, g, seqs, tail_bars,
+                          WG: gl.constexpr):
+        """Packed (or with seqused_q), the query block crossing the sequence's end holds the next
+        sequence's rows or unused memory: zeroed in shared memory before a wgmma reads them. Their
+        P and dS are exact zeros, but dV += P^T dO and dK += dS^T Q multiply those rows by them,
+        and 0 * NaN is NaN: a NaN there would reach this sequence's dK / dV. Warpgroup 0 clears
+        and signals [1]; warpgroup 1 waits on it and acknowledges on [2], so warpgroup 0's next
+        clear cannot overtake that wait (the forward's _clear_tail protocol). One such block per
+        query head of the group (the blocks visited do not depend on the head), so the g-th
+        clear is the barriers' g-th phase."""
+        if seqs[0] is not None or seqs[2] is not None:
+            BLOCK_M: gl.constexpr = q_smem.type.shape[2]
+            HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+            if m0 + BLOCK_M > used_q:
+                if WG == 0:
+                    # a fresh barrier passes a wait on parity 1
+                    mbarrier.wait(tail_bars.index(2), (g & 1) ^ 1)
+                    _clear_tail(q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), used_q - m0)
+                    _clear_tail(do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), used_q - m0)
+                    thread_barrier()  # all four warps' stores, then signal
+                    mbarrier.arrive(tail_bars.index(1))
+                else:
+                    mbarrier.wait(tail_bars.index(1), g & 1)
+                    mbarrier.arrive(tail_bars.index(2))
 
     @gluon.jit
     def _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs, tail_bar, WG: gl.constexpr):
         """Packed (or with seqused_k), the key block crossing the sequence's end holds the next
         sequence's keys or unused memory (a KV cache's tail): zeroed in shared memory before any
         wgmma reads K or V, since 0 * NaN is NaN and dQ = dS K, dP^T = V dO^T would carry it
-        into real rows. Once per program. Query rows past a sequence are not cleared (that cost
-        the D = 128 loop 160-300 bytes of spills): their P and dS are exact zeros, so they add
-        nothing as long as q and dout hold finite numbers there (the next sequence's rows, or
-        rows past seqused_q).
+        into real rows. Once per program (query rows: _clear_query_tail).
         Warpgroup 0 clears and arrives on tail_bar; warpgroup 1 waits for it before its first
         wgmma. When both cleared the tile, each one's read-modify-write of the valid rows raced
         with the other's stores and wgmma reads (compute-sanitizer racecheck, H100 2026-12-07
@@ -409,9 +437,9 @@ if _GLUON_OK:
                     _clear_tail(k_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
                     _clear_tail(v_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
                     thread_barrier()  # all four warps' stores, then signal
-                    mbarrier.arrive(tail_bar)
+                    mbarrier.arrive(tail_bar.index(0))
                 else:
-                    mbarrier.wait(tail_bar, 0)
+                    mbarrier.wait(tail_bar.index(0), 0)
 
     @gluon.jit
     def _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM: gl.constexpr):
@@ -521,6 +549,7 @@ if _GLUON_OK:
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             else:
                 mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
+                _clear_query_tail(q_smem, do_smem, stage, m0, used_q, g, seqs, tail_bar, WG)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(
                     _issue_s(k_w, q_smem, stage,
                              gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)), ))
@@ -691,7 +720,7 @@ if _GLUON_OK:
             mbarrier.init(q_empty.index(i), count=2)
         for i in gl.static_range(2):
             mbarrier.init(ds_ready.index(i), count=2)
-        tail_bar = _tail_barrier(cu_seqlens_k, seqused_k)
+        tail_bar = _tail_barrier(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k)
         bars = (kv_ready, q_ready, q_empty, ds_ready)
         shape = (seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group)
 
@@ -780,6 +809,7 @@ if _GLUON_OK:
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
+            _clear_query_tail(q_smem, do_smem, stage, m0, used_q, g, seqs, tail_bar, WG)
             if S_SIDE:
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
                     k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
@@ -912,7 +942,7 @@ if _GLUON_OK:
         for i in gl.static_range(2):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(ds_ready.index(i), count=1)
-        tail_bar = _tail_barrier(cu_seqlens_k, seqused_k)
+        tail_bar = _tail_barrier(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k)
         shape = (seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group)
 
         gl.warp_specialize([
@@ -1026,17 +1056,18 @@ def query_tail_refusal(a: AttnArgs) -> Optional[str]:
     query blocks, and the last one of a sequence reaches past its end: into the next sequence,
     rows past seqused_q, or a packed buffer's unused tail. Their P and dS are exact zeros, but
     the dV += P^T dO and dK += dS^T Q wgmmas still multiply them by those rows' q and dout, and
-    0 * NaN is NaN: a NaN or Inf there (another sequence's, or uninitialized memory) would land
-    in this sequence's dK / dV. Clearing those rows in shared memory cost the D = 128 loops
-    160-300 bytes of spills (docs/perf-notes.md), so until a clear that does not spill, these
-    calls take the portable backward, which masks its loads. FLASH_ATTN_3_GLUON_VARLEN_BWD=1
-    takes them here anyway (finite inputs: the GPU tests and benchmarks of this variant)."""
+    0 * NaN is NaN. _clear_query_tail zeroes those rows in shared memory first (with the by-lane
+    masks it compiles without local ops in the D = 128 loops: 48 B of spills against 24; the
+    first clear, before them and without the warpgroup barriers, cost 160-300 B). It has not yet
+    run on a GPU, so these calls take the portable backward, which masks its loads, until it
+    has (tests/test_bwd_hopper_layers.py, the poisoned-neighbour test included);
+    FLASH_ATTN_3_GLUON_VARLEN_BWD=1 takes them here."""
     if a.cu_seqlens_q is None and a.seqused_q is None:
         return None
     if os.environ.get(VARLEN_ENV, "").strip() == "1":
         return None
-    return ("packed or seqused_q query rows: the Gluon backward's matmuls would read rows past "
-            f"each sequence, whose NaN / Inf would reach its dK / dV ({VARLEN_ENV}=1 takes them)")
+    return ("packed or seqused_q query rows: the Gluon backward's clear of the rows past each "
+            f"sequence has not yet run on a GPU ({VARLEN_ENV}=1 takes them)")
 
 
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
