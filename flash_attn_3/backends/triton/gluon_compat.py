@@ -31,8 +31,10 @@ compiled; each version keeps the form its GPU run measured):
   ops in the loops -> none; "Gluon under triton 3.9: the backward"). Under 3.7.1 it takes the
   causal D = 128 backward from 5 local ops in a KV loop to 3.6's 4. Under 3.6 it cuts the
   D = 128 spills (plain 52-64 B -> 16, deterministic 160 -> 0, windowed 156-212 -> 24-32) and the
-  loops by 8-9 %; the H100 timed the dense backward 4-11 % faster at D = 64 / 128 in one call
-  ("The by-lane backward under triton 3.6"). Not 3.8: it was run on the H100 with the other form.
+  loops by 8-9 %; the H100 timed the dense backward 4-9 % faster at D = 64 / 128 in one call
+  ("The by-lane backward under triton 3.6"). The deterministic non-causal D = 128 kernel, which
+  compiles worse with it under 3.6, takes the forward's choice (bwd_hopper._consumer). Not 3.8:
+  it was run on the H100 with the other form.
 FLASH_ATTN_3_CAUSAL_MASK_BY_LANE=0/1 (read at import) overrides both: the A/B timing of the forms
 under one triton.
 """
