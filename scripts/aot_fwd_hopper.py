@@ -106,19 +106,25 @@ def check_plain() -> bool:
     return check_recorded(PLAIN_SASS, compile_variant)
 
 
+def _recorded_reports(recorded: dict, compile_variant):
+    """(key, report) of every variant a plain-SASS record names (keys "<dtype> D=<d>
+    causal|full [words...]"; compile_variant(dtype, d, causal, words)), compiled in turn."""
+    for key in recorded["sass_sha256"]:
+        dtype, head_dim, mask, *words = key.split()
+        with tempfile.TemporaryDirectory() as tmp:
+            yield key, report(compile_variant(dtype, int(head_dim[2:]), mask == "causal", words),
+                              Path(tmp))
+
+
 def check_recorded(recorded_path: Path, compile_variant) -> bool:
-    """Compile every variant a plain-SASS record names (keys "<dtype> D=<d> causal|full
-    [words...]"; compile_variant(dtype, d, causal, words)) and print whether its SASS is the
+    """Compile every variant a plain-SASS record names and print whether its SASS is the
     recorded one; True when all are."""
     recorded = json.loads(recorded_path.read_text())
     if recorded["triton"] != triton.__version__:
         raise SystemExit(f"recorded with triton {recorded['triton']}, this is {triton.__version__}")
     same = True
-    for key, sha in recorded["sass_sha256"].items():
-        dtype, head_dim, mask, *words = key.split()
-        with tempfile.TemporaryDirectory() as tmp:
-            got = report(compile_variant(dtype, int(head_dim[2:]), mask == "causal", words),
-                         Path(tmp))
+    for key, got in _recorded_reports(recorded, compile_variant):
+        sha = recorded["sass_sha256"][key]
         same &= got["sass_sha256"] == sha
         print(json.dumps(dict(variant=key, same_sass=got["sass_sha256"] == sha,
                               spill_bytes=got["spill_bytes"])), flush=True)
@@ -126,17 +132,15 @@ def check_recorded(recorded_path: Path, compile_variant) -> bool:
 
 
 def rerecord(recorded_path: Path, compile_variant, why: str) -> None:
-    """Compile every variant a plain-SASS record names and write their SASS hashes under this
+    """Write the SASS hash of every variant a plain-SASS record names, compiled under this
     triton, `why` appended to the record's "about": for a deliberate change of the plain
     kernels, measured on the GPU (the record then guards the new SASS)."""
     recorded = json.loads(recorded_path.read_text())
-    for key in recorded["sass_sha256"]:
-        dtype, head_dim, mask, *words = key.split()
-        with tempfile.TemporaryDirectory() as tmp:
-            got = report(compile_variant(dtype, int(head_dim[2:]), mask == "causal", words),
-                         Path(tmp))
-        recorded["sass_sha256"][key] = got["sass_sha256"]
+    hashes = {}
+    for key, got in _recorded_reports(recorded, compile_variant):
+        hashes[key] = got["sass_sha256"]
         print(json.dumps(dict(variant=key, spill_bytes=got["spill_bytes"])), flush=True)
+    recorded["sass_sha256"].update(hashes)
     recorded["triton"] = triton.__version__
     recorded["about"] = f"{recorded['about']} {why}"
     recorded_path.write_text(json.dumps(recorded, indent=1) + "\n")

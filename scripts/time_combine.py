@@ -7,9 +7,9 @@ RELIABILITY.md run 4), and many splits over few rows got slower (docs/perf-notes
 under racecheck"). Per shape (splits, batch, length, heads, head dim), one line: µs a launch of
 the current kernel and of combine.py as it was at REV (default 9f1c3f8, the last form with
 shared memory; `git show` reads it, so this needs the repository's history), each checked
-against a float64 merge of the same partials first, and the bytes read per µs against the copy
-ceiling. Times are CUDA-graph replays of 40 launches (the merge runs once per split decode step,
-so launch overhead is part of what a user pays, and graphs are how serving engines run it).
+against a float64 merge of the same partials first, and the bytes moved per second (TB/s).
+Times are replays of one CUDA graph of 40 launches (bench_decode.graph_ms): the merge runs once
+per split decode step, and graphs are how serving engines run it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_decode import graph_ms  # noqa: E402
 from flash_attn_3.backends.triton import combine  # noqa: E402
 
 # (splits, batch, length, heads, head dim): decode steps of one or many sequences, a prefill's
@@ -53,29 +54,6 @@ def reference(part: torch.Tensor, lse: torch.Tensor):
     total = torch.logsumexp(lse.double(), 0)
     weight = torch.exp(lse.double() - total).nan_to_num(0.0)
     return (weight[..., None] * part.double().nan_to_num(0.0)).sum(0), total
-
-
-def graph_time_us(fn, launches: int = 40, repeats: int = 7) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / launches)
-    return sorted(times)[repeats // 2]
 
 
 def main() -> None:
@@ -106,7 +84,7 @@ def main() -> None:
             lse_err = (final[seen].double() - want_lse[seen]).abs().max().item() if seen.any() else 0.0
             if err > 2e-2 or lse_err > 1e-4 or not torch.equal(torch.isfinite(final), seen):
                 raise SystemExit(f"{name} {shape}: wrong (out {err:.3g}, lse {lse_err:.3g})")
-            us = graph_time_us(fn)
+            us = graph_ms(fn, steps=40) * 1000
             row[name] = dict(us=round(us, 2), tbps=round(moved / us / 1e6, 3))
         print(json.dumps(row) if args.json else "  ".join(
             [str(shape)] + [f"{n} {r['us']:.2f} us ({r['tbps']:.2f} TB/s)" for n, r in row.items()

@@ -106,7 +106,8 @@ def test_candidates_compile_for_sm90(head_dim, config):
     assert got["tma_loads_2d_ptx"] == 2, got
     # D = 128 with dQ in the kernel: 148 B under 3.6's by-lane masks (its loop 730 instructions,
     # 15 local ops; the column compare: 72 B, 941, 8)
-    assert got["spill_bytes"] <= 160 and got["shared_bytes"] <= 227 * 1024, got
+    spills = 160 if head_dim == 128 and config.dq_in_kernel else 128
+    assert got["spill_bytes"] <= spills and got["shared_bytes"] <= 227 * 1024, got
 
 
 @needs_gluon

@@ -728,14 +728,16 @@ if _GLUON_OK:
         # tensors.
         gl.warp_specialize([
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
-                         dq_smem0, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         dq_smem0, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc,
+                         lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
                          DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
-                         dq_smem1, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+                         dq_smem1, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc,
+                         lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
                          (stride_dkb, stride_dks, stride_dkh),
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
@@ -947,14 +949,16 @@ if _GLUON_OK:
 
         gl.warp_specialize([
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
-                               ds_smem, dq_smem0, (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
+                               ds_smem, dq_smem0,
+                               (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
                                dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
                                (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                                (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                                (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
                                DQ_IN_KERNEL, True)),
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
-                               ds_smem, dq_smem1, (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
+                               ds_smem, dq_smem1,
+                               (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
                                dq_desc, dk_ptr, dv_ptr, (stride_dkb, stride_dks, stride_dkh),
                                (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                                (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
@@ -1036,18 +1040,13 @@ LAYERS_ENV = "FLASH_ATTN_3_GLUON_BWD_LAYERS"
 # warpgroups cleared the same tile); with warpgroup 0 alone clearing it and an mbarrier before the
 # other's reads, the 131 tests passed and racecheck found nothing in our code (H100, 2026-12-07
 # 15:06 UTC, commit 9f1c3f8, RELIABILITY.md run 4): taken by default since.
-# FLASH_ATTN_3_GLUON_BWD_LAYERS=0 sends them to bwd.py again.
-SEQUSED_K_RUN = True
 
 
 def layer_refusal(a: AttnArgs) -> Optional[str]:
-    """Why a model-layer variant is not taken by default (SEQUSED_K_RUN), or None."""
-    switch = os.environ.get(LAYERS_ENV, "").strip()
-    if a.seqused_k is None or switch == "1" or (SEQUSED_K_RUN and switch != "0"):
+    """Why a model-layer variant is not taken, or None: only when switched off
+    (FLASH_ATTN_3_GLUON_BWD_LAYERS=0 sends seqused_k calls to bwd.py)."""
+    if a.seqused_k is None or os.environ.get(LAYERS_ENV, "").strip() != "0":
         return None
-    if not SEQUSED_K_RUN:
-        return ("seqused_k in the Gluon backward: its key-tail clear's fix has not yet run on a "
-                f"GPU ({LAYERS_ENV}=1 takes it)")
     return f"seqused_k in the Gluon backward: switched off by {LAYERS_ENV}=0"
 
 
