@@ -19,6 +19,8 @@ mutated; what an append changes is the cache, k and v.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -225,8 +227,7 @@ def _forward_backward(ctx, dout, *_):
 _flash_attn_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
 
 
-@torch.library.custom_op("flash_attn_3::_flash_attn_backward", mutates_args=("dq", "dk", "dv"))
-def _flash_attn_backward(
+def _backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     sequed_q: Optional[Tensor] = None, sequed_k: Optional[Tensor] = None,
@@ -241,6 +242,46 @@ def _flash_attn_backward(
         max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, is_causal, window_size_left,
         window_size_right, softcap, deterministic, sm_margin)
     return lowlevel.softmax_d(dout, out, cu_seqlens_q is not None)
+
+
+class _PositionalCall:
+    """A custom op that mutates arguments, called with every argument in place. torch before 2.13
+    bumps the version counters of the mutated arguments by their position in the call as given
+    (`args[idx]`), so a call that names dq / dk / dv, or leaves them at their default, failed
+    with IndexError before reaching the op. Anything else (register_fake, _opoverload, ...) is
+    the op's own."""
+
+    def __init__(self, op, fn):
+        self._op = op
+        params = list(inspect.signature(fn).parameters.values())
+        self._names = tuple(p.name for p in params)
+        self._defaults = tuple(p.default for p in params)
+        self._qualname = fn.__name__
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if len(args) > len(self._names):
+            raise TypeError(f"{self._qualname}() takes {len(self._names)} arguments; got {len(args)}")
+        full = list(args)
+        for name, default in zip(self._names[len(args):], self._defaults[len(args):]):
+            if name in kwargs:
+                full.append(kwargs.pop(name))
+            elif default is inspect.Parameter.empty:
+                raise TypeError(f"{self._qualname}() is missing the required argument '{name}'")
+            else:
+                full.append(default)
+        if kwargs:
+            raise TypeError(f"{self._qualname}() got unexpected keyword arguments {sorted(kwargs)}")
+        return self._op(*full)
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)
+
+
+_backward_op.__name__ = "_flash_attn_backward"
+_flash_attn_backward = _PositionalCall(
+    torch.library.custom_op("flash_attn_3::_flash_attn_backward", mutates_args=("dq", "dk", "dv"))(_backward_op),
+    _backward_op)
 
 
 @_flash_attn_backward.register_fake

@@ -8,9 +8,11 @@ The backend is forced per test through FLASH_ATTN_3_BACKEND, so a refusal is an 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,31 @@ def _clients_use_the_default_backend(request, monkeypatch):
     tests/clients would shadow this module for `from conftest import ...`.)"""
     if "clients" in request.node.path.parts:
         monkeypatch.delenv("FLASH_ATTN_3_BACKEND", raising=False)
+
+
+_GPU_LOCKS = Path(tempfile.gettempdir()) / f"flash_attn_3_gpu_{os.getuid()}"
+
+
+@pytest.fixture(autouse=True)
+def _share_the_gpu(request):
+    """Under pytest-xdist on a GPU, a test marked ``bigmem`` (tens of GB) runs alone: every other
+    test holds a shared lock while it runs, a bigmem test an exclusive one. The gate lock makes
+    a waiting bigmem test block new shared holders, so a stream of small tests cannot starve it."""
+    if not (ON_GPU and os.environ.get("PYTEST_XDIST_WORKER")):
+        yield
+        return
+    _GPU_LOCKS.mkdir(exist_ok=True)
+    exclusive = "bigmem" in request.keywords
+    with open(_GPU_LOCKS / "gate", "a") as gate, open(_GPU_LOCKS / "memory", "a") as memory:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(memory, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(memory, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICE
 from hopper import (COMMON_SHAPES, alternative_configs, figures_of_pinned_triton, gluon_required,
                     on_hopper, qkv)
 from inputs import FP8, cu_seqlens, descales, poison_new_buffers, randn
@@ -565,7 +566,8 @@ def test_fp8_compiles_for_sm90(head_dim, causal):
 
 
 def test_fp8_values_copy_matches_the_p_operand_order():
-    """What the kernel's P reinterpretation (_p_operand) and V's copy must agree on, on the CPU:
+    """What the kernel's P reinterpretation (_p_operand) and V's copy must agree on (the copy on
+    the GPU where there is one, else under the interpreter):
     operand column a holds key sigma(a) within its group of 32 (bits a3, a2, a1 = c2, c1, c3),
     and padding keys are zero."""
     from flash_attn_3.backends.triton.fwd_hopper import _values_keys_inner
@@ -573,16 +575,16 @@ def test_fp8_values_copy_matches_the_p_operand_order():
     # forward copies it, and V as a strided slice of a packed qkv.
     for seqlen_k, head_dim, dtype in ((5, 16, torch.float32), (32, 16, FP8), (77, 80, FP8),
                                       (128, 16, torch.float32), (200, 64, FP8)):
-        packed = torch.randn(2, seqlen_k, 3, 3, head_dim).to(dtype)
+        packed = torch.randn(2, seqlen_k, 3, 3, head_dim, device=DEVICE).to(dtype)
         v = packed[:, :, 2]
         v_t = _values_keys_inner(v)
         padded = v_t.shape[-1]
         assert padded % 32 == 0 and padded >= seqlen_k and v_t.stride(-1) == 1
         assert v_t.dtype == dtype
-        a = torch.arange(padded)
+        a = torch.arange(padded, device=DEVICE)
         bit = [(a >> i) & 1 for i in range(5)]
         sigma = (a & ~31) | bit[0] | bit[2] << 1 | bit[3] << 2 | bit[1] << 3 | bit[4] << 4
-        want = torch.zeros(2, 3, head_dim, padded)
+        want = torch.zeros(2, 3, head_dim, padded, device=DEVICE)
         want[..., :seqlen_k] = v.float().permute(0, 2, 3, 1)
         assert torch.equal(v_t.float(), want[..., sigma])
 

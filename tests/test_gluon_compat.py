@@ -92,6 +92,7 @@ def test_routes_say_why(monkeypatch):
     """What `python -m flash_attn_3 info` prints per typical call: the kernel and the reason."""
     from flash_attn_3.backends.triton import routes
 
+    monkeypatch.delenv("FLASH_ATTN_3_GLUON", raising=False)  # the device check runs with it set
     q = torch.empty(1, 512, 4, 128, dtype=torch.bfloat16)
     prefill = AttnArgs.plain(q, q, q, window_right=0)
     module, why = routes.forward_route(prefill)

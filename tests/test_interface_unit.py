@@ -341,7 +341,10 @@ def test_lowlevel_kv_batch_idx_with_packed_kv_is_refused():
                             max_seqlen_q=4, max_seqlen_k=4, kv_batch_idx=torch.tensor([1, 0], dtype=torch.int32))
 
 
-def test_lowlevel_backward_matches_autograd(fa, device):
+@pytest.mark.parametrize("named", [False, True], ids=["positional", "named"])
+def test_lowlevel_backward_matches_autograd(fa, device, named):
+    """Named dq / dk / dv too: torch before 2.13 bumped a mutated argument's version by its
+    position in the call as given, an IndexError for a named or defaulted one (torch 2.11)."""
     from flash_attn_interface import _flash_attn_backward, _flash_attn_forward
 
     q, k, v = (_rand(2, 5, 2, 16).to(device).requires_grad_() for _ in range(3))
@@ -351,8 +354,12 @@ def test_lowlevel_backward_matches_autograd(fa, device):
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse, *_ = _flash_attn_forward(q, k, v, causal=True)
     grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-    softmax_d = _flash_attn_backward(dout, q, k, v, out, lse, None, None, None, None, None, None, *grads,
-                                     is_causal=True)
+    if named:
+        softmax_d = _flash_attn_backward(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=grads[0],
+                                         dk=grads[1], dv=grads[2], is_causal=True)
+    else:
+        softmax_d = _flash_attn_backward(dout, q, k, v, out, lse, None, None, None, None, None, None, *grads,
+                                         is_causal=True)
     assert softmax_d.shape == lse.shape
     for got, want in zip(grads, expect):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
@@ -377,6 +384,22 @@ BAD_LOWLEVEL_BWD = [
     ({"dq": torch.empty(7, 2, 16, dtype=torch.bfloat16)}, TypeError, r"dq must have the dtype of q"),
     ({"out": _rand(6, 2, 16)}, ValueError, r"out must have shape"),
 ]
+
+
+def test_lowlevel_backward_call_forms():
+    """The official op's surface stays (its schema, register_fake); the Python call checks its
+    arguments as a function would."""
+    from flash_attn_interface import _flash_attn_backward
+
+    assert _flash_attn_backward.__name__ == "_flash_attn_backward"
+    assert _flash_attn_backward._opoverload is torch.ops.flash_attn_3._flash_attn_backward.default
+    assert callable(_flash_attn_backward.register_fake)
+    with pytest.raises(TypeError, match=r"missing the required argument 'softmax_lse'"):
+        _flash_attn_backward(*(_rand(7, 2, 16) for _ in range(5)))
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['dO'\]"):
+        _flash_attn_backward(**_lowlevel_bwd_args(dO=None))
+    with pytest.raises(TypeError, match=r"takes 22 arguments; got 23"):
+        _flash_attn_backward(*([None] * 23))
 
 
 @pytest.mark.parametrize("over,exc,message", BAD_LOWLEVEL_BWD)

@@ -20,7 +20,8 @@ from tolerance import assert_grad_matches, assert_lse_matches, assert_matches_re
 
 import flash_attn_interface as fa
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.bigmem,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 INT32_LIMIT = 2**31
 BF16 = torch.bfloat16

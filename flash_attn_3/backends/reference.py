@@ -230,7 +230,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: to
     else:
         x1, x2 = xf[..., :half], xf[..., half:rd]
         rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rotated, xf[..., rd:]), dim=-1).to(x.dtype)
+    result = torch.cat((rotated, xf[..., rd:]), dim=-1)
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # A rotation can leave fp8's range (sqrt(2) * 448): saturate as the official kernels do
+        # (cvt satfinite). CUDA's cast would give NaN there; the CPU's happens to saturate.
+        limit = torch.finfo(x.dtype).max
+        result = result.clamp(-limit, limit)
+    return result.to(x.dtype)
 
 
 def append_kv(k_cache, v_cache, k_new, v_new, q, rotary_cos, rotary_sin, cache_seqlens,
