@@ -13,7 +13,8 @@ ours / ours_causal >= 0.95 means within 1.05x of causal's time scaled by the kep
 cuDNN's plain causal call (the nearest case SDPA expresses: it has no window or softcap) and
 FlexAttention with the same mask and softcap. GPT-OSS's sinks get no gradient (the backward
 computes none); Flex runs that layer without them (they change no work). DeepSeek's 192 / 128 head
-dims (dv != d) have no Gluon backward yet and are not in the grid. `ours` is what a call gets by
+dims (dv != d) run on the portable kernels (no Gluon variant yet); their TFLOP/s count
+2·(d + dv) per kept entry. `ours` is what a call gets by
 default; `ours_gluon` the same call with the Gluon backward's opt-in variants switched on
 (FLASH_ATTN_3_GLUON_BWD_LAYERS, FLASH_ATTN_3_GLUON_VARLEN_BWD: bwd_hopper.py says why they are
 opt-in), so one run times both.
@@ -105,7 +106,8 @@ def _kept(n: int, spec: dict) -> int:
 
 
 def layer_flops(case: dict, plain_causal: bool = False) -> float:
-    return (4.0 * case["H"] * case["D"] * layer_kept(case, plain_causal)
+    widths = case["D"] + LAYERS[case["layer"]].get("Dv", case["D"])  # bench_fwd.layer_flops
+    return (2.0 * case["H"] * widths * layer_kept(case, plain_causal)
             * LAYER_FACTOR[case["pass"]])
 
 
@@ -116,9 +118,10 @@ def make_layer_inputs(case: dict) -> dict:
     rows = (sum(lens), ) if packed else (case["B"], case["N"])
     q = torch.randn(*rows, case["H"], case["D"], device="cuda", dtype=torch.bfloat16,
                     requires_grad=True)
-    k, v = (torch.randn(*rows, spec["Hk"], case["D"], device="cuda", dtype=torch.bfloat16,
-                        requires_grad=True) for _ in "kv")
-    t = dict(q=q, k=k, v=v, dout=torch.randn_like(q), lens=lens, max_seqlen=max(lens),
+    k, v = (torch.randn(*rows, spec["Hk"], width, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True) for width in (case["D"], spec.get("Dv", case["D"])))
+    dout = torch.randn(*v.shape[:-2], case["H"], v.shape[-1], device="cuda", dtype=v.dtype)
+    t = dict(q=q, k=k, v=v, dout=dout, lens=lens, max_seqlen=max(lens),
              sinks=torch.randn(case["H"], device="cuda") if spec.get("sinks") else None)
     if packed:
         t["cu_seqlens"] = torch.tensor([0] + list(itertools.accumulate(lens)), device="cuda",

@@ -54,6 +54,8 @@ LAYERS = {
     "phi3_d96": dict(D=96, Hk=21, window=(-1, 0)),
     # Grok-1's attention: softcap 30 at head dim 128 (its 6-head groups rounded to 4)
     "grok_softcap30": dict(D=128, Hk=4, window=(-1, 0), softcap=30.0),
+    # DeepSeek V2 / V3 prefill and training (MHA): q and k 192 wide (128 + 64 rotary), v 128
+    "deepseek_d192_v128": dict(D=192, Dv=128, Hk=10, window=(-1, 0)),
 }
 LAYER_SEQLENS = (8192, 32768)
 # Paged chunked prefill: query chunk, cache length (chunk included), sequences, heads, KV heads
@@ -110,7 +112,9 @@ def kept_entries(case: dict, layer: Optional[str] = None) -> int:
 
 
 def layer_flops(case: dict, layer: Optional[str]) -> float:
-    return 4.0 * case["B"] * case["H"] * case["D"] * kept_entries(case, layer)
+    """2·(D + Dv) per kept score entry: Q·K^T and P·V (4·D when v is as wide as q)."""
+    widths = case["D"] + LAYERS[case["layer"]].get("Dv", case["D"])
+    return 2.0 * case["B"] * case["H"] * widths * kept_entries(case, layer)
 
 
 def paged_cases(quick: bool) -> Iterator[dict]:
@@ -184,8 +188,8 @@ def make_layer_inputs(case: dict) -> dict:
     spec = LAYERS[case["layer"]]
     shape = (case["B"], case["N"])
     q = torch.randn(*shape, case["H"], case["D"], device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(*shape, spec["Hk"], case["D"], device="cuda", dtype=torch.bfloat16)
-            for _ in "kv")
+    k, v = (torch.randn(*shape, spec["Hk"], width, device="cuda", dtype=torch.bfloat16)
+            for width in (case["D"], spec.get("Dv", case["D"])))
     sinks = torch.randn(case["H"], device="cuda") if spec.get("sinks") else None
     return dict(q=q, k=k, v=v, sinks=sinks)
 
