@@ -13,7 +13,7 @@
 #   combine scripts/time_combine.py (the split-KV merge against its last shared-memory form)
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
 #   reliability  scripts/reliability.py (issue 17: hostile values, concurrency, > 2^31 elements,
-#           differential run, compute-sanitizer) under RELIABILITY_BUDGET s (default 240); only
+#           differential run, compute-sanitizer) under RELIABILITY_BUDGET s (default 380); only
 #           when named, never in `all`; needs .whl/ (RELIABILITY.md says which wheels)
 #
 # Every part runs under its own cap and a global deadline (GPU_CHECK_SECONDS, default 520), and a
@@ -161,8 +161,8 @@ EOF
     "$PY" scripts/profile_decode_step.py
   want combine && run_capped 60 "time_combine" "$WORK/time_combine.log" "$PY" scripts/time_combine.py
   if [[ " ${parts[*]} " == *" reliability "* ]]; then
-    run_capped $((${RELIABILITY_BUDGET:-240} + 90)) reliability "$WORK/reliability.log" \
-      "$PY" scripts/reliability.py --budget "${RELIABILITY_BUDGET:-240}" --out "$WORK/reliability"
+    run_capped $((${RELIABILITY_BUDGET:-380} + 90)) reliability "$WORK/reliability.log" \
+      "$PY" scripts/reliability.py --budget "${RELIABILITY_BUDGET:-380}" --out "$WORK/reliability"
     [[ -f $WORK/reliability/reliability.md ]] && cat "$WORK/reliability/reliability.md" >> "$SUMMARY"
     [[ -f $WORK/reliability/reliability.json ]] && cp "$WORK/reliability/reliability.json" "$OUT/"
     for f in "$WORK"/reliability/*.log "$WORK"/reliability/*.xml; do

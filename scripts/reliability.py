@@ -1,6 +1,6 @@
 """The GPU reliability run (issue 17) in one command, under one time budget, with one summary.
 
-    python scripts/reliability.py [--budget 240] [--out DIR] [--parts tests,differential,sanitizer]
+    python scripts/reliability.py [--budget 380] [--out DIR] [--parts tests,differential,sanitizer]
         [--cases 10000] [--classes 48] [--seed 0] [--jobs 8] [--tools memcheck,racecheck,synccheck]
 
 Parts, in this order, each under its share of the budget (a part cut short still reports):
@@ -32,7 +32,9 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "differential", "sanitizer")
-_SHARES = {"tests": 0.35, "differential": 0.3, "sanitizer": 0.35}
+# Run 5 (H100, budget 300 s): the tests took 100 s, the differential run 64 s for its 10,045
+# cases, and the sanitizer's ~105 s cut racecheck short: it gets the largest share.
+_SHARES = {"tests": 0.3, "differential": 0.22, "sanitizer": 0.48}
 # Elements of the largest tensor each test of test_reliability_large.py builds.
 _LARGEST = {
     "test_varlen_forward_backward_past_2_31_elements": (2_156_929_024, "varlen q/k/v/dq/dk/dv"),
@@ -180,7 +182,7 @@ def summary_md(report: dict) -> str:
                 lines.append(f"| {tool} | skipped ({r['skipped']}) |")
                 continue
             errors = "no summary (cut short or crashed)" if r.get("errors") is None else f"{r['errors']} errors"
-            if r.get("reports") is not None and r.get("errors"):
+            if r.get("reports") is not None and (r.get("errors") or r.get("errors") is None):
                 errors += (f" in {r['reports']} reports ({r['errors_ours']} in our code, {r['triton_dispatch']} "
                            "wholly inside triton's warp-specialize dispatch)")
             warn = f", {r['warnings']} warnings" if r.get("warnings") is not None else ""
@@ -203,7 +205,7 @@ def summary_md(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=380.0, help="seconds for all parts together")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")) / "reliability")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--cases", type=int, default=10_000)
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     clean = (all(not report["tests"][n]["failed"] and report["tests"][n]["rc"] in (0, 5)
                  for n in ("hostile+concurrency", "large")) if "tests" in report else True)
     clean &= not report.get("differential", {}).get("failures")
-    clean &= all(r.get("errors_ours", r.get("errors")) == 0
+    clean &= all(r.get("errors") is not None and r.get("errors_ours", r.get("errors")) == 0
                  for r in report.get("sanitizer", {}).get("tools", {}).values())
     return 0 if clean else 1
 

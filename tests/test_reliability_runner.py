@@ -83,3 +83,7 @@ def test_racecheck_reports_inside_tritons_dispatch_are_told_apart():
         "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)", ""])
     parsed = sanitizer.parse(log)
     assert (parsed["errors"], parsed["triton_dispatch"], parsed["errors_ours"]) == (2, 1, 1)
+    # Cut short (no summary line): the reports shown are still told apart, and errors stays
+    # None, so the run is not clean.
+    cut = sanitizer.parse(log.rsplit("========= RACECHECK SUMMARY", 1)[0])
+    assert (cut["errors"], cut["reports"], cut["triton_dispatch"], cut["errors_ours"]) == (None, 2, 1, 1)
