@@ -12,6 +12,9 @@
 #   profile scripts/profile_decode_step.py (host time of an eager decode step)
 #   combine scripts/time_combine.py (the split-KV merge against its last shared-memory form)
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
+#   sanitize     scripts/reliability_sanitizer.py alone: SANITIZE_TOOLS (default racecheck) over
+#           the workload calls whose names contain one of SANITIZE_ONLY's comma-separated
+#           substrings (default: all), under SANITIZE_BUDGET s (default 120); only when named
 #   reliability  scripts/reliability.py (issue 17: hostile values, concurrency, > 2^31 elements,
 #           differential run, compute-sanitizer) under RELIABILITY_BUDGET s (default 380); only
 #           when named, never in `all`; needs .whl/ (RELIABILITY.md says which wheels)
@@ -22,7 +25,7 @@
 # "--only D=128"), QUICK=0 (full grids; pair it with one part and BENCH_ARGS), PYTEST_GPU_ARGS
 # (added to the `gpu` and `suite` pytest runs, e.g. "-n 8": the GPU tests are compile-bound and the
 # device has 16 cores; 8 xdist workers ran the 220 `-m gpu` tests in 3.3 min instead of ~11),
-# GPU_TESTS (the paths the `gpu` part collects; default tests),
+# GPU_TESTS (the paths the `gpu` part collects; default tests), PYTEST_GPU_K (its -k expression),
 # ALT_TRITON=VERSION (every part runs under that triton instead of the installed one, with the Gluon
 # kernels forced on, FLASH_ATTN_3_GLUON=1 unless set: the GPU check of a triton version that
 # gluon_compat.VERSIONS does not yet list as run; its parts travel first, see
@@ -54,8 +57,8 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|combine|compile|reliability) ;;
-    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, combine, compile or reliability"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|combine|compile|sanitize|reliability) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, combine, compile, sanitize or reliability"; exit 2 ;;
   esac
 done
 want() {
@@ -146,7 +149,9 @@ EOF
   fi
   read -r -a PYTEST_GPU_EXTRA <<< "${PYTEST_GPU_ARGS:-}"
   read -r -a GPU_TEST_PATHS <<< "${GPU_TESTS:-tests}"
-  want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${PYTEST_GPU_EXTRA[@]}" "${GPU_TEST_PATHS[@]}"
+  GPU_K=()
+  [[ -n ${PYTEST_GPU_K:-} ]] && GPU_K=(-k "$PYTEST_GPU_K")
+  want tests && pytest_part pytest_gpu "${PYTEST_GPU_CAP:-240}" -m gpu "${GPU_K[@]}" "${PYTEST_GPU_EXTRA[@]}" "${GPU_TEST_PATHS[@]}"
   if want compile; then
     run_capped 240 "compile_cost" "$WORK/compile_cost.log" "$PY" scripts/compile_cost.py --out "$WORK"
     [[ -f $WORK/compile_cost.json ]] && cp "$WORK/compile_cost.json" "$OUT/"
@@ -160,6 +165,13 @@ EOF
   want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
     "$PY" scripts/profile_decode_step.py
   want combine && run_capped 60 "time_combine" "$WORK/time_combine.log" "$PY" scripts/time_combine.py
+  if [[ " ${parts[*]} " == *" sanitize "* ]]; then
+    run_capped $((${SANITIZE_BUDGET:-120} + 20)) sanitize "$WORK/sanitize.log" \
+      "$PY" scripts/reliability_sanitizer.py --tools "${SANITIZE_TOOLS:-racecheck}" \
+      --only "${SANITIZE_ONLY:-}" --budget "${SANITIZE_BUDGET:-120}" --out "$WORK/sanitize"
+    for f in "$WORK"/sanitize/*.log; do [[ -f $f ]] && cp "$f" "$WORK/sanitize_$(basename "$f")"; done
+    grep -E "^sanitizer |^  Error" "$WORK/sanitize.log" | sed 's/^/  - /' >> "$SUMMARY"
+  fi
   if [[ " ${parts[*]} " == *" reliability "* ]]; then
     run_capped $((${RELIABILITY_BUDGET:-380} + 90)) reliability "$WORK/reliability.log" \
       "$PY" scripts/reliability.py --budget "${RELIABILITY_BUDGET:-380}" --out "$WORK/reliability"

@@ -359,18 +359,19 @@ def _tensor_op_checks(binary: str) -> list[str]:
     return switches
 
 
-def _tool_command(binary: str, tool: str, workload_budget: float) -> list[str]:
+def _tool_command(binary: str, tool: str, workload_budget: float, only: str = "") -> list[str]:
     cmd = [binary, "--tool", tool, "--print-limit", "50", "--target-processes", "application-only",
            "--report-api-errors", "no", "--show-backtrace", "device"]
     if tool == "memcheck":
         cmd += _tensor_op_checks(binary) + ["--leak-check", "no"]
     if tool == "racecheck":
         cmd += ["--racecheck-report", "analysis"]
-    cmd += [sys.executable, str(Path(__file__).resolve()), "--workload", "--budget", f"{workload_budget:.0f}"]
+    cmd += [sys.executable, str(Path(__file__).resolve()), "--workload", "--budget", f"{workload_budget:.0f}",
+            "--only", only]
     return cmd + (["--quick"] if tool != "memcheck" else [])
 
 
-def run_driver(tools, budget: float, out: Path, jobs: int = 4) -> dict:
+def run_driver(tools, budget: float, out: Path, jobs: int = 4, only: str = "") -> dict:
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="fa3-sanitizer-"))
@@ -389,7 +390,8 @@ def run_driver(tools, budget: float, out: Path, jobs: int = 4) -> dict:
     warm_cap = max(30.0, 0.3 * budget)
     t0 = time.monotonic()
     warm = _run_parallel([[sys.executable, str(Path(__file__).resolve()), "--workload", "--budget",
-                           f"{warm_cap - 5:.0f}", "--shard", f"{i}/{jobs}"] for i in range(jobs)],
+                           f"{warm_cap - 5:.0f}", "--shard", f"{i}/{jobs}", "--only", only]
+                          for i in range(jobs)],
                          env, warm_cap, out / "sanitizer_warm.log")
     result["warm"] = dict(rc=warm, seconds=round(time.monotonic() - t0, 1))
     for tool in tools:
@@ -405,7 +407,7 @@ def run_driver(tools, budget: float, out: Path, jobs: int = 4) -> dict:
         log_path = out / f"sanitizer_{tool}.log"
         t0 = time.monotonic()
         # The workload stops starting calls 15 s before the cap, so the tool can print its summary.
-        rc = _run(_tool_command(binary, tool, max(5.0, cap - 15)), tool_env, cap, log_path)
+        rc = _run(_tool_command(binary, tool, max(5.0, cap - 15), only), tool_env, cap, log_path)
         found = parse(log_path.read_text(errors="replace"))
         log = log_path.read_text(errors="replace")
         found.update(rc=rc, seconds=round(time.monotonic() - t0, 1),
@@ -459,7 +461,7 @@ def _run(cmd, env, cap: float, log_path: Path) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="store_true", help="run the calls (inside the sanitized process)")
-    parser.add_argument("--only", default="", help="with --workload: comma-separated substrings of call names")
+    parser.add_argument("--only", default="", help="comma-separated substrings of the call names to run (default: all)")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--budget", type=float, default=100.0, help="seconds for everything")
     parser.add_argument("--jobs", type=int, default=4, help="processes compiling the workload before the tools")
@@ -474,7 +476,7 @@ def main(argv=None) -> int:
     unknown = set(tools) - set(TOOLS)
     if unknown:
         parser.error(f"unknown tools {sorted(unknown)}")
-    result = run_driver(tools, args.budget, args.out, args.jobs)
+    result = run_driver(tools, args.budget, args.out, args.jobs, args.only)
     counted = [r.get("errors") for r in result["tools"].values()]
     return 0 if counted and all(c == 0 for c in counted) else 1
 

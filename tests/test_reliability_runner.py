@@ -87,3 +87,10 @@ def test_racecheck_reports_inside_tritons_dispatch_are_told_apart():
     # None, so the run is not clean.
     cut = sanitizer.parse(log.rsplit("========= RACECHECK SUMMARY", 1)[0])
     assert (cut["errors"], cut["reports"], cut["triton_dispatch"], cut["errors_ours"]) == (None, 2, 1, 1)
+
+
+def test_sanitizer_driver_passes_its_call_filter_on():
+    """`--only` narrows the tools' runs (and the warm compile), not only a bare --workload run."""
+    sanitizer = _script("reliability_sanitizer")
+    cmd = sanitizer._tool_command("compute-sanitizer", "racecheck", 60, "varlen backward,combine")
+    assert cmd[cmd.index("--only") + 1] == "varlen backward,combine" and cmd[-1] == "--quick"
