@@ -262,6 +262,9 @@ class _PositionalCall:
     def __call__(self, *args, **kwargs):
         if len(args) > len(self._names):
             raise TypeError(f"{self._qualname}() takes {len(self._names)} arguments; got {len(args)}")
+        for name in self._names[:len(args)]:
+            if name in kwargs:
+                raise TypeError(f"{self._qualname}() got multiple values for argument '{name}'")
         full = list(args)
         for name, default in zip(self._names[len(args):], self._defaults[len(args):]):
             if name in kwargs:

@@ -398,6 +398,8 @@ def test_lowlevel_backward_call_forms():
         _flash_attn_backward(*(_rand(7, 2, 16) for _ in range(5)))
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['dO'\]"):
         _flash_attn_backward(**_lowlevel_bwd_args(dO=None))
+    with pytest.raises(TypeError, match=r"got multiple values for argument 'q'"):
+        _flash_attn_backward(_rand(7, 2, 16), _rand(7, 2, 16), q=_rand(7, 2, 16))
     with pytest.raises(TypeError, match=r"takes 22 arguments; got 23"):
         _flash_attn_backward(*([None] * 23))
 
