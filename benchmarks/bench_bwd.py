@@ -13,8 +13,9 @@ ours / ours_causal >= 0.95 means within 1.05x of causal's time scaled by the kep
 cuDNN's plain causal call (the nearest case SDPA expresses: it has no window or softcap) and
 FlexAttention with the same mask and softcap. GPT-OSS's sinks get no gradient (the backward
 computes none); Flex runs that layer without them (they change no work). DeepSeek's 192 / 128 head
-dims (dv != d) run on the portable kernels (no Gluon variant yet); their TFLOP/s count
-2·(d + dv) per kept entry. `ours` is what a call gets by
+dims (dv != d) run on the portable kernels (no Gluon variant yet); their TFLOP/s count 2.5x
+(3.5x) the forward's 2·(d + dv) per kept entry, the official benchmark's convention (exact
+only for d = dv: the backward's own count, 2·(3d + 2dv), is 4 % more here). `ours` is what a call gets by
 default; `ours_gluon` the same call with the Gluon backward's opt-in variants switched on
 (FLASH_ATTN_3_GLUON_BWD_LAYERS, FLASH_ATTN_3_GLUON_VARLEN_BWD: bwd_hopper.py says why they are
 opt-in), so one run times both.

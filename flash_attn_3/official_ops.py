@@ -19,8 +19,6 @@ mutated; what an append changes is the cache, k and v.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Optional
 
 import torch
@@ -227,7 +225,8 @@ def _forward_backward(ctx, dout, *_):
 _flash_attn_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
 
 
-def _backward_op(
+@torch.library.custom_op("flash_attn_3::_flash_attn_backward", mutates_args=("dq", "dk", "dv"))
+def _flash_attn_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     sequed_q: Optional[Tensor] = None, sequed_k: Optional[Tensor] = None,
@@ -244,47 +243,31 @@ def _backward_op(
     return lowlevel.softmax_d(dout, out, cu_seqlens_q is not None)
 
 
-class _PositionalCall:
-    """A custom op that mutates arguments, called with every argument in place. torch before 2.13
-    bumps the version counters of the mutated arguments by their position in the call as given
-    (`args[idx]`), so a call that names dq / dk / dv, or leaves them at their default, failed
-    with IndexError before reaching the op. Anything else (register_fake, _opoverload, ...) is
-    the op's own."""
+_DV_AT = [a.name for a in _flash_attn_backward._opoverload._schema.arguments].index("dv")
 
-    def __init__(self, op, fn):
-        self._op = op
-        params = list(inspect.signature(fn).parameters.values())
-        self._names = tuple(p.name for p in params)
-        self._defaults = tuple(p.default for p in params)
-        self._qualname = fn.__name__
-        functools.update_wrapper(self, fn)
+
+class _BackwardOpDef(type(_flash_attn_backward)):
+    """The op, with dv given a buffer when the caller leaves it None (the official kernel then
+    allocates one it never returns, so nothing changes for the caller). Before 2.13 torch bumps
+    the version counters of an op's mutated arguments by index into the arguments the dispatcher
+    passes on, from which it strips the trailing ones left at their default: with dv and
+    everything after it at their defaults, dv's index is past the end, an IndexError before the
+    op runs (torch 2.11 on the device, 2026-12-07). A non-default dv keeps every mutated index in
+    range."""
 
     def __call__(self, *args, **kwargs):
-        if len(args) > len(self._names):
-            raise TypeError(f"{self._qualname}() takes {len(self._names)} arguments; got {len(args)}")
-        for name in self._names[:len(args)]:
-            if name in kwargs:
-                raise TypeError(f"{self._qualname}() got multiple values for argument '{name}'")
-        full = list(args)
-        for name, default in zip(self._names[len(args):], self._defaults[len(args):]):
-            if name in kwargs:
-                full.append(kwargs.pop(name))
-            elif default is inspect.Parameter.empty:
-                raise TypeError(f"{self._qualname}() is missing the required argument '{name}'")
-            else:
-                full.append(default)
-        if kwargs:
-            raise TypeError(f"{self._qualname}() got unexpected keyword arguments {sorted(kwargs)}")
-        return self._op(*full)
-
-    def __getattr__(self, name):
-        return getattr(self._op, name)
+        if len(args) > _DV_AT:
+            if args[_DV_AT] is None and isinstance(args[3], Tensor):
+                args = (*args[:_DV_AT], torch.empty_like(args[3]), *args[_DV_AT + 1:])
+        elif kwargs.get("dv") is None:
+            v = args[3] if len(args) > 3 else kwargs.get("v")
+            if isinstance(v, Tensor):
+                kwargs["dv"] = torch.empty_like(v)
+        return super().__call__(*args, **kwargs)
 
 
-_backward_op.__name__ = "_flash_attn_backward"
-_flash_attn_backward = _PositionalCall(
-    torch.library.custom_op("flash_attn_3::_flash_attn_backward", mutates_args=("dq", "dk", "dv"))(_backward_op),
-    _backward_op)
+# A subclass, so the object is still the CustomOpDef that opcheck / register_fake take.
+_flash_attn_backward.__class__ = _BackwardOpDef
 
 
 @_flash_attn_backward.register_fake

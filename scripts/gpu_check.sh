@@ -170,7 +170,7 @@ EOF
       "$PY" scripts/reliability_sanitizer.py --tools "${SANITIZE_TOOLS:-racecheck}" \
       --only "${SANITIZE_ONLY:-}" --budget "${SANITIZE_BUDGET:-120}" --out "$WORK/sanitize"
     for f in "$WORK"/sanitize/*.log; do [[ -f $f ]] && cp "$f" "$WORK/sanitize_$(basename "$f")"; done
-    grep -E "^sanitizer |^  Error" "$WORK/sanitize.log" | sed 's/^/  - /' >> "$SUMMARY"
+    grep -E "^sanitizer[ :]|^  Error" "$WORK/sanitize.log" | sed 's/^/  - /' >> "$SUMMARY"
   fi
   if [[ " ${parts[*]} " == *" reliability "* ]]; then
     run_capped $((${RELIABILITY_BUDGET:-380} + 90)) reliability "$WORK/reliability.log" \

@@ -182,9 +182,9 @@ def summary_md(report: dict) -> str:
                 lines.append(f"| {tool} | skipped ({r['skipped']}) |")
                 continue
             errors = "no summary (cut short or crashed)" if r.get("errors") is None else f"{r['errors']} errors"
-            if r.get("reports") is not None and (r.get("errors") or r.get("errors") is None):
-                errors += (f" in {r['reports']} reports ({r['errors_ours']} in our code, {r['triton_dispatch']} "
-                           "wholly inside triton's warp-specialize dispatch)")
+            if r.get("reports"):
+                errors += (f"; {r['reports']} reports shown ({r['errors_ours']} in our code, {r['triton_dispatch']} "
+                           "wholly inside triton's warp-specialize dispatch; racecheck's warnings count as ours)")
             warn = f", {r['warnings']} warnings" if r.get("warnings") is not None else ""
             lines.append(f"| {tool} | {errors}{warn}; workload calls: {r.get('calls_ok')} ok, "
                          f"{r.get('calls_failed')} failed, {r.get('calls_not_run')} not run; kernel files: "

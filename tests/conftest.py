@@ -9,6 +9,7 @@ The backend is forced per test through FLASH_ATTN_3_BACKEND, so a refusal is an 
 from __future__ import annotations
 
 import fcntl
+import gc
 import importlib.util
 import os
 import sys
@@ -210,6 +211,14 @@ def _share_the_gpu(request):
         try:
             yield
         finally:
+            if exclusive:
+                # A failed test's traceback (sys.last_*, kept until the worker's next test)
+                # would hold its tens of GB past the unlock.
+                sys.last_type = sys.last_value = sys.last_traceback = None
+                if hasattr(sys, "last_exc"):
+                    sys.last_exc = None
+                gc.collect()
+                torch.cuda.empty_cache()
             fcntl.flock(memory, fcntl.LOCK_UN)
 
 

@@ -10,12 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build_backend_here() -> bool:
+    """setuptools >= 77 reads the SPDX `license` string of pyproject.toml (and needs no `wheel`)."""
     try:
         import setuptools
-        import wheel  # noqa: F401
     except ImportError:
         return False
-    return int(setuptools.__version__.split(".")[0]) >= 68
+    return int(setuptools.__version__.split(".")[0]) >= 77
 
 
 def test_wheel_contents(tmp_path):

@@ -90,7 +90,7 @@ def test_racecheck_reports_inside_tritons_dispatch_are_told_apart():
 
 
 def test_sanitizer_driver_passes_its_call_filter_on():
-    """`--only` narrows the tools' runs (and the warm compile), not only a bare --workload run."""
+    """`--only` reaches the tools' workload runs, not only a bare --workload run."""
     sanitizer = _script("reliability_sanitizer")
     cmd = sanitizer._tool_command("compute-sanitizer", "racecheck", 60, "varlen backward,combine")
     assert cmd[cmd.index("--only") + 1] == "varlen backward,combine" and cmd[-1] == "--quick"

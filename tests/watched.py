@@ -28,25 +28,34 @@ def _smoke_key(script: str) -> str:
     for path in sorted([*(TESTS.parent / "flash_attn_3").rglob("*.py"), *TESTS.glob("*.py")]):
         digest.update(path.read_bytes())
     switches = sorted((k, v) for k, v in os.environ.items() if k.startswith(("FLASH_ATTN_3_", "TRITON_")))
-    digest.update(repr((triton.__version__, torch.__version__, switches)).encode())
+    # Once per pytest run, not per machine: a deadlock is a matter of timing, and a second run
+    # deserves its own chance to find one.
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    digest.update(repr((triton.__version__, torch.__version__, switches, run)).encode())
     return digest.hexdigest()[:20]
 
 
 def run_watched(script: str, what: str, step_seconds: float, tmp_path_factory) -> None:
     """Run `script` (printing one line per step) with the tests folder as its working directory;
-    fail if a step takes longer than step_seconds or the script fails. Once per machine: under
-    pytest-xdist every worker's module fixture calls this, and fourteen workers compiling the
-    same kernels at once took 60-80 s each (H100, 2026-12-07); the first runs it, the others wait
-    and find its mark (a failed run leaves none, so the next worker fails the same way)."""
+    fail if a step takes longer than step_seconds or the script fails. Once per pytest run:
+    under pytest-xdist every worker's module fixture calls this, and fourteen workers compiling
+    the same kernels at once took 60-80 s each (H100, 2026-12-07); the first runs it, the others
+    wait and find its mark, or its failure's, which fails them at once with the same message."""
     marks = Path(tempfile.gettempdir()) / f"flash_attn_3_smoke_{os.getuid()}"
     marks.mkdir(exist_ok=True)
     key = _smoke_key(script)
-    mark = marks / f"{key}.ok"
+    mark, failed = marks / f"{key}.ok", marks / f"{key}.failed"
     with open(marks / f"{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            if failed.exists():
+                pytest.fail(failed.read_text())
             if not mark.exists():
-                _run_watched(script, what, step_seconds, tmp_path_factory)
+                try:
+                    _run_watched(script, what, step_seconds, tmp_path_factory)
+                except pytest.fail.Exception as exc:
+                    failed.write_text(str(exc))
+                    raise
                 mark.touch()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
