@@ -57,17 +57,20 @@ from scripts.aot_fwd import assemble, ptxas_figures  # noqa: E402
 
 
 def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
-               seqused: bool = False, page_size: int = 0, **fields) -> AttnArgs:
+               seqused: bool = False, page_size: int = 0, head_dim_v: int = 0,
+               **fields) -> AttnArgs:
     """CPU AttnArgs of one shape class: 2 sequences of 256 tokens, 4 query heads over 2 KV heads,
     packed (with cu_seqlens) when varlen, seqused_q/k when seqused; with a page_size, K/V in
     pages of a 2048-token cache (seqused_k its lengths) and only q packed when varlen; `fields`
-    override the rest (window, chunk, softcap, sinks)."""
-    q, k, v = (torch.empty(2, 256, h, head_dim, dtype=dtype) for h in (4, 2, 2))
+    override the rest (window, chunk, softcap, sinks); head_dim_v: a narrower V (and O)."""
+    dv = head_dim_v or head_dim
+    q, k, v = (torch.empty(2, 256, h, d, dtype=dtype) for h, d in ((4, head_dim), (2, head_dim),
+                                                                  (2, dv)))
     extra = {}
     if page_size:
         max_pages = 2048 // page_size
-        k, v = (torch.empty(2 * max_pages + 3, page_size, 2, head_dim, dtype=dtype)
-                for _ in "kv")
+        k, v = (torch.empty(2 * max_pages + 3, page_size, 2, d, dtype=dtype)
+                for d in (head_dim, dv))
         extra.update(page_table=torch.empty(2, max_pages, dtype=torch.int32),
                      seqused_k=torch.empty(2, dtype=torch.int32), max_seqlen_k=2048)
         if varlen:
@@ -275,6 +278,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dim", type=int, default=128,
                    help="up to 256: 64, 128, 256 or a head dim padded to the next of them")
+    p.add_argument("--head-dim-v", type=int, default=0,
+                   help="v's head dim where it is narrower than q's and k's (DeepSeek: 192 / 128)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--config", help="BLOCK_N,STAGES,PINGPONG[,PERSISTENT[,LATE_PV_WAIT]] "
@@ -302,15 +307,18 @@ def main() -> None:
     layer = dict(window_left=left, window_right=0 if args.causal else right,
                  attention_chunk=args.chunk, softcap=args.softcap,
                  sinks=torch.empty(4) if args.sinks else None)
+    if args.head_dim_v:
+        os.environ["FLASH_ATTN_3_GLUON_DV"] = "1"  # the variant is opt-in (dv_refusal)
     kernel = compile_for_sm90(plain_args(args.head_dim, args.causal, dtype, args.varlen,
-                                         args.seqused, args.paged, **layer), config)
+                                         args.seqused, args.paged, args.head_dim_v, **layer),
+                              config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
         got = report(kernel, keep)
     # A plain variant at its default config: is its SASS the recorded one (None: none recorded)?
-    plain = (left, right, args.chunk, args.softcap, args.sinks, config, args.paged) == (
-        -1, -1, 0, 0.0, False, None, 0)
+    plain = (left, right, args.chunk, args.softcap, args.sinks, config, args.paged,
+             args.head_dim_v) == (-1, -1, 0, 0.0, False, None, 0, 0)
     recorded = json.loads(PLAIN_SASS.read_text())
     key = plain_key(args.dtype, args.head_dim, args.causal, args.varlen, args.seqused)
     if plain and recorded["triton"] == triton.__version__ and key in recorded["sass_sha256"]:

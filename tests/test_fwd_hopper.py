@@ -97,6 +97,7 @@ def test_compiles_for_sm90(head_dim, causal, variant):
     (256, ["--window", "40,20", "--varlen", "--seqused"]),
     (128, ["--dtype", "fp8", "--window", "100,0", "--softcap", "30", "--sinks"]),
     (96, ["--causal", "--varlen", "--seqused"]),
+    (192, ["--head-dim-v", "128", "--causal", "--varlen"]),
 ], ids=str)
 def test_layer_variants_compile_for_sm90(head_dim, variant):
     """Sliding window, chunk, softcap, sinks and a head dim padded to the next tile width
@@ -427,7 +428,7 @@ def run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, *, causal, seqused_q=
               softmax_scale=a.softmax_scale)
     ref, ref_lse = attention_varlen(q, k, v, cu_q, cu_k, **kw)
     ref_lowp, _ = attention_varlen(q, k, v, cu_q, cu_k, lowp=True, **kw)
-    assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    assert out.shape == (*q.shape[:-1], v.shape[-1]) and lse.shape == (q.shape[1], q.shape[0])
     total_q = int(cu_q[-1])
     rows = torch.arange(q.shape[0]) < total_q
     assert_matches_reference("out", out, ref, ref_lowp, rows=rows)
@@ -755,12 +756,14 @@ FP8_LAYER = dict(window=(100, 0), softcap=5.0, sinks=True)
 # columns, the padding read as zeros. Packed at 96 with seqused (the row-masked O store of
 # tiles that cross a sequence's end writes the head dim's columns only).
 PADDED_HEAD_DIMS = [(96, False), (96, True), (192, True)]
+# (head dim of q and k, of v): DeepSeek V2 / V3's 192 / 128 and two more narrower Vs
+NARROW_V = [(192, 128), (256, 128), (128, 64)]
 
 _SMOKE_LAYERS = textwrap.dedent("""
     import torch
     from inputs import cu_seqlens
-    from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, PADDED_HEAD_DIMS, VARLEN_LAYERS,
-                                 _fp8_inputs, layer_fields, make_args)
+    from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, NARROW_V, PADDED_HEAD_DIMS,
+                                 VARLEN_LAYERS, _fp8_inputs, layer_fields, make_args)
     from flash_attn_3.backends.triton import fwd_hopper
     # every compile the layer tests make, on one small shape each (LAYER_SHAPES[0])
     for head_dim, layer in DENSE_LAYERS:
@@ -805,6 +808,13 @@ _SMOKE_LAYERS = textwrap.dedent("""
                                  seqused_k=used))
     torch.cuda.synchronize()
     print(96, "varlen", flush=True)
+    for head_dim, head_dim_v in NARROW_V:
+        q = torch.randn(2, 1000, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, 1023, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(2, 1023, 2, head_dim_v, device="cuda", dtype=torch.bfloat16)
+        fwd_hopper.forward(make_args(q, k, v, causal=True))
+        torch.cuda.synchronize()
+        print(head_dim, head_dim_v, flush=True)
 """)
 
 
@@ -923,3 +933,65 @@ def test_padded_head_dim_varlen(monkeypatch):
         _poison_unused(x, cu_k.tolist(), used_k, lens_k)
     run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=True, seqused_q=used_q,
                          seqused_k=used_k)
+
+
+def test_narrow_v_is_opt_in(monkeypatch):
+    """A V narrower than Q and K (DeepSeek's 192 / 128) stays on the portable kernel until its
+    Gluon variant has run on a GPU, and the refusal says how to take it; a V whose tiles are
+    wider than Q's never comes here."""
+    q, k, v = (torch.empty(1, 64, h, d, dtype=torch.bfloat16) for h, d in ((4, 192), (2, 192),
+                                                                          (2, 128)))
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    assert fwd_hopper.DV_ENV in fwd_hopper.dv_refusal(make_args(q, k, v, causal=True))
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    assert fwd_hopper.dv_refusal(make_args(q, k, v, causal=True)) is None
+    assert fwd_hopper.dv_refusal(make_args(q, k, q, causal=True)) is None  # v as wide as q
+    # a V wider than q's tiles (q's 128 against 192)
+    narrow_q, narrow_k = q[..., :128], k[..., :128]
+    assert "narrower" in fwd_hopper.dv_refusal(make_args(narrow_q, narrow_k, k, causal=True))
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim,head_dim_v", NARROW_V, ids=lambda d: str(d))
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_narrow_v_matches_reference(monkeypatch, head_dim, head_dim_v, causal, shape):
+    """O is V's width: written through buffers of its own, every column of it (out is
+    contiguous: a column past head_dim_v would land on the next head's)."""
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    q, k, _ = qkv(*shape, head_dim, torch.bfloat16)
+    v = torch.randn(*k.shape[:-1], head_dim_v, device="cuda", dtype=torch.bfloat16)
+    run_and_check(monkeypatch, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_narrow_v_varlen(monkeypatch):
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
+    q, k, _, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, 192)
+    v = torch.randn(*k.shape[:-1], 128, device="cuda", dtype=torch.bfloat16)
+    used_q, used_k = _used(lens_q), _used(lens_k)
+    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
+    for x in (k, v):
+        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
+    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=True, seqused_q=used_q,
+                         seqused_k=used_k)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_narrow_v_routes_here_when_opted_in(monkeypatch):
+    from flash_attn_3.backends.triton import routes
+
+    q, k, _ = qkv(1, 256, 256, 4, 2, 192, torch.bfloat16)
+    v = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
+    a = make_args(q, k, v, causal=True)
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    assert routes.forward_kernel(a) is not fwd_hopper
+    assert fwd_hopper.DV_ENV in routes.forward_route(a)[1]
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    assert routes.forward_kernel(a) is fwd_hopper

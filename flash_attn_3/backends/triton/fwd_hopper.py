@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -130,13 +131,16 @@ UNSPECIALIZED = ("num_units", "num_m_blocks", "seqlen_q", "seqlen_k", "pair", "q
                  "window_left", "window_right", "chunk", "page_table_stride")
 
 
-def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False) -> bool:
+def separate_o(head_dim: int, block_n: int, stages: int, fp8: bool = False,
+               head_dim_v: Optional[int] = None) -> bool:
     """Whether O gets its own staging buffers (else it goes out through Q's): where they fit in
     shared memory next to Q and the K/V ring (D = 64 and 128 at the default configs, not 256).
-    fp8 needs them (bf16 O is twice the size of e4m3 Q): its configs must fit."""
+    fp8 needs them (bf16 O is twice the size of e4m3 Q): its configs must fit, and so must a V
+    narrower than Q and K (head_dim_v: DeepSeek's 192 / 128), whose O cannot use Q's buffers."""
     in_bytes = 1 if fp8 else 2
+    dv = head_dim if head_dim_v is None else head_dim_v
     rows = 2 * ROWS_PER_WARPGROUP  # two warpgroups' rows
-    need = rows * head_dim * (in_bytes + 2) + stages * 2 * block_n * head_dim * in_bytes
+    need = rows * (head_dim * in_bytes + dv * 2) + stages * block_n * (head_dim + dv) * in_bytes
     return need <= _SMEM_BUDGET
 
 
@@ -563,7 +567,8 @@ if _GLUON_OK:
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
-        HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
+        HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]  # V's and O's
+        HEAD_DIM_QK: gl.constexpr = q_smem.type.shape[4]  # wider than V's where dv < d
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
         dtype: gl.constexpr = o_desc.dtype
         p_dtype: gl.constexpr = k_smem.dtype
@@ -579,7 +584,7 @@ if _GLUON_OK:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-        q = q_smem.index(WG).reshape([BLOCK_MW, HEAD_DIM])
+        q = q_smem.index(WG).reshape([BLOCK_MW, HEAD_DIM_QK])
         o_smem = o_bufs.index(WG)
 
         kv = 0  # K/V blocks consumed so far: the ring position runs on across tiles
@@ -616,8 +621,9 @@ if _GLUON_OK:
                         stage = kv % STAGES
                         mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
                         _take_turn(turn, issue, WG, PINGPONG)
+                        k_first = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM_QK])
                         s_tok = warpgroup_mma(
-                            q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                            q, k_first.permute((1, 0)),
                             gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
                             is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
@@ -652,9 +658,9 @@ if _GLUON_OK:
                             _take_turn(turn, issue + j, WG, PINGPONG)
                             # The dead S registers serve as the accumulator: use_acc=False
                             # ignores them.
-                            s_tok = warpgroup_mma(
-                                q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                                s, use_acc=False, is_async=True)
+                            k_next = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM_QK])
+                            s_tok = warpgroup_mma(q, k_next.permute((1, 0)), s, use_acc=False,
+                                                  is_async=True)
                             o_tok = warpgroup_mma(
                                 p_op, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                                 is_async=True)
@@ -996,7 +1002,8 @@ def in_scope(a: AttnArgs) -> bool:
     takes, fp16/bf16 q/k/v,
     each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens, seqused_q/k or not, or
     fp8 e4m3 (with or without descales) dense q/k/v only; head dims up to 256 (fp8: 64, 128,
-    256; v's the same as q's and k's), GQA; any window, attention_chunk, softcap and sinks; nothing
+    256; v's the same as q's and k's, or narrower where dv_refusal allows), GQA; any window,
+    attention_chunk, softcap and sinks; nothing
     else (no indexed K/V, leftpad, qv, context parallelism or split). Paged K/V (fp16/bf16):
     pages of a power of two >= 16 tokens (paged_refusal).
     FLASH_ATTN_3_GLUON=0 turns it off (the portable kernel then runs), for A/B runs; =1 forces it
@@ -1031,6 +1038,8 @@ def in_scope(a: AttnArgs) -> bool:
     head_dim = q.shape[-1]
     if tile_width(head_dim) is None or k.shape[-1] != head_dim:
         return False
+    if v.shape[-1] != head_dim and dv_refusal(a) is not None:
+        return False
     # fp8's V copy (_values_keys_inner) and its descriptor take the instantiated widths only.
     if a.is_fp8 and head_dim not in CONFIGS:
         return False
@@ -1038,6 +1047,32 @@ def in_scope(a: AttnArgs) -> bool:
         return False
     # fp8 V is read through its copy, which any layout can feed.
     return all(_tma_ok(x) for x in ((q, k) if a.is_fp8 else (q, k, v)))
+
+
+DV_ENV = "FLASH_ATTN_3_GLUON_DV"
+
+
+def dv_refusal(a: AttnArgs):
+    """Why this kernel does not take a call whose V's head dim differs from Q's and K's
+    (DeepSeek V2 / V3's 192 / 128), or None. The kernel reads V and writes O at V's tile width
+    (HEAD_DIM) and Q and K at theirs (HEAD_DIM_QK), no wider; where V's tiles are narrower, O
+    needs buffers of its own (it cannot leave through Q's).
+    Built offline (sm_90 compiles, 2026-12-07), not yet run on a GPU: FLASH_ATTN_3_GLUON_DV=1
+    takes these calls here; the portable kernel does otherwise."""
+    head_dim, head_dim_v = a.q.shape[-1], a.v.shape[-1]
+    if head_dim_v == head_dim:
+        return None
+    if os.environ.get(DV_ENV, "").strip() != "1":
+        return (f"v's head dim {head_dim_v} differs from q's {head_dim}: the Gluon kernel's "
+                f"variant for that has not yet run on a GPU ({DV_ENV}=1 takes it)")
+    width, width_v = tile_width(head_dim), tile_width(head_dim_v)
+    if a.is_fp8 or width_v is None or width_v > width:
+        return (f"v's head dim {head_dim_v} against q's {head_dim}: only fp16/bf16 with V's tiles "
+                "no wider than Q's (a narrower V)")
+    block_n, stages, *_ = default_config(width, False)
+    if not separate_o(width, block_n, stages, False, width_v):
+        return f"head dims {head_dim} / {head_dim_v}: no shared memory for O's own buffers"
+    return None
 
 
 def paged_refusal(a: AttnArgs):
@@ -1109,7 +1144,8 @@ def forward(a: AttnArgs, config=None):
     (past cu_seqlens_q[-1]) stay unwritten, as officially."""
     q, k, v = a.q, a.k, a.v
     heads_q, head_dim = q.shape[-2:]
-    width = tile_width(head_dim)
+    head_dim_v = v.shape[-1]
+    width, width_v = tile_width(head_dim), tile_width(head_dim_v)
     heads_k = k.shape[-2]
     batch = a.batch_size
     window_left, window_right, chunk = mask_bounds(a)
@@ -1121,7 +1157,8 @@ def forward(a: AttnArgs, config=None):
     fp8 = a.is_fp8
     block_n, stages, pingpong, persistent, late_pv_wait = config_fields(
         config or default_config(width, causal or window_right is not None, fp8))
-    out = a.out if _out_ok(a) else torch.empty(q.shape, dtype=a.out_dtype, device=q.device)
+    out = a.out if _out_ok(a) else torch.empty((*q.shape[:-1], head_dim_v), dtype=a.out_dtype,
+                                               device=q.device)
     if a.cu_seqlens_q is not None:
         # The grid covers the longest sequence; seqlen_q carries the LSE's row stride.
         max_seqlen_q, seqlen_q = a.max_seqlen_q, q.shape[0]
@@ -1148,10 +1185,15 @@ def forward(a: AttnArgs, config=None):
         if page_size % block_n and block_n % page_size:
             raise ValueError(f"config {config}: key blocks of {block_n} rows neither hold whole "
                              f"pages of {page_size} nor fit in one")
-        k_desc, v_desc = (_paged_descriptor(x, block_n, width) for x in (k, v))
+        k_desc = _paged_descriptor(k, block_n, width)
+        v_desc = _paged_descriptor(v, block_n, width_v)
     else:
         k_desc = _descriptor(k, block_n, width)
-        v_desc = None if fp8 else _descriptor(v, block_n, width)  # fp8 reads V's copy (below)
+        v_desc = None if fp8 else _descriptor(v, block_n, width_v)  # fp8 reads V's copy (below)
+    own_o = separate_o(width, block_n, stages, fp8, width_v)
+    if width_v != width and not own_o:
+        raise ValueError(f"config {config} leaves no room for O's buffers (v's head dim "
+                         f"{head_dim_v} against q's {head_dim})")
     descales, descale_strides = None, [None] * 6
     if fp8:
         v_desc = _descriptor_of_block(_values_keys_inner(v), [1, 1, head_dim, block_n])
@@ -1163,11 +1205,11 @@ def forward(a: AttnArgs, config=None):
     sinks = None if a.sinks is None else a.sinks.float().contiguous()
     _fwd_kernel[(programs, )](
         _descriptor(q, ROWS_PER_WARPGROUP, width), k_desc, v_desc,
-        _descriptor(out, ROWS_PER_WARPGROUP, width), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
+        _descriptor(out, ROWS_PER_WARPGROUP, width_v), out, lse, a.cu_seqlens_q, a.cu_seqlens_k,
         a.seqused_q, a.seqused_k, a.softmax_scale * LOG2E, num_units, num_m_blocks, heads_q,
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, window_left,
-        window_right, chunk, softcap, sinks, head_dim if head_dim != width else None,
+        window_right, chunk, softcap, sinks, head_dim_v if head_dim_v != width_v else None,
         a.page_table, page_table_stride, causal, paired, stages, bool(pingpong),
-        separate_o(width, block_n, stages, fp8), fp8, late_pv_wait, page_size, block_n,
+        own_o, fp8, late_pv_wait, page_size, block_n,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse

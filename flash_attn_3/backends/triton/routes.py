@@ -91,6 +91,10 @@ def _gluon_refusal(a, name: str) -> str:
         paged = _kernel(name).paged_refusal(a)
         if paged:
             return paged
+    if name == "fwd_hopper":
+        narrow_v = _kernel(name).dv_refusal(a)
+        if narrow_v:
+            return narrow_v
     if name == "bwd_hopper":
         held = _kernel(name).query_tail_refusal(a) or _kernel(name).layer_refusal(a)
         if held:
