@@ -457,8 +457,15 @@ def test_varlen_matches_reference(monkeypatch, shape, causal, head_dim):
 def test_varlen_seqused(monkeypatch, causal, head_dim):
     """Rows past seqused hold NaN: unused queries still give out 0 / lse +inf, unused keys
     nothing."""
+    run_seqused_and_check(monkeypatch, head_dim, causal)
+
+
+def run_seqused_and_check(monkeypatch, head_dim, causal, head_dim_v=None):
+    """Ragged packed sequences with seqused_q / seqused_k and NaN in every row past them."""
     lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
     q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, head_dim)
+    if head_dim_v is not None:
+        v = torch.randn(*k.shape[:-1], head_dim_v, device="cuda", dtype=torch.bfloat16)
     used_q, used_k = _used(lens_q), _used(lens_k)
     _poison_unused(q, cu_q.tolist(), used_q, lens_q)
     for x in (k, v):
@@ -925,14 +932,7 @@ def test_padded_head_dim_matches_reference(monkeypatch, head_dim, causal, shape)
 @on_hopper
 @pytest.mark.usefixtures("layer_kernels_terminate")
 def test_padded_head_dim_varlen(monkeypatch):
-    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
-    q, k, v, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, 96)
-    used_q, used_k = _used(lens_q), _used(lens_k)
-    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
-    for x in (k, v):
-        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
-    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=True, seqused_q=used_q,
-                         seqused_k=used_k)
+    run_seqused_and_check(monkeypatch, 96, causal=True)
 
 
 def test_narrow_v_is_opt_in(monkeypatch):
@@ -971,15 +971,7 @@ def test_narrow_v_matches_reference(monkeypatch, head_dim, head_dim_v, causal, s
 @pytest.mark.usefixtures("layer_kernels_terminate")
 def test_narrow_v_varlen(monkeypatch):
     monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
-    lens_q, lens_k = [700, 0, 1, 1300, 200, 129], [500, 3, 0, 1300, 900, 129]
-    q, k, _, cu_q, cu_k = _varlen_qkv(lens_q, lens_k, 8, 2, 192)
-    v = torch.randn(*k.shape[:-1], 128, device="cuda", dtype=torch.bfloat16)
-    used_q, used_k = _used(lens_q), _used(lens_k)
-    _poison_unused(q, cu_q.tolist(), used_q, lens_q)
-    for x in (k, v):
-        _poison_unused(x, cu_k.tolist(), used_k, lens_k)
-    run_varlen_and_check(monkeypatch, q, k, v, cu_q, cu_k, causal=True, seqused_q=used_q,
-                         seqused_k=used_k)
+    run_seqused_and_check(monkeypatch, 192, causal=True, head_dim_v=128)
 
 
 @pytest.mark.gpu
