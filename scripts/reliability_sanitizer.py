@@ -143,6 +143,11 @@ def _workload(dev: str = "cuda"):
         "dense d64/256 edges (fwd_hopper)": lambda: [dense(s, s, (4, 1), d, causal=c) for s in edges[:3]
                                                      for d, c in ((64, False), (256, True))],
         "dense fp8 d128 (fwd_hopper fp8)": lambda: dense(129, 4097, (4, 2), 128, dtype=fp8, causal=True),
+        # V narrower than Q and K (DeepSeek's 192 / 128): O's own buffers, packed tails
+        "varlen narrow v 192 / 128 causal, opt-in (fwd_hopper)": lambda: opted_in(
+            "FLASH_ATTN_3_GLUON_DV", lambda: fa.flash_attn_varlen_func(
+                rnd(sum(ragged), 8, 192), rnd(sum(ragged), 2, 192), rnd(sum(ragged), 2, 128), cu(ragged),
+                cu(ragged), max(ragged), max(ragged), causal=True)),
         "varlen window edges d64 (fwd.py)": lambda: [varlen(ragged, ragged, (6, 2), 64, window_size=w)
                                                      for w in ((0, 0), (1, 0), (128, 1), (4096, -1))],
         "varlen chunk softcap sinks seqused (fwd.py)": lambda: varlen(
