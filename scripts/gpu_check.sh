@@ -11,6 +11,8 @@
 #           bench_op_layer: SDPA through PyTorch's FA3 switch vs flash_attn_func
 #   profile scripts/profile_decode_step.py (host time of an eager decode step)
 #   combine scripts/time_combine.py (the split-KV merge against its last shared-memory form)
+#   window  scripts/time_window_sweep.py --backward (a sliding window's per-tile and per-block
+#           cost, GPT-OSS's shape; issue 16); only when named
 #   compile scripts/compile_cost.py (first-call and recompile cost per shape class, cold cache)
 #   sanitize     scripts/reliability_sanitizer.py alone: SANITIZE_TOOLS (default racecheck) over
 #           the workload calls whose names contain one of SANITIZE_ONLY's comma-separated
@@ -57,8 +59,8 @@ SUMMARY=$WORK/summary.md
 parts=("$@")
 (( ${#parts[@]} )) || parts=(all)
 for p in "${parts[@]}"; do
-  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|combine|compile|sanitize|reliability) ;;
-    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, combine, compile, sanitize or reliability"; exit 2 ;;
+  case $p in all|env|tests|gpu|suite|fwd|bwd|decode|oplayer|profile|combine|window|compile|sanitize|reliability) ;;
+    *) echo "unknown part '$p': expected all, env, tests, gpu, suite, fwd, bwd, decode, oplayer, profile, combine, window, compile, sanitize or reliability"; exit 2 ;;
   esac
 done
 want() {
@@ -165,6 +167,8 @@ EOF
   want profile && run_capped 40 "profile_decode_step" "$WORK/profile_decode_step.log" \
     "$PY" scripts/profile_decode_step.py
   want combine && run_capped 60 "time_combine" "$WORK/time_combine.log" "$PY" scripts/time_combine.py
+  [[ " ${parts[*]} " == *" window "* ]] && run_capped 120 "time_window_sweep" "$WORK/time_window_sweep.log" \
+    "$PY" scripts/time_window_sweep.py --backward
   if [[ " ${parts[*]} " == *" sanitize "* ]]; then
     run_capped $((${SANITIZE_BUDGET:-120} + 20)) sanitize "$WORK/sanitize.log" \
       "$PY" scripts/reliability_sanitizer.py --tools "${SANITIZE_TOOLS:-racecheck}" \
