@@ -243,7 +243,8 @@ def _flash_attn_backward(
     return lowlevel.softmax_d(dout, out, cu_seqlens_q is not None)
 
 
-_DV_AT = [a.name for a in _flash_attn_backward._opoverload._schema.arguments].index("dv")
+_NAMES = [a.name for a in _flash_attn_backward._opoverload._schema.arguments]
+_V_AT, _DV_AT = _NAMES.index("v"), _NAMES.index("dv")
 
 
 class _BackwardOpDef(type(_flash_attn_backward)):
@@ -256,12 +257,12 @@ class _BackwardOpDef(type(_flash_attn_backward)):
     range."""
 
     def __call__(self, *args, **kwargs):
-        if len(args) > _DV_AT:
-            if args[_DV_AT] is None and isinstance(args[3], Tensor):
-                args = (*args[:_DV_AT], torch.empty_like(args[3]), *args[_DV_AT + 1:])
-        elif kwargs.get("dv") is None:
-            v = args[3] if len(args) > 3 else kwargs.get("v")
-            if isinstance(v, Tensor):
+        positional = len(args) > _DV_AT
+        v = args[_V_AT] if len(args) > _V_AT else kwargs.get("v")
+        if (args[_DV_AT] if positional else kwargs.get("dv")) is None and isinstance(v, Tensor):
+            if positional:
+                args = (*args[:_DV_AT], torch.empty_like(v), *args[_DV_AT + 1:])
+            else:
                 kwargs["dv"] = torch.empty_like(v)
         return super().__call__(*args, **kwargs)
 

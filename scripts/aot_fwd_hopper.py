@@ -307,8 +307,6 @@ def main() -> None:
     layer = dict(window_left=left, window_right=0 if args.causal else right,
                  attention_chunk=args.chunk, softcap=args.softcap,
                  sinks=torch.empty(4) if args.sinks else None)
-    if args.head_dim_v:
-        os.environ["FLASH_ATTN_3_GLUON_DV"] = "1"  # the variant is opt-in (dv_refusal)
     kernel = compile_for_sm90(plain_args(args.head_dim, args.causal, dtype, args.varlen,
                                          args.seqused, args.paged, args.head_dim_v, **layer),
                               config)
