@@ -203,6 +203,15 @@ def summary_md(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sanitizer():
+    """scripts/reliability_sanitizer.py as a module (this script may be loaded by path)."""
+    path = _ROOT / "scripts" / "reliability_sanitizer.py"
+    spec = importlib.util.spec_from_file_location("reliability_sanitizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=380.0, help="seconds for all parts together")
@@ -248,8 +257,7 @@ def main(argv=None) -> int:
     clean = (all(not report["tests"][n]["failed"] and report["tests"][n]["rc"] in (0, 5)
                  for n in ("hostile+concurrency", "large")) if "tests" in report else True)
     clean &= not report.get("differential", {}).get("failures")
-    clean &= all(r.get("errors") is not None and r.get("errors_ours", r.get("errors")) == 0
-                 for r in report.get("sanitizer", {}).get("tools", {}).values())
+    clean &= all(_sanitizer().tool_clean(r) for r in report.get("sanitizer", {}).get("tools", {}).values())
     return 0 if clean else 1
 
 

@@ -464,6 +464,13 @@ def _run(cmd, env, cap: float, log_path: Path) -> int:
             return 124
 
 
+def tool_clean(result: dict) -> bool:
+    """One tool's run is clean (here and in reliability.py): it finished (printed its summary),
+    ran workload calls, and reported nothing in our code."""
+    return (result.get("errors") is not None and bool(result.get("calls_ok"))
+            and result.get("errors_ours", result["errors"]) == 0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="store_true", help="run the calls (inside the sanitized process)")
@@ -483,10 +490,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown tools {sorted(unknown)}")
     result = run_driver(tools, args.budget, args.out, args.jobs, args.only)
-    # Clean as reliability.py judges it: every tool finished, ran calls, and nothing is ours.
     ran = list(result["tools"].values())
-    return 0 if ran and all(r.get("errors") is not None and r.get("calls_ok")
-                            and r.get("errors_ours", r["errors"]) == 0 for r in ran) else 1
+    return 0 if ran and all(tool_clean(r) for r in ran) else 1
 
 
 if __name__ == "__main__":
