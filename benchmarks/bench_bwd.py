@@ -107,7 +107,7 @@ def _kept(n: int, spec: dict) -> int:
 
 
 def layer_flops(case: dict, plain_causal: bool = False) -> float:
-    widths = case["D"] + LAYERS[case["layer"]].get("Dv", case["D"])  # bench_fwd.layer_flops
+    widths = bench_fwd.layer_widths(case, LAYERS[case["layer"]])
     return (2.0 * case["H"] * widths * layer_kept(case, plain_causal)
             * LAYER_FACTOR[case["pass"]])
 

@@ -113,9 +113,14 @@ def kept_entries(case: dict, layer: Optional[str] = None) -> int:
     return int((hi - lo + 1).clamp(min=0).sum())
 
 
+def layer_widths(case: dict, spec: dict) -> int:
+    """D + Dv: a kept score entry costs 2·(D + Dv) FLOPs, Q·K^T and P·V (4·D when v is as wide
+    as q)."""
+    return case["D"] + spec.get("Dv", case["D"])
+
+
 def layer_flops(case: dict, layer: Optional[str]) -> float:
-    """2·(D + Dv) per kept score entry: Q·K^T and P·V (4·D when v is as wide as q)."""
-    widths = case["D"] + LAYERS[case["layer"]].get("Dv", case["D"])
+    widths = layer_widths(case, LAYERS[case["layer"]])
     return 2.0 * case["B"] * case["H"] * widths * kept_entries(case, layer)
 
 
