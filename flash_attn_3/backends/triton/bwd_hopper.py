@@ -1069,6 +1069,12 @@ def query_tail_refusal(a: AttnArgs) -> Optional[str]:
             f"sequence has not yet run on a GPU ({VARLEN_ENV}=1 takes them)")
 
 
+def named_refusal(a: AttnArgs) -> Optional[str]:
+    """The reason this kernel gives by name for holding a call it could compute off, or None
+    (routes explains a refusal with it)."""
+    return query_tail_refusal(a) or layer_refusal(a)
+
+
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     """True when this kernel computes the call: sm_90, a triton version gluon_compat takes,
     fp16/bf16 q/k/v, each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens,
@@ -1085,7 +1091,7 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if query_tail_refusal(a) is not None or layer_refusal(a) is not None:
+    if named_refusal(a) is not None:
         return False
     extras = (a.qv, a.page_table, a.kv_batch_idx, a.leftpad_k, a.q_descale, a.k_descale,
               a.v_descale)

@@ -1075,6 +1075,13 @@ def dv_refusal(a: AttnArgs):
     return None
 
 
+def named_refusal(a: AttnArgs):
+    """The reason this kernel gives by name for not taking the call, or None: a paged layout it
+    does not take, or a V narrower than Q / K while that is opt-in (routes explains a refusal
+    with it)."""
+    return (paged_refusal(a) if a.page_table is not None else None) or dv_refusal(a)
+
+
 def paged_refusal(a: AttnArgs):
     """Why this kernel does not take a paged call (page_table set), or None. A key block of
     BLOCK_N rows (64 or 128) must be whole pages or lie inside one, and a TMA copy's rows must

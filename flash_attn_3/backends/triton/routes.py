@@ -84,21 +84,9 @@ def backward_route(a, deterministic: bool = False) -> tuple[str, str]:
 def _gluon_refusal(a, name: str) -> str:
     from .gluon_compat import refusal
 
-    reason = refusal(a.q.device)
+    reason = refusal(a.q.device) or _kernel(name).named_refusal(a)
     if reason:
         return reason
-    if name == "fwd_hopper" and a.page_table is not None:
-        paged = _kernel(name).paged_refusal(a)
-        if paged:
-            return paged
-    if name == "fwd_hopper":
-        narrow_v = _kernel(name).dv_refusal(a)
-        if narrow_v:
-            return narrow_v
-    if name == "bwd_hopper":
-        held = _kernel(name).query_tail_refusal(a) or _kernel(name).layer_refusal(a)
-        if held:
-            return held
     if name == "fwd_hopper" and _kernel(name).in_scope(a):
         return "the portable kernel measured faster for this shape"
     return "a feature or layout outside the Gluon kernel's scope"
