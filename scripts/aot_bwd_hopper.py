@@ -1,6 +1,6 @@
 """Compile the Gluon Hopper backward for sm_90 on any machine (no GPU) and report what ptxas made.
 
-    python scripts/aot_bwd_hopper.py [--head-dim 128] [--causal] [--dtype bf16|fp16]
+    python scripts/aot_bwd_hopper.py [--head-dim 128] [--head-dim-v DV] [--causal] [--dtype bf16|fp16]
         [--deterministic] [--varlen] [--seqused] [--window L,R] [--softcap C] [--sinks]
         [--keep DIR]
         [--config BLOCK_M,STAGES[,DQ_IN_KERNEL,STATS_SMEM,PREFETCH_S[,EARLY_DV,PIN_DP]]]
@@ -51,11 +51,12 @@ from scripts.aot_fwd_hopper import compile_launch, gmma_loops, report  # noqa: E
 
 
 def plain_args(head_dim: int, causal: bool, dtype: torch.dtype, varlen: bool = False,
-               seqused: bool = False, **fields) -> AttnArgs:
+               seqused: bool = False, head_dim_v: int = 0, **fields) -> AttnArgs:
     """CPU AttnArgs of one shape class, the forward script's (2 sequences of 256 tokens, 4 query
-    heads over 2 KV heads, packed when varlen, seqused_q/k when seqused; `fields` override the
-    rest: window, softcap, sinks)."""
-    return aot_fwd_hopper.plain_args(head_dim, causal, dtype, varlen, seqused, **fields)
+    heads over 2 KV heads, packed when varlen, seqused_q/k when seqused, V head_dim_v wide when
+    set; `fields` override the rest: window, softcap, sinks)."""
+    return aot_fwd_hopper.plain_args(head_dim, causal, dtype, varlen, seqused,
+                                     head_dim_v=head_dim_v, **fields)
 
 
 PLAIN_SASS = Path(__file__).resolve().parent.parent / "tests" / "bwd_hopper_plain_sass.json"
@@ -94,8 +95,9 @@ def launch_of(a: AttnArgs, deterministic: bool = False, config=None):
         q = a.q
         lse_shape = ((q.shape[1], q.shape[0]) if q.dim() == 3
                      else (q.shape[0], q.shape[2], q.shape[1]))
-        bwd_hopper.backward(torch.empty_like(q), q, a.k, a.v, torch.empty_like(q),
-                            torch.empty(lse_shape), a, deterministic, config=config)
+        out = torch.empty(*q.shape[:-1], a.v.shape[-1], dtype=q.dtype)  # and dout: V's width
+        bwd_hopper.backward(out, q, a.k, a.v, out, torch.empty(lse_shape), a, deterministic,
+                            config=config)
     finally:
         bwd_hopper._bwd_kernel, bwd_hopper._bwd_kernel_split, bwd.prep, bwd.dq_only = saved
     return launches[0]
@@ -163,6 +165,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dim", type=int, default=128,
                    help="up to 256: 64, 128, 256 or a head dim padded to the next of them")
+    p.add_argument("--head-dim-v", type=int, default=0,
+                   help="V's head dim where narrower than Q's (DeepSeek: --head-dim 192 "
+                        "--head-dim-v 128); default: Q's")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--deterministic", action="store_true",
@@ -191,7 +196,7 @@ def main() -> None:
     layer = dict(window_left=left, window_right=0 if args.causal else right,
                  softcap=args.softcap, sinks=torch.empty(4) if args.sinks else None)
     a = plain_args(args.head_dim, args.causal, DTYPES[args.dtype], args.varlen, args.seqused,
-                   **layer)
+                   args.head_dim_v, **layer)
     kernel = compile_for_sm90(a, args.deterministic, config)
     with tempfile.TemporaryDirectory() as tmp:
         keep = args.keep or Path(tmp)

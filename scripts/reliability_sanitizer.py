@@ -71,9 +71,9 @@ def _workload(dev: str = "cuda"):
         q, k, v = rnd(sum(lens_q), heads[0], d), rnd(sum(lens_k), heads[1], d), rnd(sum(lens_k), heads[1], d)
         return fa.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k), **kw)
 
-    def dense(sq, sk, heads, d, dtype=bf16, backward=False, **kw):
-        q, k, v = rnd(2, sq, heads[0], d, dtype=dtype), rnd(2, sk, heads[1], d, dtype=dtype), rnd(2, sk, heads[1], d,
-                                                                                                    dtype=dtype)
+    def dense(sq, sk, heads, d, dtype=bf16, backward=False, dv=None, **kw):
+        q, k, v = rnd(2, sq, heads[0], d, dtype=dtype), rnd(2, sk, heads[1], d, dtype=dtype), rnd(2, sk, heads[1],
+                                                                                                    dv or d, dtype=dtype)
         if not backward:
             return fa.flash_attn_func(q, k, v, **kw)
         leaves = [t.requires_grad_() for t in (q, k, v)]
@@ -182,6 +182,9 @@ def _workload(dev: str = "cuda"):
         "varlen backward ragged window softcap (bwd.py)": lambda: varlen_backward(
             ragged, ragged[::-1], (6, 2), 64, window_size=(64, 3), softcap=20.0),
         "dense backward d256 mqa (bwd.py / bwd_hopper)": lambda: dense(127, 129, (8, 1), 256, backward=True),
+        # V narrower than Q and K in the split kernel: dV's accumulator and V / dO's tiles at 128
+        "dense backward narrow v 192 / 128 causal, opt-in (bwd_hopper)": lambda: opted_in(
+            "FLASH_ATTN_3_GLUON_DV", lambda: dense(129, 4097, (8, 2), 192, backward=True, dv=128, causal=True)),
         "backward window softcap d96 (bwd_hopper layers, opt-in)": lambda: opted_in(
             "FLASH_ATTN_3_GLUON_BWD_LAYERS", lambda: dense(129, 4097, (4, 2), 96, backward=True,
                                                            window_size=(128, 0), softcap=20.0)),

@@ -162,6 +162,35 @@ def test_split_kernel_compiles_for_sm90(dq_in_kernel):
     assert got["spill_bytes"] <= 256 and got["shared_bytes"] <= 227 * 1024, got
 
 
+def _aot(*flags):
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"), *flags]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim_v,variant", [
+    (128, ["--causal"]), (128, ["--window", "64,0", "--softcap", "20", "--varlen", "--seqused"]),
+    (64, [])], ids=str)
+def test_narrow_v_compiles_for_sm90(head_dim_v, variant):
+    """DeepSeek's 192 / 128 in the split kernel: S^T over Q / K's 256-wide tiles, dP^T over V's
+    width, dV (S side) at V's width and dK at K's, each wgmma at its own N; V and dO take
+    (256 - dv) fewer columns of shared memory than D = 256's tiles (one V tile, a dO tile per
+    stage), and nothing spills."""
+    got = _aot("--head-dim", "192", "--head-dim-v", str(head_dim_v), *variant)
+    plain = _aot("--head-dim", "192", *variant)
+    stages = bwd_hopper.CONFIGS[256].stages
+    s_side = 256 // 16 + 64 // 16  # S^T, dV
+    dp_side = head_dim_v // 16 + 64 // 16  # dP^T, dK
+    assert got["wgmma_ptx"] == s_side + dp_side == got["hgmma_sass"], got
+    assert got["shared_bytes"] == plain["shared_bytes"] - (256 - head_dim_v) * 2 * 64 * (
+        1 + stages), (got, plain)
+    assert got["spill_bytes"] == 0 and not got["ptxas_warnings"], got
+    assert all(loop["local"] == 0 for loop in got["kv_loops"]) and got["kv_loops"], got
+
+
 @needs_gluon
 def test_plain_kernels_sass_unchanged():
     """Every recorded plain variant (bf16 / fp16, D = 64 / 128 / 256, causal or not,

@@ -29,21 +29,24 @@ pytestmark = [pytest.mark.gpu, on_hopper]
 
 
 def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=4, heads_kv=2, head_dim=128,
-             varlen=False, seqused_q=None, seqused_k=None, window=(-1, -1), softcap=0.0,
-             sinks=False, deterministic=False, dtype=torch.bfloat16):
+             head_dim_v=None, varlen=False, seqused_q=None, seqused_k=None, window=(-1, -1),
+             softcap=0.0, sinks=False, deterministic=False, dtype=torch.bfloat16):
     """test_triton_bwd.run_case's inputs and float64 autograd reference through
     bwd_hopper.backward, which supports() and the router must take; returns the gradients and
     the call."""
     if varlen or seqused_q is not None:
         # refused by default (bwd_hopper.query_tail_refusal); the inputs here are finite
         monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
+    if head_dim_v not in (None, head_dim):
+        monkeypatch.setenv(bwd_hopper.DV_ENV, "1")  # opt-in (bwd_hopper.dv_refusal)
 
     def routed_here(a):
         assert bwd_hopper.supports(a, deterministic)
         assert routes.backward_kernel(a, deterministic) is bwd_hopper
 
     got, call = _bwd_case(monkeypatch, seqlens_q=seqlens_q, seqlens_k=seqlens_k, heads_q=heads_q,
-                          heads_kv=heads_kv, head_dim=head_dim, dtype=dtype, varlen=varlen,
+                          heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+                          dtype=dtype, varlen=varlen,
                           seqused_q=seqused_q, seqused_k=seqused_k, window=window,
                           softcap=softcap, sinks=sinks, deterministic=deterministic,
                           device="cuda", kernel=bwd_hopper, check_args=routed_here)
@@ -57,7 +60,8 @@ _SMOKE_CASES = [
     for w, c, vl, sk in [((128, 0), 0.0, False, False), ((40, 20), 30.0, False, True),
                          ((-1, 0), 0.0, True, False), ((100, 0), 0.0, True, False)]
 ] + [(d, dict(window=(64, 0), softcap=0.0, varlen=True, sinks=False), True)
-     for d in (64, 128, 256)]
+     for d in (64, 128, 256)] + [
+    (192, dict(window=(-1, 0), softcap=0.0, varlen=False, sinks=False, dv=128), False)]
 _SMOKE = textwrap.dedent("""
     import torch
     from test_bwd_hopper_layers import _SMOKE_CASES
@@ -66,10 +70,11 @@ _SMOKE = textwrap.dedent("""
     cu = torch.tensor([0, 1, 301, 430], device="cuda", dtype=torch.int32)
     for head_dim, case, deterministic in _SMOKE_CASES:
         rows = (430, ) if case["varlen"] else (3, 300)
-        q, do = (torch.randn(*rows, 4, head_dim, device="cuda", dtype=torch.bfloat16)
-                 for _ in "qo")
-        k, v = (torch.randn(*rows, 2, head_dim, device="cuda", dtype=torch.bfloat16)
-                for _ in "kv")
+        dv = case.get("dv", head_dim)
+        q, do = (torch.randn(*rows, 4, d, device="cuda", dtype=torch.bfloat16)
+                 for d in (head_dim, dv))
+        k, v = (torch.randn(*rows, 2, d, device="cuda", dtype=torch.bfloat16)
+                for d in (head_dim, dv))
         lse = torch.randn(*((4, 430) if case["varlen"] else (3, 4, 300)), device="cuda") + 10
         varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300)
         a = AttnArgs.plain(q, k, v, window_left=case["window"][0],
@@ -179,6 +184,35 @@ def test_deterministic(monkeypatch, head_dim, case):
     again = bwd_hopper.backward(*call)
     for name, x, y in zip(("dq", "dk", "dv"), got, again):
         assert torch.equal(x, y), name
+
+
+# V narrower than Q and K: DeepSeek V2 / V3's 192 / 128, and others under Q / K's 256-wide tiles
+NARROW_V = [(192, 128), (256, 128), (192, 64)]
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0)], ids=str)
+@pytest.mark.parametrize("head_dim,head_dim_v", NARROW_V, ids=str)
+def test_narrow_v(monkeypatch, head_dim, head_dim_v, window):
+    """dV at V's width from the split kernel's S side, dK at K's: every column of each checked
+    (the buffers are NaN-poisoned and sized to their own head dims)."""
+    run_case(monkeypatch, **DENSE, head_dim=head_dim, head_dim_v=head_dim_v, window=window)
+
+
+@pytest.mark.parametrize("case", ["varlen-seqused-window-softcap", "varlen-deterministic",
+                                  "gqa-shapes"])
+def test_narrow_v_layers(monkeypatch, case):
+    if case == "varlen-seqused-window-softcap":
+        run_case(monkeypatch, **VARLEN[2], varlen=True, head_dim=192, head_dim_v=128,
+                 window=(64, 0), softcap=20.0)
+    elif case == "varlen-deterministic":
+        got, call = run_case(monkeypatch, **VARLEN[0], varlen=True, head_dim=192,
+                             head_dim_v=128, window=(-1, 0), deterministic=True)
+        again = bwd_hopper.backward(*call)
+        for name, x, y in zip(("dq", "dk", "dv"), got, again):
+            assert torch.equal(x, y), name
+    else:
+        run_case(monkeypatch, seqlens_q=[1] * 3, seqlens_k=[700] * 3, heads_q=8, heads_kv=1,
+                 head_dim=192, head_dim_v=128, window=(-1, 0))
 
 
 def test_fp16(monkeypatch):

@@ -121,3 +121,35 @@ def test_by_lane_mask_follows_the_compiled_versions():
     assert {v: gluon_compat._by_lane_default(v) for v in expect} == expect
     expect_bwd = {**expect, "3.6.0": True}
     assert {v: gluon_compat._by_lane_default(v, backward=True) for v in expect} == expect_bwd
+
+
+@pytest.mark.parametrize("dims,forward,backward", [
+    ((192, 128), True, True), ((256, 128), True, True), ((192, 64), True, True),
+    ((128, 64), True, False), ((96, 64), True, False), ((128, 192), False, False)],
+    ids=lambda x: "/".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_narrow_v_scope(monkeypatch, dims, forward, backward):
+    """A V narrower than Q and K (DeepSeek's 192 / 128): held off both Gluon kernels until
+    FLASH_ATTN_3_GLUON_DV=1 (the routes name the switch), then taken where the kernel has the
+    variant: the forward for any V whose tiles are no wider than Q's, the backward under Q / K
+    tiles of 256 only (its split kernel). The kernels' layout check compares k and v but for
+    their head dims (it once compared them whole, which kept every narrow V off the forward)."""
+    from flash_attn_3.backends.triton import routes
+
+    d, dv = dims
+    q, k = (torch.empty(1, 512, h, d, dtype=torch.bfloat16) for h in (4, 2))
+    v = torch.empty(1, 512, 2, dv, dtype=torch.bfloat16)
+    a = AttnArgs.plain(q, k, v, window_right=0)
+    monkeypatch.setattr(gluon_compat, "refusal", lambda device: None)
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    assert routes.forward_kernel(a) is not fwd_hopper
+    assert not bwd_hopper.supports(a)
+    assert fwd_hopper.DV_ENV in routes.forward_route(a)[1]
+    assert bwd_hopper.DV_ENV in routes.backward_route(a)[1]
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    assert (routes.forward_kernel(a) is fwd_hopper) == forward, routes.forward_route(a)
+    assert bwd_hopper.supports(a) == backward, routes.backward_route(a)
+    if not backward:
+        assert "v's head dim" in routes.backward_route(a)[1]
+    # k and v must agree but for their head dims
+    short_v = AttnArgs.plain(q, k, v[:, :400], window_right=0)
+    assert routes.forward_kernel(short_v) is not fwd_hopper and not bwd_hopper.supports(short_v)

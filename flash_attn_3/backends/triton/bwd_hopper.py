@@ -276,10 +276,10 @@ if _GLUON_OK:
             shape, seqs, window, BLOCK_M, CAUSAL, k_desc.block_type.shape[1])
         q_batch, q_start, used_q = qs
         k_batch, k_start, k_rows, k_stored = ks
-        mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes)
+        mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [k_batch, k_start + n0, hk, 0], kv_ready, k_smem)
         tma.async_copy_global_to_shared(v_desc, [k_batch, k_start + n0, hk, 0], kv_ready, v_smem)
-        nbytes: gl.constexpr = 2 * q_desc.block_type.nbytes + (
+        nbytes: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes + (
             2 * lse2_desc.block_type.nbytes if STATS_SMEM else 0)
         for it in range(0, group * num_m):
             g = it // num_m
@@ -407,12 +407,13 @@ if _GLUON_OK:
         if seqs[0] is not None or seqs[2] is not None:
             BLOCK_M: gl.constexpr = q_smem.type.shape[2]
             HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+            HEAD_DIM_V: gl.constexpr = do_smem.type.shape[4]
             if m0 + BLOCK_M > used_q:
                 if WG == 0:
                     # a fresh barrier passes a wait on parity 1
                     mbarrier.wait(tail_bars.index(2), (g & 1) ^ 1)
                     _clear_tail(q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), used_q - m0)
-                    _clear_tail(do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), used_q - m0)
+                    _clear_tail(do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM_V]), used_q - m0)
                     thread_barrier()  # all four warps' stores, then signal
                     mbarrier.arrive(tail_bars.index(1))
                 else:
@@ -432,10 +433,11 @@ if _GLUON_OK:
         if seqs[1] is not None or seqs[3] is not None:
             KEYS: gl.constexpr = k_smem.type.shape[1]
             HEAD_DIM: gl.constexpr = k_smem.type.shape[3]
+            HEAD_DIM_V: gl.constexpr = v_smem.type.shape[3]
             if n0 + KEYS > k_rows:
                 if WG == 0:
                     _clear_tail(k_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
-                    _clear_tail(v_smem.reshape([KEYS, HEAD_DIM]), k_rows - n0)
+                    _clear_tail(v_smem.reshape([KEYS, HEAD_DIM_V]), k_rows - n0)
                     thread_barrier()  # all four warps' stores, then signal
                     mbarrier.arrive(tail_bar.index(0))
                 else:
@@ -768,6 +770,10 @@ if _GLUON_OK:
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
         HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
+        # V and dO may be narrower than Q and K (DeepSeek's 192 / 128 on 256 / 128 tiles): the S
+        # side's dV accumulator takes V's width, the dP side's dK K's.
+        HEAD_DIM_V: gl.constexpr = do_smem.type.shape[4]
+        ACC_DIM: gl.constexpr = HEAD_DIM_V if S_SIDE else HEAD_DIM
         HALF_DIM: gl.constexpr = HEAD_DIM // 2
         KEYS: gl.constexpr = k_smem.type.shape[1]
         DQ_COLS: gl.constexpr = dq_desc.block_type.shape[3]
@@ -775,7 +781,7 @@ if _GLUON_OK:
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
         kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ACC_DIM, 16])
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF_DIM, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout,
@@ -793,10 +799,10 @@ if _GLUON_OK:
         q_batch, q_start, used_q = qs
         k_batch, k_start, k_rows, k_stored = ks
         k_all = k_smem.reshape([KEYS, HEAD_DIM])
-        v_all = v_smem.reshape([KEYS, HEAD_DIM])
+        v_all = v_smem.reshape([KEYS, HEAD_DIM_V])
         keys = n0 + gl.arange(0, KEYS, layout=key_layout)
         bounds = _key_bounds(keys, qs, ks, seqs, window, CAUSAL)
-        acc = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)  # dV (S side) or dK
+        acc = gl.zeros([KEYS, ACC_DIM], gl.float32, kv_layout)  # dV (S side) or dK
         mbarrier.wait(kv_ready, 0)
         _clear_key_tail(k_smem, v_smem, n0, k_rows, seqs, tail_bar, WG)
 
@@ -809,7 +815,7 @@ if _GLUON_OK:
             queries = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
             in_q = _in_queries(queries, m0, used_q, BY_LANE)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-            do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM_V])
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
             _clear_query_tail(q_smem, do_smem, stage, m0, used_q, g, seqs, tail_bar, WG)
             if S_SIDE:
@@ -884,8 +890,12 @@ if _GLUON_OK:
             tma.store_wait(pendings=0)
 
         rows = gl.expand_dims(n0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout)), 1)
-        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
-        keep = _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM)
+        cols = gl.expand_dims(gl.arange(0, ACC_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
+        if ACC_DIM == HEAD_DIM:
+            keep = _kv_keep(rows, cols, k_stored, head_dim, HEAD_DIM)
+        else:
+            # a narrower V is as wide as its tiles (dv_refusal): no padding columns to skip
+            keep = _kv_keep(rows, cols, k_stored, None, ACC_DIM)
         if S_SIDE:
             dv_at = (dv_ptr + k_batch.to(gl.int64) * dv_strides[0] + hk * dv_strides[2]
                      + (k_start + rows).to(gl.int64) * dv_strides[1] + cols)
@@ -1069,17 +1079,42 @@ def query_tail_refusal(a: AttnArgs) -> Optional[str]:
             f"sequence has not yet run on a GPU ({VARLEN_ENV}=1 takes them)")
 
 
+# The forward's switch (fwd_hopper.DV_ENV): one for both narrow-V variants.
+DV_ENV = "FLASH_ATTN_3_GLUON_DV"
+
+
+def dv_refusal(a: AttnArgs) -> Optional[str]:
+    """Why this kernel does not take a call whose V's head dim differs from Q's and K's
+    (DeepSeek V2 / V3's 192 / 128), or None. Only the split kernel has the variant: Q and K on
+    its 256-wide tiles, V and dO on 64- or 128-wide ones, the S side's dV accumulator at V's
+    width (dV's 64 keys x 128 take half the registers of D = 256's). V's head dim must be a
+    tile width itself (no padding columns on the V side).
+    Built offline (sm_90 compiles, 2026-12-07), not yet run on a GPU: FLASH_ATTN_3_GLUON_DV=1
+    takes these calls here; bwd.py does otherwise."""
+    head_dim, head_dim_v = a.q.shape[-1], a.v.shape[-1]
+    if head_dim_v == head_dim:
+        return None
+    if os.environ.get(DV_ENV, "").strip() != "1":
+        return (f"v's head dim {head_dim_v} differs from q's {head_dim}: the Gluon backward's "
+                f"variant for that has not yet run on a GPU ({DV_ENV}=1 takes it)")
+    if tile_width(head_dim) not in SPLIT_HEAD_DIMS or head_dim_v not in CONFIGS \
+            or head_dim_v >= head_dim:
+        return (f"v's head dim {head_dim_v} against q's {head_dim}: the Gluon backward takes a "
+                f"V of 64 or 128 under Q / K tiles of {', '.join(map(str, SPLIT_HEAD_DIMS))}")
+    return None
+
+
 def named_refusal(a: AttnArgs) -> Optional[str]:
     """The reason this kernel gives by name for holding a call it could compute off, or None
     (routes explains a refusal with it)."""
-    return query_tail_refusal(a) or layer_refusal(a)
+    return query_tail_refusal(a) or layer_refusal(a) or dv_refusal(a)
 
 
 def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     """True when this kernel computes the call: sm_90, a triton version gluon_compat takes,
     fp16/bf16 q/k/v, each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens,
-    seqused_q/k or not, head dims up to 256 (v's the same as q's and k's; between 64, 128 and
-    256 the next one's tiles), GQA, any window (causal included), softcap, sinks (their logit
+    seqused_q/k or not, head dims up to 256 (v's the same as q's and k's, or narrower where
+    dv_refusal allows; between 64, 128 and 256 the next one's tiles), GQA, any window (causal included), softcap, sinks (their logit
     is in the LSE; no gradient for them, which the op layer refuses). Not attention_chunk (the
     official backward has none), paged or indexed K/V, qv, fp8, context parallelism.
     Deterministic calls take it too: they keep its dK/dV and leave dQ to bwd.py's atomic-free
@@ -1106,6 +1141,8 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
     head_dim = q.shape[-1]
     if tile_width(head_dim) is None or k.shape[-1] != head_dim:
         return False
+    if v.shape[-1] != head_dim and dv_refusal(a) is not None:  # named_refusal has said why
+        return False
     if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False
     return all(_tma_ok(x) for x in (q, k, v))
@@ -1124,6 +1161,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     heads_q, head_dim = q.shape[-2:]
     heads_kv = k.shape[-2]
     width = tile_width(head_dim)
+    width_v = tile_width(v.shape[-1])  # Q's unless V is narrower (dv_refusal)
     batch = a.batch_size
     packed_q = a.cu_seqlens_q is not None
     seqlen_q = a.max_seqlen_q if packed_q else q.shape[1]
@@ -1182,8 +1220,8 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
         keys = KEYS_PER_WARPGROUP
         num_n_blocks = triton.cdiv(seqlen_k, keys)
         _bwd_kernel_split[(num_n_blocks * heads_kv * batch, )](
-            _descriptor(q, cfg.block_m, width), _descriptor(dout, cfg.block_m, width),
-            _descriptor(k, keys, width), _descriptor(v, keys, width), dq_desc,
+            _descriptor(q, cfg.block_m, width), _descriptor(dout, cfg.block_m, width_v),
+            _descriptor(k, keys, width), _descriptor(v, keys, width_v), dq_desc,
             _stats_descriptor(stats_lse2, cfg.block_m),
             _stats_descriptor(stats_delta, cfg.block_m), dk, dv, *_rows_strides(dk),
             *_rows_strides(dv), a.softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,

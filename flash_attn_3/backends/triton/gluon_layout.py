@@ -8,10 +8,11 @@ from ..params import AttnArgs
 
 def takes_layout(a: AttnArgs, paged: bool = False) -> bool:
     """q, k and v each dense (B, S, H, D) or packed (total, H, D) with its cu_seqlens (k and v
-    alike; with `paged`, k / v are the page pool and need not have B rows), and contiguous index
-    tensors: the kernels read cu_seqlens and seqused at b and b + 1."""
+    alike but for their head dims, which each kernel judges; with `paged`, k / v are the page
+    pool and need not have B rows), and contiguous index tensors: the kernels read cu_seqlens
+    and seqused at b and b + 1."""
     q, k, v = a.q, a.k, a.v
-    if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape != v.shape:
+    if q.dim() != (3 if a.cu_seqlens_q is not None else 4) or k.shape[:-1] != v.shape[:-1]:
         return False
     if k.dim() != (3 if a.cu_seqlens_k is not None else 4):
         return False
