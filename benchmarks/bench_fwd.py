@@ -37,6 +37,7 @@ import torch
 
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops, flex,
                                 flex_masked, parse_args, sdpa, sdpa_context)
+from flash_attn_3.backends.triton import fwd_hopper
 
 HEAD_DIMS = (64, 128, 256)
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
@@ -248,9 +249,14 @@ def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
         if impl == "ours":
             run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops)
         elif impl == "ours_gluon":
-            # the Gluon forward's opt-in variant where the layer has one (a narrower V)
+            # the Gluon forward's opt-in variants where the layer has one: a narrower V, and
+            # the QK wgmma over a padded head dim's own columns (fwd_hopper.qk_used)
+            opted_in = {}
             if "Dv" in LAYERS[case["layer"]]:
-                opted_in = {"FLASH_ATTN_3_GLUON_DV": "1"}
+                opted_in["FLASH_ATTN_3_GLUON_DV"] = "1"
+            if fwd_hopper.tile_width(case["D"]) != case["D"]:
+                opted_in[fwd_hopper.QK_SLICES_ENV] = "1"
+            if opted_in:
                 run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops,
                             context=lambda: mock.patch.dict(os.environ, opted_in))
         elif impl == "ours_causal":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,49 @@ def test_layer_variants_compile_for_sm90(head_dim, variant):
     for loop in got["kv_loops"]:
         tanh = loop["ops"].get("MUFU.TANH", 0)
         assert tanh == (loop["ops"]["MUFU.EX2"] - 2 if "--softcap" in variant else 0), loop
+
+
+def _aot_report(flags, env=None):
+    cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_fwd_hopper.py"), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@needs_gluon
+@figures_of_pinned_triton
+@pytest.mark.parametrize("head_dim,variant", [
+    (96, ["--causal"]), (80, ["--causal"]), (96, ["--causal", "--varlen", "--seqused"]),
+    (192, ["--head-dim-v", "128", "--causal"]), (192, ["--window", "100,0"])], ids=str)
+def test_qk_slices_skip_the_padding(head_dim, variant):
+    """FLASH_ATTN_3_GLUON_QK_SLICES=1: the QK wgmma of a head dim under its tile width reads
+    its columns only (two power-of-two slices), so each KV loop issues (width - head dim) / 16
+    fewer wgmma k-steps than the whole tile's, with no more spills and nothing in local memory;
+    off, the kernel is the padded one (the plain kernels' SASS is checked elsewhere)."""
+    flags = ["--head-dim", str(head_dim)] + variant
+    whole = _aot_report(flags, {fwd_hopper.QK_SLICES_ENV: "0"})
+    sliced = _aot_report(flags, {fwd_hopper.QK_SLICES_ENV: "1"})
+    saved = (fwd_hopper.tile_width(head_dim) - head_dim) // 16
+    assert fwd_hopper.qk_used(head_dim, fwd_hopper.tile_width(head_dim)) == 0  # opt-in
+    assert [loop["gmma"] + saved for loop in sliced["kv_loops"]] == [
+        loop["gmma"] for loop in whole["kv_loops"]], (sliced, whole)
+    assert sliced["hgmma_sass"] == sliced["wgmma_ptx"] < whole["wgmma_ptx"], sliced
+    assert all(loop["local"] == 0 for loop in sliced["kv_loops"]) and sliced["kv_loops"], sliced
+    assert sliced["spill_bytes"] <= whole["spill_bytes"] and not sliced["ptxas_warnings"], sliced
+
+
+def test_qk_used():
+    assert [fwd_hopper.qk_used(d, w) for d, w in ((96, 128), (192, 256), (128, 128))] == [0] * 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
+        got = {(d, w): fwd_hopper.qk_used(d, w) for d, w in (
+            (96, 128), (80, 128), (192, 256), (160, 256), (48, 64), (128, 128), (112, 128),
+            (224, 256), (72, 128))}
+        assert got == {(96, 128): 96, (80, 128): 80, (192, 256): 192, (160, 256): 160,
+                       (48, 64): 48, (128, 128): 0, (112, 128): 0, (224, 256): 0,
+                       (72, 128): 0}
+        assert fwd_hopper.qk_used(96, 128, fp8=True) == 0
 
 
 def test_mask_bounds():
@@ -767,6 +811,7 @@ PADDED_HEAD_DIMS = [(96, False), (96, True), (192, True)]
 NARROW_V = [(192, 128), (256, 128), (128, 64)]
 
 _SMOKE_LAYERS = textwrap.dedent("""
+    import os
     import torch
     from inputs import cu_seqlens
     from test_fwd_hopper import (DENSE_LAYERS, FP8_LAYER, NARROW_V, PADDED_HEAD_DIMS,
@@ -802,9 +847,12 @@ _SMOKE_LAYERS = textwrap.dedent("""
         q = torch.randn(2, 1000, 4, head_dim, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(2, 1023, 2, head_dim, device="cuda", dtype=torch.bfloat16)
                 for _ in "kv")
-        fwd_hopper.forward(make_args(q, k, v, causal=causal))
-        torch.cuda.synchronize()
-        print(head_dim, "causal" if causal else "full", flush=True)
+        for sliced in "01":  # the QK wgmma over the padded tile, then over the head dim's slices
+            os.environ[fwd_hopper.QK_SLICES_ENV] = sliced
+            fwd_hopper.forward(make_args(q, k, v, causal=causal))
+            torch.cuda.synchronize()
+            print(head_dim, "causal" if causal else "full", "sliced" * int(sliced), flush=True)
+        del os.environ[fwd_hopper.QK_SLICES_ENV]
     lens = [700, 0, 1, 1300, 200]
     q, k, v = (torch.randn(sum(lens), h, 96, device="cuda", dtype=torch.bfloat16)
                for h in (8, 2, 2))
@@ -926,6 +974,33 @@ def test_padded_head_dim_matches_reference(monkeypatch, head_dim, causal, shape)
     """The kernel writes the head dim's columns only: out is contiguous, so a padding column
     written would land on the next head's first ones, which the comparison would catch."""
     run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=causal)
+
+
+# Head dims whose QK wgmma can skip the padding (fwd_hopper.qk_used), with V's head dim
+QK_SLICED = [(96, 96, True), (96, 96, False), (80, 80, True), (192, 192, True), (192, 128, True)]
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("head_dim,head_dim_v,causal", QK_SLICED, ids=str)
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_qk_slices_match_reference(monkeypatch, head_dim, head_dim_v, causal, shape):
+    """FLASH_ATTN_3_GLUON_QK_SLICES=1: S from the head dim's columns only (two slices)."""
+    monkeypatch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    q, k, v = qkv(*shape, head_dim, torch.bfloat16)
+    if head_dim_v != head_dim:
+        v = torch.randn(*k.shape[:-1], head_dim_v, device="cuda", dtype=torch.bfloat16)
+    run_and_check(monkeypatch, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.usefixtures("layer_kernels_terminate")
+def test_qk_slices_varlen(monkeypatch):
+    monkeypatch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
+    run_seqused_and_check(monkeypatch, 96, causal=True)
 
 
 @pytest.mark.gpu

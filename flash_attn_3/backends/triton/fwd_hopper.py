@@ -563,12 +563,15 @@ if _GLUON_OK:
                   seqs, descales, window, softcap, sinks, head_dim, CAUSAL: gl.constexpr,
                   PAIRED: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
-                  LATE_PV_WAIT: gl.constexpr, WG: gl.constexpr):
+                  LATE_PV_WAIT: gl.constexpr, QK_USED: gl.constexpr, WG: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, tail_bars = bars
         num_units, num_m_blocks, num_heads_q, seqlen_q, seqlen_k, group_size, pair = shape
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]  # V's and O's
         HEAD_DIM_QK: gl.constexpr = q_smem.type.shape[4]  # wider than V's where dv < d
+        # QK_USED > 0: the QK wgmma reads the head dim's columns only, as two power-of-two
+        # slices (128 + 64 of 256, 64 + 32 of 128), no k-step on the padding's zeros.
+        QK_HALF: gl.constexpr = HEAD_DIM_QK // 2
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
         dtype: gl.constexpr = o_desc.dtype
         p_dtype: gl.constexpr = k_smem.dtype
@@ -622,10 +625,23 @@ if _GLUON_OK:
                         mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
                         _take_turn(turn, issue, WG, PINGPONG)
                         k_first = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM_QK])
-                        s_tok = warpgroup_mma(
-                            q, k_first.permute((1, 0)),
-                            gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                            is_async=True)
+                        # QK_USED (forward()'s qk_used) is inline, as the mask tests below: a
+                        # helper changed the plain kernels' SASS.
+                        if QK_USED == 0:
+                            s_tok = warpgroup_mma(
+                                q, k_first.permute((1, 0)),
+                                gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
+                                use_acc=False, is_async=True)
+                        else:
+                            s_tok = warpgroup_mma(
+                                q.slice(0, QK_HALF, dim=1),
+                                k_first.slice(0, QK_HALF, dim=1).permute((1, 0)),
+                                gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
+                                use_acc=False, is_async=True)
+                            s_tok = warpgroup_mma(
+                                q.slice(QK_HALF, QK_USED - QK_HALF, dim=1),
+                                k_first.slice(QK_HALF, QK_USED - QK_HALF, dim=1).permute((1, 0)),
+                                s_tok, is_async=True)
                         _pass_turn(turn, WG, PINGPONG)
                         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                         mbarrier.arrive(k_empty.index(stage))
@@ -659,8 +675,18 @@ if _GLUON_OK:
                             # The dead S registers serve as the accumulator: use_acc=False
                             # ignores them.
                             k_next = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM_QK])
-                            s_tok = warpgroup_mma(q, k_next.permute((1, 0)), s, use_acc=False,
-                                                  is_async=True)
+                            if QK_USED == 0:
+                                s_tok = warpgroup_mma(q, k_next.permute((1, 0)), s,
+                                                      use_acc=False, is_async=True)
+                            else:
+                                s_tok = warpgroup_mma(
+                                    q.slice(0, QK_HALF, dim=1),
+                                    k_next.slice(0, QK_HALF, dim=1).permute((1, 0)), s,
+                                    use_acc=False, is_async=True)
+                                s_tok = warpgroup_mma(
+                                    q.slice(QK_HALF, QK_USED - QK_HALF, dim=1),
+                                    k_next.slice(QK_HALF, QK_USED - QK_HALF, dim=1).permute(
+                                        (1, 0)), s_tok, is_async=True)
                             o_tok = warpgroup_mma(
                                 p_op, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                                 is_async=True)
@@ -812,7 +838,8 @@ if _GLUON_OK:
                     CAUSAL: gl.constexpr, PAIRED: gl.constexpr, STAGES: gl.constexpr,
                     PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr, IS_FP8: gl.constexpr,
                     LATE_PV_WAIT: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    QK_USED: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         if SEPARATE_O:
@@ -869,13 +896,13 @@ if _GLUON_OK:
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
                          (window_left, window_right, chunk), softcap, sinks, head_dim, CAUSAL,
-                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 0)),
+                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, QK_USED, 0)),
             (_consumer, (q_smem, k_smem, v_smem, o_bufs, bars, o_desc, o_ptr, lse_ptr, qk_scale,
                          shape, (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (descales, (q_descale_sb, q_descale_sh, k_descale_sb, k_descale_sh,
                                      v_descale_sb, v_descale_sh)),
                          (window_left, window_right, chunk), softcap, sinks, head_dim, CAUSAL,
-                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, 1)),
+                         PAIRED, STAGES, PINGPONG, SEPARATE_O, IS_FP8, LATE_PV_WAIT, QK_USED, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right, chunk), page_table, page_table_stride,
@@ -1050,6 +1077,19 @@ def in_scope(a: AttnArgs) -> bool:
 
 
 DV_ENV = "FLASH_ATTN_3_GLUON_DV"
+QK_SLICES_ENV = "FLASH_ATTN_3_GLUON_QK_SLICES"
+
+
+def qk_used(head_dim: int, width: int, fp8: bool = False) -> int:
+    """The QK wgmma's columns (_consumer's QK_USED): 0 for the whole tile, else head_dim where its excess
+    over half the tile width is a power of two of at least 16 (one wgmma k-step): 96 and 80 of
+    128, 192 and 160 of 256, 48 of 64. Opt-in (FLASH_ATTN_3_GLUON_QK_SLICES=1): built offline
+    (sm_90 compiles, 2026-12-07), not yet run on a GPU; padded head dims read the whole tile
+    otherwise, their zeros included."""
+    extra = head_dim - width // 2
+    if fp8 or head_dim == width or extra < 16 or extra & (extra - 1):
+        return 0
+    return head_dim if os.environ.get(QK_SLICES_ENV, "").strip() == "1" else 0
 
 
 def dv_refusal(a: AttnArgs):
@@ -1217,6 +1257,6 @@ def forward(a: AttnArgs, config=None):
         seqlen_q, seqlen_k, heads_q // heads_k, pair, descales, *descale_strides, window_left,
         window_right, chunk, softcap, sinks, head_dim_v if head_dim_v != width_v else None,
         a.page_table, page_table_stride, causal, paired, stages, bool(pingpong),
-        own_o, fp8, late_pv_wait, page_size, block_n,
+        own_o, fp8, late_pv_wait, page_size, block_n, qk_used(head_dim, width, fp8),
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     return out, lse
