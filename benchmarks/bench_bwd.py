@@ -18,8 +18,9 @@ is opt-in, FLASH_ATTN_3_GLUON_DV); their TFLOP/s count 2.5x
 (3.5x) the forward's 2·(d + dv) per kept entry, the official benchmark's convention (exact
 only for d = dv: the backward's own count, 2·(3d + 2dv), is 4 % more here). `ours` is what a call gets by
 default; `ours_gluon` the same call with the Gluon backward's opt-in variants switched on
-(FLASH_ATTN_3_GLUON_BWD_LAYERS, FLASH_ATTN_3_GLUON_VARLEN_BWD, FLASH_ATTN_3_GLUON_DV: bwd_hopper.py
-says why they are opt-in), so one run times both.
+(FLASH_ATTN_3_GLUON_BWD_LAYERS, FLASH_ATTN_3_GLUON_VARLEN_BWD, FLASH_ATTN_3_GLUON_DV,
+FLASH_ATTN_3_GLUON_QK_SLICES: bwd_hopper.py and fwd_hopper.qk_used say why they are opt-in), so one
+run times both.
 
     python -m benchmarks.bench_bwd [--quick] [--out DIR] [--only pass=bwd --only D=128]
     python -m benchmarks.bench_bwd --quick --only layout=layer     # the model layers only
@@ -187,7 +188,8 @@ def flex_layer(case: dict, t: dict):
 @contextlib.contextmanager
 def gluon_variants_on():
     """The Gluon backward's opt-in variants taken while timing (read at each call)."""
-    names = ("FLASH_ATTN_3_GLUON_BWD_LAYERS", "FLASH_ATTN_3_GLUON_VARLEN_BWD", "FLASH_ATTN_3_GLUON_DV")
+    names = ("FLASH_ATTN_3_GLUON_BWD_LAYERS", "FLASH_ATTN_3_GLUON_VARLEN_BWD", "FLASH_ATTN_3_GLUON_DV",
+             "FLASH_ATTN_3_GLUON_QK_SLICES")
     before = {name: os.environ.get(name) for name in names}
     os.environ.update({name: "1" for name in names})
     try:

@@ -192,6 +192,38 @@ def test_narrow_v_compiles_for_sm90(head_dim_v, variant):
 
 
 @needs_gluon
+@pytest.mark.parametrize("head_dim,variant,s_saved,dp_saved", [
+    (96, ["--causal", "--deterministic"], 2, 2), (96, ["--window", "100,0", "--varlen"], 2, 2),
+    (192, ["--causal"], 4, 4), (192, ["--head-dim-v", "128", "--causal"], 4, 0),
+    (96, ["--causal"], 0, 0)], ids=str)
+def test_qk_slices_skip_the_padding(head_dim, variant, s_saved, dp_saved):
+    """FLASH_ATTN_3_GLUON_QK_SLICES=1: S^T (and dP^T, where V is as padded as Q) over the head
+    dim's own columns, (tile width - head dim) / 16 fewer wgmma k-steps each, with no more
+    spills and nothing in local memory; not in the 128-key kernel with dQ in it (D = 96's
+    default: its registers are taken), where the kernel stays the padded one."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    reports = []
+    for sliced in "01":
+        cmd = [sys.executable, str(TESTS.parent / "scripts" / "aot_bwd_hopper.py"),
+               "--head-dim", str(head_dim), *variant]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**env, "FLASH_ATTN_3_GLUON_QK_SLICES": sliced})
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.loads(done.stdout.splitlines()[-1]))
+    whole, got = reports
+    if bwd_hopper.tile_width(head_dim) in bwd_hopper.SPLIT_HEAD_DIMS:
+        saved = [dp_saved, s_saved]  # the SASS holds the dP side's loop first
+    else:  # each warpgroup issues both
+        saved = [s_saved + dp_saved] * 2
+    assert [loop["gmma"] + n for loop, n in zip(got["kv_loops"], saved)] == [
+        loop["gmma"] for loop in whole["kv_loops"]], (got, whole)
+    assert got["hgmma_sass"] == got["wgmma_ptx"] and not got["ptxas_warnings"], got
+    assert got["spill_bytes"] <= whole["spill_bytes"], (got, whole)
+    assert all(loop["local"] <= old["local"] for loop, old in zip(got["kv_loops"],
+                                                                   whole["kv_loops"])), got
+
+
+@needs_gluon
 def test_plain_kernels_sass_unchanged():
     """Every recorded plain variant (bf16 / fp16, D = 64 / 128 / 256, causal or not,
     deterministic or not) compiles to the SASS it had before the layer variants existed

@@ -61,8 +61,11 @@ _SMOKE_CASES = [
                          ((-1, 0), 0.0, True, False), ((100, 0), 0.0, True, False)]
 ] + [(d, dict(window=(64, 0), softcap=0.0, varlen=True, sinks=False), True)
      for d in (64, 128, 256)] + [
-    (192, dict(window=(-1, 0), softcap=0.0, varlen=False, sinks=False, dv=128), False)]
+    (192, dict(window=(-1, 0), softcap=0.0, varlen=False, sinks=False, dv=128), False)] + [
+    (d, dict(window=(100, 0), softcap=0.0, varlen=True, sinks=False, slices=True), False)
+    for d in (96, 192)]
 _SMOKE = textwrap.dedent("""
+    import os
     import torch
     from test_bwd_hopper_layers import _SMOKE_CASES
     from flash_attn_3.backends.params import AttnArgs
@@ -71,6 +74,7 @@ _SMOKE = textwrap.dedent("""
     for head_dim, case, deterministic in _SMOKE_CASES:
         rows = (430, ) if case["varlen"] else (3, 300)
         dv = case.get("dv", head_dim)
+        os.environ["FLASH_ATTN_3_GLUON_QK_SLICES"] = "1" if case.get("slices") else "0"
         q, do = (torch.randn(*rows, 4, d, device="cuda", dtype=torch.bfloat16)
                  for d in (head_dim, dv))
         k, v = (torch.randn(*rows, 2, d, device="cuda", dtype=torch.bfloat16)
@@ -184,6 +188,27 @@ def test_deterministic(monkeypatch, head_dim, case):
     again = bwd_hopper.backward(*call)
     for name, x, y in zip(("dq", "dk", "dv"), got, again):
         assert torch.equal(x, y), name
+
+
+# Padded head dims whose S^T and dP^T can skip the padding (FLASH_ATTN_3_GLUON_QK_SLICES=1):
+# where the kernel takes the slices (the split kernel; the 128-key one without dQ in it)
+QK_SLICED = [
+    dict(head_dim=96, window=(-1, 0), deterministic=True),
+    dict(head_dim=96, window=(100, 0), varlen=True, **VARLEN[1]),
+    dict(head_dim=80, window=(-1, -1), varlen=True, **VARLEN[2]),
+    dict(head_dim=192, window=(-1, 0)),
+    dict(head_dim=192, head_dim_v=128, window=(-1, 0)),
+]
+
+
+@pytest.mark.parametrize("case", QK_SLICED, ids=lambda c: "-".join(
+    f"{k}{v}" for k, v in c.items() if not k.startswith("seq")))
+def test_qk_slices(monkeypatch, case):
+    monkeypatch.setenv("FLASH_ATTN_3_GLUON_QK_SLICES", "1")
+    case = dict(case)
+    if "seqlens_q" not in case:
+        case.update(DENSE)
+    run_case(monkeypatch, **case)
 
 
 # V narrower than Q and K: DeepSeek V2 / V3's 192 / 128, and others under Q / K's 256-wide tiles

@@ -462,12 +462,29 @@ if _GLUON_OK:
                 _tma_reduce_add(dq_desc, coord, src)
 
     @gluon.jit
-    def _issue_s(k_w, q_smem, stage, acc):
-        """S^T = K Q^T for this warpgroup's keys and the Q tile in ring slot `stage`."""
+    def _issue_s(k_w, q_smem, stage, acc, QK_USED: gl.constexpr):
+        """S^T = K Q^T for this warpgroup's keys and the Q tile in ring slot `stage`; over the
+        head dim's own columns where QK_USED > 0 (fwd_hopper.qk_used: two power-of-two slices,
+        no k-step on a padded head dim's zeros)."""
         BLOCK_M: gl.constexpr = q_smem.type.shape[2]
         HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-        return warpgroup_mma(k_w, q.permute((1, 0)), acc, use_acc=False, is_async=True)
+        if QK_USED == 0:
+            tok = warpgroup_mma(k_w, q.permute((1, 0)), acc, use_acc=False, is_async=True)
+        else:
+            tok = _issue_sliced(k_w, q, acc, QK_USED)
+        return tok
+
+    @gluon.jit
+    def _issue_sliced(a, b, acc, USED: gl.constexpr):
+        """a b^T over the first USED of their columns (the shared head dim), as two wgmmas of
+        power-of-two widths: half the tile, then USED - half."""
+        HALF: gl.constexpr = a.type.shape[1] // 2
+        tok = warpgroup_mma(a.slice(0, HALF, dim=1), b.slice(0, HALF, dim=1).permute((1, 0)),
+                            acc, use_acc=False, is_async=True)
+        return warpgroup_mma(a.slice(HALF, USED - HALF, dim=1),
+                             b.slice(HALF, USED - HALF, dim=1).permute((1, 0)), tok,
+                             is_async=True)
 
     @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem, dq_smem, bars,
@@ -476,7 +493,7 @@ if _GLUON_OK:
                   STAGES: gl.constexpr,
                   DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                   PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
-                  WG: gl.constexpr):
+                  QK_USED: gl.constexpr, WG: gl.constexpr):
         kv_ready, q_ready, q_empty, ds_ready, tail_bar = bars
         HEAD_DIM: gl.constexpr = q_smem.type.shape[4]
         # The by-lane masks (gluon_compat.BWD_MASK_BY_LANE) but where triton 3.6 compiles them
@@ -531,7 +548,8 @@ if _GLUON_OK:
         if PREFETCH_S:
             # Every program has at least one query block (see _program).
             mbarrier.wait(q_ready.index(0), 0)
-            s_tok = _issue_s(k_w, q_smem, 0, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
+            s_tok = _issue_s(k_w, q_smem, 0, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                             QK_USED)
 
         for it in range(0, total):
             g = it // num_m
@@ -554,12 +572,16 @@ if _GLUON_OK:
                 _clear_query_tail(q_smem, do_smem, stage, m0, used_q, g, seqs, tail_bar, WG)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(
                     _issue_s(k_w, q_smem, stage,
-                             gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)), ))
+                             gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout), QK_USED), ))
             # dP^T is issued only now, so its accumulator and S^T are not both live next to
             # dK and dV (with both in flight ptxas spilled ~600 bytes); P is computed under it.
-            dp_tok = warpgroup_mma(v_w, do.permute((1, 0)),
-                                   gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                                   use_acc=False, is_async=True)
+            if QK_USED == 0:
+                dp_tok = warpgroup_mma(v_w, do.permute((1, 0)),
+                                       gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                                       use_acc=False, is_async=True)
+            else:  # V's head dim is Q's here: the same slices
+                dp_tok = _issue_sliced(v_w, do, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                                       QK_USED)
             if PIN_DP:
                 # Passed already (this warpgroup has not released the stage): the wait's retry
                 # loop is a branch, so ptxas keeps the HGMMAs above it, under the softmax.
@@ -624,7 +646,7 @@ if _GLUON_OK:
                     is_async=True)
                 if PREFETCH_S:
                     # The dead S^T registers serve as the accumulator (use_acc=False).
-                    s_tok = _issue_s(k_w, q_smem, nxt, s)
+                    s_tok = _issue_s(k_w, q_smem, nxt, s, QK_USED)
                     dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(
                         num_outstanding=1, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
                 else:
@@ -643,7 +665,7 @@ if _GLUON_OK:
                                dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3), head_dim)
             else:
                 if PREFETCH_S:
-                    s_tok = _issue_s(k_w, q_smem, nxt, s)
+                    s_tok = _issue_s(k_w, q_smem, nxt, s, QK_USED)
                     dv, dk, p_op, ds_op = warpgroup_mma_wait(
                         num_outstanding=1, deps=(dv_tok, dk_tok, p_op, ds_op))
                 else:
@@ -680,7 +702,8 @@ if _GLUON_OK:
                     window_left, window_right, softcap, head_dim, CAUSAL: gl.constexpr,
                     STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr, STATS_SMEM: gl.constexpr,
                     PREFETCH_S: gl.constexpr, EARLY_DV: gl.constexpr, PIN_DP: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    QK_USED: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -736,7 +759,7 @@ if _GLUON_OK:
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
-                         DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 0)),
+                         DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, QK_USED, 0)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem,
                          dq_smem1, (kv_ready, q_ready, q_empty, ds_ready, tail_bar), dq_desc,
                          lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -744,7 +767,7 @@ if _GLUON_OK:
                          (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
-                         DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, 1)),
+                         DQ_IN_KERNEL, STATS_SMEM, PREFETCH_S, EARLY_DV, PIN_DP, QK_USED, 1)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
                          k_smem, v_smem, lse2_smem, delta_smem, bars, shape,
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
@@ -764,7 +787,8 @@ if _GLUON_OK:
                         dq_smem, bars, dq_desc, dk_ptr, dv_ptr, dk_strides, dv_strides,
                         softmax_scale, shape, seqs, window, softcap, head_dim,
                         CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                        DQ_IN_KERNEL: gl.constexpr, S_SIDE: gl.constexpr):
+                        DQ_IN_KERNEL: gl.constexpr, QK_USED: gl.constexpr,
+                        S_SIDE: gl.constexpr):
         kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar = bars
         BY_LANE: gl.constexpr = BWD_MASK_BY_LANE
         seqlen_q, seqlen_k, num_heads_kv, num_n_blocks, group = shape
@@ -819,9 +843,14 @@ if _GLUON_OK:
             mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
             _clear_query_tail(q_smem, do_smem, stage, m0, used_q, g, seqs, tail_bar, WG)
             if S_SIDE:
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
-                    k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                    use_acc=False, is_async=True), ))
+                if QK_USED == 0:
+                    s_tok = warpgroup_mma(
+                        k_all, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                        use_acc=False, is_async=True)
+                else:
+                    s_tok = _issue_sliced(k_all, q, gl.zeros([KEYS, BLOCK_M], gl.float32,
+                                                             s_layout), QK_USED)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                 # Rows past seqlen_q: lse2 = +inf makes their P (and so dS) zero.
                 lse2 = gl.where(in_q, lse2_smem.index(stage).reshape([BLOCK_M]).load(
                     query_layout), float("inf"))
@@ -849,9 +878,14 @@ if _GLUON_OK:
                 p_op = gl.convert_layout(p16, op_layout, assert_trivial=True)
                 own_tok = warpgroup_mma(p_op, do, acc, is_async=True)
             else:
-                dp = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(
-                    v_all, do.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
-                    use_acc=False, is_async=True), ))
+                if QK_USED == 0 or HEAD_DIM_V != HEAD_DIM:  # a narrower V has no padding
+                    dp_tok = warpgroup_mma(
+                        v_all, do.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout),
+                        use_acc=False, is_async=True)
+                else:
+                    dp_tok = _issue_sliced(v_all, do, gl.zeros([KEYS, BLOCK_M], gl.float32,
+                                                               s_layout), QK_USED)
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
                 delta = gl.where(in_q, delta_smem.index(stage).reshape([BLOCK_M]).load(
                     query_layout), 0.0)
                 mbarrier.wait(p_ready.index(buf), (it // 2) & 1)
@@ -913,7 +947,8 @@ if _GLUON_OK:
                           seqused_q, seqused_k, window_left, window_right, softcap, head_dim,
                           CAUSAL: gl.constexpr,
                           STAGES: gl.constexpr, DQ_IN_KERNEL: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                          QK_USED: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                          PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -965,7 +1000,7 @@ if _GLUON_OK:
                                (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                                (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                                (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
-                               DQ_IN_KERNEL, True)),
+                               DQ_IN_KERNEL, QK_USED, True)),
             (_consumer_split, (q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, p_smem,
                                ds_smem, dq_smem1,
                                (kv_ready, q_ready, q_empty, p_ready, ds_ready, tail_bar),
@@ -973,7 +1008,7 @@ if _GLUON_OK:
                                (stride_dvb, stride_dvs, stride_dvh), softmax_scale, shape,
                                (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                                (window_left, window_right), softcap, head_dim, CAUSAL, STAGES,
-                               DQ_IN_KERNEL, False)),
+                               DQ_IN_KERNEL, QK_USED, False)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, lse2_desc, delta_desc, q_smem, do_smem,
                          k_smem, v_smem, lse2_smem, delta_smem,
                          (kv_ready, q_ready, q_empty, ds_ready), shape,
@@ -1156,7 +1191,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     entries allocated here. Packed, the rows outside every sequence get dq 0 and keep what
     dk / dv held."""
     from . import bwd
-    from .fwd_hopper import mask_bounds
+    from .fwd_hopper import mask_bounds, qk_used
 
     heads_q, head_dim = q.shape[-2:]
     heads_kv = k.shape[-2]
@@ -1212,6 +1247,11 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     softcap = a.softcap * LOG2E if a.softcap > 0 else None
     layer_args = (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, window_left,
                   window_right, softcap, head_dim if head_dim != width else None)
+    # S^T and dP^T over a padded head dim's own columns (opt-in, fwd_hopper.qk_used), but in
+    # the 128-key kernel with dQ in it: at D = 96 its chained wgmmas took the registers the dQ
+    # side needs (spills 24 -> 120-160 B, local ops in the loop 6 -> 11-12; sm_90 ptxas,
+    # 2026-12-07), where without dQ they cut them (56 -> 0 B).
+    sliced = qk_used(head_dim, width) if width in SPLIT_HEAD_DIMS or not dq_in_kernel else 0
     if width in SPLIT_HEAD_DIMS:
         if (not cfg.stats_smem or cfg.prefetch_s or cfg.early_dv or cfg.pin_dp
                 or (cfg.stages > 2 and not dq_in_kernel)):
@@ -1226,7 +1266,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             _stats_descriptor(stats_delta, cfg.block_m), dk, dv, *_rows_strides(dk),
             *_rows_strides(dv), a.softmax_scale, seqlen_q, seqlen_k, heads_kv, num_n_blocks,
             heads_q // heads_kv, *layer_args, causal, cfg.stages, bool(dq_in_kernel),
-            _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
+            sliced, _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG)
     else:
         num_n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
         if cfg.stats_smem:
@@ -1243,8 +1283,8 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             delta, dk, dv, *_rows_strides(dk), *_rows_strides(dv), a.softmax_scale, seqlen_q,
             seqlen_k, heads_kv, num_n_blocks, heads_q // heads_kv, *layer_args, causal,
             cfg.stages, bool(dq_in_kernel), bool(cfg.stats_smem), bool(cfg.prefetch_s),
-            bool(cfg.early_dv), bool(cfg.pin_dp), _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4,
-            maxnreg=_MAXNREG)
+            bool(cfg.early_dv), bool(cfg.pin_dp), sliced, _CONSUMER_REGS, _PRODUCER_REGS,
+            num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
         return (dq_acc.to(q.dtype) if dq is None else dq.copy_(dq_acc)), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a, dq), dk, dv
