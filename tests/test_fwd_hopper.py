@@ -976,6 +976,14 @@ def test_padded_head_dim_matches_reference(monkeypatch, head_dim, causal, shape)
     run_and_check(monkeypatch, *qkv(*shape, head_dim, torch.bfloat16), causal=causal)
 
 
+def qkv_narrow(shape, head_dim, head_dim_v):
+    """qkv's bf16 inputs with V head_dim_v wide."""
+    q, k, v = qkv(*shape, head_dim, torch.bfloat16)
+    if head_dim_v != head_dim:
+        v = torch.randn(*k.shape[:-1], head_dim_v, device="cuda", dtype=torch.bfloat16)
+    return q, k, v
+
+
 # Head dims whose QK wgmma can skip the padding (fwd_hopper.qk_used), with V's head dim
 QK_SLICED = [(96, 96, True), (96, 96, False), (80, 80, True), (192, 192, True), (192, 128, True)]
 
@@ -989,10 +997,7 @@ def test_qk_slices_match_reference(monkeypatch, head_dim, head_dim_v, causal, sh
     """FLASH_ATTN_3_GLUON_QK_SLICES=1: S from the head dim's columns only (two slices)."""
     monkeypatch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
     monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
-    q, k, v = qkv(*shape, head_dim, torch.bfloat16)
-    if head_dim_v != head_dim:
-        v = torch.randn(*k.shape[:-1], head_dim_v, device="cuda", dtype=torch.bfloat16)
-    run_and_check(monkeypatch, q, k, v, causal=causal)
+    run_and_check(monkeypatch, *qkv_narrow(shape, head_dim, head_dim_v), causal=causal)
 
 
 @pytest.mark.gpu
@@ -1036,9 +1041,7 @@ def test_narrow_v_matches_reference(monkeypatch, head_dim, head_dim_v, causal, s
     """O is V's width: written through buffers of its own, every column of it (out is
     contiguous: a column past head_dim_v would land on the next head's)."""
     monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
-    q, k, _ = qkv(*shape, head_dim, torch.bfloat16)
-    v = torch.randn(*k.shape[:-1], head_dim_v, device="cuda", dtype=torch.bfloat16)
-    run_and_check(monkeypatch, q, k, v, causal=causal)
+    run_and_check(monkeypatch, *qkv_narrow(shape, head_dim, head_dim_v), causal=causal)
 
 
 @pytest.mark.gpu
