@@ -193,6 +193,7 @@ def _print_triton_routes(device: torch.device) -> None:
     print()
     print("Triton kernels:")
     print(f"  Gluon (sm_90) under this triton: {gluon_compat.describe()}")
+    _print_opt_ins()
     if device.type != "cuda":
         gluon = gluon_compat.version_status() == gluon_compat.RUN
         others = ", ".join(name for name in arch.ARCHS if name != "sm_90")
@@ -226,6 +227,23 @@ def _print_triton_routes(device: torch.device) -> None:
              ("kvcache chunked prefill, 2k tokens, page 16", routes.forward_route(chunk))]
     for what, (module, why) in calls:
         print(f"  {what:<44} -> {module}.py: {why}")
+
+
+def _print_opt_ins() -> None:
+    """The Gluon variants built and compiled but not yet run on a GPU: off unless switched on."""
+    import os
+
+    try:
+        from .backends.triton import bwd_hopper, fwd_hopper
+    except Exception:  # the kernel modules need triton's Gluon API
+        return
+    variants = [(fwd_hopper.DV_ENV, "a V narrower than Q and K, forward and backward"),
+                (bwd_hopper.VARLEN_ENV, "the packed / seqused_q backward"),
+                (fwd_hopper.QK_SLICES_ENV, "Q.K^T over a padded head dim's own columns")]
+    print("  opt-in Gluon variants, not yet run on a GPU (=1 takes them):")
+    for name, what in variants:
+        state = "on" if os.environ.get(name, "").strip() == "1" else "off"
+        print(f"    {name}={state}: {what}")
 
 
 def cmd_bench(args) -> int:

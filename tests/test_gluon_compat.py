@@ -105,12 +105,15 @@ def test_routes_say_why(monkeypatch):
     assert routes.backward_route(prefill)[0] == "bwd_hopper"
 
 
-def test_info_prints_the_triton_routes(capsys):
+def test_info_prints_the_triton_routes(capsys, monkeypatch):
     from flash_attn_3 import cli
 
+    for name in (fwd_hopper.DV_ENV, bwd_hopper.VARLEN_ENV, fwd_hopper.QK_SLICES_ENV):
+        monkeypatch.delenv(name, raising=False)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "Triton kernels:" in out and "Gluon (sm_90) under this triton" in out
+    assert f"{fwd_hopper.DV_ENV}=off" in out and f"{bwd_hopper.VARLEN_ENV}=off" in out
 
 
 def test_by_lane_mask_follows_the_compiled_versions():
