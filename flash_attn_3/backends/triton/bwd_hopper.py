@@ -64,7 +64,7 @@ try:
         fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .fwd_hopper import _clear_tail, _softcapped
+    from .fwd_hopper import _clear_tail, _issue_sliced, _softcapped
     from .gluon_compat import BWD_MASK_BY_LANE, CAUSAL_MASK_BY_LANE, thread_barrier, tma
 
     # Defined wherever the API imports; supports() decides which versions run them.
@@ -474,17 +474,6 @@ if _GLUON_OK:
         else:
             tok = _issue_sliced(k_w, q, acc, QK_USED)
         return tok
-
-    @gluon.jit
-    def _issue_sliced(a, b, acc, USED: gl.constexpr):
-        """a b^T over the first USED of their columns (the shared head dim), as two wgmmas of
-        power-of-two widths: half the tile, then USED - half."""
-        HALF: gl.constexpr = a.type.shape[1] // 2
-        tok = warpgroup_mma(a.slice(0, HALF, dim=1), b.slice(0, HALF, dim=1).permute((1, 0)),
-                            acc, use_acc=False, is_async=True)
-        return warpgroup_mma(a.slice(HALF, USED - HALF, dim=1),
-                             b.slice(HALF, USED - HALF, dim=1).permute((1, 0)), tok,
-                             is_async=True)
 
     @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, lse2_smem, delta_smem, ds_smem, dq_smem, bars,
@@ -1114,8 +1103,7 @@ def query_tail_refusal(a: AttnArgs) -> Optional[str]:
             f"sequence has not yet run on a GPU ({VARLEN_ENV}=1 takes them)")
 
 
-# The forward's switch (fwd_hopper.DV_ENV): one for both narrow-V variants.
-DV_ENV = "FLASH_ATTN_3_GLUON_DV"
+DV_ENV = gluon_layout.DV_ENV
 
 
 def dv_refusal(a: AttnArgs) -> Optional[str]:
@@ -1129,9 +1117,9 @@ def dv_refusal(a: AttnArgs) -> Optional[str]:
     head_dim, head_dim_v = a.q.shape[-1], a.v.shape[-1]
     if head_dim_v == head_dim:
         return None
-    if os.environ.get(DV_ENV, "").strip() != "1":
-        return (f"v's head dim {head_dim_v} differs from q's {head_dim}: the Gluon backward's "
-                f"variant for that has not yet run on a GPU ({DV_ENV}=1 takes it)")
+    held = gluon_layout.narrow_v_hold(a, "Gluon backward")
+    if held:
+        return held
     if tile_width(head_dim) not in SPLIT_HEAD_DIMS or head_dim_v not in CONFIGS \
             or head_dim_v >= head_dim:
         return (f"v's head dim {head_dim_v} against q's {head_dim}: the Gluon backward takes a "
@@ -1175,8 +1163,6 @@ def supports(a: AttnArgs, deterministic: bool = False) -> bool:
         return False
     head_dim = q.shape[-1]
     if tile_width(head_dim) is None or k.shape[-1] != head_dim:
-        return False
-    if v.shape[-1] != head_dim and dv_refusal(a) is not None:  # named_refusal has said why
         return False
     if q.numel() == 0 or k.numel() == 0 or q.shape[-2] % k.shape[-2] != 0:
         return False

@@ -443,6 +443,20 @@ if _GLUON_OK:
         fence_async_shared()
 
     @gluon.jit
+    def _issue_sliced(a, b, acc, USED: gl.constexpr):
+        """a b^T (async) over the first USED of their columns, the head dim under its tile width
+        (fwd_hopper.qk_used), as two wgmmas of power-of-two widths: half the tile, then USED -
+        half (128 + 64 of 256, 64 + 32 of 128), so no k-step runs on the padding's zeros. Called
+        only where USED > 0: the plain kernels issue their one wgmma inline (a helper there
+        changed their SASS)."""
+        HALF: gl.constexpr = a.type.shape[1] // 2
+        tok = warpgroup_mma(a.slice(0, HALF, dim=1), b.slice(0, HALF, dim=1).permute((1, 0)),
+                            acc, use_acc=False, is_async=True)
+        return warpgroup_mma(a.slice(HALF, USED - HALF, dim=1),
+                             b.slice(HALF, USED - HALF, dim=1).permute((1, 0)), tok,
+                             is_async=True)
+
+    @gluon.jit
     def _softcapped(s, cap_in):
         """tanh(s * cap_in), the softcap's tanh: the tile's score scale then carries c * log2(e).
         One MUFU.TANH (tanh.approx.f32, relative error ~2^-11), as FA3 does: the portable
@@ -569,9 +583,6 @@ if _GLUON_OK:
         BLOCK_MW: gl.constexpr = o_desc.block_type.shape[1]
         HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]  # V's and O's
         HEAD_DIM_QK: gl.constexpr = q_smem.type.shape[4]  # wider than V's where dv < d
-        # QK_USED > 0: the QK wgmma reads the head dim's columns only, as two power-of-two
-        # slices (128 + 64 of 256, 64 + 32 of 128), no k-step on the padding's zeros.
-        QK_HALF: gl.constexpr = HEAD_DIM_QK // 2
         BLOCK_N: gl.constexpr = k_smem.type.shape[2]
         dtype: gl.constexpr = o_desc.dtype
         p_dtype: gl.constexpr = k_smem.dtype
@@ -625,23 +636,15 @@ if _GLUON_OK:
                         mbarrier.wait(k_ready.index(stage), (kv // STAGES) & 1)
                         _take_turn(turn, issue, WG, PINGPONG)
                         k_first = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM_QK])
-                        # QK_USED (forward()'s qk_used) is inline, as the mask tests below: a
-                        # helper changed the plain kernels' SASS.
                         if QK_USED == 0:
                             s_tok = warpgroup_mma(
                                 q, k_first.permute((1, 0)),
                                 gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
                                 use_acc=False, is_async=True)
                         else:
-                            s_tok = warpgroup_mma(
-                                q.slice(0, QK_HALF, dim=1),
-                                k_first.slice(0, QK_HALF, dim=1).permute((1, 0)),
-                                gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
-                                use_acc=False, is_async=True)
-                            s_tok = warpgroup_mma(
-                                q.slice(QK_HALF, QK_USED - QK_HALF, dim=1),
-                                k_first.slice(QK_HALF, QK_USED - QK_HALF, dim=1).permute((1, 0)),
-                                s_tok, is_async=True)
+                            s_tok = _issue_sliced(
+                                q, k_first, gl.zeros([BLOCK_MW, BLOCK_N], gl.float32, s_layout),
+                                QK_USED)
                         _pass_turn(turn, WG, PINGPONG)
                         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                         mbarrier.arrive(k_empty.index(stage))
@@ -679,14 +682,7 @@ if _GLUON_OK:
                                 s_tok = warpgroup_mma(q, k_next.permute((1, 0)), s,
                                                       use_acc=False, is_async=True)
                             else:
-                                s_tok = warpgroup_mma(
-                                    q.slice(0, QK_HALF, dim=1),
-                                    k_next.slice(0, QK_HALF, dim=1).permute((1, 0)), s,
-                                    use_acc=False, is_async=True)
-                                s_tok = warpgroup_mma(
-                                    q.slice(QK_HALF, QK_USED - QK_HALF, dim=1),
-                                    k_next.slice(QK_HALF, QK_USED - QK_HALF, dim=1).permute(
-                                        (1, 0)), s_tok, is_async=True)
+                                s_tok = _issue_sliced(q, k_next, s, QK_USED)
                             o_tok = warpgroup_mma(
                                 p_op, _v_operand(v_smem, prev, BLOCK_N, HEAD_DIM, IS_FP8), acc,
                                 is_async=True)
@@ -1076,14 +1072,14 @@ def in_scope(a: AttnArgs) -> bool:
     return all(_tma_ok(x) for x in ((q, k) if a.is_fp8 else (q, k, v)))
 
 
-DV_ENV = "FLASH_ATTN_3_GLUON_DV"
+DV_ENV = gluon_layout.DV_ENV
 QK_SLICES_ENV = "FLASH_ATTN_3_GLUON_QK_SLICES"
 
 
 def qk_used(head_dim: int, width: int, fp8: bool = False) -> int:
-    """The QK wgmma's columns (_consumer's QK_USED): 0 for the whole tile, else head_dim where its excess
-    over half the tile width is a power of two of at least 16 (one wgmma k-step): 96 and 80 of
-    128, 192 and 160 of 256, 48 of 64. Opt-in (FLASH_ATTN_3_GLUON_QK_SLICES=1): built offline
+    """The QK wgmma's columns (_issue_sliced's USED): 0 for the whole tile, else head_dim where
+    its excess over half the tile width is a power of two of at least 16 (one wgmma k-step): 96
+    and 80 of 128, 192 and 160 of 256, 48 of 64. Opt-in (FLASH_ATTN_3_GLUON_QK_SLICES=1): built offline
     (sm_90 compiles, 2026-12-07), not yet run on a GPU; padded head dims read the whole tile
     otherwise, their zeros included."""
     extra = head_dim - width // 2
@@ -1102,9 +1098,9 @@ def dv_refusal(a: AttnArgs):
     head_dim, head_dim_v = a.q.shape[-1], a.v.shape[-1]
     if head_dim_v == head_dim:
         return None
-    if os.environ.get(DV_ENV, "").strip() != "1":
-        return (f"v's head dim {head_dim_v} differs from q's {head_dim}: the Gluon kernel's "
-                f"variant for that has not yet run on a GPU ({DV_ENV}=1 takes it)")
+    held = gluon_layout.narrow_v_hold(a, "Gluon forward")
+    if held:
+        return held
     width, width_v = tile_width(head_dim), tile_width(head_dim_v)
     if a.is_fp8 or width_v is None or width_v > width:
         return (f"v's head dim {head_dim_v} against q's {head_dim}: only fp16/bf16 with V's tiles "

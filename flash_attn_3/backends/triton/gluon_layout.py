@@ -3,7 +3,22 @@ descriptors and index loads: what their supports() share."""
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from ..params import AttnArgs
+
+# One switch for both kernels' narrow-V variants (a V whose head dim is under Q's and K's).
+DV_ENV = "FLASH_ATTN_3_GLUON_DV"
+
+
+def narrow_v_hold(a: AttnArgs, kernel: str) -> Optional[str]:
+    """Why a call whose V is narrower than Q and K is held off `kernel`, or None once
+    FLASH_ATTN_3_GLUON_DV=1 takes it there (each kernel then judges the head dims)."""
+    if os.environ.get(DV_ENV, "").strip() == "1":
+        return None
+    return (f"v's head dim {a.v.shape[-1]} differs from q's {a.q.shape[-1]}: the {kernel}'s "
+            f"variant for that has not yet run on a GPU ({DV_ENV}=1 takes it)")
 
 
 def takes_layout(a: AttnArgs, paged: bool = False) -> bool:
