@@ -253,7 +253,7 @@ def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
             # the QK wgmma over a padded head dim's own columns (fwd_hopper.qk_used)
             opted_in = {}
             if "Dv" in LAYERS[case["layer"]]:
-                opted_in["FLASH_ATTN_3_GLUON_DV"] = "1"
+                opted_in[fwd_hopper.DV_ENV] = "1"
             if fwd_hopper.tile_width(case["D"]) != case["D"]:
                 opted_in[fwd_hopper.QK_SLICES_ENV] = "1"
             if opted_in:
