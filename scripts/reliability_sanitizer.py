@@ -40,8 +40,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("memcheck", "racecheck", "synccheck")
 # A tool's share of the driver's budget: racecheck instruments every shared-memory access and
 # is the slowest (run 5, H100: memcheck 13 s for 21 calls, synccheck 10 s for 11, racecheck cut
-# at 45 s after 8 of 11); what a tool leaves unused goes to the next ones.
-_SHARES = {"memcheck": 0.25, "racecheck": 0.55, "synccheck": 0.2}
+# at 45 s after 8 of 11, ~5.6 s a call; 13 quick calls since); what a tool leaves unused goes to
+# the next ones.
+_SHARES = {"memcheck": 0.2, "racecheck": 0.62, "synccheck": 0.18}
 # racecheck and synccheck check shared memory and barriers: the calls of the pipelined kernels
 # (Gluon fwd / bwd, decode, append, combine) at small shapes; memcheck gets every call.
 QUICK = ("(fwd_hopper)", "(fwd_hopper paged)", "decode paged 16", "(bwd_hopper)", "(bwd_hopper layers",
