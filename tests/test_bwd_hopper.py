@@ -15,6 +15,7 @@ prep() pads the rows (an illegal instruction on the H100, 15:40 UTC).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -291,6 +292,37 @@ def test_layer_variants_compile_for_sm90(head_dim, variant):
 def test_refuses_without_hopper():
     q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)
     assert not bwd_hopper.supports(make_args(q, q, q, causal=False))
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_dq_accumulator_keeps_each_sequence_apart(block_m):
+    """Packed, the kernel reduce-adds dQ a whole query block at a time from row
+    cu_seqlens_q[b] + b * block_m of the accumulator, and the last block of a sequence reaches
+    block_m - 1 rows past its end. Those rows hold whatever that block computed there (NaN where
+    the sequence's own keys are NaN: the H100 run of 2026-12-07 23:50 UTC leaked it into the
+    next sequence's dq): they must land in slack, never in another sequence's rows or the
+    buffer's spare tail."""
+    lens = [int(n) for n in torch.randint(0, 3 * block_m, (5, ))] + [0, 1, block_m, block_m + 1]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    spare = 3
+    total = int(cu[-1]) + spare
+    q = torch.empty(total, 2, 8)
+    acc = bwd_hopper.dq_accumulator(q, cu, block_m)
+    assert acc.dtype == torch.float32 and acc.shape[1:] == q.shape[1:] and not acc.any()
+    for b, n in enumerate(lens):
+        start = int(cu[b]) + b * block_m
+        for m0 in range(0, n, block_m):
+            block = torch.full((block_m, 2, 8), float(b + 1))
+            block[max(n - m0, 0):] = float("nan")  # the rows past the sequence's end
+            assert start + m0 + block_m <= acc.shape[0]
+            acc[start + m0:start + m0 + block_m] += block
+    got = bwd_hopper.dq_rows(acc, cu, block_m, total)
+    want = torch.zeros(total, 2, 8)
+    for b in range(len(lens)):
+        want[int(cu[b]):int(cu[b + 1])] = b + 1
+    assert torch.equal(got, want)
+    dense = torch.empty(2, 5, 2, 8)
+    assert bwd_hopper.dq_accumulator(dense, None, block_m).shape == dense.shape
 
 
 @needs_gluon

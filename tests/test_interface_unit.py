@@ -401,6 +401,11 @@ def torch_211_version_bump():
             torch._library.custom_ops.increment_version(args[i])  # skips None, as 2.11's
         return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
 
+    if "flash_attn_3/_flash_attn_backward/ADInplaceOrView" in getattr(torch.library, "_impls", ()):
+        # torch before 2.13 (the device's 2.11) registered this very bump from python itself,
+        # and refuses a second registration: the test then runs under the real one.
+        yield
+        return
     lib = torch.library.Library("flash_attn_3", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"

@@ -522,6 +522,9 @@ if _GLUON_OK:
             shape, seqs, window, BLOCK_M, CAUSAL, _BLOCK_N)
         q_batch, q_start, used_q = qs
         k_batch, k_start, k_rows, k_stored = ks
+        dq_start = q_start
+        if seqs[0] is not None:
+            dq_start = q_start + b * BLOCK_M  # dq_accumulator's slack rows (see there)
         total = group * num_m
         k_all = k_smem.reshape([_BLOCK_N, HEAD_DIM])
         k_w = k_all.slice(WG * KEYS, KEYS, dim=0)
@@ -650,7 +653,7 @@ if _GLUON_OK:
                 # One reduce per 128-byte column chunk: the TMA box of a 128-byte swizzle is at
                 # most that wide, and the tile's chunks lie one after the other in shared memory.
                 for c in gl.static_range(HALF_DIM // DQ_COLS):
-                    _reduce_dq(dq_desc, [q_batch, q_start + m0, hq, WG * HALF_DIM + c * DQ_COLS],
+                    _reduce_dq(dq_desc, [q_batch, dq_start + m0, hq, WG * HALF_DIM + c * DQ_COLS],
                                dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3), head_dim)
             else:
                 if PREFETCH_S:
@@ -811,6 +814,9 @@ if _GLUON_OK:
             shape, seqs, window, BLOCK_M, CAUSAL, KEYS)
         q_batch, q_start, used_q = qs
         k_batch, k_start, k_rows, k_stored = ks
+        dq_start = q_start
+        if seqs[0] is not None:
+            dq_start = q_start + b * BLOCK_M  # dq_accumulator's slack rows (see there)
         k_all = k_smem.reshape([KEYS, HEAD_DIM])
         v_all = v_smem.reshape([KEYS, HEAD_DIM_V])
         keys = n0 + gl.arange(0, KEYS, layout=key_layout)
@@ -904,7 +910,7 @@ if _GLUON_OK:
                 dq_smem.reshape([BLOCK_M, HALF_DIM]).store(dq * softmax_scale)
                 fence_async_shared()
                 for c in gl.static_range(HALF_DIM // DQ_COLS):
-                    _reduce_dq(dq_desc, [q_batch, q_start + m0, hq, WG * HALF_DIM + c * DQ_COLS],
+                    _reduce_dq(dq_desc, [q_batch, dq_start + m0, hq, WG * HALF_DIM + c * DQ_COLS],
                                dq_smem.slice(c * DQ_COLS, DQ_COLS, dim=3), head_dim)
             else:
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(own_tok, p_op))
@@ -1004,6 +1010,31 @@ if _GLUON_OK:
                          (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
                          (window_left, window_right), CAUSAL, STAGES, True)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dq_accumulator(q: torch.Tensor, cu_seqlens_q, block_m: int) -> torch.Tensor:
+    """dQ's fp32 accumulator for the TMA reduce-adds. Packed, a key block's query blocks run
+    whole, and the last one of a sequence reaches up to block_m - 1 rows past its end: its
+    reduce-add would land in the next sequence's rows, and where this sequence's keys hold a
+    NaN (its own poison, which it may keep) dS K is NaN in every row of the block, the rows past
+    the end included (0 * NaN). So each sequence b starts block_m * b rows further on, with
+    block_m rows of slack after it that nothing reads (H100, 2026-12-07 23:50 UTC: the
+    poisoned-neighbour test's NaN in a clean sequence's dq, D = 64 causal)."""
+    if cu_seqlens_q is None:
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    slack = (cu_seqlens_q.shape[0] - 1) * block_m
+    return torch.zeros((q.shape[0] + slack, *q.shape[1:]), dtype=torch.float32, device=q.device)
+
+
+def dq_rows(dq_acc: torch.Tensor, cu_seqlens_q, block_m: int, total: int) -> torch.Tensor:
+    """dq_accumulator's rows back at the packed positions: row r of sequence b sits block_m * b
+    rows further on; rows past cu_seqlens_q[-1] (a packed buffer's spare tail) at block_m * batch
+    further on, where nothing was added."""
+    if cu_seqlens_q is None:
+        return dq_acc
+    rows = torch.arange(total, device=dq_acc.device, dtype=cu_seqlens_q.dtype)
+    seq = torch.searchsorted(cu_seqlens_q[1:], rows, right=True)
+    return dq_acc.index_select(0, rows + seq * block_m)
 
 
 def _descriptor(x: torch.Tensor, rows: int, cols: int = None, swizzle: int = None):
@@ -1224,7 +1255,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if dq_in_kernel:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq_acc = dq_accumulator(q, a.cu_seqlens_q, cfg.block_m)
         dq_desc = _descriptor(dq_acc, cfg.block_m, DQ_REDUCE_COLS)
     else:
         dq_acc = None
@@ -1272,5 +1303,6 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
             bool(cfg.early_dv), bool(cfg.pin_dp), sliced, _CONSUMER_REGS, _PRODUCER_REGS,
             num_warps=4, maxnreg=_MAXNREG)
     if dq_in_kernel:
+        dq_acc = dq_rows(dq_acc, a.cu_seqlens_q, cfg.block_m, q.shape[0])
         return (dq_acc.to(q.dtype) if dq is None else dq.copy_(dq_acc)), dk, dv
     return bwd.dq_only(dout, q, k, v, lse2, delta, a, dq), dk, dv
