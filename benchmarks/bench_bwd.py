@@ -13,14 +13,12 @@ ours / ours_causal >= 0.95 means within 1.05x of causal's time scaled by the kep
 cuDNN's plain causal call (the nearest case SDPA expresses: it has no window or softcap) and
 FlexAttention with the same mask and softcap. GPT-OSS's sinks get no gradient (the backward
 computes none); Flex runs that layer without them (they change no work). DeepSeek's 192 / 128 head
-dims (dv != d) run on the portable kernels by default (the Gluon split kernel's narrow-V variant
-is opt-in, FLASH_ATTN_3_GLUON_DV); their TFLOP/s count 2.5x
+dims (dv != d) run on the Gluon split kernel's narrow-V variant; their TFLOP/s count 2.5x
 (3.5x) the forward's 2·(d + dv) per kept entry, the official benchmark's convention (exact
 only for d = dv: the backward's own count, 2·(3d + 2dv), is 4 % more here). `ours` is what a call gets by
-default; `ours_gluon` the same call with the Gluon backward's opt-in variants switched on
-(FLASH_ATTN_3_GLUON_BWD_LAYERS, FLASH_ATTN_3_GLUON_VARLEN_BWD, FLASH_ATTN_3_GLUON_DV,
-FLASH_ATTN_3_GLUON_QK_SLICES: bwd_hopper.py and fwd_hopper.qk_used say why they are opt-in), so one
-run times both.
+default; `ours_gluon` the same call with the Gluon backward's opt-in packed / seqused_q variant
+switched on (FLASH_ATTN_3_GLUON_VARLEN_BWD: bwd_hopper.query_tail_refusal says why it is
+opt-in), so one run times both.
 
     python -m benchmarks.bench_bwd [--quick] [--out DIR] [--only pass=bwd --only D=128]
     python -m benchmarks.bench_bwd --quick --only layout=layer     # the model layers only
@@ -188,8 +186,7 @@ def flex_layer(case: dict, t: dict):
 @contextlib.contextmanager
 def gluon_variants_on():
     """The Gluon backward's opt-in variants taken while timing (read at each call)."""
-    names = ("FLASH_ATTN_3_GLUON_BWD_LAYERS", "FLASH_ATTN_3_GLUON_VARLEN_BWD", "FLASH_ATTN_3_GLUON_DV",
-             "FLASH_ATTN_3_GLUON_QK_SLICES")
+    names = ("FLASH_ATTN_3_GLUON_VARLEN_BWD", )
     before = {name: os.environ.get(name) for name in names}
     os.environ.update({name: "1" for name in names})
     try:

@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from typing import Iterator, Optional
-from unittest import mock
 
 import torch
 
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops, flex,
                                 flex_masked, parse_args, sdpa, sdpa_context)
-from flash_attn_3.backends.triton import fwd_hopper
 
 HEAD_DIMS = (64, 128, 256)
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
@@ -248,17 +245,6 @@ def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
     for impl in impls:
         if impl == "ours":
             run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops)
-        elif impl == "ours_gluon":
-            # the Gluon forward's opt-in variants where the layer has one: a narrower V, and
-            # the QK wgmma over a padded head dim's own columns (fwd_hopper.qk_used)
-            opted_in = {}
-            if "Dv" in LAYERS[case["layer"]]:
-                opted_in[fwd_hopper.DV_ENV] = "1"
-            if fwd_hopper.tile_width(case["D"]) != case["D"]:
-                opted_in[fwd_hopper.QK_SLICES_ENV] = "1"
-            if opted_in:
-                run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops,
-                            context=lambda: mock.patch.dict(os.environ, opted_in))
         elif impl == "ours_causal":
             run.measure("layers", case, impl, lambda: ours_layer(case, inputs(), True),
                         flops=layer_flops(case, None))
@@ -370,7 +356,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "Model layers, forward TFLOP/s of the score entries each mask keeps (B·N = 32k, "
             "H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's time scaled by the "
             "kept fraction; target ours/flex >= 1.3)", "tflops",
-            ratios=[("ours", "ours_causal"), ("ours_gluon", "ours_causal"), ("ours", "flex")]),
+            ratios=[("ours", "ours_causal"), ("ours", "flex")]),
         "paged": Section(
             "Paged chunked prefill, forward TFLOP/s of the kept score entries (2k-token chunks "
             "over 32k caches, 4 sequences, 32/8 heads, D = 128, causal; target "
@@ -384,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             peers = PEERS if case["dtype"] == "bf16" else ("cudnn",)
             measure_case(run, case, ("ours",) + peers)
         for case in layers:
-            measure_layer(run, case, ("ours", "ours_gluon", "ours_causal"))
+            measure_layer(run, case, ("ours", "ours_causal"))
         for case in paged:
             measure_paged(run, case, ("ours", "ours_dense"))
         # Flex last: its compiles are the slowest part, and a time cap should cut them first

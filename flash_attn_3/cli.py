@@ -230,17 +230,15 @@ def _print_triton_routes(device: torch.device) -> None:
 
 
 def _print_opt_ins() -> None:
-    """The Gluon variants built and compiled but not yet run on a GPU: off unless switched on."""
+    """The Gluon variants built but not yet run clean on a GPU: off unless switched on."""
     import os
 
     try:
-        from .backends.triton import bwd_hopper, fwd_hopper
+        from .backends.triton import bwd_hopper
     except Exception:  # the kernel modules need triton's Gluon API
         return
-    variants = [(fwd_hopper.DV_ENV, "a V narrower than Q and K, forward and backward"),
-                (bwd_hopper.VARLEN_ENV, "the packed / seqused_q backward"),
-                (fwd_hopper.QK_SLICES_ENV, "Q.K^T over a padded head dim's own columns")]
-    print("  opt-in Gluon variants, not yet run on a GPU (=1 takes them):")
+    variants = [(bwd_hopper.VARLEN_ENV, "the packed / seqused_q backward")]
+    print("  opt-in Gluon variants, not yet run clean on a GPU (=1 takes them):")
     for name, what in variants:
         state = "on" if os.environ.get(name, "").strip() == "1" else "off"
         print(f"    {name}={state}: {what}")

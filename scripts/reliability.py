@@ -1,6 +1,6 @@
 """The GPU reliability run (issue 17) in one command, under one time budget, with one summary.
 
-    python scripts/reliability.py [--budget 380] [--out DIR] [--parts tests,differential,sanitizer]
+    python scripts/reliability.py [--budget 470] [--out DIR] [--parts tests,differential,sanitizer]
         [--cases 10000] [--classes 48] [--seed 0] [--jobs 8] [--tools memcheck,racecheck,synccheck]
 
 Parts, in this order, each under its share of the budget (a part cut short still reports):
@@ -33,8 +33,10 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "differential", "sanitizer")
 # Run 5 (H100, budget 300 s): the tests took 100 s, the differential run 64 s for its 10,045
-# cases, and the sanitizer's ~105 s cut racecheck short: it gets the largest share.
-_SHARES = {"tests": 0.3, "differential": 0.22, "sanitizer": 0.48}
+# cases, and the sanitizer's ~105 s cut racecheck short: it gets the largest share. Run 6 (budget
+# 380 s, a fresh machine): the hostile tests' 68 s ended while they compiled, the differential
+# run's 74 s reached 9,515 cases, racecheck's 95 s 11 of 13 calls: 470 s since.
+_SHARES = {"tests": 0.3, "differential": 0.24, "sanitizer": 0.46}
 # Elements of the largest tensor each test of test_reliability_large.py builds.
 _LARGEST = {
     "test_varlen_forward_backward_past_2_31_elements": (2_156_929_024, "varlen q/k/v/dq/dk/dv"),
@@ -113,7 +115,7 @@ def part_tests(cap: float, out: Path, jobs: int) -> dict:
     # Triton only: the reference backend's cases run on the CPU suite.
     rc, seconds = _run(base + xdist + ["-k", "not reference", "--junitxml", str(out / "tests_small.xml"),
                                        "tests/test_reliability_hostile.py", "tests/test_reliability_concurrency.py"],
-                       cap * 0.6, out / "tests_small.log", env)
+                       cap * 0.7, out / "tests_small.log", env)
     result["hostile+concurrency"] = dict(rc=rc, seconds=seconds, **_pytest_result(
         (out / "tests_small.log").read_text(errors="replace"), out / "tests_small.xml"))
     rc, seconds = _run(base + ["--junitxml", str(out / "tests_large.xml"), "tests/test_reliability_large.py"],
@@ -214,7 +216,7 @@ def _sanitizer():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=380.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=470.0, help="seconds for all parts together")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")) / "reliability")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--cases", type=int, default=10_000)

@@ -138,6 +138,7 @@ def _workload(dev: str = "cuda"):
 
     edges = [1, 127, 129, 4097]
     ragged = [1, 127, 129, 4097, 3, 64]
+    short = [1, 127, 129, 513, 3, 64]
     calls = {
         # fwd_hopper (Gluon, dense and varlen), its fp8 path; fwd.py for what it does not take
         "varlen causal d128 gqa (fwd_hopper)": lambda: varlen(ragged, ragged[::-1], (8, 2), 128, causal=True),
@@ -145,10 +146,9 @@ def _workload(dev: str = "cuda"):
                                                      for d, c in ((64, False), (256, True))],
         "dense fp8 d128 (fwd_hopper fp8)": lambda: dense(129, 4097, (4, 2), 128, dtype=fp8, causal=True),
         # V narrower than Q and K (DeepSeek's 192 / 128): O's own buffers, packed tails
-        "varlen narrow v 192 / 128 causal, opt-in (fwd_hopper)": lambda: opted_in(
-            "FLASH_ATTN_3_GLUON_DV", lambda: fa.flash_attn_varlen_func(
-                rnd(sum(ragged), 8, 192), rnd(sum(ragged), 2, 192), rnd(sum(ragged), 2, 128), cu(ragged),
-                cu(ragged), max(ragged), max(ragged), causal=True)),
+        "varlen narrow v 192 / 128 causal (fwd_hopper)": lambda: fa.flash_attn_varlen_func(
+            rnd(sum(ragged), 8, 192), rnd(sum(ragged), 2, 192), rnd(sum(ragged), 2, 128), cu(ragged),
+            cu(ragged), max(ragged), max(ragged), causal=True),
         "varlen window edges d64 (fwd.py)": lambda: [varlen(ragged, ragged, (6, 2), 64, window_size=w)
                                                      for w in ((0, 0), (1, 0), (128, 1), (4096, -1))],
         "varlen chunk softcap sinks seqused (fwd.py)": lambda: varlen(
@@ -184,8 +184,8 @@ def _workload(dev: str = "cuda"):
             ragged, ragged[::-1], (6, 2), 64, window_size=(64, 3), softcap=20.0),
         "dense backward d256 mqa (bwd.py / bwd_hopper)": lambda: dense(127, 129, (8, 1), 256, backward=True),
         # V narrower than Q and K in the split kernel: dV's accumulator and V / dO's tiles at 128
-        "dense backward narrow v 192 / 128 causal, opt-in (bwd_hopper)": lambda: opted_in(
-            "FLASH_ATTN_3_GLUON_DV", lambda: dense(129, 4097, (8, 2), 192, backward=True, dv=128, causal=True)),
+        "dense backward narrow v 192 / 128 causal (bwd_hopper)": lambda: dense(
+            129, 4097, (8, 2), 192, backward=True, dv=128, causal=True),
         "backward window softcap d96 (bwd_hopper layers, opt-in)": lambda: opted_in(
             "FLASH_ATTN_3_GLUON_BWD_LAYERS", lambda: dense(129, 4097, (4, 2), 96, backward=True,
                                                            window_size=(128, 0), softcap=20.0)),
@@ -193,10 +193,15 @@ def _workload(dev: str = "cuda"):
             "FLASH_ATTN_3_GLUON_BWD_LAYERS", lambda: opted_in(
                 "FLASH_ATTN_3_GLUON_VARLEN_BWD", lambda: varlen_backward(ragged, ragged[::-1], (6, 2), 128,
                                                                           causal=True))),
+        # dQ reduced in the kernel (D = 64), each sequence's rows with slack after them
+        "varlen backward ragged d64 dq slack, opt-in (bwd_hopper layers)": lambda: opted_in(
+            "FLASH_ATTN_3_GLUON_VARLEN_BWD", lambda: varlen_backward(short, short[::-1], (4, 2), 64,
+                                                                      causal=True)),
+        # racecheck ran past 57 s on this call at 4097 (H100, run 6): shorter, the same edges
         "varlen backward seqused_k (bwd_hopper layers)": lambda: opted_in(
             "FLASH_ATTN_3_GLUON_VARLEN_BWD", lambda: varlen_backward(
-                ragged, ragged, (6, 2), 128, causal=True,
-                seqused_k=torch.tensor([1, 100, 129, 3000, 0, 64], dtype=torch.int32, device=dev))),
+                short, short, (6, 2), 128, causal=True,
+                seqused_k=torch.tensor([1, 100, 129, 300, 0, 64], dtype=torch.int32, device=dev))),
         # combine.py
         "combine 2..133 splits": lambda: [combine(s, 2, 129, 4, 128) for s in (2, 17, 133)],
     }

@@ -176,14 +176,18 @@ def _aot(*flags):
     (128, ["--causal"]), (128, ["--window", "64,0", "--softcap", "20", "--varlen", "--seqused"])],
     ids=str)
 def test_narrow_v_compiles_for_sm90(head_dim_v, variant):
-    """DeepSeek's 192 / 128 in the split kernel: S^T over Q / K's 256-wide tiles, dP^T over V's
+    """DeepSeek's 192 / 128 in the split kernel: S^T over Q / K's 256-wide tiles (their 192
+    columns with the slices), dP^T over V's
     width, dV (S side) at V's width and dK at K's, each wgmma at its own N; V and dO take
     (256 - dv) fewer columns of shared memory than D = 256's tiles (one V tile, a dO tile per
     stage), and nothing spills."""
     got = _aot("--head-dim", "192", "--head-dim-v", str(head_dim_v), *variant)
     plain = _aot("--head-dim", "192", *variant)
     stages = bwd_hopper.CONFIGS[256].stages
-    s_side = 256 // 16 + 64 // 16  # S^T, dV
+    from flash_attn_3.backends.triton.fwd_hopper import qk_used
+
+    qk_cols = qk_used(192, 256) or 256  # S^T over Q / K's own columns by default
+    s_side = qk_cols // 16 + 64 // 16  # S^T, dV
     dp_side = head_dim_v // 16 + 64 // 16  # dP^T, dK
     assert got["wgmma_ptx"] == s_side + dp_side == got["hgmma_sass"], got
     assert got["shared_bytes"] == plain["shared_bytes"] - (256 - head_dim_v) * 2 * 64 * (
@@ -198,7 +202,7 @@ def test_narrow_v_compiles_for_sm90(head_dim_v, variant):
     (192, ["--causal"], 4, 4), (192, ["--head-dim-v", "128", "--causal"], 4, 0),
     (96, ["--causal"], 0, 0)], ids=str)
 def test_qk_slices_skip_the_padding(head_dim, variant, s_saved, dp_saved):
-    """FLASH_ATTN_3_GLUON_QK_SLICES=1: S^T (and dP^T, where V is as padded as Q) over the head
+    """S^T (and dP^T, where V is as padded as Q) over the head
     dim's own columns, (tile width - head dim) / 16 fewer wgmma k-steps each, with no more
     spills and nothing in local memory; not in the 128-key kernel with dQ in it (D = 96's
     default: its registers are taken), where the kernel stays the padded one."""
@@ -271,12 +275,17 @@ def test_layer_variants_compile_for_sm90(head_dim, variant):
         bwd_hopper.LAYER_CONFIGS.get(width, bwd_hopper.CONFIGS[width]).dq_in_kernel
         if {"--window", "--varlen", "--seqused"} & set(variant)
         else bwd_hopper.CONFIGS[width].dq_in_kernel)
-    if width in bwd_hopper.SPLIT_HEAD_DIMS:
-        per_side = width // 16 + 64 // 16 + (64 // 16 if dq_in_kernel else 0)
+    # S^T and dP^T over a padded head dim's own columns where backward() slices them
+    from flash_attn_3.backends.triton.fwd_hopper import qk_used
+
+    split = width in bwd_hopper.SPLIT_HEAD_DIMS
+    cols = (qk_used(head_dim, width) if split or not dq_in_kernel else 0) or width
+    if split:
+        per_side = cols // 16 + 64 // 16 + (64 // 16 if dq_in_kernel else 0)
         wgmma = 2 * per_side
     else:
         dq = bwd_hopper.BLOCK_N // 16 if dq_in_kernel else 0
-        wgmma = 2 * (2 * width // 16 + 2 * 64 // 16 + dq)
+        wgmma = 2 * (2 * cols // 16 + 2 * 64 // 16 + dq)
     assert got["wgmma_ptx"] == wgmma and got["hgmma_sass"] == wgmma, got
     assert not got["ptxas_warnings"], got
     assert got["spill_bytes"] <= PLAIN_SPILLS[width] + 64, got

@@ -37,8 +37,7 @@ def run_case(monkeypatch, *, seqlens_q, seqlens_k, heads_q=4, heads_kv=2, head_d
     if varlen or seqused_q is not None:
         # refused by default (bwd_hopper.query_tail_refusal); the inputs here are finite
         monkeypatch.setenv(bwd_hopper.VARLEN_ENV, "1")
-    if head_dim_v not in (None, head_dim):
-        monkeypatch.setenv(bwd_hopper.DV_ENV, "1")  # opt-in (bwd_hopper.dv_refusal)
+    monkeypatch.delenv(bwd_hopper.DV_ENV, raising=False)  # a narrower V: taken by default
 
     def routed_here(a):
         assert bwd_hopper.supports(a, deterministic)
@@ -190,7 +189,8 @@ def test_deterministic(monkeypatch, head_dim, case):
         assert torch.equal(x, y), name
 
 
-# Padded head dims whose S^T and dP^T can skip the padding (FLASH_ATTN_3_GLUON_QK_SLICES=1):
+# Padded head dims whose S^T and dP^T skip the padding (by default; FLASH_ATTN_3_GLUON_QK_SLICES=0
+# reads it):
 # where the kernel takes the slices (the split kernel; the 128-key one without dQ in it)
 QK_SLICED = [
     dict(head_dim=96, window=(-1, 0), deterministic=True),
@@ -204,7 +204,7 @@ QK_SLICED = [
 @pytest.mark.parametrize("case", QK_SLICED, ids=lambda c: "-".join(
     f"{k}{v}" for k, v in c.items() if not k.startswith("seq")))
 def test_qk_slices(monkeypatch, case):
-    monkeypatch.setenv("FLASH_ATTN_3_GLUON_QK_SLICES", "1")
+    monkeypatch.delenv("FLASH_ATTN_3_GLUON_QK_SLICES", raising=False)
     case = dict(case)
     if "seqlens_q" not in case:
         case.update(DENSE)

@@ -132,15 +132,15 @@ def _aot_report(flags, env=None):
     (96, ["--causal"]), (96, ["--causal", "--varlen", "--seqused"]),
     (192, ["--head-dim-v", "128", "--causal"])], ids=str)
 def test_qk_slices_skip_the_padding(head_dim, variant):
-    """FLASH_ATTN_3_GLUON_QK_SLICES=1: the QK wgmma of a head dim under its tile width reads
+    """The QK wgmma of a head dim under its tile width reads
     its columns only (two power-of-two slices), so each KV loop issues (width - head dim) / 16
     fewer wgmma k-steps than the whole tile's, with no more spills and nothing in local memory;
-    off, the kernel is the padded one (the plain kernels' SASS is checked elsewhere)."""
+    switched off (FLASH_ATTN_3_GLUON_QK_SLICES=0), the kernel is the padded one (the plain
+    kernels' SASS is checked elsewhere)."""
     flags = ["--head-dim", str(head_dim)] + variant
     whole = _aot_report(flags, {fwd_hopper.QK_SLICES_ENV: "0"})
     sliced = _aot_report(flags, {fwd_hopper.QK_SLICES_ENV: "1"})
     saved = (fwd_hopper.tile_width(head_dim) - head_dim) // 16
-    assert fwd_hopper.qk_used(head_dim, fwd_hopper.tile_width(head_dim)) == 0  # opt-in
     assert [loop["gmma"] + saved for loop in sliced["kv_loops"]] == [
         loop["gmma"] for loop in whole["kv_loops"]], (sliced, whole)
     assert sliced["hgmma_sass"] == sliced["wgmma_ptx"] < whole["wgmma_ptx"], sliced
@@ -149,9 +149,10 @@ def test_qk_slices_skip_the_padding(head_dim, variant):
 
 
 def test_qk_used():
-    assert [fwd_hopper.qk_used(d, w) for d, w in ((96, 128), (192, 256), (128, 128))] == [0] * 3
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
+        patch.setenv(fwd_hopper.QK_SLICES_ENV, "0")
+        assert [fwd_hopper.qk_used(d, w) for d, w in ((96, 128), (192, 256), (128, 128))] == [0] * 3
+        patch.delenv(fwd_hopper.QK_SLICES_ENV)
         got = {(d, w): fwd_hopper.qk_used(d, w) for d, w in (
             (96, 128), (80, 128), (192, 256), (160, 256), (48, 64), (128, 128), (112, 128),
             (224, 256), (72, 128))}
@@ -994,9 +995,10 @@ QK_SLICED = [(96, 96, True), (96, 96, False), (80, 80, True), (192, 192, True), 
 @on_hopper
 @pytest.mark.usefixtures("layer_kernels_terminate")
 def test_qk_slices_match_reference(monkeypatch, head_dim, head_dim_v, causal, shape):
-    """FLASH_ATTN_3_GLUON_QK_SLICES=1: S from the head dim's columns only (two slices)."""
-    monkeypatch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
-    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    """S from the head dim's columns only (two slices; FLASH_ATTN_3_GLUON_QK_SLICES=0 reads the
+    whole tile)."""
+    monkeypatch.delenv(fwd_hopper.QK_SLICES_ENV, raising=False)  # taken by default
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)  # taken by default
     run_and_check(monkeypatch, *qkv_narrow(shape, head_dim, head_dim_v), causal=causal)
 
 
@@ -1004,7 +1006,7 @@ def test_qk_slices_match_reference(monkeypatch, head_dim, head_dim_v, causal, sh
 @on_hopper
 @pytest.mark.usefixtures("layer_kernels_terminate")
 def test_qk_slices_varlen(monkeypatch):
-    monkeypatch.setenv(fwd_hopper.QK_SLICES_ENV, "1")
+    monkeypatch.delenv(fwd_hopper.QK_SLICES_ENV, raising=False)  # taken by default
     run_seqused_and_check(monkeypatch, 96, causal=True)
 
 
@@ -1015,15 +1017,15 @@ def test_padded_head_dim_varlen(monkeypatch):
     run_seqused_and_check(monkeypatch, 96, causal=True)
 
 
-def test_narrow_v_is_opt_in(monkeypatch):
-    """A V narrower than Q and K (DeepSeek's 192 / 128) stays on the portable kernel until its
-    Gluon variant has run on a GPU, and the refusal says how to take it; a V whose tiles are
-    wider than Q's never comes here."""
+def test_narrow_v_switch(monkeypatch):
+    """A V narrower than Q and K (DeepSeek's 192 / 128) is taken by default; switched off, it
+    stays on the portable kernel and the refusal names the switch; a V whose tiles are wider
+    than Q's never comes here."""
     q, k, v = (torch.empty(1, 64, h, d, dtype=torch.bfloat16) for h, d in ((4, 192), (2, 192),
                                                                           (2, 128)))
-    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "0")
     assert fwd_hopper.DV_ENV in fwd_hopper.dv_refusal(make_args(q, k, v, causal=True))
-    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    monkeypatch.delenv(fwd_hopper.DV_ENV)
     assert fwd_hopper.dv_refusal(make_args(q, k, v, causal=True)) is None
     assert fwd_hopper.dv_refusal(make_args(q, k, q, causal=True)) is None  # v as wide as q
     # a V wider than q's tiles (q's 128 against 192)
@@ -1040,7 +1042,7 @@ def test_narrow_v_is_opt_in(monkeypatch):
 def test_narrow_v_matches_reference(monkeypatch, head_dim, head_dim_v, causal, shape):
     """O is V's width: written through buffers of its own, every column of it (out is
     contiguous: a column past head_dim_v would land on the next head's)."""
-    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)  # taken by default
     run_and_check(monkeypatch, *qkv_narrow(shape, head_dim, head_dim_v), causal=causal)
 
 
@@ -1048,20 +1050,20 @@ def test_narrow_v_matches_reference(monkeypatch, head_dim, head_dim_v, causal, s
 @on_hopper
 @pytest.mark.usefixtures("layer_kernels_terminate")
 def test_narrow_v_varlen(monkeypatch):
-    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)  # taken by default
     run_seqused_and_check(monkeypatch, 192, causal=True, head_dim_v=128)
 
 
 @pytest.mark.gpu
 @on_hopper
-def test_narrow_v_routes_here_when_opted_in(monkeypatch):
+def test_narrow_v_routes_here_by_default(monkeypatch):
     from flash_attn_3.backends.triton import routes
 
     q, k, _ = qkv(1, 256, 256, 4, 2, 192, torch.bfloat16)
     v = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
     a = make_args(q, k, v, causal=True)
-    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "0")
     assert routes.forward_kernel(a) is not fwd_hopper
     assert fwd_hopper.DV_ENV in routes.forward_route(a)[1]
-    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    monkeypatch.delenv(fwd_hopper.DV_ENV)
     assert routes.forward_kernel(a) is fwd_hopper

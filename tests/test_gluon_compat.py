@@ -108,12 +108,11 @@ def test_routes_say_why(monkeypatch):
 def test_info_prints_the_triton_routes(capsys, monkeypatch):
     from flash_attn_3 import cli
 
-    for name in (fwd_hopper.DV_ENV, bwd_hopper.VARLEN_ENV, fwd_hopper.QK_SLICES_ENV):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(bwd_hopper.VARLEN_ENV, raising=False)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "Triton kernels:" in out and "Gluon (sm_90) under this triton" in out
-    assert f"{fwd_hopper.DV_ENV}=off" in out and f"{bwd_hopper.VARLEN_ENV}=off" in out
+    assert f"{bwd_hopper.VARLEN_ENV}=off" in out
 
 
 def test_by_lane_mask_follows_the_compiled_versions():
@@ -131,8 +130,8 @@ def test_by_lane_mask_follows_the_compiled_versions():
     ((128, 64), True, False), ((96, 64), True, False), ((128, 192), False, False)],
     ids=lambda x: "/".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_narrow_v_scope(monkeypatch, dims, forward, backward):
-    """A V narrower than Q and K (DeepSeek's 192 / 128): held off both Gluon kernels until
-    FLASH_ATTN_3_GLUON_DV=1 (the routes name the switch), then taken where the kernel has the
+    """A V narrower than Q and K (DeepSeek's 192 / 128): held off both Gluon kernels by
+    FLASH_ATTN_3_GLUON_DV=0 (the routes name the switch), otherwise taken where the kernel has the
     variant: the forward for any V whose tiles are no wider than Q's, the backward under Q / K
     tiles of 256 only (its split kernel). The kernels' layout check compares k and v but for
     their head dims (it once compared them whole, which kept every narrow V off the forward)."""
@@ -143,12 +142,12 @@ def test_narrow_v_scope(monkeypatch, dims, forward, backward):
     v = torch.empty(1, 512, 2, dv, dtype=torch.bfloat16)
     a = AttnArgs.plain(q, k, v, window_right=0)
     monkeypatch.setattr(gluon_compat, "refusal", lambda device: None)
-    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    monkeypatch.setenv(fwd_hopper.DV_ENV, "0")
     assert routes.forward_kernel(a) is not fwd_hopper
     assert not bwd_hopper.supports(a)
     assert fwd_hopper.DV_ENV in routes.forward_route(a)[1]
     assert bwd_hopper.DV_ENV in routes.backward_route(a)[1]
-    monkeypatch.setenv(fwd_hopper.DV_ENV, "1")
+    monkeypatch.delenv(fwd_hopper.DV_ENV)
     assert (routes.forward_kernel(a) is fwd_hopper) == forward, routes.forward_route(a)
     assert bwd_hopper.supports(a) == backward, routes.backward_route(a)
     if not backward:

@@ -1143,8 +1143,7 @@ def dv_refusal(a: AttnArgs) -> Optional[str]:
     its 256-wide tiles, V and dO on 64- or 128-wide ones, the S side's dV accumulator at V's
     width (dV's 64 keys x 128 take half the registers of D = 256's). V's head dim must be a
     tile width itself (no padding columns on the V side).
-    Built offline (sm_90 compiles, 2026-12-07), not yet run on a GPU: FLASH_ATTN_3_GLUON_DV=1
-    takes these calls here; bwd.py does otherwise."""
+    FLASH_ATTN_3_GLUON_DV=0 sends these calls to bwd.py (gluon_layout.narrow_v_hold)."""
     head_dim, head_dim_v = a.q.shape[-1], a.v.shape[-1]
     if head_dim_v == head_dim:
         return None
@@ -1264,7 +1263,7 @@ def backward(dout, q, k, v, out, lse, a: AttnArgs, deterministic: bool = False, 
     softcap = a.softcap * LOG2E if a.softcap > 0 else None
     layer_args = (a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, window_left,
                   window_right, softcap, head_dim if head_dim != width else None)
-    # S^T and dP^T over a padded head dim's own columns (opt-in, fwd_hopper.qk_used), but in
+    # S^T and dP^T over a padded head dim's own columns (fwd_hopper.qk_used), but in
     # the 128-key kernel with dQ in it: at D = 96 its chained wgmmas took the registers the dQ
     # side needs (spills 24 -> 120-160 B, local ops in the loop 6 -> 11-12; sm_90 ptxas,
     # 2026-12-07), where without dQ they cut them (56 -> 0 B).

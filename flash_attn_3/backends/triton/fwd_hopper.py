@@ -1079,22 +1079,21 @@ QK_SLICES_ENV = "FLASH_ATTN_3_GLUON_QK_SLICES"
 def qk_used(head_dim: int, width: int, fp8: bool = False) -> int:
     """The QK wgmma's columns (_issue_sliced's USED): 0 for the whole tile, else head_dim where
     its excess over half the tile width is a power of two of at least 16 (one wgmma k-step): 96
-    and 80 of 128, 192 and 160 of 256, 48 of 64. Opt-in (FLASH_ATTN_3_GLUON_QK_SLICES=1): built offline
-    (sm_90 compiles, 2026-12-07), not yet run on a GPU; padded head dims read the whole tile
-    otherwise, their zeros included."""
+    and 80 of 128, 192 and 160 of 256, 48 of 64. Taken by default since its GPU tests passed
+    (H100, 2026-12-07 23:50 UTC); FLASH_ATTN_3_GLUON_QK_SLICES=0 reads the whole tile, the
+    padding's zeros included."""
     extra = head_dim - width // 2
     if fp8 or head_dim == width or extra < 16 or extra & (extra - 1):
         return 0
-    return head_dim if os.environ.get(QK_SLICES_ENV, "").strip() == "1" else 0
+    return 0 if os.environ.get(QK_SLICES_ENV, "").strip() == "0" else head_dim
 
 
 def dv_refusal(a: AttnArgs):
     """Why this kernel does not take a call whose V's head dim differs from Q's and K's
     (DeepSeek V2 / V3's 192 / 128), or None. The kernel reads V and writes O at V's tile width
     (HEAD_DIM) and Q and K at theirs (HEAD_DIM_QK), no wider; where V's tiles are narrower, O
-    needs buffers of its own (it cannot leave through Q's).
-    Built offline (sm_90 compiles, 2026-12-07), not yet run on a GPU: FLASH_ATTN_3_GLUON_DV=1
-    takes these calls here; the portable kernel does otherwise."""
+    needs buffers of its own (it cannot leave through Q's). FLASH_ATTN_3_GLUON_DV=0 sends these
+    calls to the portable kernel (gluon_layout.narrow_v_hold)."""
     head_dim, head_dim_v = a.q.shape[-1], a.v.shape[-1]
     if head_dim_v == head_dim:
         return None
@@ -1113,7 +1112,7 @@ def dv_refusal(a: AttnArgs):
 
 def named_refusal(a: AttnArgs):
     """The reason this kernel gives by name for not taking the call, or None: a paged layout it
-    does not take, or a V narrower than Q / K while that is opt-in (routes explains a refusal
+    does not take, or a V narrower than Q / K while that is switched off (routes explains a refusal
     with it)."""
     return (paged_refusal(a) if a.page_table is not None else None) or dv_refusal(a)
 
