@@ -18,7 +18,8 @@ dims (dv != d) run on the Gluon split kernel's narrow-V variant; their TFLOP/s c
 only for d = dv: the backward's own count, 2·(3d + 2dv), is 4 % more here). `ours` is what a call gets by
 default; `ours_gluon` the same call with the Gluon backward's opt-in packed / seqused_q variant
 switched on (FLASH_ATTN_3_GLUON_VARLEN_BWD: bwd_hopper.query_tail_refusal says why it is
-opt-in), so one run times both.
+opt-in), so one run times both; for a head dim under its tile width, `ours_padded` is the
+call with the S^T / dP^T slices switched off (FLASH_ATTN_3_GLUON_QK_SLICES=0).
 
     python -m benchmarks.bench_bwd [--quick] [--out DIR] [--only pass=bwd --only D=128]
     python -m benchmarks.bench_bwd --quick --only layout=layer     # the model layers only
@@ -31,6 +32,7 @@ import functools
 import itertools
 import os
 from typing import Callable, Iterator, Optional
+from unittest import mock
 
 import torch
 
@@ -199,17 +201,28 @@ def gluon_variants_on():
                 os.environ[name] = value
 
 
+def slices_off():
+    """S^T / dP^T over a padded head dim's whole tile, its zeros included (the A/B of
+    fwd_hopper.qk_used's default)."""
+    return mock.patch.dict(os.environ, {"FLASH_ATTN_3_GLUON_QK_SLICES": "0"})
+
+
 def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
     inputs = functools.cache(lambda: make_layer_inputs(case))
     builds = {"ours": lambda: ours_layer(case, inputs()),
               "ours_gluon": lambda: ours_layer(case, inputs()),
+              "ours_padded": lambda: ours_layer(case, inputs()),
               "ours_causal": lambda: ours_layer(case, inputs(), plain_causal=True),
               "cudnn_causal": lambda: cudnn_causal_layer(case, inputs()),
               "flex": lambda: flex_layer(case, inputs())}
+    padded = next(w for w in (64, 128, 256) if w >= case["D"]) != case["D"]
     for impl in impls:
+        if impl == "ours_padded" and not padded:
+            continue
         plain = impl in ("ours_causal", "cudnn_causal")
         context = (functools.partial(sdpa_context, "cudnn") if impl == "cudnn_causal"
-                   else gluon_variants_on if impl == "ours_gluon" else None)
+                   else gluon_variants_on if impl == "ours_gluon"
+                   else slices_off if impl == "ours_padded" else None)
         run.measure("layers", case, impl,
                     lambda: gradient_call(builds[impl](), inputs(), case["pass"]),
                     flops=layer_flops(case, plain), context=context)
@@ -259,15 +272,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             "Model layers, backward and forward+backward TFLOP/s of the score entries each mask "
             "keeps (B·N = 32k, H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's "
             "time scaled by the kept fraction)", "tflops",
-            ratios=[("ours", "ours_causal"), ("ours_gluon", "ours_causal"), ("ours", "cudnn_causal"),
-                    ("ours", "flex"), ("ours_gluon", "flex")])}
+            ratios=[("ours", "ours_causal"), ("ours_gluon", "ours_causal"), ("ours", "ours_padded"),
+                    ("ours", "cudnn_causal"), ("ours", "flex"), ("ours_gluon", "flex")])}
     with Runner("bench_bwd", args, sections, CASE_KEYS) as run:
         todo = [c for c in cases(args.quick) if run.keep(c)]
         layers = [c for c in layer_cases(args.quick) if run.keep(c)]
         for case in todo:
             measure_case(run, case, IMPLS)
         for case in layers:
-            measure_layer(run, case, ("ours", "ours_gluon", "ours_causal", "cudnn_causal"))
+            measure_layer(run, case, ("ours", "ours_gluon", "ours_padded", "ours_causal", "cudnn_causal"))
         # Flex last (its compiles are the slowest part; a time cap cuts them first), the
         # layers' before the grid's
         for case in layers:

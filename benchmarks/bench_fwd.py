@@ -12,7 +12,10 @@ Model layers (layout=layer, issue 16): the masks and scores real models add to c
 plain causal call of the same shape and FlexAttention with the same mask (SDPA expresses none of
 them). TFLOP/s there count the score entries each mask keeps (4·B·H·D per entry), so
 ours / ours_causal is (causal time × kept fraction) / layer time: >= 0.95 meets the issue's
-target of a time within 1.05x of causal's scaled by the kept fraction.
+target of a time within 1.05x of causal's scaled by the kept fraction. Layers whose head dim
+sits under its tile width (Phi-3's 96, DeepSeek's 192) also time `ours_padded`, the same call
+with the Q·K^T slices switched off (FLASH_ATTN_3_GLUON_QK_SLICES=0): ours / ours_padded is what
+the slices gain.
 
 Paged chunked prefill (layout=paged, issue 16): flash_attn_with_kvcache's prefill step of a
 serving engine, varlen chunks of 2k query tokens, each the last 2k of a 32k cache held in shuffled
@@ -29,12 +32,15 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from typing import Iterator, Optional
+from unittest import mock
 
 import torch
 
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops, flex,
                                 flex_masked, parse_args, sdpa, sdpa_context)
+from flash_attn_3.backends.triton import fwd_hopper
 
 HEAD_DIMS = (64, 128, 256)
 SEQLENS = (1024, 2048, 4096, 8192, 16384)
@@ -245,6 +251,13 @@ def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
     for impl in impls:
         if impl == "ours":
             run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops)
+        elif impl == "ours_padded":
+            # A head dim under its tile width with the Q.K^T slices switched off (the whole
+            # tile, its zeros included): the A/B of fwd_hopper.qk_used's default
+            if fwd_hopper.tile_width(case["D"]) != case["D"]:
+                run.measure("layers", case, impl, lambda: ours_layer(case, inputs()), flops=flops,
+                            context=lambda: mock.patch.dict(os.environ,
+                                                            {fwd_hopper.QK_SLICES_ENV: "0"}))
         elif impl == "ours_causal":
             run.measure("layers", case, impl, lambda: ours_layer(case, inputs(), True),
                         flops=layer_flops(case, None))
@@ -356,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "Model layers, forward TFLOP/s of the score entries each mask keeps (B·N = 32k, "
             "H·D = 2048; ours/ours_causal >= 0.95: within 1.05x of causal's time scaled by the "
             "kept fraction; target ours/flex >= 1.3)", "tflops",
-            ratios=[("ours", "ours_causal"), ("ours", "flex")]),
+            ratios=[("ours", "ours_causal"), ("ours", "ours_padded"), ("ours", "flex")]),
         "paged": Section(
             "Paged chunked prefill, forward TFLOP/s of the kept score entries (2k-token chunks "
             "over 32k caches, 4 sequences, 32/8 heads, D = 128, causal; target "
@@ -370,7 +383,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             peers = PEERS if case["dtype"] == "bf16" else ("cudnn",)
             measure_case(run, case, ("ours",) + peers)
         for case in layers:
-            measure_layer(run, case, ("ours", "ours_causal"))
+            measure_layer(run, case, ("ours", "ours_padded", "ours_causal"))
         for case in paged:
             measure_paged(run, case, ("ours", "ours_dense"))
         # Flex last: its compiles are the slowest part, and a time cap should cut them first
