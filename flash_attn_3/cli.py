@@ -230,13 +230,22 @@ def _print_triton_routes(device: torch.device) -> None:
 
 
 def _print_opt_ins() -> None:
-    """The Gluon variants built but not yet run clean on a GPU: off unless switched on."""
+    """The Gluon variants' switches: those taken by default (=0 sends their calls to the portable
+    kernels) and those built but not yet run clean on a GPU (off unless =1)."""
     import os
 
     try:
-        from .backends.triton import bwd_hopper
+        from .backends.triton import bwd_hopper, fwd_hopper
     except Exception:  # the kernel modules need triton's Gluon API
         return
+    on = [("FLASH_ATTN_3_GLUON_FP8", "the fp8 forward"),
+          (fwd_hopper.DV_ENV, "a V narrower than Q and K, forward and backward"),
+          (fwd_hopper.QK_SLICES_ENV, "Q.K^T over a padded head dim's own columns"),
+          (bwd_hopper.LAYERS_ENV, "seqused_k in the backward")]
+    print("  Gluon variants taken by default (=0 switches one off):")
+    for name, what in on:
+        state = "off" if os.environ.get(name, "").strip() == "0" else "on"
+        print(f"    {name}={state}: {what}")
     variants = [(bwd_hopper.VARLEN_ENV, "the packed / seqused_q backward")]
     print("  opt-in Gluon variants, not yet run clean on a GPU (=1 takes them):")
     for name, what in variants:

@@ -109,10 +109,13 @@ def test_info_prints_the_triton_routes(capsys, monkeypatch):
     from flash_attn_3 import cli
 
     monkeypatch.delenv(bwd_hopper.VARLEN_ENV, raising=False)
+    monkeypatch.delenv(fwd_hopper.DV_ENV, raising=False)
+    monkeypatch.setenv(fwd_hopper.QK_SLICES_ENV, "0")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "Triton kernels:" in out and "Gluon (sm_90) under this triton" in out
-    assert f"{bwd_hopper.VARLEN_ENV}=off" in out
+    assert f"{bwd_hopper.VARLEN_ENV}=off" in out and f"{fwd_hopper.DV_ENV}=on" in out
+    assert f"{fwd_hopper.QK_SLICES_ENV}=off" in out
 
 
 def test_by_lane_mask_follows_the_compiled_versions():
