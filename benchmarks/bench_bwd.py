@@ -39,6 +39,7 @@ import torch
 from benchmarks import bench_fwd
 from benchmarks.harness import (MODEL_WIDTH, TOKENS, Runner, Section, attention_flops,
                                 flex_masked, parse_args, sdpa, sdpa_context)
+from flash_attn_3.backends.triton import fwd_hopper
 
 PASSES = ("bwd", "fwd_bwd")
 CASE_KEYS = bench_fwd.CASE_KEYS + ("pass",)
@@ -204,7 +205,7 @@ def gluon_variants_on():
 def slices_off():
     """S^T / dP^T over a padded head dim's whole tile, its zeros included (the A/B of
     fwd_hopper.qk_used's default)."""
-    return mock.patch.dict(os.environ, {"FLASH_ATTN_3_GLUON_QK_SLICES": "0"})
+    return mock.patch.dict(os.environ, {fwd_hopper.QK_SLICES_ENV: "0"})
 
 
 def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
@@ -215,7 +216,7 @@ def measure_layer(run: Runner, case: dict, impls: tuple[str, ...]) -> None:
               "ours_causal": lambda: ours_layer(case, inputs(), plain_causal=True),
               "cudnn_causal": lambda: cudnn_causal_layer(case, inputs()),
               "flex": lambda: flex_layer(case, inputs())}
-    padded = next(w for w in (64, 128, 256) if w >= case["D"]) != case["D"]
+    padded = fwd_hopper.tile_width(case["D"]) != case["D"]
     for impl in impls:
         if impl == "ours_padded" and not padded:
             continue

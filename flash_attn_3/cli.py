@@ -193,7 +193,7 @@ def _print_triton_routes(device: torch.device) -> None:
     print()
     print("Triton kernels:")
     print(f"  Gluon (sm_90) under this triton: {gluon_compat.describe()}")
-    _print_opt_ins()
+    _print_gluon_switches()
     if device.type != "cuda":
         gluon = gluon_compat.version_status() == gluon_compat.RUN
         others = ", ".join(name for name in arch.ARCHS if name != "sm_90")
@@ -229,7 +229,7 @@ def _print_triton_routes(device: torch.device) -> None:
         print(f"  {what:<44} -> {module}.py: {why}")
 
 
-def _print_opt_ins() -> None:
+def _print_gluon_switches() -> None:
     """The Gluon variants' switches: those taken by default (=0 sends their calls to the portable
     kernels) and those built but not yet run clean on a GPU (off unless =1)."""
     import os
